@@ -1,0 +1,98 @@
+"""Noise schedules: float64 numpy arrays, built once, shared by training and every backend.
+
+A schedule is described by ᾱ_t (``alphas_cumprod``) over the model's training timesteps
+t = 0 … T-1. Respacing to fewer sampling steps selects a subset of timesteps and makes a new
+``Schedule`` from it (guided-diffusion ``respace.py``); samplers never see the full chain.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def cosine_alphas_cumprod(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """ᾱ_t of the cosine schedule (Eq. 17 of Nichol & Dhariwal 2021), betas clipped at ``max_beta``."""
+    def f(t: np.ndarray) -> np.ndarray:
+        return np.cos((t / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+
+    t = np.arange(num_timesteps + 1, dtype=np.float64)
+    betas = np.clip(1.0 - f(t[1:]) / f(t[:-1]), 0.0, max_beta)
+    return np.cumprod(1.0 - betas)
+
+
+def linear_alphas_cumprod(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """ᾱ_t of the linear-beta schedule of Ho et al. 2020, scaled to ``num_timesteps``."""
+    scale = 1000.0 / num_timesteps
+    betas = np.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=np.float64)
+    return np.cumprod(1.0 - betas)
+
+
+def squaredcos_cap_v2_alphas_cumprod(num_timesteps: int) -> np.ndarray:
+    """diffusers' ``squaredcos_cap_v2`` (the cosine schedule with s = 0.008, betas capped at 0.999)."""
+    return cosine_alphas_cumprod(num_timesteps)
+
+
+_BUILDERS = {
+    "cosine": cosine_alphas_cumprod,
+    "linear": linear_alphas_cumprod,
+    "squaredcos_cap_v2": squaredcos_cap_v2_alphas_cumprod,
+}
+
+
+def alphas_cumprod_for(name: str, num_timesteps: int) -> np.ndarray:
+    """Build ᾱ for a named schedule (the names written in the manifest)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown noise schedule {name!r}; known: {', '.join(sorted(_BUILDERS))}")
+    return _BUILDERS[name](num_timesteps)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A (possibly respaced) sampling schedule.
+
+    ``timesteps[i]`` is the model timestep fed to the network at sampling step i, in *decreasing*
+    order (noisiest first); ``alphas_cumprod[i]`` is ᾱ at that timestep. Both have length S.
+    """
+
+    timesteps: np.ndarray  # (S,) int64, decreasing
+    alphas_cumprod: np.ndarray  # (S,) float64, increasing
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def alphas_cumprod_prev(self) -> np.ndarray:
+        """ᾱ of the step after each one; 1.0 after the last (the clean image)."""
+        return np.append(self.alphas_cumprod[1:], 1.0)
+
+
+def respace(alphas_cumprod: np.ndarray, steps: int, spacing: str = "trailing") -> Schedule:
+    """Choose ``steps`` of the T training timesteps and return the schedule over them.
+
+    spacing: ``trailing`` (always includes t = T-1; Lin et al. 2023 Table 2), ``leading``
+    (diffusers' DDIM default), ``linspace`` (round(linspace(0, T-1, S))).
+    """
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    num_timesteps = len(alphas_cumprod)
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
+    if spacing == "trailing":
+        ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1
+    elif spacing == "leading":
+        ts = (np.arange(steps) * (num_timesteps // steps))[::-1].astype(np.int64)
+    elif spacing == "linspace":
+        ts = np.round(np.linspace(0, num_timesteps - 1, steps))[::-1].astype(np.int64)
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; known: trailing, leading, linspace")
+    ts = np.clip(ts, 0, num_timesteps - 1)
+    return Schedule(timesteps=ts, alphas_cumprod=alphas_cumprod[ts])
+
+
+def q_sample(x0: np.ndarray, abar: float | np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """x_t = √ᾱ x0 + √(1-ᾱ) ε (Eq. 4 of Ho et al. 2020); ``abar`` broadcasts over the batch."""
+    abar = np.asarray(abar, dtype=np.float64)
+    while abar.ndim and abar.ndim < x0.ndim:
+        abar = abar[..., None]
+    return (np.sqrt(abar) * x0 + np.sqrt(1.0 - abar) * noise).astype(x0.dtype)

@@ -1,0 +1,48 @@
+"""dalle2-rt: DALL-E 2 (unCLIP) as an optimized inference runtime with exported graphs.
+
+The base install is the torch-free runtime. Training and export need the `train`
+extra; the benchmarks and tests need `dev`.
+"""
+from setuptools import find_packages, setup
+
+TRAIN = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "open_clip_torch>=2.24",
+    "onnx>=1.16",
+    "onnxscript>=0.1",
+    "safetensors>=0.4",
+    "tqdm>=4.60",
+]
+
+setup(
+    name="dalle2-rt",
+    version="0.1.0",
+    description="DALL-E 2 (unCLIP) inference runtime over exported ONNX / TensorRT graphs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dalle2_rt", "dalle2_rt.*", "export", "export.*", "bench", "bench.*"]),
+    package_data={"dalle2_rt": ["py.typed"]},
+    install_requires=[
+        "numpy>=1.24",
+        "onnxruntime>=1.17",
+        "pillow>=9.0",
+        "regex>=2022.1",
+        "ftfy>=6.1",
+    ],
+    extras_require={
+        "train": TRAIN,
+        "diffusers": ["diffusers>=0.30", "transformers>=4.40", "accelerate>=0.30"],
+        "gpu": ["onnxruntime-gpu>=1.17"],
+        "trt": ["tensorrt>=10.0"],
+        "dev": ["pytest>=7.0", "ruff>=0.4"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dalle2-rt=dalle2_rt.cli:main",
+            "dream=dalle2_rt.cli:main",
+            "dalle2-train=dalle2_rt.training.cli:main",
+        ]
+    },
+)
