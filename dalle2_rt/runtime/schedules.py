@@ -79,7 +79,11 @@ def respace(alphas_cumprod: np.ndarray, steps: int, spacing: str = "trailing") -
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
     if spacing == "trailing":
-        ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1
+        # The first S values of arange(T, 0, -T/S), bit for bit (numpy fills start + k·((start + step) - start),
+        # so .5 ties round as in diffusers' "trailing"), without arange's float-length bug: arange itself can
+        # yield an (S+1)-th value ≈ 0 (e.g. T=1000, S=61), which used to become a duplicate t = 0.
+        step = (num_timesteps - num_timesteps / steps) - num_timesteps
+        ts = np.round(num_timesteps + np.arange(steps) * step).astype(np.int64) - 1
     elif spacing == "leading":
         ts = (np.arange(steps) * (num_timesteps // steps))[::-1].astype(np.int64)
     elif spacing == "linspace":

@@ -1,0 +1,93 @@
+"""The diffusion prior of unCLIP (Ramesh et al. 2022, Sec. 2.2): text -> CLIP image embedding.
+
+A decoder-only transformer with a causal mask over the sequence
+    [text token encodings (L), text embedding, timestep embedding, noised image embedding, query]
+whose query output predicts the clean (x0) image embedding. The embedding lives in a normalised space:
+unit-norm CLIP embedding × √D (``embed_scale``), so each dimension has roughly unit variance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import TimestepMLP, attention, keep_or_null, merge_heads, split_heads
+
+
+@dataclass
+class PriorConfig:
+    embed_dim: int = 128  # CLIP embedding size D
+    text_width: int = 128  # CLIP text transformer width (per-token encodings)
+    context_length: int = 77
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    num_timesteps: int = 1000
+    schedule: str = "cosine"
+
+    @property
+    def embed_scale(self) -> float:
+        return float(self.embed_dim) ** 0.5
+
+
+class CausalBlock(nn.Module):
+    """Pre-LayerNorm transformer block with causal self-attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        h = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads), mask)
+        x = x + self.proj(merge_heads(h))
+        return x + self.mlp(self.norm2(x))
+
+
+class DiffusionPrior(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.text_tokens_proj = nn.Linear(cfg.text_width, d)
+        self.text_embed_proj = nn.Linear(cfg.embed_dim, d)
+        self.time_embed = TimestepMLP(d, d)
+        self.x_proj = nn.Linear(cfg.embed_dim, d)
+        self.query = nn.Parameter(torch.randn(d) * 0.02)
+        self.null_text_tokens = nn.Parameter(torch.randn(cfg.context_length, d) * 0.02)
+        self.null_text_embed = nn.Parameter(torch.randn(d) * 0.02)
+        seq = cfg.context_length + 4
+        self.pos = nn.Parameter(torch.randn(seq, d) * 0.02)
+        self.blocks = nn.ModuleList([CausalBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, cfg.embed_dim)
+        causal = torch.full((seq, seq), -1e4).triu(1)  # additive mask; -1e4 stays finite in fp16
+        self.register_buffer("causal_mask", causal, persistent=False)
+
+    def forward(self, x_t, t, text_embed, text_encodings, cond_keep):
+        """x_t (B,D) noised normalised embedding; t (B,); text_embed (B,D); text_encodings (B,L,W);
+        cond_keep (B,) 1.0 = use the text, 0.0 = learned null. Returns the x0 prediction (B,D)."""
+        tokens = keep_or_null(self.text_tokens_proj(text_encodings), self.null_text_tokens, cond_keep)  # (B,L,d)
+        temb = keep_or_null(self.text_embed_proj(text_embed), self.null_text_embed, cond_keep)  # (B,d)
+        b = x_t.shape[0]
+        seq = torch.cat(
+            [
+                tokens,
+                temb[:, None],
+                self.time_embed(t)[:, None],
+                self.x_proj(x_t)[:, None],
+                self.query.expand(b, 1, -1),
+            ],
+            dim=1,
+        ) + self.pos  # (B, L+4, d)
+        for block in self.blocks:
+            seq = block(seq, self.causal_mask)
+        return self.out(self.norm(seq[:, -1]))

@@ -1,0 +1,208 @@
+"""CLIP BPE tokenizer, torch-free, token-for-token identical to ``open_clip.tokenize``.
+
+Why our own BPE over a JSON file rather than a Hugging Face ``tokenizers`` JSON
+------------------------------------------------------------------------------
+Exact parity comes by construction: the pre-tokenisation runs the same pattern through the same
+``regex`` engine as open_clip, after the same ftfy/html cleaning, and the BPE loop makes the same merge
+choices. A ``tokenizers`` pipeline cannot promise that: its Oniguruma regex folds case differently
+(``'ſ`` matches ``'s`` in open_clip's case-insensitive pattern), and its added-token matcher finds
+``<start_of_text>`` inside ``<<start_of_text>`` where open_clip's pattern does not. It would also add a
+runtime dependency while ftfy still has to run in Python in front of it. The BPE below is ~60 lines that
+a C++ stack can port from this docstring and the file alone; the cost of Python is hidden by a
+per-instance word cache (captions reuse a small vocabulary) and is microseconds a prompt, noise next to
+one denoiser call.
+
+File format (``format: "clip-bpe/1"``): one UTF-8 JSON object
+-------------------------------------------------------------
+``vocab``           list of V strings; ``vocab[i]`` is the symbol with token id i (V = 49408 for CLIP).
+                    Symbols are strings over the byte alphabet below; a word-final symbol ends in
+                    ``end_of_word_suffix``. Every string is unique.
+``merges``          list of ``[left, right]`` pairs, rank order (index = rank, lower merges first). For
+                    every pair, ``left``, ``right`` and ``left + right`` are in ``vocab``.
+``byte_alphabet``   list of 256 strings of one character each: ``byte_alphabet[b]`` spells byte b
+                    (the GPT-2 ``bytes_to_unicode`` table: printable bytes spell themselves, the others
+                    map to U+0100…); ``byte_alphabet[b]`` and ``byte_alphabet[b] + suffix`` are in vocab.
+``end_of_word_suffix``  ``"</w>"``.
+``pattern``         pre-tokenisation regex (Python ``regex`` syntax), ``pattern_flags`` its flags
+                    (``["IGNORECASE"]``).
+``special_tokens``  {string: id}: ``<start_of_text>`` (49406) and ``<end_of_text>`` (49407).
+
+The manifest entry that points at the file (written by ``export/tokenizer.py``) holds ``file``,
+``format``, ``sha256`` (of the file's bytes), ``vocab_size``, ``context_length`` (77), ``sot_id``,
+``eot_id``, ``pad_id`` (0), ``preprocess``, ``truncation`` and ``padding``; the last three name the fixed
+steps below and are checked on load, so a folder asking for anything else is refused, not mis-tokenised.
+
+Algorithm (what ``Tokenizer.encode`` does; open_clip ``SimpleTokenizer`` with ``clean="lower"``)
+-------------------------------------------------------------------------------------------------
+1. ``ftfy.fix_text(text)`` with ftfy's default config (mojibake, curly quotes, ligatures, fullwidth,
+   control chars, NFC). For C++: as of ftfy 6.3 this is the identity on text made only of printable
+   ASCII, ``\\t`` and ``\\n`` with no ``&`` (tested); any other text needs ftfy itself.
+2. ``html.unescape`` twice (``&amp;lt;`` becomes ``<``).
+3. Whitespace clean: split on Python ``str.isspace`` characters, join the pieces with one space
+   (which also strips both ends).
+4. Python ``str.lower()`` (full Unicode lower-casing: ``İ`` becomes ``i`` + U+0307).
+5. Pre-tokenise: ``findall`` of ``pattern`` =
+   ``<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+``,
+   case-insensitive (simple case folding; after step 4 the only effect is that ``ſ`` U+017F matches
+   ``s``). Alternatives are tried in order at each position; spaces are skipped.
+6. Each pre-token equal to a special-token string becomes that id. Any other is UTF-8 encoded; its
+   bytes spell the initial word ``byte_alphabet[b0] … byte_alphabet[bn-1] + suffix``. Then, while the
+   word has two or more symbols: find the adjacent pair with the lowest merge rank (stop if none is a
+   merge), and replace each occurrence of that pair, scanning left to right without overlap
+   (``a a a`` → ``aa a``), with the concatenated symbol. The ids of the final symbols are appended.
+7. ``ids = [sot] + ids[:context_length - 2] + [eot]``, right-padded with ``pad_id`` to
+   ``context_length``. A text is *truncated* when step 6 gave more than ``context_length - 2`` ids.
+
+A literal ``<end_of_text>`` in a prompt becomes id 49407 mid-sequence, exactly as in open_clip.
+
+Thread safety: a ``Tokenizer`` is immutable after construction; its word cache is a
+``functools.lru_cache`` (safe to call from several threads), so one instance serves a whole Pipeline.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import ftfy
+import numpy as np
+import regex
+
+FORMAT = "clip-bpe/1"
+PREPROCESS = ["ftfy.fix_text", "html.unescape", "html.unescape", "whitespace_clean", "lower"]
+TRUNCATION = "[sot] + ids[:context_length - 2] + [eot]"
+PADDING = "right, pad_id"
+_FLAGS = {"IGNORECASE": regex.IGNORECASE}
+
+
+def clean_text(text: str) -> str:
+    """Steps 1-4 of the module docstring (open_clip's ``_clean_lower``)."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.split()).lower()
+
+
+class Tokenizer:
+    """Byte-level BPE over the ``clip-bpe/1`` file; ``tok(texts)`` -> int64 (B, context_length)."""
+
+    def __init__(
+        self,
+        tables: dict,
+        *,
+        context_length: int,
+        sot_id: int,
+        eot_id: int,
+        pad_id: int,
+        cache_size: int = 1 << 16,
+    ):
+        vocab = tables["vocab"]
+        ids = {symbol: i for i, symbol in enumerate(vocab)}
+        if len(ids) != len(vocab):
+            raise ValueError("tokenizer vocab has duplicate symbols")
+        suffix = tables["end_of_word_suffix"]
+        alphabet = tables["byte_alphabet"]
+        if len(alphabet) != 256:
+            raise ValueError(f"byte_alphabet has {len(alphabet)} entries, expected 256")
+        self._byte_ids = [ids[s] for s in alphabet]  # byte -> id of its symbol inside a word
+        self._final_byte_ids = [ids[s + suffix] for s in alphabet]  # byte -> id as the word's last symbol
+        # (left id, right id) -> (rank, merged id)
+        self._merges = {(ids[a], ids[b]): (rank, ids[a + b]) for rank, (a, b) in enumerate(tables["merges"])}
+        self._special = {str(s): int(i) for s, i in tables["special_tokens"].items()}
+        # Step 6 compares the raw pre-token with the special strings; open_clip compares its byte-spelled
+        # form, which is the same string when every byte of the special spells itself.
+        for s in self._special:
+            if "".join(alphabet[b] for b in s.encode("utf-8")) != s:
+                raise ValueError(f"special token {s!r} is not spelled by itself in the byte alphabet")
+        flags = 0
+        for name in tables["pattern_flags"]:
+            flags |= _FLAGS[name]
+        self._pattern = regex.compile(tables["pattern"], flags)
+        if context_length < 2:
+            raise ValueError(f"context_length {context_length} leaves no room for sot and eot")
+        if sorted(self._special.values()) != sorted({sot_id, eot_id}):
+            raise ValueError(f"special_tokens {self._special} do not match sot_id {sot_id}, eot_id {eot_id}")
+        self.vocab_size = len(vocab)
+        self.context_length = context_length
+        self.sot_id, self.eot_id, self.pad_id = sot_id, eot_id, pad_id
+        self._word_ids = lru_cache(maxsize=cache_size)(self._bpe)
+
+    @classmethod
+    def load(cls, folder: Path, entry: dict) -> Tokenizer:
+        """Read ``folder / entry["file"]`` after checking the manifest entry asks for what we implement."""
+        expected = {"format": FORMAT, "preprocess": PREPROCESS, "truncation": TRUNCATION, "padding": PADDING}
+        for key, value in expected.items():
+            if entry.get(key) != value:
+                raise ValueError(f"tokenizer entry {key}={entry.get(key)!r}; this runtime implements {value!r}")
+        raw = (Path(folder) / entry["file"]).read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != entry["sha256"]:
+            raise ValueError(f"{entry['file']}: sha256 {digest} does not match the manifest's {entry['sha256']}")
+        tables = json.loads(raw.decode("utf-8"))
+        if tables.get("format") != FORMAT:
+            raise ValueError(f"{entry['file']}: format {tables.get('format')!r}, expected {FORMAT!r}")
+        tok = cls(
+            tables,
+            context_length=int(entry["context_length"]),
+            sot_id=int(entry["sot_id"]),
+            eot_id=int(entry["eot_id"]),
+            pad_id=int(entry["pad_id"]),
+        )
+        if tok.vocab_size != int(entry["vocab_size"]):
+            raise ValueError(f"{entry['file']}: {tok.vocab_size} symbols, manifest says {entry['vocab_size']}")
+        return tok
+
+    def _bpe(self, piece: str) -> tuple[int, ...]:
+        """Step 6 for one pre-token (cached per instance)."""
+        special = self._special.get(piece)
+        if special is not None:
+            return (special,)
+        data = piece.encode("utf-8")
+        word = [self._byte_ids[b] for b in data[:-1]]
+        word.append(self._final_byte_ids[data[-1]])
+        merges = self._merges
+        while len(word) > 1:
+            best = None  # (rank, merged id) of the lowest-rank adjacent pair
+            for pair in zip(word, word[1:]):
+                merge = merges.get(pair)
+                if merge is not None and (best is None or merge[0] < best[0]):
+                    best, left, right = merge, pair[0], pair[1]
+            if best is None:
+                break
+            merged, out, i, n = best[1], [], 0, len(word)
+            while i < n:
+                if word[i] == left and i + 1 < n and word[i + 1] == right:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            word = out
+        return tuple(word)
+
+    def text_ids(self, text: str) -> list[int]:
+        """Steps 1-6: the ids of one text, without sot/eot and not truncated."""
+        ids: list[int] = []
+        for piece in self._pattern.findall(clean_text(text)):
+            ids.extend(self._word_ids(piece))
+        return ids
+
+    def encode(self, texts: str | Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """Token ids int64 (B, context_length) and, per text, whether it was truncated (step 7)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        keep = self.context_length - 2
+        out = np.full((len(texts), self.context_length), self.pad_id, dtype=np.int64)
+        truncated = []
+        for row, text in enumerate(texts):
+            ids = self.text_ids(text)
+            truncated.append(len(ids) > keep)
+            ids = [self.sot_id, *ids[:keep], self.eot_id]
+            out[row, : len(ids)] = ids
+        return out, truncated
+
+    def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Token ids int64 (B, context_length), like ``open_clip.tokenize(texts).numpy()``."""
+        return self.encode(texts)[0]

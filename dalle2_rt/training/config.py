@@ -1,0 +1,111 @@
+"""Training configuration: one dataclass per run, read from a TOML file by ``dalle2-train --config``.
+
+Example (see ``configs/shapes-v1.toml`` for the bundled model's recipe)::
+
+    [run]
+    out_dir = "runs/shapes-v1"
+    steps = 4000
+    batch_size = 32
+    lr = 3e-4
+
+    [[data]]
+    kind = "world"          # world | folder | shards
+    weight = 1.0
+
+    [model.decoder.unet]    # overrides of the stage's model config dataclass
+    channels = 64
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STAGES = ("clip", "prior", "decoder", "sr")
+
+
+@dataclass
+class DataSource:
+    kind: str = "world"  # world | folder | shards
+    path: str = ""  # folder, or a glob of .tar shards
+    weight: float = 1.0
+
+
+@dataclass
+class StageRun:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup: int = 100
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    bf16: bool = False  # CPU/GPU autocast in bfloat16
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    log_every: int = 10
+    ckpt_every: int = 200  # steps between checkpoints
+    sample_every: int = 1000  # steps between sample grids (0 = never)
+    half_weights: bool = False  # save model.safetensors in fp16 (the bundled model, to stay small)
+    data: list[DataSource] = field(default_factory=lambda: [DataSource()])
+    stages: dict[str, StageRun] = field(default_factory=dict)  # per-stage overrides of StageRun
+    model: dict[str, dict] = field(default_factory=dict)  # per-stage overrides of the model config
+
+    def stage(self, name: str) -> StageRun:
+        return self.stages.get(name, StageRun())
+
+    def stage_dir(self, name: str) -> Path:
+        return Path(self.out_dir) / name
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, data: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    data = dict(data)
+    run = data.pop("run", {})
+    sources = [_build(DataSource, d, "[[data]]") for d in data.pop("data", [{}])]
+    for s in sources:
+        if s.kind not in ("world", "folder", "shards"):
+            raise ConfigError(f"[[data]]: kind must be world, folder or shards, got {s.kind!r}")
+        if s.kind != "world" and not s.path:
+            raise ConfigError(f"[[data]]: kind {s.kind!r} needs a path")
+    stages = {}
+    for name, overrides in data.pop("stages", {}).items():
+        if name not in STAGES:
+            raise ConfigError(f"[stages.{name}]: unknown stage; known: {', '.join(STAGES)}")
+        stages[name] = _build(StageRun, overrides, f"[stages.{name}]")
+    model = data.pop("model", {})
+    for name in model:
+        if name not in STAGES:
+            raise ConfigError(f"[model.{name}]: unknown stage; known: {', '.join(STAGES)}")
+    if data:
+        raise ConfigError(f"unknown section(s) {', '.join(sorted(data))}; known: run, data, stages, model")
+    cfg = _build(TrainConfig, run, "[run]")
+    return dataclasses.replace(cfg, data=sources, stages=stages, model=model)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return config_from_dict(data)

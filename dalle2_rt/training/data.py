@@ -1,0 +1,54 @@
+"""Batches for training: the shapes-world stream mixed with users' image folders and tar shards.
+
+The sources are the plain generators of ``dalle2_rt.world`` and ``training.datasets``; this module only
+mixes them by weight and stacks items into uint8 batches (B, H, W, 3) with their captions.
+"""
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+
+import numpy as np
+
+from dalle2_rt.training.config import DataSource
+from dalle2_rt.training.datasets import SkipCounter, iter_image_folder, iter_tar_shards, mixed_stream
+from dalle2_rt.world import world_stream
+
+
+def source_stream(src: DataSource, seed: int, size: int, skips: SkipCounter) -> Iterator[tuple[np.ndarray, str]]:
+    if src.kind == "world":
+        return world_stream(seed, size=size)
+    if src.kind == "folder":
+        return iter_image_folder(src.path, size=size, skips=skips)
+    paths = sorted(glob.glob(src.path)) or [src.path]
+    return iter_tar_shards(paths, size=size, skips=skips)
+
+
+def batch_stream(sources: list[DataSource], batch_size: int, seed: int, size: int = 64,
+                 skips: SkipCounter | None = None) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Endless batches: images uint8 (B, size, size, 3) and their captions."""
+    skips = skips if skips is not None else SkipCounter()
+    streams = [source_stream(s, seed + 7919 * i, size, skips) for i, s in enumerate(sources)]
+    items = streams[0] if len(streams) == 1 else mixed_stream(streams, [s.weight for s in sources], seed)
+    while True:
+        imgs, caps = [], []
+        for img, cap in items:
+            imgs.append(img)
+            caps.append(cap)
+            if len(imgs) == batch_size:
+                break
+        if not imgs:
+            raise RuntimeError("the training data yielded no usable item (every source empty or skipped)")
+        yield np.stack(imgs), caps
+
+
+def to_pixels(images: np.ndarray, size: int | None = None):
+    """uint8 (B, H, W, 3) -> float tensor (B, 3, size, size) in [0, 1]; box-filter downsampling."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    if size is not None and size != x.shape[-1]:
+        x = F.adaptive_avg_pool2d(x, size) if x.shape[-1] % size == 0 else F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x

@@ -1,0 +1,174 @@
+"""The one training loop every stage runs: AdamW, EMA, (DDP), progress, atomic resumable checkpoints.
+
+A stage supplies a model, its config and a ``loss(model, images, captions, generator)``; the loop owns
+everything else. Under ``torchrun`` it runs data-parallel (gloo on CPU, nccl on GPU): each rank draws its
+own data, gradients are averaged by DDP, and only rank 0 writes checkpoints, logs and sample grids.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from dalle2_rt.training import checkpoint
+from dalle2_rt.training.config import StageRun, TrainConfig
+from dalle2_rt.training.data import batch_stream
+from dalle2_rt.training.datasets import SkipCounter
+from dalle2_rt.training.ema import EMA
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@dataclass
+class StageSpec:
+    name: str
+    kind: str  # what model.json says this is
+    model: torch.nn.Module
+    model_cfg: object
+    image_size: int  # size of the training images the loss wants
+    loss: Callable  # (model, images uint8 (B,H,W,3), captions, generator) -> scalar loss
+    sample_grid: Callable | None = None  # (ema_model, path) -> None
+    extra_meta: dict | None = None
+
+
+def _lr(step: int, run: StageRun) -> float:
+    return run.lr * min(1.0, (step + 1) / max(1, run.warmup))
+
+
+def _state_tensors(model, ema: EMA, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
+    opt_state = opt.state_dict()
+    meta_opt = {"param_groups": opt_state["param_groups"], "state": {}}
+    for idx, st in opt_state["state"].items():
+        meta_opt["state"][str(idx)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{k}"] = v
+                meta_opt["state"][str(idx)][k] = "tensor"
+            else:
+                meta_opt["state"][str(idx)][k] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    return tensors, meta_opt
+
+
+def _restore(model, ema: EMA, opt, tensors: dict, meta: dict) -> None:
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    state = {}
+    for idx, st in meta["optimizer"]["state"].items():
+        state[int(idx)] = {k: tensors[f"opt.{idx}.{k}"] if v == "tensor" else v for k, v in st.items()}
+    opt.load_state_dict({"param_groups": meta["optimizer"]["param_groups"], "state": state})
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+def train_stage(spec: StageSpec, cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
+    """Train one stage to ``cfg.stage(name).steps`` (resuming from its folder if a state is there).
+
+    ``max_steps`` stops early after that many steps of this call (tests, time-boxed runs); a checkpoint
+    is written at the stop. Returns the stage folder.
+    """
+    ddp = init_distributed()
+    run = cfg.stage(spec.name)
+    folder = cfg.stage_dir(spec.name)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + 1000 * ddp.rank)
+    model = spec.model
+    ema = EMA(model, run.ema_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr,
+                            weight_decay=run.weight_decay)
+    step = 0
+    saved = checkpoint.load_train_state(folder / "state")
+    if saved is not None:
+        tensors, meta = saved
+        _restore(model, ema, opt, tensors, meta)
+        step = meta["step"]
+        torch.manual_seed(cfg.seed + 1000 * ddp.rank + step)
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
+
+    def save() -> None:
+        if not ddp.main:
+            return
+        tensors, meta_opt = _state_tensors(model, ema, opt)
+        checkpoint.save_train_state(folder / "state", tensors, {"step": step, "optimizer": meta_opt})
+        checkpoint.save_model(folder / "model", spec.kind, ema.model, spec.model_cfg, half=cfg.half_weights,
+                              extra={"step": step, **(spec.extra_meta or {})})
+
+    skips = SkipCounter()
+    data = batch_stream(cfg.data, run.batch_size, seed=cfg.seed * 1_000_003 + 7 * step + ddp.rank,
+                        size=64, skips=skips)
+    gen = torch.Generator().manual_seed(cfg.seed + 31 * ddp.rank + step)
+    end = run.steps if max_steps is None else min(run.steps, step + max_steps)
+    log_path = folder / "train.log.jsonl"
+    if ddp.main:
+        folder.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=run.steps, initial=step, desc=spec.name, disable=not ddp.main or not sys.stderr.isatty(),
+               dynamic_ncols=True)
+    model.train()
+    t_last, ema_loss = time.time(), None
+    while step < end:
+        images, captions = next(data)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, run)
+        with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
+                            enabled=run.bf16):
+            loss = spec.loss(net, images, captions, gen)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{spec.name}: loss became {loss.item()} at step {step}; lower the lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if run.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), run.grad_clip)
+        opt.step()
+        ema.update(model, step)
+        step += 1
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema_loss:.4f}")
+        if ddp.main and (step % cfg.log_every == 0 or step == end):
+            now = time.time()
+            rate = cfg.log_every / max(now - t_last, 1e-9)
+            t_last = now
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss.item(), "loss_avg": ema_loss, "it_s": rate,
+                                    "skipped": skips.total, "time": now}) + "\n")
+            if not sys.stderr.isatty():
+                print(f"{spec.name} step {step}/{run.steps} loss {ema_loss:.4f} {rate:.2f} it/s", file=sys.stderr,
+                      flush=True)
+        if step % cfg.ckpt_every == 0 or step == end:
+            save()
+        if ddp.main and spec.sample_grid and cfg.sample_every and step % cfg.sample_every == 0:
+            spec.sample_grid(ema.model, folder / "samples" / f"{step:07d}.png")
+    bar.close()
+    if ddp.world > 1:
+        dist.barrier()
+    return folder

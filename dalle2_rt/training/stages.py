@@ -1,0 +1,175 @@
+"""One documented Python function per unCLIP stage; ``dalle2-train`` calls exactly these.
+
+    from dalle2_rt.training import load_config, train_clip, train_prior, train_decoder, train_sr
+    cfg = load_config("configs/shapes-v1.toml")
+    train_clip(cfg); train_prior(cfg); train_decoder(cfg); train_sr(cfg)
+
+Each trains (or resumes) its stage into ``<out_dir>/<stage>/`` and returns that folder. The prior and the
+decoder read the trained CLIP from ``<out_dir>/clip/model`` and keep it frozen.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from dalle2_rt.models.clip import ClipConfig, ClipImageEncoder, ClipTextEncoder, build_clip
+from dalle2_rt.models.decoder import Decoder, DecoderConfig
+from dalle2_rt.models.prior import DiffusionPrior, PriorConfig
+from dalle2_rt.models.sr import SRConfig, SuperRes
+from dalle2_rt.training import checkpoint
+from dalle2_rt.training.config import TrainConfig
+from dalle2_rt.training.data import to_pixels
+from dalle2_rt.training.diffusion import Diffusion
+from dalle2_rt.training.loop import StageSpec, train_stage
+
+MODEL_CLASSES = {"clip": ClipConfig, "prior": PriorConfig, "decoder": DecoderConfig, "sr": SRConfig}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def model_config(cfg: TrainConfig, stage: str, **linked):
+    """The stage's model config: dataclass defaults, then the TOML's [model.<stage>], then ``linked``."""
+    cls = MODEL_CLASSES[stage]
+    merged = _deep_merge(dataclasses.asdict(cls()), {**cfg.model.get(stage, {}), **linked})
+    return checkpoint.config_from_dict(cls, merged)
+
+
+def load_clip(folder: Path) -> tuple[torch.nn.Module, ClipConfig]:
+    """The trained CLIP of a stage folder (``<out_dir>/clip/model``), frozen, in eval mode."""
+    meta = checkpoint.read_model_meta(folder)
+    ccfg = checkpoint.config_from_dict(ClipConfig, meta["config"])
+    clip = build_clip(ccfg)
+    clip.load_state_dict(checkpoint.load_weights(folder))
+    return clip.eval().requires_grad_(False), ccfg
+
+
+def tokenize(captions: list[str]) -> torch.Tensor:
+    return open_clip.tokenize(captions)
+
+
+def _drop_mask(batch: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    """1.0 = keep the conditioning, 0.0 = drop it (replaced by the learned null inside the model)."""
+    return (torch.rand(batch, generator=gen) >= p).float()
+
+
+def clip_spec(cfg: TrainConfig) -> StageSpec:
+    ccfg = model_config(cfg, "clip")
+    clip = build_clip(ccfg)
+
+    def loss(model, images, captions, gen):
+        pixels = to_pixels(images, ccfg.image_size)
+        mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).reshape(1, 3, 1, 1)
+        std = torch.tensor(open_clip.OPENAI_DATASET_STD).reshape(1, 3, 1, 1)
+        img, txt, scale = model((pixels - mean) / std, tokenize(captions))[:3]
+        # Identical captions in a batch are positives of each other, not negatives.
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        target = same / same.sum(1, keepdim=True)
+        logits = scale * img @ txt.t()  # (B, B)
+        return 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                      + torch.sum(-target * F.log_softmax(logits.t(), 1), 1).mean())
+
+    return StageSpec("clip", "clip", clip, ccfg, ccfg.image_size, loss,
+                     extra_meta={"open_clip_cfg": ccfg.open_clip_cfg()})
+
+
+class _FrozenClip:
+    """Text and image encodings of a batch from the frozen CLIP (no gradients)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.clip, self.cfg = load_clip(cfg.stage_dir("clip") / "model")
+        self.text = ClipTextEncoder(self.clip)
+        self.image = ClipImageEncoder(self.clip)
+
+    @torch.no_grad()
+    def __call__(self, images, captions):
+        text_embed, text_enc = self.text(tokenize(captions))
+        image_embed = self.image(to_pixels(images, self.cfg.image_size))
+        return text_embed, text_enc, image_embed
+
+
+def prior_spec(cfg: TrainConfig) -> StageSpec:
+    frozen = _FrozenClip(cfg)
+    c = frozen.cfg
+    pcfg = model_config(cfg, "prior", embed_dim=c.embed_dim, text_width=c.text_width,
+                        context_length=c.context_length)
+    diffusion = Diffusion(pcfg.schedule, pcfg.num_timesteps)
+
+    def loss(model, images, captions, gen):
+        text_embed, text_enc, image_embed = frozen(images, captions)
+        x0 = image_embed * pcfg.embed_scale  # unit norm × √D: ~unit variance per dimension
+        keep = _drop_mask(len(captions), 0.1, gen)
+        return diffusion.loss(model, x0, "x0", gen, text_embed=text_embed, text_encodings=text_enc, cond_keep=keep)
+
+    return StageSpec("prior", "prior", DiffusionPrior(pcfg), pcfg, c.image_size, loss)
+
+
+def decoder_spec(cfg: TrainConfig) -> StageSpec:
+    frozen = _FrozenClip(cfg)
+    c = frozen.cfg
+    dcfg = model_config(cfg, "decoder", embed_dim=c.embed_dim, text_width=c.text_width,
+                        context_length=c.context_length)
+    diffusion = Diffusion(dcfg.schedule, dcfg.num_timesteps)
+
+    def loss(model, images, captions, gen):
+        _, text_enc, image_embed = frozen(images, captions)
+        x0 = to_pixels(images, dcfg.image_size) * 2 - 1  # [-1, 1]
+        b = len(captions)
+        return diffusion.loss(model, x0, "eps", gen, image_embed=image_embed, text_encodings=text_enc,
+                              image_keep=_drop_mask(b, 0.1, gen), text_keep=_drop_mask(b, 0.5, gen))
+
+    return StageSpec("decoder", "decoder", Decoder(dcfg), dcfg, 64, loss)
+
+
+def sr_spec(cfg: TrainConfig) -> StageSpec:
+    scfg = model_config(cfg, "sr")
+    diffusion = Diffusion(scfg.schedule, scfg.num_timesteps)
+
+    def loss(model, images, captions, gen):
+        x0 = to_pixels(images, scfg.image_size) * 2 - 1
+        low = to_pixels(images, scfg.low_res_size) * 2 - 1
+        # Noise augmentation of the conditioning image (Ho et al. 2022, CDM): a random level in [0, T/4)
+        # given to the network, so that sampling can condition on a lightly noised base-model output.
+        aug_t = torch.randint(0, scfg.num_timesteps // 4, (x0.shape[0],), generator=gen)
+        low = diffusion.q_sample(low, aug_t, torch.randn(low.shape, generator=gen))
+        return diffusion.loss(model, x0, "eps", gen, low_res=low, aug_t=aug_t.float())
+
+    return StageSpec("sr", "sr", SuperRes(scfg), scfg, scfg.image_size, loss)
+
+
+SPECS = {"clip": clip_spec, "prior": prior_spec, "decoder": decoder_spec, "sr": sr_spec}
+
+
+def train_clip(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
+    """Train CLIP contrastively on the configured data (symmetric InfoNCE, Radford et al. 2021)."""
+    return train_stage(clip_spec(cfg), cfg, max_steps=max_steps)
+
+
+def train_prior(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
+    """Train the diffusion prior (x0-MSE; text dropped 10 % of the time) on the frozen CLIP."""
+    return train_stage(prior_spec(cfg), cfg, max_steps=max_steps)
+
+
+def train_decoder(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
+    """Train the decoder U-Net (eps-MSE; image embedding dropped 10 %, text 50 %) on the frozen CLIP."""
+    return train_stage(decoder_spec(cfg), cfg, max_steps=max_steps)
+
+
+def train_sr(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
+    """Train the 32→64 super-resolution U-Net with Gaussian noise augmentation of the low-res image."""
+    return train_stage(sr_spec(cfg), cfg, max_steps=max_steps)
+
+
+def train_all(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
+    """CLIP, then the prior, the decoder and the upsampler, in one process."""
+    for fn in (train_clip, train_prior, train_decoder, train_sr):
+        fn(cfg, max_steps=max_steps)
+    return Path(cfg.out_dir)
