@@ -103,7 +103,8 @@ def test_conditioning_dropout_is_a_mask_not_randomness(trained):
     prior = stages.SPECS["prior"](trained).model.eval()
     d = prior.cfg.embed_dim
     g = torch.Generator().manual_seed(1)
-    x, te, enc = torch.randn(2, d, generator=g), torch.randn(2, d, generator=g), torch.randn(2, 77, prior.cfg.text_width)
+    x, te = torch.randn(2, d, generator=g), torch.randn(2, d, generator=g)
+    enc = torch.randn(2, 77, prior.cfg.text_width, generator=g)
     t = torch.tensor([10.0, 10.0])
     with torch.no_grad():
         a = prior(x, t, te, enc, torch.ones(2))

@@ -4,7 +4,7 @@ An exported graph predicts one of (its ``kind`` is stated once, in the manifest)
 
 - ``eps``: the noise ε,
 - ``x0``:  the clean sample x0,
-- ``v``:   v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022, Eq. 7 of the v-prediction appendix),
+- ``v``:   v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022, progressive distillation),
 
 for x_t = √ᾱ x0 + √(1−ᾱ) ε. Samplers only ever see ``denoise(x_t, i) -> x0``; this module builds that
 function from an engine call, and it is the only place that stacks the classifier-free-guidance batch.
@@ -15,13 +15,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .samplers import ddpm_variances
+from .samplers import Denoiser, ddpm_variances
 from .schedules import Schedule
 
 KINDS = ("eps", "x0", "v")
 
 Model = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (x_batch (N, ...), t_batch (N,) float32) -> pred (N, ...)
-Denoiser = Callable[[np.ndarray, int], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
 
 
 def _check_kind(kind: str) -> None:
@@ -147,7 +146,7 @@ def make_denoiser(
         dtype = _out_dtype(out, x_t)
         if guided:
             pred_c, pred_u = out[:batch], out[batch:]
-            # float64 until x0 is formed: with g ~ 5-10 the float32 rounding of pred_c − pred_u is magnified g×.
+            # float64 until x0 is formed: a float32 rounding of pred_c − pred_u would be magnified g× (g ~ 4-10).
             pred = pred_u.astype(np.float64) + g * (pred_c.astype(np.float64) - pred_u)
         else:
             pred = out

@@ -70,7 +70,7 @@ def sample_ddpm(
     abar, abar_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
     betas, posterior_variance = ddpm_variances(schedule)
     coef_x0 = np.sqrt(abar_prev) * betas / (1.0 - abar)
-    coef_xt = np.sqrt(1.0 - betas) * (1.0 - abar_prev) / (1.0 - abar)
+    coef_xt = np.sqrt(abar / abar_prev) * (1.0 - abar_prev) / (1.0 - abar)  # √(1−β) without 1 − (1 − ·)
     fixed_std = np.sqrt(posterior_variance if variance == "small" else betas)
     x = np.asarray(x)
     last = len(schedule) - 1

@@ -4,13 +4,14 @@ Why our own BPE over a JSON file rather than a Hugging Face ``tokenizers`` JSON
 ------------------------------------------------------------------------------
 Exact parity comes by construction: the pre-tokenisation runs the same pattern through the same
 ``regex`` engine as open_clip, after the same ftfy/html cleaning, and the BPE loop makes the same merge
-choices. A ``tokenizers`` pipeline cannot promise that: its Oniguruma regex folds case differently
-(``'ſ`` matches ``'s`` in open_clip's case-insensitive pattern), and its added-token matcher finds
-``<start_of_text>`` inside ``<<start_of_text>`` where open_clip's pattern does not. It would also add a
-runtime dependency while ftfy still has to run in Python in front of it. The BPE below is ~60 lines that
-a C++ stack can port from this docstring and the file alone; the cost of Python is hidden by a
-per-instance word cache (captions reuse a small vocabulary) and is microseconds a prompt, noise next to
-one denoiser call.
+choices. A ``tokenizers`` pipeline (BPE with ``</w>`` suffix, Split on the same pattern, ByteLevel,
+the two specials as added tokens, the same Python cleaning in front) was tried on the test corpus: it
+differed on 1 text of 1,108, because its added-token matcher finds ``<start_of_text>`` inside
+``<<start_of_text>``, where open_clip's pattern swallows ``<<`` as punctuation first; it ran at half
+our speed (ftfy still runs in Python in front of it, and this module caches words), and it adds a runtime
+dependency whose regex engine (Oniguruma) is not the one open_clip uses. The BPE below is ~60 lines
+that a C++ stack can port from this docstring and the file alone (or load into tokenizers-cpp, the file
+has the vocab and merges it needs, minding the special-token case above).
 
 File format (``format: "clip-bpe/1"``): one UTF-8 JSON object
 -------------------------------------------------------------
@@ -31,6 +32,8 @@ The manifest entry that points at the file (written by ``export/tokenizer.py``) 
 ``format``, ``sha256`` (of the file's bytes), ``vocab_size``, ``context_length`` (77), ``sot_id``,
 ``eot_id``, ``pad_id`` (0), ``preprocess``, ``truncation`` and ``padding``; the last three name the fixed
 steps below and are checked on load, so a folder asking for anything else is refused, not mis-tokenised.
+``reference`` records the open_clip, ftfy and regex versions the export was checked against: ftfy's fixes
+and the Unicode tables behind ``str.lower``, NFC and ``\\p{L}`` change between releases.
 
 Algorithm (what ``Tokenizer.encode`` does; open_clip ``SimpleTokenizer`` with ``clean="lower"``)
 -------------------------------------------------------------------------------------------------
@@ -44,7 +47,8 @@ Algorithm (what ``Tokenizer.encode`` does; open_clip ``SimpleTokenizer`` with ``
 5. Pre-tokenise: ``findall`` of ``pattern`` =
    ``<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+``,
    case-insensitive (simple case folding; after step 4 the only effect is that ``ſ`` U+017F matches
-   ``s``). Alternatives are tried in order at each position; spaces are skipped.
+   ``s``). Alternatives are tried in order at each position; the only whitespace left after step 3 is
+   U+0020, which no alternative matches, so it is skipped.
 6. Each pre-token equal to a special-token string becomes that id. Any other is UTF-8 encoded; its
    bytes spell the initial word ``byte_alphabet[b0] … byte_alphabet[bn-1] + suffix``. Then, while the
    word has two or more symbols: find the adjacent pair with the lowest merge rank (stop if none is a
@@ -53,7 +57,8 @@ Algorithm (what ``Tokenizer.encode`` does; open_clip ``SimpleTokenizer`` with ``
 7. ``ids = [sot] + ids[:context_length - 2] + [eot]``, right-padded with ``pad_id`` to
    ``context_length``. A text is *truncated* when step 6 gave more than ``context_length - 2`` ids.
 
-A literal ``<end_of_text>`` in a prompt becomes id 49407 mid-sequence, exactly as in open_clip.
+A literal ``<end_of_text>`` in a prompt becomes id 49407 mid-sequence, exactly as in open_clip (whose
+text tower then pools at that first eot, ignoring the rest of the prompt).
 
 Thread safety: a ``Tokenizer`` is immutable after construction; its word cache is a
 ``functools.lru_cache`` (safe to call from several threads), so one instance serves a whole Pipeline.

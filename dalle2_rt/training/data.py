@@ -11,13 +11,14 @@ from collections.abc import Iterator
 import numpy as np
 
 from dalle2_rt.training.config import DataSource
-from dalle2_rt.training.datasets import SkipCounter, iter_image_folder, iter_tar_shards, mixed_stream
 from dalle2_rt.world import world_stream
 
 
-def source_stream(src: DataSource, seed: int, size: int, skips: SkipCounter) -> Iterator[tuple[np.ndarray, str]]:
+def source_stream(src: DataSource, seed: int, size: int, skips) -> Iterator[tuple[np.ndarray, str]]:
     if src.kind == "world":
         return world_stream(seed, size=size)
+    from dalle2_rt.training.datasets import iter_image_folder, iter_tar_shards
+
     if src.kind == "folder":
         return iter_image_folder(src.path, size=size, skips=skips)
     paths = sorted(glob.glob(src.path)) or [src.path]
@@ -25,11 +26,17 @@ def source_stream(src: DataSource, seed: int, size: int, skips: SkipCounter) -> 
 
 
 def batch_stream(sources: list[DataSource], batch_size: int, seed: int, size: int = 64,
-                 skips: SkipCounter | None = None) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Endless batches: images uint8 (B, size, size, 3) and their captions."""
-    skips = skips if skips is not None else SkipCounter()
+                 skips=None) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Endless batches: images uint8 (B, size, size, 3) and their captions.
+
+    ``skips`` (a ``datasets.SkipCounter``) counts the broken items the file-based sources skipped."""
     streams = [source_stream(s, seed + 7919 * i, size, skips) for i, s in enumerate(sources)]
-    items = streams[0] if len(streams) == 1 else mixed_stream(streams, [s.weight for s in sources], seed)
+    if len(streams) == 1:
+        items = streams[0]
+    else:
+        from dalle2_rt.training.datasets import mixed_stream
+
+        items = mixed_stream(streams, [s.weight for s in sources], seed)
     while True:
         imgs, caps = [], []
         for img, cap in items:

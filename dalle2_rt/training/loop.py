@@ -22,7 +22,6 @@ from tqdm import tqdm
 from dalle2_rt.training import checkpoint
 from dalle2_rt.training.config import StageRun, TrainConfig
 from dalle2_rt.training.data import batch_stream
-from dalle2_rt.training.datasets import SkipCounter
 from dalle2_rt.training.ema import EMA
 
 
@@ -123,7 +122,11 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, *, max_steps: int | None = No
         checkpoint.save_model(folder / "model", spec.kind, ema.model, spec.model_cfg, half=cfg.half_weights,
                               extra={"step": step, **(spec.extra_meta or {})})
 
-    skips = SkipCounter()
+    skips = None
+    if any(src.kind != "world" for src in cfg.data):
+        from dalle2_rt.training.datasets import SkipCounter
+
+        skips = SkipCounter()
     data = batch_stream(cfg.data, run.batch_size, seed=cfg.seed * 1_000_003 + 7 * step + ddp.rank,
                         size=64, skips=skips)
     gen = torch.Generator().manual_seed(cfg.seed + 31 * ddp.rank + step)
@@ -160,7 +163,7 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, *, max_steps: int | None = No
             t_last = now
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss.item(), "loss_avg": ema_loss, "it_s": rate,
-                                    "skipped": skips.total, "time": now}) + "\n")
+                                    "skipped": skips.total if skips else 0, "time": now}) + "\n")
             if not sys.stderr.isatty():
                 print(f"{spec.name} step {step}/{run.steps} loss {ema_loss:.4f} {rate:.2f} it/s", file=sys.stderr,
                       flush=True)
