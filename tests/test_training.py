@@ -205,3 +205,28 @@ dist.destroy_process_group()
     log = (tmp_path / "run" / "sr" / "train.log.jsonl").read_text().splitlines()
     assert len(log) == 3  # one writer: rank 1 would have doubled every line
     assert json.loads((tmp_path / "run" / "sr" / "state" / "state.json").read_text())["step"] == 3
+
+
+def test_users_open_clip_checkpoint_is_imported(tmp_path):
+    """A small model open_clip builds and saves here becomes our CLIP stage, outputs unchanged."""
+    import open_clip
+
+    from dalle2_rt.models.clip import ClipTextEncoder
+    from tests.conftest import TINY_MODEL
+
+    oc = stages.MODEL_CLASSES["clip"](**TINY_MODEL["clip"]).open_clip_cfg()
+    torch.manual_seed(3)
+    theirs = open_clip.CLIP(**oc).eval()
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}},
+               tmp_path / "epoch_1.pt")
+    (tmp_path / "model_cfg.json").write_text(json.dumps(oc))
+    d = tiny_config_dict(tmp_path / "run", steps=0)
+    d["run"].update(init_clip=str(tmp_path / "epoch_1.pt"), init_clip_config=str(tmp_path / "model_cfg.json"))
+    folder = stages.train_clip(config_from_dict(d))
+    ours, _ = stages.load_clip(folder / "model")
+    tokens = open_clip.tokenize(["a red circle", "a blue star to the left of a green cross"])
+    with torch.no_grad():
+        emb, _ = ClipTextEncoder(ours)(tokens)
+        assert torch.allclose(emb, theirs.encode_text(tokens, normalize=True), atol=1e-6)
+        img = torch.rand(2, 3, oc["vision_cfg"]["image_size"], oc["vision_cfg"]["image_size"])
+        assert torch.allclose(ours.encode_image(img), theirs.encode_image(img), atol=1e-6)

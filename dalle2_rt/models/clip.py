@@ -31,6 +31,22 @@ class ClipConfig:
     text_width: int = 128
     text_heads: int = 4
 
+    @classmethod
+    def from_open_clip_cfg(cls, oc: dict) -> ClipConfig:
+        """Our config for an open_clip model-config dict (a ViT image tower and the standard text tower)."""
+        v, t = oc.get("vision_cfg", {}), oc.get("text_cfg", {})
+        unsupported = [k for k in ("timm_model_name", "hf_model_name") if v.get(k) or t.get(k)]
+        if isinstance(v.get("layers"), (list, tuple)):
+            unsupported.append("vision_cfg.layers as a list (a ResNet tower)")
+        if unsupported:
+            raise ValueError(f"unsupported open_clip config: {', '.join(unsupported)}; only ViT towers are")
+        d = cls()
+        return cls(embed_dim=oc["embed_dim"], image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 16),
+                   vision_layers=v.get("layers", 12), vision_width=v.get("width", 768),
+                   vision_head_width=v.get("head_width", 64), context_length=t.get("context_length", 77),
+                   vocab_size=t.get("vocab_size", d.vocab_size), text_layers=t.get("layers", 12),
+                   text_width=t.get("width", 512), text_heads=t.get("heads", 8))
+
     def open_clip_cfg(self) -> dict:
         return {
             "embed_dim": self.embed_dim,
@@ -57,15 +73,17 @@ def build_clip(cfg: ClipConfig | dict) -> open_clip.CLIP:
     return open_clip.CLIP(**oc)
 
 
-def load_open_clip_checkpoint(path: str, model_cfg: dict) -> open_clip.CLIP:
-    """Load a user's own open_clip checkpoint file (a state dict, optionally under "state_dict")."""
-    model = build_clip(model_cfg)
+def load_open_clip_checkpoint(path: str, model_cfg: dict) -> tuple[open_clip.CLIP, ClipConfig]:
+    """Load a user's own open_clip checkpoint file (a state dict, optionally under "state_dict", as
+    open_clip's training saves it) built from its model-config dict. ``weights_only`` loading: no code runs."""
+    cfg = ClipConfig.from_open_clip_cfg(model_cfg)
+    model = build_clip(cfg)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model.load_state_dict(state)
-    return model
+    return model, cfg
 
 
 class ClipTextEncoder(nn.Module):

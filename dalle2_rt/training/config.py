@@ -54,6 +54,8 @@ class TrainConfig:
     ckpt_every: int = 200  # steps between checkpoints
     sample_every: int = 1000  # steps between sample grids (0 = never)
     half_weights: bool = False  # save model.safetensors in fp16 (the bundled model, to stay small)
+    init_clip: str = ""  # a user's open_clip checkpoint file to start CLIP from (steps = 0: import it as is)
+    init_clip_config: str = ""  # its open_clip model-config JSON (required with init_clip)
     data: list[DataSource] = field(default_factory=lambda: [DataSource()])
     stages: dict[str, StageRun] = field(default_factory=dict)  # per-stage overrides of StageRun
     model: dict[str, dict] = field(default_factory=dict)  # per-stage overrides of the model config

@@ -172,6 +172,8 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, *, max_steps: int | None = No
         if ddp.main and spec.sample_grid and cfg.sample_every and step % cfg.sample_every == 0:
             spec.sample_grid(ema.model, folder / "samples" / f"{step:07d}.png")
     bar.close()
+    if not (folder / "model").exists():  # steps already reached (e.g. an imported CLIP with steps = 0)
+        save()
     if ddp.world > 1:
         dist.barrier()
     return folder

@@ -10,13 +10,14 @@ decoder read the trained CLIP from ``<out_dir>/clip/model`` and keep it frozen.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
 
-from dalle2_rt.models.clip import ClipConfig, ClipImageEncoder, ClipTextEncoder, build_clip
+from dalle2_rt.models.clip import ClipConfig, ClipImageEncoder, ClipTextEncoder, build_clip, load_open_clip_checkpoint
 from dalle2_rt.models.decoder import Decoder, DecoderConfig
 from dalle2_rt.models.prior import DiffusionPrior, PriorConfig
 from dalle2_rt.models.sr import SRConfig, SuperRes
@@ -62,8 +63,15 @@ def _drop_mask(batch: int, p: float, gen: torch.Generator) -> torch.Tensor:
 
 
 def clip_spec(cfg: TrainConfig) -> StageSpec:
-    ccfg = model_config(cfg, "clip")
-    clip = build_clip(ccfg)
+    if cfg.init_clip:
+        if not cfg.init_clip_config:
+            raise ValueError("init_clip needs init_clip_config (the open_clip model-config JSON)")
+        oc = json.loads(Path(cfg.init_clip_config).read_text())
+        oc = oc.get("model_cfg", oc)  # accept open_clip's {"model_cfg": ...} wrapper too
+        clip, ccfg = load_open_clip_checkpoint(cfg.init_clip, oc)
+    else:
+        ccfg = model_config(cfg, "clip")
+        clip = build_clip(ccfg)
 
     def loss(model, images, captions, gen):
         pixels = to_pixels(images, ccfg.image_size)
