@@ -230,3 +230,28 @@ def test_users_open_clip_checkpoint_is_imported(tmp_path):
         assert torch.allclose(emb, theirs.encode_text(tokens, normalize=True), atol=1e-6)
         img = torch.rand(2, 3, oc["vision_cfg"]["image_size"], oc["vision_cfg"]["image_size"])
         assert torch.allclose(ours.encode_image(img), theirs.encode_image(img), atol=1e-6)
+
+
+def test_mixed_world_and_folder_data_cycles_and_counts_skips(tmp_path):
+    from PIL import Image
+
+    from dalle2_rt.training.data import batch_stream
+    from dalle2_rt.training.datasets import SkipCounter
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, colour in enumerate(["red", "blue"]):
+        Image.new("RGB", (80, 80), colour).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a {colour} square")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("a broken image")
+    d = tiny_config_dict(tmp_path / "run")
+    d["data"] = [{"kind": "world", "weight": 1.0}, {"kind": "folder", "path": str(folder), "weight": 1.0}]
+    cfg = config_from_dict(d)
+    skips = SkipCounter()
+    batches = batch_stream(cfg.data, 8, seed=0, skips=skips)
+    captions = [c for _ in range(6) for c in next(batches)[1]]
+    from_folder = [c for c in captions if c in ("a red square", "a blue square")]
+    assert len(from_folder) > 4  # two files, drawn more than twice: the folder cycles
+    assert len(captions) - len(from_folder) > 4  # the world stream is mixed in
+    assert skips.total >= 2 and "a broken image" not in captions  # broken once per pass over the folder

@@ -30,13 +30,12 @@ def batch_stream(sources: list[DataSource], batch_size: int, seed: int, size: in
     """Endless batches: images uint8 (B, size, size, 3) and their captions.
 
     ``skips`` (a ``datasets.SkipCounter``) counts the broken items the file-based sources skipped."""
-    streams = [source_stream(s, seed + 7919 * i, size, skips) for i, s in enumerate(sources)]
-    if len(streams) == 1:
-        items = streams[0]
-    else:
-        from dalle2_rt.training.datasets import mixed_stream
+    # Factories, not generator objects: mixed_stream restarts a finite source (a folder, shards) when it
+    # runs out, so every source cycles for as long as training runs.
+    openers = [lambda s=s, i=i: source_stream(s, seed + 7919 * i, size, skips) for i, s in enumerate(sources)]
+    from dalle2_rt.training.datasets import mixed_stream
 
-        items = mixed_stream(streams, [s.weight for s in sources], seed)
+    items = mixed_stream(openers, [s.weight for s in sources], seed)
     while True:
         imgs, caps = [], []
         for img, cap in items:

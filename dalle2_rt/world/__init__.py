@@ -6,11 +6,20 @@ from .paraphrase import paraphrase
 from .render import render, render_pil
 from .sampling import random_caption_spec, sample_scene
 from .scene import Scene, SceneObject
+from .score_summary import ScoreSummary, Tally, score_many
+from .scorer import ATTRIBUTES, DetectedObject, Detection, detect, score, score_spec
 from .stream import world_stream
 
 __all__ = [
+    # vocabulary
     "BACKGROUNDS", "COLOURS", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
-    "CaptionError", "CaptionSpec", "Scene", "SceneObject",
-    "caption_text", "paraphrase", "parse_caption", "random_caption_spec", "render", "render_pil", "sample_scene",
+    # scenes and rendering
+    "Scene", "SceneObject", "render", "render_pil", "sample_scene",
+    # captions
+    "CaptionError", "CaptionSpec", "caption_text", "paraphrase", "parse_caption", "random_caption_spec",
+    # training stream
     "world_stream",
+    # scoring
+    "ATTRIBUTES", "DetectedObject", "Detection", "ScoreSummary", "Tally", "detect", "score", "score_many",
+    "score_spec",
 ]

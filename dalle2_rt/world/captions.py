@@ -163,6 +163,12 @@ def parse_caption(text: str) -> CaptionSpec:
     """Parse a canonical caption into its spec; raise CaptionError saying what was expected otherwise."""
     if not isinstance(text, str):
         raise CaptionError(f"a caption is a str, got {type(text).__name__}")
+    # The commonest slips get a direct message before the grammar walk.
+    for broken, rule in ((text != text.lower(), "canonical captions are lower case"),
+                         (text.endswith("."), "canonical captions have no final full stop"),
+                         (text != text.strip(), "canonical captions have no leading or trailing spaces")):
+        if broken:
+            raise CaptionError(f"not a canonical caption: {text!r}: {rule}")
     cur = _Cursor(text)
     size, colour, shape = _parse_noun_phrase(cur, allow_size=True)
     colours, shapes = [colour], [shape]
@@ -188,8 +194,11 @@ def parse_caption(text: str) -> CaptionSpec:
         cur.take_literal(" background", "' background'")
     if not cur.done():
         cur.fail("the end of the caption (no full stop, no trailing text)")
-    spec = CaptionSpec(kind="two" if relation else "single", colours=tuple(colours), shapes=tuple(shapes),
-                       size=size, position=position, relation=relation, background=background)
+    try:
+        spec = CaptionSpec(kind="two" if relation else "single", colours=tuple(colours), shapes=tuple(shapes),
+                           size=size, position=position, relation=relation, background=background)
+    except CaptionError as e:
+        raise CaptionError(f"not a canonical caption: {text!r}: {e}") from None
     # Belt and braces: the grammar above and caption_text must agree on every accepted string.
     if caption_text(spec) != text:
         raise CaptionError(f"not a canonical caption: {text!r}; canonical form is {caption_text(spec)!r}")

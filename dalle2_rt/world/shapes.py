@@ -9,7 +9,6 @@ draw with the centre shifted by -0.5 and the side shrunk by one pixel: a square 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -46,16 +45,26 @@ def _unit_polygon(shape: str) -> list[tuple[float, float]]:
 _UNIT_POLYGONS = {s: _unit_polygon(s) for s in SHAPES if s != "circle"}
 
 
-def _unit_extent(shape: str) -> tuple[float, float, float, float]:
+def _unit_area_centroid(shape: str) -> tuple[float, float]:
+    """(area, centroid y) of `shape` in a unit box centred at the origin (shoelace formula)."""
     if shape == "circle":
-        return (-0.5, -0.5, 0.5, 0.5)
-    xs, ys = zip(*_UNIT_POLYGONS[shape], strict=True)
-    return (min(xs), min(ys), max(xs), max(ys))
+        return math.pi / 4, 0.0
+    pts = _UNIT_POLYGONS[shape]
+    a = cy = 0.0
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]):
+        cross = x0 * y1 - x1 * y0
+        a += cross
+        cy += (y0 + y1) * cross
+    return abs(a) / 2, cy / (3 * a)
 
 
-# Tight bounding box of each shape inside its unit box, (x0, y0, x1, y1). Only the star is smaller than its box
-# (its lower points sit at 0.405, its side points at +-0.476), which matters for the scorer's templates.
-SHAPE_EXTENT: dict[str, tuple[float, float, float, float]] = {s: _unit_extent(s) for s in SHAPES}
+# Area of each shape as a fraction of its box, and how far below the box centre its centroid lies (fraction of s).
+# The scorer inverts these: from a region's area and centroid it recovers the box a candidate shape would need.
+# Only the triangle's centroid is off-centre (1/6 s down); the star's five-fold symmetry keeps its centroid central.
+SHAPE_AREA: dict[str, float] = {}
+SHAPE_CENTROID_DY: dict[str, float] = {}
+for _s in SHAPES:
+    SHAPE_AREA[_s], SHAPE_CENTROID_DY[_s] = _unit_area_centroid(_s)
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: float, fill) -> None:
@@ -71,22 +80,13 @@ def _draw_pil(draw: ImageDraw.ImageDraw, shape: str, px: float, py: float, sx: f
         draw.polygon([(px + sx * x, py + sy * y) for x, y in _UNIT_POLYGONS[shape]], fill=fill)
 
 
-@functools.lru_cache(maxsize=4096)
-def shape_template(shape: str, width: int, height: int, supersample: int = 4) -> np.ndarray:
-    """Boolean (height, width) mask of `shape` stretched so that its tight bounding box fills the whole array.
+def shape_coverage(shape: str, cx: float, cy: float, s: float, width: int, height: int,
+                   supersample: int = 4) -> np.ndarray:
+    """Float32 (height, width) coverage in [0, 1] of `shape` drawn exactly as the renderer draws it.
 
-    The scorer compares a detected region (cropped to its bounding box) with these; a pixel is inside when at least
-    half of it is covered, matching a detector that keeps pixels nearer the object colour than the background.
+    cx, cy, s are in pixels of the (width, height) image. The scorer overlaps these with a detected region.
     """
-    x0, y0, x1, y1 = SHAPE_EXTENT[shape]
-    big_w, big_h = width * supersample, height * supersample
-    img = Image.new("L", (big_w, big_h), 0)
-    # Scale the unit box per axis so the shape's extent maps onto [0, big_w) x [0, big_h); the box side is then
-    # s_x = big_w / (x1 - x0) horizontally (and likewise vertically), drawn as a polygon in those units.
-    sx, sy = big_w / (x1 - x0), big_h / (y1 - y0)
-    cx, cy = -x0 * sx, -y0 * sy
-    _draw_pil(ImageDraw.Draw(img), shape, cx - 0.5, cy - 0.5, sx - 1.0, sy - 1.0, 255)
-    cover = np.asarray(img.resize((width, height), Image.Resampling.BOX), dtype=np.uint8)
-    mask = cover >= 128
-    mask.setflags(write=False)  # cached and shared: nobody may edit it
-    return mask
+    img = Image.new("L", (width * supersample, height * supersample), 0)
+    draw_shape(ImageDraw.Draw(img), shape, cx * supersample, cy * supersample, s * supersample, 255)
+    small = img.resize((width, height), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0

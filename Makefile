@@ -1,0 +1,44 @@
+# dalle2-rt: the two commands of the quickstart are `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+ENGINES := engines/shapes-v1
+CHECKPOINTS := checkpoints/shapes-v1
+PROMPT ?= a large red circle on the left, black background
+
+.PHONY: setup engines demo test lint bench train clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[train,dev]'
+	@touch $@
+
+engines: $(ENGINES)/manifest.json
+
+$(ENGINES)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINTS)/*/model/*)
+	@test -f $(CHECKPOINTS)/decoder/model/model.safetensors || \
+		{ echo "the bundled model is not trained yet: $(CHECKPOINTS) has no decoder (see README, Training)"; exit 1; }
+	$(PY) -m export.all --checkpoints $(CHECKPOINTS) --out $(ENGINES)
+
+demo: engines
+	@mkdir -p out
+	@$(VENV)/bin/dalle2-rt "$(PROMPT)" --seed 0 -o out | sed 's/^/wrote /'
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint engines
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+
+bench: engines
+	$(PY) -m bench
+
+train: $(STAMP)
+	$(VENV)/bin/dalle2-train all --config configs/shapes-v1.toml
+
+clean:
+	rm -rf $(VENV) engines/*/ out

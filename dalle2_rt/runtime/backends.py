@@ -1,0 +1,349 @@
+"""Backends: one call signature, ``engine(**arrays) -> dict[str, np.ndarray]``, for every way to run a graph.
+
+A backend turns a graph of the manifest into an ``Engine``. Inputs are cast to the dtypes the manifest
+records for the graph (never hard-coded here) and checked by name; outputs come back as numpy arrays keyed
+by the manifest's output names. The pipeline's loop is written once against this signature.
+
+- ``onnxruntime``: one InferenceSession per graph. Providers are tried in the order TensorRT EP, CUDA EP,
+  CPU among ``ort.get_available_providers()``, dropping the first one whose session cannot be created.
+  The exporter's optimised graph (``*.opt.onnx``) is used only when the provider that actually runs it
+  is the one it was optimised for (its fused nodes are provider specific), else the plain ``.onnx``.
+  ``InferenceSession.run`` is thread-safe, so one engine serves concurrent pipeline calls.
+- ``tensorrt``: native ``.plan`` engines through the TensorRT 10 Python API and cuda-python. The plan for
+  this GPU and TensorRT version is chosen by ``trt_keys``; an execution context is not re-entrant, so
+  each engine serialises its calls with a lock.
+- ``torch``: the reference. Rebuilds the PyTorch modules from the source checkpoints recorded in the
+  manifest (``sources``) and runs the same loop on them; imports torch lazily and needs the train extra.
+
+Nothing here imports onnxruntime, tensorrt or torch at module import time.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BackendUnavailableError, EngineFolderError, InputError
+from .manifest import GraphSpec, Manifest, sha256_file
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+ORT_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+TRT_NEEDS = "TensorRT backend needs tensorrt and a CUDA GPU"
+
+
+class Engine:
+    """A graph ready to run: ``engine(**arrays) -> {output name: array}``."""
+
+    def __init__(self, spec: GraphSpec, description: str):
+        self.spec = spec
+        self.name = spec.name
+        self.description = description  # e.g. "onnxruntime[CPUExecutionProvider] decoder.opt.onnx"
+        self.max_batch = spec.max_batch
+
+    def _feeds(self, arrays: dict) -> dict[str, np.ndarray]:
+        names = [t.name for t in self.spec.inputs]
+        missing = [n for n in names if n not in arrays]
+        extra = [n for n in arrays if n not in names]
+        if missing or extra:
+            raise InputError(f"graph {self.name!r} takes inputs {names}; missing {missing}, unexpected {extra}")
+        return {t.name: np.ascontiguousarray(arrays[t.name], dtype=t.dtype) for t in self.spec.inputs}
+
+    def __call__(self, **arrays) -> dict[str, np.ndarray]:
+        outs = self._run(self._feeds(arrays))
+        return {t.name: np.asarray(outs[t.name]) for t in self.spec.outputs}
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def _user_cache(*parts: str) -> Path:
+    base = os.environ.get("DALLE2_RT_CACHE")
+    if not base:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dalle2-rt")
+    return Path(base, *parts)
+
+
+# --------------------------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+class OrtEngine(Engine):
+    def __init__(self, spec: GraphSpec, session, file: Path):
+        super().__init__(spec, f"onnxruntime[{','.join(session.get_providers())}] {file.name}")
+        self.session, self.file, self.providers = session, file, session.get_providers()
+        got = {i.name for i in session.get_inputs()}
+        want = {t.name for t in spec.inputs}
+        if got != want:
+            raise EngineFolderError(f"{file}: graph inputs {sorted(got)} differ from the manifest's {sorted(want)}")
+        self._output_names = [t.name for t in spec.outputs]
+
+    def _run(self, feeds):
+        return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, *, providers: list[str] | None = None, threads: int | None = None,
+                 device_id: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailableError("the onnxruntime backend needs the onnxruntime package") from None
+        self.ort, self.manifest, self.threads, self.device_id = ort, manifest, threads, device_id
+        available = ort.get_available_providers()
+        if providers is None:
+            self.providers = [p for p in ORT_PROVIDER_ORDER if p in available]
+        else:
+            unknown = [p for p in providers if p not in available]
+            if unknown:
+                raise BackendUnavailableError(f"onnxruntime providers {unknown} are not available here "
+                                              f"(available: {', '.join(available)})")
+            self.providers = list(providers)
+        if not self.providers:
+            raise BackendUnavailableError(f"onnxruntime offers none of {ORT_PROVIDER_ORDER} (has {available})")
+        self.version = ort.__version__
+
+    def _options(self):
+        so = self.ort.SessionOptions()
+        so.log_severity_level = 3  # errors only: provider fallback warnings are handled here
+        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            so.intra_op_num_threads = int(self.threads)
+            so.inter_op_num_threads = 1
+        return so
+
+    def _provider_entry(self, provider: str, spec: GraphSpec):
+        if provider == "CUDAExecutionProvider":
+            return provider, {"device_id": self.device_id}
+        if provider == "TensorrtExecutionProvider":
+            opts = {"device_id": self.device_id, "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(_user_cache("ort-trt", self.manifest.sha256[:16]))}
+            opts.update(_trt_ep_profile(spec))
+            return provider, opts
+        return provider
+
+    def _file_for(self, spec: GraphSpec, provider: str) -> Path:
+        """The optimised graph when it was made for ``provider`` (and this ORT, where recorded)."""
+        made_for = spec.optimized_for
+        if spec.optimized_file is None or made_for.get("provider") != provider:
+            return spec.file
+        if made_for.get("onnxruntime") not in (None, self.version):
+            return spec.file
+        return spec.optimized_file
+
+    def engine(self, graph: str) -> OrtEngine:
+        spec = self.manifest.graphs[graph]
+        errors = []
+        for start in range(len(self.providers)):
+            chain = self.providers[start:]
+            file = self._file_for(spec, chain[0])
+            try:
+                session = self._session(file, chain, spec)
+                actual = session.get_providers()[0]
+                if file != spec.file and actual != chain[0]:  # ORT fell back silently: opt graph is not for it
+                    session = self._session(spec.file, session.get_providers(), spec)
+                    file = spec.file
+            except EngineFolderError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any provider failure: try the next one
+                errors.append(f"{chain[0]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                continue
+            return OrtEngine(spec, session, file)
+        raise BackendUnavailableError(f"onnxruntime cannot load {spec.file.name}: {'; '.join(errors)}")
+
+    def _session(self, file: Path, chain: list[str], spec: GraphSpec):
+        providers = [self._provider_entry(p, spec) for p in chain]
+        return self.ort.InferenceSession(str(file), sess_options=self._options(), providers=providers)
+
+    def describe(self) -> str:
+        return f"onnxruntime {self.version} [{', '.join(self.providers)}]"
+
+
+def _trt_ep_profile(spec: GraphSpec) -> dict:
+    """TensorRT EP optimisation profile from the manifest's batch range, so it builds one engine, not one per
+    batch size; empty when an axis other than the batch is dynamic."""
+    if spec.max_batch is None:
+        return {}
+    batch = (spec.raw.get("profile") or {}).get("batch") or {}
+    shapes = {}
+    for key in ("min", "opt", "max"):
+        parts = []
+        for t in spec.inputs:
+            dims = [batch.get(key, spec.max_batch) if d == "batch" else d for d in t.shape]
+            if not all(isinstance(d, int) for d in dims):
+                return {}
+            parts.append(f"{t.name}:{'x'.join(str(d) for d in dims)}")
+        shapes[f"trt_profile_{key}_shapes"] = ",".join(parts)
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------------------
+# TensorRT (native engines)
+
+
+def _import_trt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendUnavailableError(f"{TRT_NEEDS} (the tensorrt package is not installed)") from None
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            raise BackendUnavailableError(f"{TRT_NEEDS} (cuda-python is not installed)") from None
+    return trt, cudart
+
+
+def _cuda_check(result, what: str):
+    """cuda-python returns (err, *values); raise on err, return the value(s)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise BackendUnavailableError(f"{TRT_NEEDS}: {what} failed ({err})")
+    return values[0] if len(values) == 1 else values
+
+
+class TrtEngine(Engine):
+    """One deserialised plan, one execution context, device buffers grown on demand; calls serialised."""
+
+    def __init__(self, spec: GraphSpec, plan: Path, trt, cudart, device_id: int):
+        super().__init__(spec, f"tensorrt {trt.__version__} {plan.name}")
+        self.trt, self.cudart, self.device_id = trt, cudart, device_id
+        self._lock = threading.Lock()
+        _cuda_check(cudart.cudaSetDevice(device_id), "cudaSetDevice")
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        self._engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self._engine is None:
+            raise BackendUnavailableError(f"{plan}: TensorRT could not deserialise the engine "
+                                          "(built by another TensorRT version or for another GPU?)")
+        self._context = self._engine.create_execution_context()
+        self._stream = _cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._buffers: dict[str, tuple[int, int]] = {}  # tensor name -> (device pointer, capacity in bytes)
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        want = {t.name for t in spec.inputs} | {t.name for t in spec.outputs}
+        if set(names) != want:
+            raise EngineFolderError(f"{plan}: engine tensors {sorted(names)} differ from the manifest's {sorted(want)}")
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, cap = self._buffers.get(name, (0, 0))
+        if cap < nbytes:
+            if ptr:
+                _cuda_check(self.cudart.cudaFree(ptr), "cudaFree")
+            ptr = _cuda_check(self.cudart.cudaMalloc(max(nbytes, 256)), "cudaMalloc")
+            self._buffers[name] = (ptr, max(nbytes, 256))
+        return ptr
+
+    def _run(self, feeds):
+        trt, cudart = self.trt, self.cudart
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        with self._lock:
+            _cuda_check(cudart.cudaSetDevice(self.device_id), "cudaSetDevice")
+            for name, array in feeds.items():
+                want = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+                array = np.ascontiguousarray(array, dtype=want)
+                ptr = self._buffer(name, array.nbytes)
+                _cuda_check(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, self._stream),
+                            "cudaMemcpyAsync")
+                self._context.set_input_shape(name, array.shape)
+                self._context.set_tensor_address(name, ptr)
+            outs = {}
+            for t in self.spec.outputs:
+                shape = tuple(self._context.get_tensor_shape(t.name))
+                dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(t.name)))
+                outs[t.name] = np.empty(shape, dtype=dtype)
+                self._context.set_tensor_address(t.name, self._buffer(t.name, outs[t.name].nbytes))
+            if not self._context.execute_async_v3(self._stream):
+                raise RuntimeError(f"TensorRT execution of {self.name!r} failed")
+            for name, out in outs.items():
+                _cuda_check(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[name][0], out.nbytes, d2h,
+                                                   self._stream), "cudaMemcpyAsync")
+            _cuda_check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        return {t.name: outs[t.name].astype(t.dtype, copy=False) for t in self.spec.outputs}
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, manifest: Manifest, *, device_id: int = 0, **_ignored):
+        self.trt, self.cudart = _import_trt()
+        count = self.cudart.cudaGetDeviceCount()
+        if int(count[0]) != 0 or count[1] <= device_id:
+            raise BackendUnavailableError(f"{TRT_NEEDS} (no CUDA device {device_id} visible)")
+        self.manifest, self.device_id = manifest, device_id
+        from . import trt_keys  # written with the exporter: engine key of this GPU + TensorRT, and its check
+
+        self.trt_keys = trt_keys
+
+    def engine(self, graph: str) -> TrtEngine:
+        spec = self.manifest.graphs[graph]
+        plan = self.trt_keys.select_plan(spec.trt, device_id=self.device_id, graph=graph)  # clear error on mismatch
+        return TrtEngine(spec, plan, self.trt, self.cudart, self.device_id)
+
+    def describe(self) -> str:
+        return f"tensorrt {self.trt.__version__}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# PyTorch reference
+
+
+class TorchEngine(Engine):
+    def __init__(self, spec: GraphSpec, module, torch, description: str):
+        super().__init__(spec, description)
+        self.module, self.torch = module, torch
+
+    def _run(self, feeds):
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        outs = out if isinstance(out, tuple | list) else (out,)
+        return {t.name: o.float().numpy().astype(t.dtype, copy=False) for t, o in zip(self.spec.outputs, outs)}
+
+
+class TorchBackend:
+    """Reference backend: the PyTorch modules rebuilt from the manifest's ``sources`` checkpoints."""
+
+    name = "torch"
+
+    def __init__(self, manifest: Manifest, *, threads: int | None = None, **_ignored):
+        try:
+            import torch
+
+            from . import torch_reference
+        except ImportError as e:
+            raise BackendUnavailableError(f"the torch backend needs the train extra "
+                                          f"(pip install 'dalle2-rt[train]'): {e}") from None
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.torch, self.manifest, self._ref = torch, manifest, torch_reference
+        self._lock = threading.Lock()
+        self._sources: dict[str, object] = {}  # source name -> loaded checkpoint (CLIP is shared by 2 graphs)
+
+    def engine(self, graph: str) -> TorchEngine:
+        spec = self.manifest.graphs[graph]
+        source = self._ref.source_name(graph, spec.raw, self.manifest.sources)
+        with self._lock:
+            if source not in self._sources:
+                folder = self._ref.resolve_source(self.manifest, source)
+                expected = self.manifest.sources[source].get("sha256")
+                weights = folder / "model.safetensors"
+                if expected and sha256_file(weights) != expected:
+                    raise EngineFolderError(f"{weights}: sha256 does not match the manifest's sources.{source}")
+                self._sources[source] = self._ref.load_source(folder)
+        module = self._ref.graph_module(graph, self._sources[source])
+        return TorchEngine(spec, module, self.torch, f"torch {self.torch.__version__} {source}")
+
+    def describe(self) -> str:
+        return f"torch {self.torch.__version__} (reference)"
+
+
+def open_backend(name: str, manifest: Manifest, **options):
+    """The backend called ``name`` (one of ``BACKENDS``) over ``manifest``."""
+    classes = {"onnxruntime": OnnxRuntimeBackend, "tensorrt": TensorRTBackend, "torch": TorchBackend}
+    if name not in classes:
+        raise InputError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return classes[name](manifest, **options)
