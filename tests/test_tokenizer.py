@@ -182,7 +182,7 @@ def test_manifest_entry_and_file(exported):
 
 def test_load_refuses_mismatched_folder(exported, tmp_path):
     folder, entry = exported
-    for key, value in [("format", "hf-tokenizers"), ("preprocess", ["lower"]), ("truncation", "random")]:
+    for key, value in [("format", "hf-tokenizers"), ("preprocess", ["lower", "stem"]), ("truncation", "random")]:
         with pytest.raises(ValueError, match=key):
             Tokenizer.load(folder, {**entry, key: value})
     data = (folder / entry["file"]).read_bytes()

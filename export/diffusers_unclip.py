@@ -1,0 +1,389 @@
+"""diffusers ``UnCLIPPipeline`` folder (karlo) -> engine folder: ``python -m export.all --from-diffusers PATH``.
+
+Reads a folder written by ``UnCLIPPipeline.save_pretrained`` (or a karlo-v1-alpha snapshot), component by
+component, from disk only (``HF_HUB_OFFLINE``, ``local_files_only``): text_encoder + tokenizer, prior,
+text_proj + decoder, super_res_first, super_res_last and the three UnCLIPSchedulers. Writes one ONNX graph
+per network through the generic exporter (``onnx_export.py``: trace, ONNX Runtime check at several batch
+sizes, optimised copy), the tokenizer as ``clip-bpe/1`` (``hf_clip_tokenizer.py``) and a manifest whose
+stage entries describe everything this family does differently from ours; the runtime reads those keys
+and never the model's name. The keys are listed in ARCHITECTURE.md, "Schema additions for imported
+families"; the wrappers that give the networks our graph I/O are in ``diffusers_wrappers.py``.
+
+What UnCLIPPipeline (diffusers 0.42) does, and where it goes:
+  tokens, attention mask         tokenizer file + ``text_encoder.text_mask: "tokens"``
+  uncond = text encoder on ""    ``uncond_text: "empty_prompt"`` (prior, decoder)
+  prior (x0, clip ±r, CFG on x0) ``parameterization: "x0"``, ``clip_x0``, inputs text_embed/text_mask
+  latents·clip_std + clip_mean   ``prior.embed_norm: {"kind": "mean_std", ...}`` (no L2 normalisation)
+  text_proj + learned CFG embed  folded into the decoder graph (``image_keep`` = 0 picks the learned one)
+  learned-range variance         ``decoder.variance: "learned_range"`` (guidance on eps, v from the cond half)
+  fixed_small_log variance       ``variance: "small"``
+  UnCLIPScheduler timesteps      ``schedule.spacing: "linspace"``, ᾱ recorded as the scheduler's float32
+  bicubic-antialias upscale      folded into the SR graphs; ``noise_aug_t: null`` (no augmentation)
+  super_res_first / _last        ``sr[0].graph`` / ``sr[0].last_step_graph``
+  (x·0.5 + 0.5).clamp(0, 1)      ``output.pixel_range: [-1, 1]``
+Known limit: ``onnx_export.export_onnx`` writes weights inline, and protobuf caps a file at 2 GB; karlo's
+prior and decoder are larger in fp32, so the full-size export needs external-data support there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dalle2_rt.runtime.schedules import respace
+
+from . import manifest as mf
+from .all import ExportResult, _fsync_tree, _mkdir, _recover_stale, _swap_into_place
+from .diffusers_wrappers import SR_RESIZE, DecoderGraph, PriorGraph, SuperResGraph, TextEncoderGraph
+from .hf_clip_tokenizer import write_tokenizer
+from .onnx_export import EXPORTER, export_onnx, optimize_for_ort, validate
+from .sources import SourceError, sha256_file
+from .specs import BATCH, BatchProfile, GraphSpec, TensorSpec
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / diffusers read it: never download
+
+KIND = "diffusers-unclip"
+EXPORT_REVISION = 1  # bump when this module changes what it writes
+COMPONENTS = ("text_encoder", "tokenizer", "prior", "text_proj", "decoder", "super_res_first", "super_res_last",
+              "prior_scheduler", "decoder_scheduler", "super_res_scheduler")
+# UnCLIPPipeline.__call__ defaults (diffusers 0.42); DDPM is what UnCLIPScheduler.step is.
+DEFAULTS = {
+    "prior": {"sampler": "ddpm", "steps": 25, "guidance": 4.0, "candidates": 1},
+    "decoder": {"sampler": "ddpm", "steps": 25, "guidance": 8.0},
+    "sr": {"sampler": "ddpm", "steps": 7},
+}
+CANDIDATES_MAX = 2  # the prior graph's batch range allows this many candidates per guided image
+VALIDATION_BATCHES = (1, 3)  # plus the profile max, as export.all
+PREDICTION = {"epsilon": "eps", "sample": "x0"}  # UnCLIPScheduler prediction_type -> our parameterization
+VARIANCE = {"fixed_small_log": "small", "learned_range": "learned_range"}
+
+
+def _text_proj_class():
+    try:
+        from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    except ImportError:  # diffusers before the unclip pipelines moved to deprecated/
+        from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
+    return UnCLIPTextProjModel
+
+
+def _loaders() -> dict[str, Callable[[Path], object]]:
+    from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    def model(cls):
+        return lambda p: cls.from_pretrained(p, local_files_only=True).float().eval().requires_grad_(False)
+
+    def scheduler(p: Path):
+        cfg = json.loads((p / "scheduler_config.json").read_text(encoding="utf-8"))
+        if cfg.get("_class_name") != "UnCLIPScheduler":
+            raise SourceError(f"{p}: scheduler {cfg.get('_class_name')!r}; this converter reads UnCLIPScheduler")
+        return UnCLIPScheduler.from_config(cfg)
+
+    return {
+        "text_encoder": model(CLIPTextModelWithProjection),
+        "tokenizer": lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True),
+        "prior": model(PriorTransformer), "text_proj": model(_text_proj_class()),
+        "decoder": model(UNet2DConditionModel),
+        "super_res_first": model(UNet2DModel), "super_res_last": model(UNet2DModel),
+        "prior_scheduler": scheduler, "decoder_scheduler": scheduler, "super_res_scheduler": scheduler,
+    }
+
+
+@dataclass(frozen=True)
+class Component:
+    """One sub-folder of the pipeline: what the manifest's ``sources`` records (duck-types ``sources.Source``)."""
+
+    stage: str
+    kind: str
+    folder: Path
+    meta: dict
+    sha256: str  # over every file of the sub-folder: {relative path: sha256}
+    meta_sha256: str  # of its config file
+
+
+class Pipeline:
+    """The folder's components, loaded on first use (karlo's networks are GBs: each graph loads only its own)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser()
+        index = self.folder / "model_index.json"
+        if not index.is_file():
+            raise SourceError(f"{self.folder}: no model_index.json; not a diffusers pipeline folder")
+        self.index = json.loads(index.read_text(encoding="utf-8"))
+        if self.index.get("_class_name") != "UnCLIPPipeline":
+            raise SourceError(f"{index}: pipeline {self.index.get('_class_name')!r}; --from-diffusers reads an "
+                              "UnCLIPPipeline (text-to-image unCLIP, e.g. karlo-v1-alpha)")
+        missing = [c for c in COMPONENTS if not (self.folder / c).is_dir()]
+        if missing:
+            raise SourceError(f"{self.folder}: missing component folders {missing}")
+        self._loaders = _loaders()
+        self._cache: dict[str, object] = {}
+        self.components = [self._component(c) for c in COMPONENTS]
+        self.configs = {c.stage: c.meta for c in self.components}
+
+    def _component(self, name: str) -> Component:
+        sub = self.folder / name
+        files = {p.relative_to(sub).as_posix(): sha256_file(p) for p in sorted(sub.rglob("*")) if p.is_file()}
+        config_name = next((f for f in ("config.json", "scheduler_config.json", "tokenizer_config.json")
+                            if f in files), None)
+        meta = json.loads((sub / config_name).read_text(encoding="utf-8")) if config_name else {}
+        kind = ":".join(self.index.get(name, ["", ""])) or name
+        return Component(name, kind, sub, meta, mf.digest(files), files.get(config_name, ""))
+
+    def get(self, name: str, *, keep: bool = True):
+        if name in self._cache:
+            return self._cache[name]
+        obj = self._loaders[name](self.folder / name)
+        if keep:
+            self._cache[name] = obj
+        return obj
+
+    def all(self) -> list[Component]:  # what manifest.build_manifest reads of a Sources
+        return list(self.components)
+
+
+# --------------------------------------------------------------------------------------------------------
+# graph specs
+
+
+def _dims(pipe: Pipeline) -> dict:
+    """The sizes the graphs are exported at, checked for agreement between components."""
+    te, prior, dec = pipe.configs["text_encoder"], pipe.configs["prior"], pipe.configs["decoder"]
+    sr_first, sr_last = pipe.configs["super_res_first"], pipe.configs["super_res_last"]
+    proj = pipe.configs["text_proj"]
+    tok = pipe.get("tokenizer")
+    d = {
+        "embed_dim": int(te["projection_dim"]), "text_width": int(te["hidden_size"]),
+        "context_length": int(tok.model_max_length), "vocab_size": int(te["vocab_size"]),
+        "channels": int(dec["in_channels"]), "decoder_size": int(dec["sample_size"]),
+        "decoder_out": int(dec["out_channels"]), "sr_size": int(sr_first["sample_size"]),
+    }
+    problems = []
+    checks = [
+        ("prior.embedding_dim", prior["embedding_dim"], d["embed_dim"]),
+        ("prior.num_embeddings", prior["num_embeddings"], d["context_length"]),
+        ("text_proj.clip_embeddings_dim", proj["clip_embeddings_dim"], d["embed_dim"]),
+        ("text_encoder.hidden_size (prior and text_proj project it as an embedding)", d["text_width"], d["embed_dim"]),
+        ("super_res_first.in_channels", sr_first["in_channels"], 2 * d["channels"]),
+        ("super_res_first.out_channels", sr_first["out_channels"], d["channels"]),
+    ]
+    for key in ("in_channels", "out_channels", "sample_size"):
+        checks.append((f"super_res_last.{key}", sr_last[key], sr_first[key]))
+    for what, got, want in checks:
+        if int(got) != int(want):
+            problems.append(f"{what} = {got}, expected {want}")
+    if d["context_length"] > int(te["max_position_embeddings"]):
+        problems.append(f"tokenizer model_max_length {d['context_length']} > text_encoder max_position_embeddings")
+    if problems:
+        raise SourceError(f"{pipe.folder}: components do not fit together: " + "; ".join(problems))
+    return d
+
+
+def graph_specs(pipe: Pipeline, *, max_batch: int) -> list[GraphSpec]:
+    d = _dims(pipe)
+    D, L, W, C = d["embed_dim"], d["context_length"], d["text_width"], d["channels"]
+    s, S = d["decoder_size"], d["sr_size"]
+    T = {k: int(pipe.get(f"{k}_scheduler").config.num_train_timesteps) for k in ("prior", "decoder", "super_res")}
+    tokens = TensorSpec("tokens", (BATCH, L), "int64", "tokens", d["vocab_size"])
+    mask = TensorSpec("text_mask", (BATCH, L), fill="keep")  # 1/0 per position; "keep" draws both
+
+    def t(kind):
+        return TensorSpec("t", (BATCH,), fill="timestep", high=T[kind])
+
+    def sr(name):
+        return GraphSpec(
+            name, name,
+            inputs=(TensorSpec("x_t", (BATCH, C, S, S)), t("super_res"),
+                    TensorSpec("low_res", (BATCH, C, s, s), fill="signed")),
+            outputs=(TensorSpec("pred", (BATCH, C, S, S)),),
+            batch=BatchProfile(1, 1, max_batch),
+            factory=lambda: SuperResGraph(pipe.get(name, keep=False), s).eval())
+
+    return [
+        GraphSpec("text_encoder", "text_encoder", inputs=(tokens,),
+                  outputs=(TensorSpec("text_embed", (BATCH, D)), TensorSpec("text_encodings", (BATCH, L, W))),
+                  batch=BatchProfile(1, 1, max_batch),
+                  factory=lambda: TextEncoderGraph(pipe.get("text_encoder", keep=False)).eval()),
+        GraphSpec("prior", "prior",
+                  inputs=(TensorSpec("x_t", (BATCH, D)), t("prior"), TensorSpec("text_embed", (BATCH, D)),
+                          TensorSpec("text_encodings", (BATCH, L, W)), mask),
+                  outputs=(TensorSpec("pred", (BATCH, D)),),
+                  batch=BatchProfile(1, 2, 2 * max_batch * CANDIDATES_MAX),
+                  factory=lambda: PriorGraph(pipe.get("prior", keep=False)).eval()),
+        GraphSpec("decoder", "decoder",
+                  inputs=(TensorSpec("x_t", (BATCH, C, s, s)), t("decoder"), TensorSpec("image_embed", (BATCH, D)),
+                          TensorSpec("text_embed", (BATCH, D)), TensorSpec("text_encodings", (BATCH, L, W)), mask,
+                          TensorSpec("image_keep", (BATCH,), fill="keep")),
+                  outputs=(TensorSpec("pred", (BATCH, d["decoder_out"], s, s)),),
+                  batch=BatchProfile(1, 2, 2 * max_batch),
+                  factory=lambda: DecoderGraph(pipe.get("text_proj", keep=False),
+                                               pipe.get("decoder", keep=False)).eval()),
+        sr("super_res_first"),
+        sr("super_res_last"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# stage entries
+
+
+def scheduler_stage(scheduler, *, steps: int) -> dict:
+    """parameterization, schedule, clip_x0 and variance of one UnCLIPScheduler, checked against our respace."""
+    cfg = scheduler.config
+    if cfg.prediction_type not in PREDICTION or cfg.variance_type not in VARIANCE:
+        raise SourceError(f"UnCLIPScheduler prediction_type {cfg.prediction_type!r} / variance_type "
+                          f"{cfg.variance_type!r}: not supported")
+    abar = scheduler.alphas_cumprod.double().numpy()  # the scheduler's own float32 cumprod
+    # Its set_timesteps is round(arange(S)·(T−1)/(S−1)) reversed: our "linspace" spacing. Checked, not assumed.
+    for n in sorted({2, 3, steps, 7, 25, 50}):
+        if n > len(abar):
+            continue
+        scheduler.set_timesteps(n)
+        ours = respace(abar, n, "linspace").timesteps
+        if not np.array_equal(scheduler.timesteps.numpy(), ours):
+            raise SourceError(f"UnCLIPScheduler timesteps for {n} steps differ from linspace spacing")
+    r = float(cfg.clip_sample_range)
+    return {
+        "parameterization": PREDICTION[cfg.prediction_type],
+        "schedule": {"name": cfg.beta_schedule, "num_timesteps": int(cfg.num_train_timesteps),
+                     "alphas_cumprod": [float(a) for a in abar], "spacing": "linspace"},
+        "clip_x0": [-r, r] if cfg.clip_sample else None,
+        "variance": VARIANCE[cfg.variance_type],
+    }
+
+
+def stage_entries(pipe: Pipeline) -> dict:
+    d = _dims(pipe)
+    prior = pipe.get("prior", keep=False)
+    mean = prior.clip_mean.detach().double().reshape(-1).tolist()
+    std = prior.clip_std.detach().double().reshape(-1).tolist()
+    del prior
+    prior_sched = scheduler_stage(pipe.get("prior_scheduler"), steps=DEFAULTS["prior"]["steps"])
+    decoder_sched = scheduler_stage(pipe.get("decoder_scheduler"), steps=DEFAULTS["decoder"]["steps"])
+    sr_sched = scheduler_stage(pipe.get("super_res_scheduler"), steps=DEFAULTS["sr"]["steps"])
+    learned = d["decoder_out"] == 2 * d["channels"]
+    if learned != (decoder_sched["variance"] == "learned_range"):
+        raise SourceError(f"decoder has {d['decoder_out']} output channels for {d['channels']} input channels but "
+                          f"its scheduler's variance is {decoder_sched['variance']!r}")
+    if prior_sched["variance"] == "learned_range" or sr_sched["variance"] == "learned_range":
+        raise SourceError("learned_range variance is only supported on the decoder")
+    return {
+        "text_encoder": {"graph": "text_encoder", "embed_dim": d["embed_dim"], "text_width": d["text_width"],
+                         "context_length": d["context_length"], "text_embed_normalized": False,
+                         "text_mask": "tokens"},
+        "prior": {"graph": "prior", **prior_sched, "embed_dim": d["embed_dim"],
+                  "embed_norm": {"kind": "mean_std", "mean": mean, "std": std},
+                  "guidance_on": prior_sched["parameterization"], "uncond_text": "empty_prompt", "cond_inputs": [],
+                  "defaults": dict(DEFAULTS["prior"])},
+        "decoder": {"graph": "decoder", **decoder_sched, "image_size": d["decoder_size"], "channels": d["channels"],
+                    "guidance_on": decoder_sched["parameterization"], "uncond_text": "empty_prompt",
+                    "cond_inputs": ["image_keep"], "defaults": dict(DEFAULTS["decoder"])},
+        "sr": [{"graph": "super_res_first", "last_step_graph": "super_res_last", **sr_sched,
+                "image_size": d["sr_size"], "low_res_size": d["decoder_size"], "channels": d["channels"],
+                "noise_aug_t": None, "low_res_resize": {**SR_RESIZE, "in_graph": True},
+                "defaults": dict(DEFAULTS["sr"])}],
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# the folder
+
+
+def export_diffusers(folder: str | Path, out: str | Path | None = None, *, name: str | None = None,
+                     opset: int = 18, max_batch: int = 8, force: bool = False, quiet: bool = False,
+                     log: Callable[[str], None] | None = None) -> ExportResult:
+    """Convert the UnCLIPPipeline ``folder`` into the engine folder ``out`` (default ``engines/<folder name>``).
+
+    Atomic and idempotent like ``export.all.export_folder``: built as a hidden sibling and renamed into
+    place; a folder whose fingerprint (component digests, options, tool versions) matches is left alone.
+    """
+    pipe = Pipeline(folder)
+    out = Path(out) if out is not None else Path("engines") / pipe.folder.name
+    name = name or out.name
+    say = (lambda _msg: None) if quiet else (log or print)
+    tools = {**mf.tool_versions(opset, EXPORTER), "converter": f"{KIND}/{EXPORT_REVISION}",
+             **_versions("diffusers", "transformers", "tokenizers")}
+    options = {"opset": opset, "max_batch": max_batch}
+    fingerprint = mf.digest({"name": name, "tools": tools, "options": options, "defaults": DEFAULTS,
+                             "sources": {c.stage: [c.sha256, c.meta_sha256] for c in pipe.all()}})
+    _recover_stale(out)
+    old = mf.read_manifest(out) if out.is_dir() else None
+    if not force and old and old.get("fingerprint") == fingerprint:
+        say(f"{out}: up to date")
+        return ExportResult(out, "up to date", old)
+
+    specs = graph_specs(pipe, max_batch=max_batch)
+    result = ExportResult(out, "built", {})
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-{os.getpid()}-",
+                                dir=out.parent if out.parent.exists() else _mkdir(out.parent)))
+    try:
+        started = time.perf_counter()
+        graphs = {}
+        for spec in specs:
+            graphs[spec.name] = _export_graph(spec, tmp, opset, say)
+            result.exported.append(spec.name)
+        tokenizer = write_tokenizer(tmp, pipe.get("tokenizer"))
+        stages = stage_entries(pipe)
+        output = {"image_size": stages["sr"][-1]["image_size"], "pixel_range": [-1, 1]}
+        manifest = mf.build_manifest(name=name, tools=tools, options=options, fingerprint=fingerprint,
+                                     sources=pipe, tokenizer=tokenizer, graphs=graphs, stages=stages,
+                                     output=output, trt={}, files=mf.file_table(tmp))
+        mf.write_manifest(tmp, manifest)
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, out)
+        result.manifest = manifest
+        say(f"{out}: built in {time.perf_counter() - started:.1f} s from {pipe.folder}")
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _versions(*names: str) -> dict:
+    from importlib.metadata import version
+    return {n: version(n) for n in names}
+
+
+def _export_graph(spec: GraphSpec, tmp: Path, opset: int, say) -> dict:
+    """Trace, optimise and validate one graph (the generic exporter); its manifest entry."""
+    started = time.perf_counter()
+    module = spec.factory()
+    file, opt_file = f"{spec.name}.onnx", f"{spec.name}.opt.onnx"
+    with torch.no_grad():
+        export_onnx(spec, module, tmp / file, opset=opset)
+        optimized_for = optimize_for_ort(tmp / file, tmp / opt_file)
+        batches = sorted({*VALIDATION_BATCHES, spec.batch.max})
+        check = validate(spec, module, {"plain": tmp / file, "optimized": tmp / opt_file}, batches)
+    say(f"  {spec.name}: max abs err {check['max_abs_err']:.2e} = {check['rel_err']:.2e} of output scale "
+        f"{check['output_scale']:.3g} at batch {batches}, {time.perf_counter() - started:.1f} s")
+    return {"file": file, "optimized_file": opt_file, "optimized_for": optimized_for, "source": spec.source,
+            **spec.io_entry(), "timestep_inputs": spec.timestep_inputs, "validation": check, "trt": {}}
+
+
+def run_cli(args) -> int:
+    """``python -m export.all --from-diffusers PATH`` (args parsed by export.all: out, name, opset, max_batch,
+    force, quiet, trt)."""
+    from .onnx_export import ValidationError
+
+    if getattr(args, "trt", False):
+        print("export: error: --trt is not supported with --from-diffusers yet; build plans from the ONNX "
+              "folder later", file=sys.stderr)
+        return 2
+    try:
+        with torch.no_grad():
+            result = export_diffusers(args.from_diffusers, args.out, name=args.name, opset=args.opset,
+                                      max_batch=args.max_batch, force=args.force, quiet=args.quiet)
+    except (SourceError, ValidationError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 1
+    if args.quiet:
+        print(f"{result.folder}: {result.status}")
+    return 0

@@ -1,0 +1,127 @@
+"""The checkpoints an export reads: one stage folder per network, found, hashed and rebuilt from its config.
+
+A checkpoint directory holds ``<stage>/model/`` folders written by ``dalle2_rt.training.checkpoint``
+(``model.safetensors`` + ``model.json`` = {"kind", "config", "step", ...}). Stages: ``clip``, ``prior``,
+``decoder`` (all required) and any number of super-resolution stages ``sr``, ``sr1``, ``sr2`` … (ordered by
+their number, ``sr`` being 0), which form a chain: each SR stage's ``low_res_size`` is the previous stage's
+``image_size``. A stage's ``model.json`` may carry a ``defaults`` object (sampler, steps, guidance, …)
+that overrides the exporter's built-in sampling defaults for that stage in the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dalle2_rt.models.clip import ClipConfig, build_clip
+from dalle2_rt.models.decoder import Decoder, DecoderConfig
+from dalle2_rt.models.prior import DiffusionPrior, PriorConfig
+from dalle2_rt.models.sr import SRConfig, SuperRes
+from dalle2_rt.training import checkpoint
+
+# kind (model.json "kind") -> (config dataclass, network class); CLIP is built by open_clip.
+KINDS = {"clip": (ClipConfig, build_clip), "prior": (PriorConfig, DiffusionPrior),
+         "decoder": (DecoderConfig, Decoder), "sr": (SRConfig, SuperRes)}
+REQUIRED = ("clip", "prior", "decoder")
+_SR_STAGE = re.compile(r"^sr(\d*)$")
+
+
+class SourceError(ValueError):
+    """The checkpoint directory is missing a stage, or its stages do not fit together."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Source:
+    """One stage checkpoint: where it is, what it is, and the digests that identify it."""
+
+    stage: str  # folder name: clip, prior, decoder, sr, sr1, …
+    kind: str  # clip | prior | decoder | sr
+    folder: Path  # the model folder holding model.safetensors + model.json
+    meta: dict  # model.json
+    config: object  # the rebuilt config dataclass
+    sha256: str  # of model.safetensors
+    meta_sha256: str  # of model.json (config, defaults): changes the graph as much as the weights do
+
+    @property
+    def defaults(self) -> dict:
+        return dict(self.meta.get("defaults") or {})
+
+    def build(self) -> torch.nn.Module:
+        """The network with its weights, in eval mode, gradients off (CLIP: the open_clip model)."""
+        model = KINDS[self.kind][1](self.config)
+        model.load_state_dict(checkpoint.load_weights(self.folder), strict=True)
+        return model.eval().requires_grad_(False)
+
+
+def _load(ckpt_dir: Path, stage: str, kind: str) -> Source:
+    folder = checkpoint.resolve(ckpt_dir / stage / "model")
+    weights, meta_file = folder / "model.safetensors", folder / "model.json"
+    if not weights.exists() or not meta_file.exists():
+        raise SourceError(f"{ckpt_dir / stage / 'model'}: no model.safetensors + model.json "
+                          f"(train the {stage!r} stage, or point --checkpoints at a checkpoint directory)")
+    meta = checkpoint.read_model_meta(folder)
+    if meta.get("kind") != kind:
+        raise SourceError(f"{meta_file}: kind {meta.get('kind')!r}, expected {kind!r} for stage {stage!r}")
+    config = checkpoint.config_from_dict(KINDS[kind][0], meta["config"])
+    return Source(stage, kind, folder, meta, config, sha256_file(weights), sha256_file(meta_file))
+
+
+@dataclass(frozen=True)
+class Sources:
+    clip: Source
+    prior: Source
+    decoder: Source
+    sr: tuple[Source, ...]  # the upsampler chain, lowest resolution first
+
+    def all(self) -> list[Source]:
+        return [self.clip, self.prior, self.decoder, *self.sr]
+
+
+def _sr_index(name: str) -> int:
+    digits = _SR_STAGE.match(name).group(1)
+    return int(digits) if digits else 0
+
+
+def find_sources(ckpt_dir: str | Path) -> Sources:
+    """The stages of ``ckpt_dir``; raises SourceError when one is missing or the dimensions disagree."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise SourceError(f"checkpoint directory {ckpt_dir} does not exist")
+    clip, prior, decoder = (_load(ckpt_dir, s, s) for s in REQUIRED)
+    sr_names = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _SR_STAGE.match(p.name)), key=_sr_index)
+    indices = [_sr_index(n) for n in sr_names]
+    if len(set(indices)) != len(indices):
+        raise SourceError(f"{ckpt_dir}: SR stages {sr_names} give one position twice (sr and sr0 are both 0)")
+    sources = Sources(clip, prior, decoder, tuple(_load(ckpt_dir, n, "sr") for n in sr_names))
+    check_links(sources)
+    return sources
+
+
+def check_links(s: Sources) -> None:
+    """The dimensions each stage takes from the one before it must agree."""
+    c = s.clip.config
+    problems = []
+    for src in (s.prior, s.decoder):
+        for field in ("embed_dim", "text_width", "context_length"):
+            if getattr(src.config, field) != getattr(c, field):
+                problems.append(f"{src.stage}.{field} = {getattr(src.config, field)} but clip.{field} = "
+                                f"{getattr(c, field)}")
+    size = s.decoder.config.image_size
+    for src in s.sr:
+        if src.config.low_res_size != size:
+            problems.append(f"{src.stage}.low_res_size = {src.config.low_res_size} but the stage before it "
+                            f"outputs {size}×{size}")
+        size = src.config.image_size
+    if problems:
+        raise SourceError("checkpoints do not fit together: " + "; ".join(problems))

@@ -1,0 +1,330 @@
+"""diffusers UnCLIPPipeline (karlo) -> engine folder: tokenizer, per-graph and sampler conformance.
+
+A tiny random-weight UnCLIPPipeline is built here from configs (nothing downloaded: the tokenizer's
+vocab.json / merges.txt are written from open_clip's bundled BPE file), saved with ``save_pretrained``
+and converted by ``export/diffusers_unclip.py``. Checks: the runtime tokenizer against transformers'
+CLIPTokenizer; each ONNX graph against the diffusers modules called the way ``UnCLIPPipeline.__call__``
+calls them; our DDPM sampler against ``UnCLIPScheduler`` on the same noise.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import onnxruntime as ort  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+
+from dalle2_rt.runtime.manifest import load_manifest, verify_files  # noqa: E402
+from dalle2_rt.runtime.parameterization import make_denoiser  # noqa: E402
+from dalle2_rt.runtime.samplers import sample_ddpm  # noqa: E402
+from dalle2_rt.runtime.schedules import respace  # noqa: E402
+from dalle2_rt.runtime.tokenizer import Tokenizer  # noqa: E402
+from export.diffusers_unclip import _text_proj_class, export_diffusers  # noqa: E402
+from export.hf_clip_tokenizer import bytes_to_unicode, check_parity, reference_tokens  # noqa: E402
+
+D = 32  # CLIP embedding = text width (the prior and text_proj project the token encodings as embeddings)
+L = 77
+DECODER_SIZE, SR_SIZE = 16, 32
+GRAPH_TOL = 1e-4
+
+PROMPTS = ["a horse", "A photo of an astronaut riding a HORSE on the moon, “trending”", ""]
+
+
+def write_clip_vocab(folder: Path) -> Path:
+    """vocab.json + merges.txt of the standard CLIP BPE, built from open_clip's bundled merges file."""
+    import open_clip
+
+    raw = gzip.open(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz").read().decode("utf-8")
+    merges = raw.split("\n")[1:49152 - 256 - 2 + 1]  # CLIP's 48,894 merges after the version line
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet = bytes_to_unicode()
+    # CLIP's id order: the printable bytes first, then the others (the order bytes_to_unicode builds them in).
+    symbols = [alphabet[b] for b in printable] + [alphabet[b] for b in range(256) if b not in printable]
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+def _jitter_(module, gen, scale=0.05):
+    """Zero-initialised parameters (prd embedding, positions, CFG embedding, clip_mean) would hide bugs."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def build_tiny_pipeline(vocab_dir: Path) -> UnCLIPPipeline:
+    tokenizer = CLIPTokenizer(vocab=str(vocab_dir / "vocab.json"), merges=str(vocab_dir / "merges.txt"),
+                              model_max_length=L)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=D, projection_dim=D, intermediate_size=37, num_attention_heads=2,
+        num_hidden_layers=2, max_position_embeddings=L, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407))
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=D,
+                             num_embeddings=L, additional_embeddings=4)
+    text_proj = _text_proj_class()(clip_extra_context_tokens=4, clip_embeddings_dim=D, time_embed_dim=128,
+                                   cross_attention_dim=40)
+    for m in (prior, text_proj):
+        _jitter_(m, gen)
+    with torch.no_grad():
+        prior.clip_std.copy_(torch.rand(prior.clip_std.shape, generator=gen) + 0.5)
+    decoder = UNet2DConditionModel(
+        sample_size=DECODER_SIZE, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=40, attention_head_dim=8,
+        resnet_time_scale_shift="scale_shift", class_embed_type="identity")
+    sr = {"sample_size": SR_SIZE, "in_channels": 6, "out_channels": 3, "layers_per_block": 1,
+          "block_out_channels": (32, 64), "down_block_types": ("ResnetDownsampleBlock2D",) * 2,
+          "up_block_types": ("ResnetUpsampleBlock2D",) * 2}
+    sr_first, sr_last = UNet2DModel(**sr), UNet2DModel(**sr)
+    return UnCLIPPipeline(
+        prior=prior, decoder=decoder, text_encoder=text_encoder, tokenizer=tokenizer, text_proj=text_proj,
+        super_res_first=sr_first, super_res_last=sr_last,
+        prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
+                                        clip_sample_range=5.0),
+        decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
+        super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"),
+    ).to(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(pipeline, its save_pretrained folder, the exported engine folder)."""
+    root = tmp_path_factory.mktemp("karlo_tiny")
+    pipe = build_tiny_pipeline(write_clip_vocab(root / "vocab"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(root / "pipe")
+    result = export_diffusers(root / "pipe", root / "engines", max_batch=2, quiet=True)
+    return pipe, root / "pipe", result.folder
+
+
+def _sessions(folder: Path) -> dict:
+    m = load_manifest(folder)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return {name: ort.InferenceSession(str(g.optimized_file or g.file), opts, providers=["CPUExecutionProvider"])
+            for name, g in m.graphs.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the folder and its manifest
+
+
+def test_folder_and_manifest(tiny):
+    pipe, _, folder = tiny
+    m = load_manifest(folder)
+    verify_files(m, use_cache=False)
+    assert set(m.graphs) == {"text_encoder", "prior", "decoder", "super_res_first", "super_res_last"}
+    for name, g in m.graphs.items():
+        assert g.raw["validation"]["rel_err"] <= GRAPH_TOL, name
+    st = m.stages
+    assert st["text_encoder"]["text_mask"] == "tokens" and st["text_encoder"]["text_embed_normalized"] is False
+    prior = st["prior"]
+    assert prior["parameterization"] == "x0" and prior["clip_x0"] == [-5.0, 5.0] and prior["variance"] == "small"
+    assert prior["uncond_text"] == "empty_prompt" and prior["schedule"]["spacing"] == "linspace"
+    np.testing.assert_array_equal(prior["embed_norm"]["mean"], pipe.prior.clip_mean.detach().double().reshape(-1))
+    np.testing.assert_array_equal(prior["embed_norm"]["std"], pipe.prior.clip_std.detach().double().reshape(-1))
+    np.testing.assert_array_equal(prior["schedule"]["alphas_cumprod"], pipe.prior_scheduler.alphas_cumprod.double())
+    dec = st["decoder"]
+    assert (dec["parameterization"], dec["variance"], dec["clip_x0"]) == ("eps", "learned_range", [-1.0, 1.0])
+    assert dec["uncond_text"] == "empty_prompt" and dec["cond_inputs"] == ["image_keep"]
+    assert dec["defaults"] == {"sampler": "ddpm", "steps": 25, "guidance": 8.0}
+    [sr] = st["sr"]
+    assert (sr["graph"], sr["last_step_graph"], sr["noise_aug_t"]) == ("super_res_first", "super_res_last", None)
+    assert (sr["low_res_size"], sr["image_size"], m.data["output"]["image_size"]) == (DECODER_SIZE, SR_SIZE, SR_SIZE)
+    assert sr["low_res_resize"] == {"mode": "bicubic", "align_corners": False, "antialias": True, "in_graph": True}
+    assert [t.name for t in m.graphs["decoder"].inputs] == [
+        "x_t", "t", "image_embed", "text_embed", "text_encodings", "text_mask", "image_keep"]
+    assert m.graphs["decoder"].outputs[0].shape[1] == 6  # eps and the variance interpolation
+
+
+def test_export_is_idempotent(tiny):
+    _, pipe_dir, folder = tiny
+    before = (folder / "manifest.json").read_bytes()
+    assert export_diffusers(pipe_dir, folder, max_batch=2, quiet=True).status == "up to date"
+    assert (folder / "manifest.json").read_bytes() == before
+
+
+def test_refuses_other_pipelines(tmp_path):
+    from export.sources import SourceError
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(SourceError, match="UnCLIPPipeline"):
+        export_diffusers(tmp_path, tmp_path / "out", quiet=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def _probe_texts() -> list[str]:
+    from tests.test_tokenizer import CORPUS
+
+    karlo = ["horse", "<|startoftext|>", "a<|endoftext|>b", "x <|ENDOFTEXT|> <<|endoftext|>>", "ΟΔΟΣ Σίσυφος",
+             "it’s “quoted” &amp; café", "word " * 100]
+    # CORPUS (1,100 texts: captions, ASCII noise, scripts, emoji, entities, whitespace kinds, truncation) minus
+    # the ones with lone surrogates, which transformers cannot encode at all.
+    return karlo + [t for t in CORPUS if t.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") == t]
+
+
+def test_tokenizer_matches_transformers(tiny):
+    pipe, _, folder = tiny
+    m = load_manifest(folder)
+    tok = Tokenizer.load(folder, m.tokenizer)
+    texts = _probe_texts()
+    assert len(texts) > 1000
+    assert check_parity(tok, pipe.tokenizer, texts) == []
+    # and the folder's entry: pad with <|endoftext|>, as the tokenizer config says
+    assert (m.tokenizer["sot_id"], m.tokenizer["eot_id"], m.tokenizer["pad_id"]) == (49406, 49407, 49407)
+    ids, mask = reference_tokens(pipe.tokenizer, ["a horse"])
+    assert ids[0, :4].tolist() == [49406, 320, 4558, 49407] and mask[0].sum() == 4
+
+
+# --------------------------------------------------------------------------------------------------------
+# graphs vs the diffusers modules, called as UnCLIPPipeline.__call__ calls them
+
+
+def _text(pipe, prompts):
+    ids, mask = reference_tokens(pipe.tokenizer, prompts)
+    with torch.no_grad():
+        out = pipe.text_encoder(torch.from_numpy(ids))
+    return ids, mask, out.text_embeds, out.last_hidden_state
+
+
+def _close(got, want, what):
+    want = want.detach().numpy() if hasattr(want, "detach") else want
+    err = float(np.abs(got.astype(np.float64) - want).max())
+    assert err <= GRAPH_TOL, f"{what}: max abs err {err:.3g}"
+    return err
+
+
+def test_graphs_match_diffusers_modules(tiny):
+    pipe, _, folder = tiny
+    sess = _sessions(folder)
+    gen = torch.Generator().manual_seed(3)
+    ids, mask, embeds, hidden = _text(pipe, PROMPTS)
+    te, tenc = sess["text_encoder"].run(None, {"tokens": ids})
+    _close(te, embeds, "text_encoder.text_embed")
+    _close(tenc, hidden, "text_encoder.text_encodings")
+
+    # prior: rows [uncond, cond] as the pipeline stacks them (the graph does not care about the order)
+    b = len(PROMPTS)
+    x = torch.randn(2 * b, D, generator=gen)
+    t = torch.tensor([999.0] * b + [437.0] * b)
+    cond = (torch.cat([embeds[-1:].expand(b, -1), embeds]), torch.cat([hidden[-1:].expand(b, -1, -1), hidden]),
+            torch.from_numpy(np.concatenate([np.repeat(mask[-1:], b, 0), mask])))
+    with torch.no_grad():
+        want = pipe.prior(x, timestep=t, proj_embedding=cond[0], encoder_hidden_states=cond[1],
+                          attention_mask=cond[2].bool()).predicted_image_embedding
+    [got] = sess["prior"].run(None, {"x_t": x.numpy(), "t": t.numpy(), "text_embed": cond[0].numpy(),
+                                     "text_encodings": cond[1].numpy(), "text_mask": cond[2].float().numpy()})
+    _close(got, want, "prior")
+
+    # decoder: text_proj with do_classifier_free_guidance stacks [learned null, image_embed] itself
+    image_embed = torch.randn(b, D, generator=gen) * 2
+    xd = torch.randn(b, 3, DECODER_SIZE, DECODER_SIZE, generator=gen)
+    with torch.no_grad():
+        context, added = pipe.text_proj(image_embeddings=image_embed, prompt_embeds=cond[0],
+                                        text_encoder_hidden_states=cond[1], do_classifier_free_guidance=True)
+        dmask = F.pad(cond[2].bool(), (pipe.text_proj.clip_extra_context_tokens, 0), value=True)
+        want = pipe.decoder(torch.cat([xd, xd]), torch.tensor(611), encoder_hidden_states=context,
+                            class_labels=added, attention_mask=dmask).sample
+    [got] = sess["decoder"].run(None, {
+        "x_t": torch.cat([xd, xd]).numpy(), "t": np.full(2 * b, 611, np.float32),
+        "image_embed": torch.cat([image_embed, image_embed]).numpy(), "text_embed": cond[0].numpy(),
+        "text_encodings": cond[1].numpy(), "text_mask": cond[2].float().numpy(),
+        "image_keep": np.repeat(np.float32([0, 1]), b)})
+    _close(got, want, "decoder")
+
+    # super-res: the pipeline upscales once with antialiased bicubic and concatenates per step
+    low = torch.rand(2, 3, DECODER_SIZE, DECODER_SIZE, generator=gen) * 2 - 1
+    xs = torch.randn(2, 3, SR_SIZE, SR_SIZE, generator=gen)
+    up = F.interpolate(low, size=[SR_SIZE, SR_SIZE], mode="bicubic", align_corners=False, antialias=True)
+    for name, unet in (("super_res_first", pipe.super_res_first), ("super_res_last", pipe.super_res_last)):
+        with torch.no_grad():
+            want = unet(torch.cat([xs, up], dim=1), torch.tensor(500)).sample
+        [got] = sess[name].run(None, {"x_t": xs.numpy(), "t": np.full(2, 500, np.float32), "low_res": low.numpy()})
+        _close(got, want, name)
+
+
+# --------------------------------------------------------------------------------------------------------
+# our DDPM sampler vs UnCLIPScheduler.step on the same noise (closed-form fake denoisers)
+
+
+class _ScriptedNoise:
+    """Stands in for np.random.Generator (the samplers only call standard_normal): returns the given draws."""
+
+    def __init__(self, draws):
+        self.draws = list(draws)
+
+    def standard_normal(self, shape, dtype=np.float32):
+        d = self.draws.pop(0)
+        assert d.shape == tuple(shape)
+        return d.astype(dtype)
+
+
+def _fake(x: np.ndarray, t: float, learned: bool) -> np.ndarray:
+    """A smooth, t-dependent 'network': (B, C, ...) -> (B, C or 2C, ...)."""
+    pred = 0.8 * np.tanh(x) + 1e-3 * t - 0.3
+    return np.concatenate([pred, np.tanh(0.5 * x + 0.2)], axis=1) if learned else pred
+
+
+@pytest.mark.parametrize("prediction,variance,clip,steps", [
+    ("sample", "fixed_small_log", 5.0, 25),  # karlo prior
+    ("epsilon", "learned_range", 1.0, 25),  # karlo decoder
+    ("epsilon", "fixed_small_log", 1.0, 7),  # karlo super-res
+    ("epsilon", "learned_range", 1.0, 1000),  # consecutive timesteps: the scheduler's precomputed betas
+])
+def test_ddpm_matches_unclip_scheduler(monkeypatch, prediction, variance, clip, steps):
+    import diffusers.schedulers.scheduling_unclip as su
+
+    sched = UnCLIPScheduler(variance_type=variance, prediction_type=prediction, clip_sample_range=clip)
+    learned = variance == "learned_range"
+    rng = np.random.default_rng(0)
+    shape = (2, 3, 4, 4)
+    x_init = rng.standard_normal(shape, dtype=np.float32)
+    noise = [rng.standard_normal(shape, dtype=np.float32) for _ in range(steps - 1)]
+
+    draws = iter(noise)
+    monkeypatch.setattr(su, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(draws)))
+    sched.set_timesteps(steps)
+    x = torch.from_numpy(x_init)
+    want = []
+    for i, t in enumerate(sched.timesteps):
+        out = torch.from_numpy(_fake(x.numpy(), float(t), learned))
+        prev = None if i + 1 == steps else sched.timesteps[i + 1]
+        x = sched.step(out, t, x, prev_timestep=prev).prev_sample
+        want.append(x.numpy())
+
+    schedule = respace(sched.alphas_cumprod.double().numpy(), steps, "linspace")
+    np.testing.assert_array_equal(schedule.timesteps, sched.timesteps.numpy())
+    kind = {"sample": "x0", "epsilon": "eps"}[prediction]
+    denoise = make_denoiser(lambda xb, tb: _fake(xb, float(tb[0]), learned), kind=kind, schedule=schedule,
+                            clip_x0=(-clip, clip), learned_variance=learned)
+    got = []
+    sample_ddpm(denoise, x_init.copy(), schedule, rng=_ScriptedNoise(noise), variance="small",
+                callback=lambda i, x, x0: got.append(x))
+    # Our coefficients are float64, the scheduler's float32 with two cancellations: α = 1 − (1 − ᾱ/ᾱ') (2.5 %
+    # off at t = 999, where ᾱ/ᾱ' ≈ 6e-7, in a coefficient of ~8e-4), and at the last step (t = 0 -> ᾱ = 1) x0
+    # scaled by β₀ / (1 − fl32(1 − β₀)), which is 1 in exact arithmetic (β₀ ≈ 4e-5) and ~1.001 in float32.
+    # Karlo's own (float64) sampler returns x0 there as we do. Those are all the differences:
+    for i in range(steps - 1):
+        np.testing.assert_allclose(got[i], want[i], atol=1e-4, rtol=0, err_msg=f"step {i}")
+    factor = float(sched.betas[0]) / float(1 - sched.alphas_cumprod[0])
+    assert 1e-4 < abs(factor - 1) < 3e-3
+    np.testing.assert_allclose(got[-1] * factor, want[-1], atol=1e-4, rtol=0)

@@ -1,0 +1,502 @@
+"""The torch-free runtime on the tiny exported engines: manifest, hashes, backends, the loop, determinism.
+
+Everything runs on the session's ``tiny_engines`` folder (random-weight tiny models exported by the real
+exporter), with ONNX Runtime on one thread and few sampling steps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalle2_rt.runtime import manifest as manifest_mod
+from dalle2_rt.runtime import pipeline as pipeline_mod
+from dalle2_rt.runtime.backends import OnnxRuntimeBackend, open_backend
+from dalle2_rt.runtime.errors import (
+    BackendUnavailableError,
+    EngineFolderError,
+    HashMismatchError,
+    InputError,
+    NonFiniteError,
+    PromptTruncatedWarning,
+)
+from dalle2_rt.runtime.manifest import load_manifest, verify_files
+from dalle2_rt.runtime.pipeline import NoiseStreams, Pipeline, select_candidates
+
+FAST = {"prior_steps": 3, "decoder_steps": 3, "sr_steps": 2}
+
+
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path, monkeypatch):
+    """Keep the verified-hash cache of these tests out of the user's ~/.cache."""
+    monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_engines) -> Path:
+    return Path(tiny_engines)
+
+
+@pytest.fixture(scope="module")
+def pipe(engines) -> Pipeline:
+    return Pipeline.load(engines, threads=1)
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in images])
+
+
+def copy_engines(engines: Path, dest: Path) -> Path:
+    shutil.copytree(engines, dest)
+    return dest
+
+
+def rewrite_manifest(folder: Path, edit) -> None:
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+# --------------------------------------------------------------------------------------------------------
+# manifest and hashes
+
+
+def test_manifest_is_parsed_with_graph_io_and_stages(engines):
+    m = load_manifest(engines)
+    assert {"text_encoder", "image_encoder", "prior", "decoder", "sr0"} <= set(m.graphs)
+    dec = m.graphs["decoder"]
+    assert [t.name for t in dec.inputs] == ["x_t", "t", "image_embed", "text_encodings", "image_keep", "text_keep"]
+    assert m.graphs["text_encoder"].inputs[0].dtype == np.int64
+    assert dec.file.is_file() and dec.file.parent == m.folder
+    assert dec.max_batch and dec.max_batch >= 2
+    assert m.sha256 == hashlib.sha256((engines / "manifest.json").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.update(schema_version=2), "schema_version 2"),
+    (lambda d: d.update(schema="something/else"), "schema is not"),
+    (lambda d: d.pop("graphs"), "missing object 'graphs'"),
+    (lambda d: d["graphs"]["decoder"].update(file="../decoder.onnx"), "must be relative"),
+    (lambda d: d["files"].pop("decoder.onnx"), "'decoder.onnx' is not listed"),
+    (lambda d: d["stages"]["decoder"].update(parameterization="score"), "parameterization"),
+])
+def test_bad_manifests_are_refused_with_the_reason(engines, tmp_path, edit, message):
+    folder = copy_engines(engines, tmp_path / "e")
+    rewrite_manifest(folder, edit)
+    with pytest.raises(EngineFolderError, match=message):
+        load_manifest(folder)
+
+
+def test_missing_or_broken_manifest(tmp_path):
+    with pytest.raises(EngineFolderError, match="does not exist"):
+        load_manifest(tmp_path / "nope")
+    with pytest.raises(EngineFolderError, match="no manifest.json"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(EngineFolderError, match="not valid JSON"):
+        load_manifest(tmp_path)
+
+
+def test_hash_mismatch_names_the_file(engines, tmp_path):
+    folder = copy_engines(engines, tmp_path / "e")
+    data = bytearray((folder / "sr0.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "sr0.onnx").write_bytes(bytes(data))
+    with pytest.raises(HashMismatchError, match=r"sr0\.onnx") as info:
+        Pipeline.load(folder, threads=1)
+    assert info.value.path.name == "sr0.onnx"
+    (folder / "sr0.onnx").unlink()
+    with pytest.raises(EngineFolderError, match=r"sr0\.onnx: missing"):
+        Pipeline.load(folder, threads=1)
+
+
+def test_hash_cache_skips_unchanged_files_and_catches_same_size_rewrites(engines, tmp_path, monkeypatch):
+    folder = copy_engines(engines, tmp_path / "e")
+    old = time.time() - 3600
+    for f in folder.iterdir():
+        os.utime(f, (old, old))
+    # Digests are remembered only for files changed more than _RACY_SECONDS before hashing; utime just
+    # set every ctime to now, so shrink the window instead of waiting.
+    monkeypatch.setattr(manifest_mod, "_RACY_SECONDS", 0.0)
+    time.sleep(0.02)
+    m = load_manifest(folder)
+    calls = []
+    real = manifest_mod.sha256_file
+    monkeypatch.setattr(manifest_mod, "sha256_file", lambda p: calls.append(Path(p).name) or real(p))
+    verify_files(m)
+    assert len(calls) == len(m.files)
+    manifest_mod._memory.clear()  # a new process: only the on-disk cache is left
+    calls.clear()
+    verify_files(m)
+    assert calls == []
+    # Same size, same mtime, different bytes: the ctime still moves, so the file is hashed again.
+    target = folder / "prior.onnx"
+    time.sleep(0.02)  # past the filesystem's timestamp tick
+    data = bytearray(target.read_bytes())
+    data[-10] ^= 0x01
+    target.write_bytes(bytes(data))
+    os.utime(target, (old, old))
+    with pytest.raises(HashMismatchError, match=r"prior\.onnx"):
+        verify_files(m)
+    assert calls == ["prior.onnx"]
+
+
+def test_hash_cache_does_not_remember_files_changed_just_now(engines, tmp_path, monkeypatch):
+    folder = copy_engines(engines, tmp_path / "e")  # every file's ctime is now: inside the racy window
+    m = load_manifest(folder)
+    calls = []
+    real = manifest_mod.sha256_file
+    monkeypatch.setattr(manifest_mod, "sha256_file", lambda p: calls.append(p) or real(p))
+    verify_files(m)
+    verify_files(m)
+    assert len(calls) == 2 * len(m.files)
+
+
+# --------------------------------------------------------------------------------------------------------
+# backends
+
+
+def test_engine_call_signature_reads_dtypes_from_the_manifest(pipe):
+    enc = pipe.engines["text_encoder"]
+    tokens = pipe.tokenizer(["a red circle", "two squares"]).astype(np.int32)  # cast back to int64 inside
+    out = enc(tokens=tokens)
+    d = pipe.manifest.stages["text_encoder"]["embed_dim"]
+    assert set(out) == {"text_embed", "text_encodings"}
+    assert out["text_embed"].shape == (2, d) and out["text_embed"].dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out["text_embed"], axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(InputError, match="missing"):
+        enc()
+    with pytest.raises(InputError, match="unexpected"):
+        enc(tokens=tokens, extra=tokens)
+
+
+def test_ort_uses_the_optimized_graph_only_for_its_provider(engines, tmp_path):
+    m = load_manifest(engines)
+    backend = OnnxRuntimeBackend(m, providers=["CPUExecutionProvider"], threads=1)
+    spec = m.graphs["decoder"]
+    assert spec.optimized_for.get("provider") == "CPUExecutionProvider"
+    assert backend.engine("decoder").file == spec.optimized_file
+    folder = copy_engines(engines, tmp_path / "e")
+    rewrite_manifest(folder, lambda d: d["graphs"]["decoder"]["optimized_for"].update(provider="CUDAExecutionProvider"))
+    m2 = load_manifest(folder)
+    assert OnnxRuntimeBackend(m2, providers=["CPUExecutionProvider"], threads=1).engine("decoder").file.name == \
+        "decoder.onnx"
+
+
+def test_ort_falls_back_to_the_next_provider(engines, monkeypatch):
+    m = load_manifest(engines)
+    backend = OnnxRuntimeBackend(m, providers=["CPUExecutionProvider"], threads=1)
+    backend.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # as if CUDA were listed
+    real = backend._session
+    tried = []
+
+    def session(file, chain, spec):
+        tried.append(chain[0])
+        if chain[0] == "CUDAExecutionProvider":
+            raise RuntimeError("libcudart.so.12: cannot open shared object file")
+        return real(file, chain, spec)
+
+    monkeypatch.setattr(backend, "_session", session)
+    engine = backend.engine("prior")
+    assert tried == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert engine.providers == ["CPUExecutionProvider"]
+    monkeypatch.setattr(backend, "_session", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(BackendUnavailableError, match="cannot load prior"):
+        backend.engine("prior")
+
+
+def test_unknown_provider_and_unavailable_backends(engines):
+    m = load_manifest(engines)
+    with pytest.raises(BackendUnavailableError, match="not available"):
+        OnnxRuntimeBackend(m, providers=["NoSuchExecutionProvider"])
+    with pytest.raises(InputError, match="unknown backend"):
+        open_backend("jax", m)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendUnavailableError, match="TensorRT backend needs tensorrt and a CUDA GPU"):
+            Pipeline.load(engines, backend="tensorrt")
+
+
+# --------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def test_outputs_are_rgb_images_of_the_output_size_with_metadata(pipe):
+    images = pipe(["a red circle", "two blue squares"], seed=1, num_images=2, **FAST)
+    size = pipe.manifest.data["output"]["image_size"]
+    assert len(images) == 4
+    for im in images:
+        assert isinstance(im, Image.Image) and im.mode == "RGB" and im.size == (size, size)
+        assert np.asarray(im).dtype == np.uint8
+    assert [im.info["prompt"] for im in images] == ["a red circle"] * 2 + ["two blue squares"] * 2
+    assert [im.info["index"] for im in images] == ["0", "1", "0", "1"]
+    info = images[0].info
+    assert info["seed"] == "1" and info["manifest_sha256"] == pipe.manifest.sha256
+    assert info["steps"] == "prior=3 decoder=3 sr0=2" and info["sampler"] == "ddim"
+    assert info["backend"].startswith("onnxruntime")
+
+
+def test_same_seed_same_pixels_different_seed_different_pixels(pipe):
+    a = pixels(pipe("a red circle", seed=7, num_images=2, **FAST))
+    b = pixels(pipe("a red circle", seed=7, num_images=2, **FAST))
+    c = pixels(pipe("a red circle", seed=8, num_images=2, **FAST))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_image_j_does_not_depend_on_num_images_or_other_prompts(pipe, sampler):
+    alone = pixels(pipe("a red circle", seed=11, num_images=3, sampler=sampler, **FAST))
+    mixed = pixels(pipe(["two blue squares", "a red circle"], seed=11, num_images=5, sampler=sampler, **FAST))
+    assert np.array_equal(alone, mixed[5:8])
+    single = pixels(pipe("a red circle", seed=11, num_images=1, sampler=sampler, **FAST))
+    assert np.array_equal(single[0], alone[0])
+
+
+def test_noise_streams_follow_the_documented_seed_mapping():
+    s = NoiseStreams(5, [0, 3], stage=1, rows=2)
+    got = s.standard_normal((4, 3))
+    want = np.concatenate([np.random.default_rng([5, j, 1]).standard_normal((2, 3), dtype=np.float32)
+                           for j in (0, 3)])
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError):
+        s.standard_normal((3, 3))
+
+
+def test_batches_larger_than_the_graph_profile_are_chunked(pipe, monkeypatch):
+    rows = []
+    dec = pipe.engines["decoder"]
+    wrapped = _Recorder(dec, rows)
+    monkeypatch.setitem(pipe.engines, "decoder", wrapped)
+    n = dec.max_batch  # twice the images that fit in one guided call
+    chunked = pixels(pipe("a red circle", seed=0, num_images=n, **FAST))
+    assert max(rows) <= dec.max_batch and len(rows) == 2 * FAST["decoder_steps"]
+    whole = pixels(pipe("a red circle", seed=0, num_images=3, **FAST))
+    assert np.array_equal(chunked[:3], whole)
+
+
+class _Recorder:
+    """An engine wrapper recording each call's inputs; optionally poisoning one output."""
+
+    def __init__(self, engine, log, poison_call: int | None = None, value=np.nan):
+        self.engine, self.log, self.poison_call, self.value = engine, log, poison_call, value
+        self.spec, self.max_batch, self.name = engine.spec, engine.max_batch, engine.name
+        self.calls = []
+
+    def __call__(self, **arrays):
+        self.calls.append(arrays)
+        self.log.append(len(next(iter(arrays.values()))))
+        out = self.engine(**arrays)
+        if self.poison_call is not None and len(self.calls) == self.poison_call:
+            first = next(iter(out))
+            out[first] = out[first].copy()
+            out[first].flat[0] = self.value
+        return out
+
+
+def test_guidance_is_one_batch_with_keep_one_then_zero(pipe, monkeypatch):
+    log = []
+    rec = {g: _Recorder(pipe.engines[g], log) for g in ("prior", "decoder", "sr0")}
+    for g, r in rec.items():
+        monkeypatch.setitem(pipe.engines, g, r)
+    pipe("a red circle", seed=0, num_images=2, candidates=3, **FAST)
+    prior_call = rec["prior"].calls[0]
+    assert len(rec["prior"].calls) == FAST["prior_steps"]
+    assert len(prior_call["x_t"]) == 2 * 2 * 3  # (cond, uncond) × images × candidates, one call
+    np.testing.assert_array_equal(prior_call["cond_keep"], [1] * 6 + [0] * 6)
+    np.testing.assert_array_equal(prior_call["x_t"][:6], prior_call["x_t"][6:])
+    dec_call = rec["decoder"].calls[0]
+    np.testing.assert_array_equal(dec_call["image_keep"], [1, 1, 0, 0])
+    np.testing.assert_array_equal(dec_call["text_keep"], [1, 1, 0, 0])
+    assert len(rec["sr0"].calls[0]["x_t"]) == 2  # unguided
+    aug = pipe.manifest.stages["sr"][0]["noise_aug_t"]
+    np.testing.assert_array_equal(rec["sr0"].calls[0]["aug_t"], [aug, aug])
+    log.clear()
+    pipe("a red circle", seed=0, num_images=2, decoder_guidance=1.0, **FAST)  # g = 1: conditional half only
+    assert len(rec["decoder"].calls[-1]["x_t"]) == 2
+
+
+def test_candidate_selection_keeps_the_highest_dot_product():
+    text = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    scale = 4.0
+    pred = scale * np.array([
+        [0.0, 1.0, 0.0], [0.6, 0.8, 0.0], [-1.0, 0.0, 0.0],  # image 0: candidate 1 is closest to x
+        [0.0, 0.0, -1.0], [0.1, 0.0, 0.3], [0.0, 1.0, 0.0],  # image 1: candidate 1 (unnormalised) wins
+    ])
+    embed, chosen, scores = select_candidates(pred, text, 3, scale)
+    assert chosen.tolist() == [1, 1]
+    np.testing.assert_allclose(embed[0], [0.6, 0.8, 0.0], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(embed, axis=1), 1.0, rtol=1e-6)
+    assert scores.shape == (2, 3) and np.argmax(scores[1]) == 1
+
+
+def test_pipeline_feeds_the_chosen_candidate_to_the_decoder(pipe, monkeypatch):
+    log = []
+    prior, dec = _Recorder(pipe.engines["prior"], log), _Recorder(pipe.engines["decoder"], log)
+    monkeypatch.setitem(pipe.engines, "prior", prior)
+    monkeypatch.setitem(pipe.engines, "decoder", dec)
+    chosen = {}
+    real = pipeline_mod.select_candidates
+
+    def spy(pred, text_embed, k, embed_scale):
+        out = real(pred, text_embed, k, embed_scale)
+        chosen.update(pred=pred, text=text_embed, out=out)
+        return out
+
+    monkeypatch.setattr(pipeline_mod, "select_candidates", spy)
+    pipe("a red circle", seed=3, num_images=2, candidates=4, **FAST)
+    pred, text = chosen["pred"], chosen["text"]
+    assert pred.shape[0] == 8
+    emb = pred.reshape(2, 4, -1) / np.linalg.norm(pred.reshape(2, 4, -1), axis=-1, keepdims=True)
+    best = np.argmax(np.einsum("nkd,nd->nk", emb, text), axis=1)
+    np.testing.assert_allclose(dec.calls[0]["image_embed"][:2], emb[np.arange(2), best], atol=1e-6)
+
+
+def test_callback_reports_every_stage_and_step(pipe):
+    events = []
+    pipe("a red circle", seed=0, num_images=1, callback=lambda *e: events.append(e), **FAST)
+    stages = [e[0] for e in events]
+    assert stages == ["text_encoder"] + ["prior"] * 3 + ["decoder"] * 3 + ["sr0"] * 2
+    assert [(e[1], e[2]) for e in events if e[0] == "decoder"] == [(1, 3), (2, 3), (3, 3)]
+    size = pipe.manifest.data["output"]["image_size"]
+    assert events[-1][3].shape == (1, 3, size, size)  # x0 of the last SR step
+    assert events[0][3] is None
+
+
+@pytest.mark.parametrize("graph,call,stage,step", [
+    ("decoder", 2, "decoder", 2), ("prior", 1, "prior", 1), ("sr0", 2, "sr0", 2)])
+def test_nan_stops_with_stage_and_step(pipe, monkeypatch, graph, call, stage, step):
+    monkeypatch.setitem(pipe.engines, graph, _Recorder(pipe.engines[graph], [], poison_call=call))
+    with pytest.raises(NonFiniteError, match=rf"stage '{stage}' at step {step}/") as info:
+        pipe("a red circle", seed=0, **FAST)
+    assert info.value.stage == stage and info.value.step == step
+
+
+def test_inf_in_the_text_encoder_is_caught_too(pipe, monkeypatch):
+    monkeypatch.setitem(pipe.engines, "text_encoder",
+                        _Recorder(pipe.engines["text_encoder"], [], poison_call=1, value=np.inf))
+    with pytest.raises(NonFiniteError, match="stage 'text_encoder'"):
+        pipe("a red circle", seed=0, **FAST)
+
+
+def test_four_threads_get_the_sequential_images(pipe):
+    seeds = [0, 1, 2, 3]
+    want = {s: pixels(pipe("a red circle", seed=s, num_images=2, **FAST)) for s in seeds}
+    got, errors = {}, []
+    start = threading.Barrier(len(seeds))
+
+    def work(s):
+        try:
+            start.wait()
+            for _ in range(2):
+                got.setdefault(s, []).append(pixels(pipe("a red circle", seed=s, num_images=2, **FAST)))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for s in seeds:
+        for result in got[s]:
+            assert np.array_equal(result, want[s])
+
+
+def test_variations(pipe, tmp_path):
+    source = pipe("a red circle", seed=2, **FAST)[0]
+    path = tmp_path / "src.png"
+    source.save(path)
+    a = pipe.variations(source, num_images=2, seed=5, decoder_steps=3, sr_steps=2)
+    b = pipe.variations(path, num_images=2, seed=5, decoder_steps=3, sr_steps=2)
+    c = pipe.variations(str(path), num_images=1, seed=6, decoder_steps=3, sr_steps=2)
+    assert len(a) == 2 and a[0].size == source.size
+    assert np.array_equal(pixels(a), pixels(b))
+    assert not np.array_equal(pixels(a)[0], pixels(c)[0])
+    assert b[0].info["variation_of"] == "src.png" and b[0].info["prompt"] == ""
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("hello")
+    with pytest.raises(InputError, match="not a readable image"):
+        pipe.variations(not_image)
+
+
+def test_variations_feed_no_text_to_the_decoder(pipe, monkeypatch):
+    dec = _Recorder(pipe.engines["decoder"], [])
+    monkeypatch.setitem(pipe.engines, "decoder", dec)
+    pipe.variations(Image.new("RGB", (40, 30), (200, 10, 10)), num_images=1, seed=0, decoder_steps=2, sr_steps=1)
+    call = dec.calls[0]
+    np.testing.assert_array_equal(call["image_keep"], [1, 0])
+    np.testing.assert_array_equal(call["text_keep"], [0, 0])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"prompt": ""}, "empty"),
+    ({"prompt": "  \t"}, "empty"),
+    ({"prompt": []}, "no prompt"),
+    ({"num_images": 0}, "num_images"),
+    ({"num_images": 65}, "num_images"),
+    ({"decoder_steps": 0}, "decoder steps"),
+    ({"prior_steps": 100_000}, "prior steps"),
+    ({"decoder_guidance": -1.0}, "guidance"),
+    ({"prior_guidance": float("nan")}, "guidance"),
+    ({"decoder_guidance": float("inf")}, "guidance"),
+    ({"sampler": "euler"}, "unknown sampler"),
+    ({"candidates": 0}, "candidates"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 1.5}, "seed"),
+])
+def test_bad_arguments_raise_input_error(pipe, kwargs, message):
+    kwargs = {"prompt": "a red circle", **kwargs}
+    with pytest.raises(InputError, match=message):
+        pipe(kwargs.pop("prompt"), **kwargs)
+
+
+def test_long_and_unicode_prompts(pipe):
+    with pytest.warns(PromptTruncatedWarning):
+        long = pipe("red circle " * 60, seed=0, **FAST)
+    assert pipe.truncated(["red circle " * 60, "short"]) == [True, False]
+    odd = pipe("日本語の赤い円 😀 — «ünïcödé»\u200b", seed=0, **FAST)
+    assert len(long) == len(odd) == 1
+
+
+def test_default_engines_come_from_the_environment(engines, monkeypatch, tmp_path):
+    monkeypatch.setenv("DALLE2_RT_ENGINES", str(engines))
+    assert pipeline_mod.default_engines() == engines
+    assert Pipeline.load(threads=1).manifest.folder == engines
+    monkeypatch.delenv("DALLE2_RT_ENGINES")
+    assert pipeline_mod.default_engines().parts[-2:] == ("engines", "shapes-v1")
+    monkeypatch.setattr(pipeline_mod, "default_engines", lambda: tmp_path / "engines" / "shapes-v1")
+    with pytest.raises(EngineFolderError, match="make engines"):
+        Pipeline.load()
+
+
+def test_torch_backend_matches_onnxruntime_within_3_of_255(engines, pipe):
+    pytest.importorskip("torch")
+    ref = Pipeline.load(engines, backend="torch", threads=1)
+    # The prior's estimates live in the unclipped embedding space (the pixels of random-weight models are
+    # mostly saturated), so compare them too: same loop, same noise, only float rounding differs.
+    x0 = {"ort": [], "torch": []}
+    for name, p in (("ort", pipe), ("torch", ref)):
+        p("a red circle", seed=4, num_images=2, callback=lambda s, i, n, x, name=name: s == "prior" and
+          x0[name].append(x), **FAST)
+    for a, b in zip(x0["ort"], x0["torch"]):
+        np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(b).max())
+    for options in ({}, {"sampler": "ddpm", "decoder_guidance": 2.0}):
+        a = pixels(pipe(["a red circle", "two blue squares"], seed=4, num_images=2, **FAST, **options))
+        b = pixels(ref(["a red circle", "two blue squares"], seed=4, num_images=2, **FAST, **options))
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 3
+    assert ref(["x"], seed=0, **FAST)[0].info["backend"].startswith("torch")
+    v_ort = pixels(pipe.variations(Image.new("RGB", (32, 32), (9, 90, 200)), seed=1, decoder_steps=2, sr_steps=1))
+    v_ref = pixels(ref.variations(Image.new("RGB", (32, 32), (9, 90, 200)), seed=1, decoder_steps=2, sr_steps=1))
+    assert np.abs(v_ort.astype(int) - v_ref.astype(int)).max() <= 3
