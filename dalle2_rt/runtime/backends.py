@@ -19,14 +19,13 @@ Nothing here imports onnxruntime, tensorrt or torch at module import time.
 """
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BackendUnavailableError, EngineFolderError, InputError
-from .manifest import GraphSpec, Manifest, sha256_file
+from .manifest import GraphSpec, Manifest, sha256_file, user_cache_dir
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 ORT_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -58,13 +57,6 @@ class Engine:
         raise NotImplementedError
 
 
-def _user_cache(*parts: str) -> Path:
-    base = os.environ.get("DALLE2_RT_CACHE")
-    if not base:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dalle2-rt")
-    return Path(base, *parts)
-
-
 # --------------------------------------------------------------------------------------------------------
 # ONNX Runtime
 
@@ -73,10 +65,11 @@ class OrtEngine(Engine):
     def __init__(self, spec: GraphSpec, session, file: Path):
         super().__init__(spec, f"onnxruntime[{','.join(session.get_providers())}] {file.name}")
         self.session, self.file, self.providers = session, file, session.get_providers()
-        got = {i.name for i in session.get_inputs()}
-        want = {t.name for t in spec.inputs}
-        if got != want:
-            raise EngineFolderError(f"{file}: graph inputs {sorted(got)} differ from the manifest's {sorted(want)}")
+        for kind, got, want in (("inputs", session.get_inputs(), spec.inputs),
+                                ("outputs", session.get_outputs(), spec.outputs)):
+            got, want = {v.name for v in got}, {t.name for t in want}
+            if got != want:
+                raise EngineFolderError(f"{file}: graph {kind} {sorted(got)} differ from the manifest's {sorted(want)}")
         self._output_names = [t.name for t in spec.outputs]
 
     def _run(self, feeds):
@@ -105,6 +98,7 @@ class OnnxRuntimeBackend:
         if not self.providers:
             raise BackendUnavailableError(f"onnxruntime offers none of {ORT_PROVIDER_ORDER} (has {available})")
         self.version = ort.__version__
+        self._used: set[str] = set()  # providers that actually run a graph (for metadata)
 
     def _options(self):
         so = self.ort.SessionOptions()
@@ -120,7 +114,7 @@ class OnnxRuntimeBackend:
             return provider, {"device_id": self.device_id}
         if provider == "TensorrtExecutionProvider":
             opts = {"device_id": self.device_id, "trt_engine_cache_enable": True,
-                    "trt_engine_cache_path": str(_user_cache("ort-trt", self.manifest.sha256[:16]))}
+                    "trt_engine_cache_path": str(user_cache_dir() / "ort-trt" / self.manifest.sha256[:16])}
             opts.update(_trt_ep_profile(spec))
             return provider, opts
         return provider
@@ -151,6 +145,7 @@ class OnnxRuntimeBackend:
             except Exception as e:  # noqa: BLE001 - any provider failure: try the next one
                 errors.append(f"{chain[0]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 continue
+            self._used.add(session.get_providers()[0])
             return OrtEngine(spec, session, file)
         raise BackendUnavailableError(f"onnxruntime cannot load {spec.file.name}: {'; '.join(errors)}")
 
@@ -159,7 +154,7 @@ class OnnxRuntimeBackend:
         return self.ort.InferenceSession(str(file), sess_options=self._options(), providers=providers)
 
     def describe(self) -> str:
-        return f"onnxruntime {self.version} [{', '.join(self.providers)}]"
+        return f"onnxruntime {self.version} [{', '.join(sorted(self._used) or self.providers)}]"
 
 
 def _trt_ep_profile(spec: GraphSpec) -> dict:

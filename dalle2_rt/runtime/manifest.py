@@ -10,8 +10,8 @@ under the file's (device, inode, size, mtime_ns, ctime_ns) in a small JSON file 
 ``$XDG_CACHE_HOME/dalle2-rt``, default ``~/.cache/dalle2-rt``). The cache guards against corruption, not
 tampering. Any change of content through the filesystem moves mtime/ctime, except a rewrite that lands
 in the same timestamp tick as the hash was taken (coarse-grained clocks); as git does for its index
-("racy git"), a digest is only remembered for a file whose mtime is older than ``_RACY_SECONDS`` when it
-was hashed, so such a file is simply hashed again next time. ``DALLE2_RT_HASH_CACHE=0`` turns it off.
+("racy git"), a digest is only remembered for a file whose mtime and ctime are older than ``_RACY_SECONDS``
+when it was hashed, so such a file is simply hashed again next time. ``DALLE2_RT_HASH_CACHE=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -165,7 +165,8 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     """Parse and validate ``folder/manifest.json``; no model file is read (see ``verify_files``)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise EngineFolderError(f"engine folder {folder} does not exist")
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise EngineFolderError(f"engine folder {folder} {what}")
     path = folder / MANIFEST
     try:
         raw = path.read_bytes()
@@ -225,13 +226,18 @@ _lock = threading.Lock()
 _memory: dict[str, str] = {}  # stat key -> sha256, this process
 
 
-def _cache_file() -> Path | None:
-    if os.environ.get("DALLE2_RT_HASH_CACHE", "1") == "0":
-        return None
+def user_cache_dir() -> Path:
+    """``$DALLE2_RT_CACHE``, else ``$XDG_CACHE_HOME/dalle2-rt``, else ``~/.cache/dalle2-rt``."""
     base = os.environ.get("DALLE2_RT_CACHE")
     if not base:
         base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dalle2-rt")
-    return Path(base) / "verified-sha256.json"
+    return Path(base)
+
+
+def _cache_file() -> Path | None:
+    if os.environ.get("DALLE2_RT_HASH_CACHE", "1") == "0":
+        return None
+    return user_cache_dir() / "verified-sha256.json"
 
 
 def _stat_key(path: Path, st: os.stat_result) -> str:
@@ -256,11 +262,20 @@ def _read_cache(cache: Path | None) -> dict[str, str]:
         return {}
 
 
+_CACHE_ENTRIES = 4096
+
+
 def _write_cache(cache: Path, entries: dict[str, str]) -> None:
-    """Merge ``entries`` into the cache file atomically; a cache that cannot be written is not an error."""
+    """Merge ``entries`` into the cache file atomically; a cache that cannot be written is not an error.
+
+    An entry replaces older ones of the same path (keys start with the path), and only the newest
+    ``_CACHE_ENTRIES`` are kept, so the file stays small however often engine folders are rebuilt.
+    """
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        merged = {**_read_cache(cache), **entries}
+        paths = {key.split("|", 1)[0] for key in entries}
+        kept = {k: v for k, v in _read_cache(cache).items() if k.split("|", 1)[0] not in paths}
+        merged = dict(list({**kept, **entries}.items())[-_CACHE_ENTRIES:])
         fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".verified-", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(merged, f)
@@ -272,7 +287,10 @@ def _write_cache(cache: Path, entries: dict[str, str]) -> None:
 def verify_files(manifest: Manifest, *, use_cache: bool = True) -> None:
     """Check every file of ``manifest.files`` against its sha256; raise naming the first bad one."""
     cache = _cache_file() if use_cache else None
-    known = {**_read_cache(cache), **_memory} if use_cache else {}
+    known = {}
+    if use_cache:
+        with _lock:  # another thread may be adding to _memory
+            known = {**_read_cache(cache), **_memory}
     fresh: dict[str, str] = {}
     for rel, expected in sorted(manifest.files.items()):
         path = manifest.path(rel)
@@ -288,7 +306,7 @@ def verify_files(manifest: Manifest, *, use_cache: bool = True) -> None:
                 digest = sha256_file(path)
             except OSError as e:
                 raise EngineFolderError(f"{path}: cannot read ({e.strerror})") from None
-            if started - st.st_mtime_ns / 1e9 > _RACY_SECONDS:
+            if started - max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 > _RACY_SECONDS:
                 fresh[key] = digest
         if digest != expected.lower():
             raise HashMismatchError(path, expected, digest)

@@ -228,6 +228,30 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------------------
     # public API
 
+    def settings(self, prior_steps=None, decoder_steps=None, sr_steps=None, prior_guidance=None,
+                 decoder_guidance=None, sampler=None, candidates=None) -> dict:
+        """Per-stage {"steps", "guidance", "sampler"} (and "candidates"), checked, manifest defaults filled in.
+
+        Raises ``InputError`` for a bad value; the CLI calls it to reject arguments before writing anything.
+        """
+        _check_sampler(sampler)
+        run = {}
+        given = {"prior": (prior_steps, prior_guidance), "decoder": (decoder_steps, decoder_guidance)}
+        for st in [self.prior, self.decoder, *self.sr]:
+            steps, guidance = given.get(st.name, (sr_steps, None))
+            d = st.defaults
+            steps = _check_int(f"{st.name} steps", d.get("steps", 25) if steps is None else steps, 1, len(st.abar))
+            if guidance is None and st.name in given:  # SR stages have no conditioning to drop: unguided
+                guidance = d.get("guidance")
+            run[st.name] = {
+                "steps": steps,
+                "guidance": None if guidance is None else _check_guidance(f"{st.name} guidance", guidance),
+                "sampler": _check_sampler(sampler or d.get("sampler", "ddim")),
+            }
+        k = self.prior.defaults.get("candidates", 1) if candidates is None else candidates
+        run["candidates"] = _check_int("candidates", k, 1, MAX_CANDIDATES)
+        return run
+
     def truncated(self, prompts: str | Sequence[str]) -> list[bool]:
         """Per prompt, whether it has more tokens than the text encoder reads (the tail would be dropped)."""
         return self.tokenizer.encode(_check_prompts(prompts))[1]
@@ -246,7 +270,7 @@ class Pipeline:
         prompts = _check_prompts(prompt)
         n = _check_int("num_images", num_images, 1, MAX_IMAGES)
         seed = self._seed(seed)
-        run = self._settings(prior_steps, decoder_steps, sr_steps, prior_guidance, decoder_guidance, sampler,
+        run = self.settings(prior_steps, decoder_steps, sr_steps, prior_guidance, decoder_guidance, sampler,
                              candidates)
         tokens, truncated = self.tokenizer.encode(prompts)
         for p, cut in zip(prompts, truncated):
@@ -273,7 +297,7 @@ class Pipeline:
         source = open_image(image)
         n = _check_int("num_images", num_images, 1, MAX_IMAGES)
         seed = self._seed(seed)
-        run = self._settings(None, decoder_steps, sr_steps, None, decoder_guidance, sampler, None)
+        run = self.settings(None, decoder_steps, sr_steps, None, decoder_guidance, sampler, None)
         enc_stage = self.manifest.stages["image_encoder"]
         engine = self.engines[enc_stage["graph"]]
         size = int(enc_stage.get("image_size") or engine.spec.inputs[0].shape[-1])
@@ -297,27 +321,6 @@ class Pipeline:
 
     def _seed(self, seed) -> int:
         return secrets.randbelow(2**32) if seed is None else _check_int("seed", seed, 0, MAX_SEED)
-
-    def _settings(self, prior_steps, decoder_steps, sr_steps, prior_guidance, decoder_guidance, sampler,
-                  candidates) -> dict:
-        """Per-stage steps / guidance / sampler, checked, with the manifest's defaults filled in."""
-        _check_sampler(sampler)
-        run = {}
-        given = {"prior": (prior_steps, prior_guidance), "decoder": (decoder_steps, decoder_guidance)}
-        for st in [self.prior, self.decoder, *self.sr]:
-            steps, guidance = given.get(st.name, (sr_steps, None))
-            d = st.defaults
-            steps = _check_int(f"{st.name} steps", d.get("steps", 25) if steps is None else steps, 1, len(st.abar))
-            if guidance is None:
-                guidance = d.get("guidance")
-            run[st.name] = {
-                "steps": steps,
-                "guidance": None if guidance is None else _check_guidance(f"{st.name} guidance", guidance),
-                "sampler": _check_sampler(sampler or d.get("sampler", "ddim")),
-            }
-        k = self.prior.defaults.get("candidates", 1) if candidates is None else candidates
-        run["candidates"] = _check_int("candidates", k, 1, MAX_CANDIDATES)
-        return run
 
     def _call(self, engine, stage: str, *, step: int | None = None, total: int | None = None,
               timestep: int | None = None, **arrays) -> dict[str, np.ndarray]:
@@ -390,8 +393,9 @@ class Pipeline:
         step_of = {int(t): i for i, t in enumerate(schedule.timesteps)}
         per_image = rows * (2 if guided else 1)
         if engine.max_batch is not None and engine.max_batch < per_image:
-            raise InputError(f"{st.name}: {per_image} rows per image exceed the graph's max batch {engine.max_batch}"
-                             " (lower candidates)")
+            hint = " (ask for fewer candidates)" if rows > 1 else ""
+            raise InputError(f"{st.name}: {per_image} rows per image exceed the graph's max batch "
+                             f"{engine.max_batch}{hint}")
         image_chunks = _chunks(n_images, None if engine.max_batch is None else engine.max_batch // per_image)
         results = []
         for c, sel in enumerate(image_chunks):
@@ -443,7 +447,7 @@ class Pipeline:
         }
         out = []
         for pixels, m in zip(to_uint8(x, self.pixel_range), meta):
-            image = Image.fromarray(pixels, "RGB")
+            image = Image.fromarray(pixels)  # (H, W, 3) uint8 -> RGB
             image.info.update({**m, **common})
             out.append(image)
         return out

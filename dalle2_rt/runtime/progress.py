@@ -4,7 +4,7 @@
     pipe(prompt, callback=bar); bar.close()
 
 Each stage gets its own line, redrawn in place with ``\\r`` as its steps complete:
-    decoder      [##########··········]  12/25
+    decoder      [##########..........]  12/25
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class ProgressBar:
                 return
             self._last = now
             done = self.width * step // max(total, 1)
-            bar = "#" * done + "·" * (self.width - done)
+            bar = "#" * done + "." * (self.width - done)
             prefix = f"{self.label} " if self.label else ""
             self.stream.write(f"\r{prefix}{stage:<13}[{bar}] {step:>4}/{total}")
             self.stream.flush()

@@ -30,8 +30,10 @@ File format (``format: "clip-bpe/1"``): one UTF-8 JSON object
 
 The manifest entry that points at the file (written by ``export/tokenizer.py``) holds ``file``,
 ``format``, ``sha256`` (of the file's bytes), ``vocab_size``, ``context_length`` (77), ``sot_id``,
-``eot_id``, ``pad_id`` (0), ``preprocess``, ``truncation`` and ``padding``; the last three name the fixed
-steps below and are checked on load, so a folder asking for anything else is refused, not mis-tokenised.
+``eot_id``, ``pad_id`` (0), ``preprocess``, ``truncation`` and ``padding`` (and optionally
+``special_tokens_match``, below); the last three name the steps below and are checked on load (every
+``preprocess`` step must be one this module implements), so a folder asking for anything else is refused,
+not mis-tokenised.
 ``reference`` records the open_clip, ftfy and regex versions the export was checked against: ftfy's fixes
 and the Unicode tables behind ``str.lower``, NFC and ``\\p{L}`` change between releases.
 
@@ -60,6 +62,23 @@ Algorithm (what ``Tokenizer.encode`` does; open_clip ``SimpleTokenizer`` with ``
 A literal ``<end_of_text>`` in a prompt becomes id 49407 mid-sequence, exactly as in open_clip (whose
 text tower then pools at that first eot, ignoring the rest of the prompt).
 
+Other CLIP tokenizers (``preprocess`` and ``special_tokens_match`` in the manifest entry)
+---------------------------------------------------------------------------------------
+The same file format also carries the CLIP tokenizer of ``transformers`` (``CLIPTokenizer`` over the
+``tokenizers`` library, what diffusers' UnCLIPPipeline / karlo use; written by
+``export/hf_clip_tokenizer.py``). It differs from open_clip only in steps 1-5 and 6's special tokens,
+and the entry names those steps instead of the list above:
+
+- ``preprocess`` is a list of step names from ``PREPROCESS_STEPS``, applied in order. open_clip's is
+  ``PREPROCESS``; transformers' is ``["nfc", "whitespace_collapse", "lower_chars"]`` (its normalizer:
+  NFC, the regex ``\\s+`` replaced by one space, per-character lower-casing, which has no final-sigma
+  rule: ``ΟΔΟΣ`` becomes ``οδοσ``). No ftfy and no HTML unescaping there.
+- ``special_tokens_match``: ``"pretoken"`` (default, step 6 above) or ``"raw_text"``: the special
+  strings are found in the *raw* text, exactly and case-sensitively (leftmost, longest first), before any
+  preprocessing; the text between them goes through steps 1-6 on its own, and a pre-token that only
+  spells a special string after preprocessing (``<|ENDOFTEXT|>`` lower-cased) is BPE-encoded as text.
+  That is how ``tokenizers`` treats added tokens.
+
 Thread safety: a ``Tokenizer`` is immutable after construction; its word cache is a
 ``functools.lru_cache`` (safe to call from several threads), so one instance serves a whole Pipeline.
 """
@@ -68,6 +87,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -80,14 +100,27 @@ FORMAT = "clip-bpe/1"
 PREPROCESS = ["ftfy.fix_text", "html.unescape", "html.unescape", "whitespace_clean", "lower"]
 TRUNCATION = "[sot] + ids[:context_length - 2] + [eot]"
 PADDING = "right, pad_id"
+SPECIAL_MATCHES = ("pretoken", "raw_text")
 _FLAGS = {"IGNORECASE": regex.IGNORECASE}
+_WHITESPACE_RUN = regex.compile(r"\s+")
+
+# The preprocessing steps a tokenizer entry may name, in the order it lists them.
+PREPROCESS_STEPS = {
+    "ftfy.fix_text": ftfy.fix_text,  # ftfy's default config
+    "html.unescape": html.unescape,
+    "whitespace_clean": lambda t: " ".join(t.split()),  # str.isspace runs -> one space, ends stripped
+    "lower": str.lower,  # full Unicode lower-casing, final sigma in context
+    "nfc": lambda t: unicodedata.normalize("NFC", t),
+    "whitespace_collapse": lambda t: _WHITESPACE_RUN.sub(" ", t),  # \s+ -> one space, ends kept
+    "lower_chars": lambda t: "".join(c.lower() for c in t),  # per character: Σ -> σ everywhere
+}
 
 
-def clean_text(text: str) -> str:
-    """Steps 1-4 of the module docstring (open_clip's ``_clean_lower``)."""
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text))
-    return " ".join(text.split()).lower()
+def clean_text(text: str, steps=PREPROCESS) -> str:
+    """Steps 1-4 of the module docstring (open_clip's ``_clean_lower``), or the named ``steps``."""
+    for step in steps:
+        text = PREPROCESS_STEPS[step](text)
+    return text
 
 
 class Tokenizer:
@@ -101,8 +134,17 @@ class Tokenizer:
         sot_id: int,
         eot_id: int,
         pad_id: int,
+        preprocess=PREPROCESS,
+        special_tokens_match: str = "pretoken",
         cache_size: int = 1 << 16,
     ):
+        unknown = [step for step in preprocess if step not in PREPROCESS_STEPS]
+        if unknown:
+            raise ValueError(f"unknown preprocess steps {unknown}; known: {', '.join(PREPROCESS_STEPS)}")
+        if special_tokens_match not in SPECIAL_MATCHES:
+            raise ValueError(f"special_tokens_match {special_tokens_match!r}; known: {', '.join(SPECIAL_MATCHES)}")
+        self.preprocess = tuple(preprocess)
+        self.special_tokens_match = special_tokens_match
         vocab = tables["vocab"]
         ids = {symbol: i for i, symbol in enumerate(vocab)}
         if len(ids) != len(vocab):
@@ -133,11 +175,14 @@ class Tokenizer:
         self.context_length = context_length
         self.sot_id, self.eot_id, self.pad_id = sot_id, eot_id, pad_id
         self._word_ids = lru_cache(maxsize=cache_size)(self._bpe)
+        # raw_text: one alternation of the escaped specials, longest first (leftmost-longest match).
+        specials = sorted(self._special, key=len, reverse=True)
+        self._raw_specials = regex.compile("|".join(regex.escape(s) for s in specials)) if specials else None
 
     @classmethod
     def load(cls, folder: Path, entry: dict) -> Tokenizer:
         """Read ``folder / entry["file"]`` after checking the manifest entry asks for what we implement."""
-        expected = {"format": FORMAT, "preprocess": PREPROCESS, "truncation": TRUNCATION, "padding": PADDING}
+        expected = {"format": FORMAT, "truncation": TRUNCATION, "padding": PADDING}
         for key, value in expected.items():
             if entry.get(key) != value:
                 raise ValueError(f"tokenizer entry {key}={entry.get(key)!r}; this runtime implements {value!r}")
@@ -154,6 +199,8 @@ class Tokenizer:
             sot_id=int(entry["sot_id"]),
             eot_id=int(entry["eot_id"]),
             pad_id=int(entry["pad_id"]),
+            preprocess=list(entry["preprocess"]),
+            special_tokens_match=entry.get("special_tokens_match", "pretoken"),
         )
         if tok.vocab_size != int(entry["vocab_size"]):
             raise ValueError(f"{entry['file']}: {tok.vocab_size} symbols, manifest says {entry['vocab_size']}")
@@ -161,7 +208,7 @@ class Tokenizer:
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
         """Step 6 for one pre-token (cached per instance)."""
-        special = self._special.get(piece)
+        special = self._special.get(piece) if self.special_tokens_match == "pretoken" else None
         if special is not None:
             return (special,)
         data = piece.encode("utf-8")
@@ -189,8 +236,19 @@ class Tokenizer:
 
     def text_ids(self, text: str) -> list[int]:
         """Steps 1-6: the ids of one text, without sot/eot and not truncated."""
+        if self.special_tokens_match == "pretoken" or self._raw_specials is None:
+            return self._segment_ids(text)
         ids: list[int] = []
-        for piece in self._pattern.findall(clean_text(text)):
+        start = 0
+        for m in self._raw_specials.finditer(text):
+            ids += self._segment_ids(text[start:m.start()])
+            ids.append(self._special[m.group()])
+            start = m.end()
+        return ids + self._segment_ids(text[start:])
+
+    def _segment_ids(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in self._pattern.findall(clean_text(text, self.preprocess)):
             ids.extend(self._word_ids(piece))
         return ids
 
@@ -207,6 +265,14 @@ class Tokenizer:
             ids = [self.sot_id, *ids[:keep], self.eot_id]
             out[row, : len(ids)] = ids
         return out, truncated
+
+    def text_mask(self, texts: str | Sequence[str]) -> np.ndarray:
+        """float32 (B, context_length): 1.0 on the positions step 7 fills from the text (sot, its ids as
+        truncated, eot), 0.0 on the padding; the ``attention_mask`` transformers returns with the ids."""
+        if isinstance(texts, str):
+            texts = [texts]
+        counts = np.array([min(len(self.text_ids(t)), self.context_length - 2) + 2 for t in texts])
+        return (np.arange(self.context_length)[None, :] < counts[:, None]).astype(np.float32)
 
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
         """Token ids int64 (B, context_length), like ``open_clip.tokenize(texts).numpy()``."""

@@ -1,0 +1,264 @@
+"""``dalle2-rt`` (alias ``dream``): text -> PNG files with the unCLIP engines. Torch-free.
+
+Every user mistake ends in ONE line on stderr, ``dalle2-rt: error: <what to fix>``, a non-zero exit and no
+file written: arguments are checked, the prompt file read, the variations image opened, the output folder
+probed and the engine folder verified before the first image is generated. Written paths go to stdout,
+one a line, so ``dalle2-rt ... | xargs`` works; the progress bar goes to stderr and only to a terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import secrets
+import sys
+import warnings
+from pathlib import Path
+
+from .runtime.backends import BACKENDS
+from .runtime.errors import Dalle2RTError, InputError, PromptTruncatedWarning
+from .runtime.samplers import SAMPLERS
+
+PROG = "dalle2-rt"
+MAX_IMAGES = 64  # = pipeline.MAX_IMAGES (kept here so --help needs no heavy import)
+
+EPILOG = """\
+examples:
+  dalle2-rt "a large red circle on the left, black background"
+  dalle2-rt "two blue squares" -n 4 --seed 7 -o out/ --grid
+  dalle2-rt --from-file prompts.txt -n 2 --seed 1 -o out/      # one prompt a line; '#' comments
+  dalle2-rt --variations out/two-blue-squares-s7-0.png -n 4 -o out/
+  dalle2-rt "a green triangle" --sampler dpm++ --decoder-steps 15 --decoder-guidance 3
+  dream "a small yellow star" --backend torch                  # same program, shorter name
+
+files: <prompt-slug>-s<seed>-<index>.png in the output folder (default: the current one); an existing
+file is never replaced (a -1, -2, ... suffix is added). Each PNG carries its prompt, seed, sampler,
+steps, guidance, backend and the engine manifest's sha256 as text chunks. The same prompt, seed and
+settings give the same pixels on the same backend; image i does not depend on -n.
+
+engines: --engines DIR, else $DALLE2_RT_ENGINES, else engines/shapes-v1 of the repository
+(build it with `make engines`).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _num_images(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_IMAGES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_IMAGES} images per prompt, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in 0 … 2^64-1, got {value}")
+    return value
+
+
+def _guidance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Generate images from text with the DALL-E 2 (unCLIP) engines.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="*", help="the text to draw (quote it, or give it as several words)")
+    what = p.add_argument_group("what to generate")
+    what.add_argument("-n", "--num-images", type=_num_images, default=1, metavar="N",
+                      help=f"images per prompt, 1 … {MAX_IMAGES} (default 1)")
+    what.add_argument("--seed", type=_seed, metavar="S",
+                      help="noise seed (default: random; it is in the file names and PNG metadata)")
+    what.add_argument("--from-file", metavar="FILE",
+                      help="read prompts from FILE (- = stdin), one a line; blank and # lines skipped")
+    what.add_argument("--variations", metavar="IMAGE",
+                      help="make variations of IMAGE instead (no prompt; the prior options do not apply)")
+    out = p.add_argument_group("output")
+    out.add_argument("-o", "--output-dir", default=".", metavar="DIR", help="where PNGs go (default: .)")
+    out.add_argument("--grid", action="store_true", help="also write one grid PNG of all images")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or warnings")
+    samp = p.add_argument_group("sampling (defaults come from the engine manifest)")
+    samp.add_argument("--prior-steps", type=_positive_int, metavar="K", help="sampling steps of the prior")
+    samp.add_argument("--decoder-steps", type=_positive_int, metavar="K", help="sampling steps of the decoder")
+    samp.add_argument("--sr-steps", type=_positive_int, metavar="K", help="steps of every super-resolution stage")
+    samp.add_argument("--prior-guidance", type=_guidance, metavar="G",
+                      help="classifier-free guidance scale of the prior (1 = unguided; higher follows the text more)")
+    samp.add_argument("--decoder-guidance", type=_guidance, metavar="G",
+                      help="classifier-free guidance scale of the decoder")
+    samp.add_argument("--candidates", type=_positive_int, metavar="K",
+                      help="prior samples per image; the one closest to the text is kept")
+    samp.add_argument("--sampler", choices=list(SAMPLERS), help="for every stage")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime",
+                     help="onnxruntime (default: TensorRT or CUDA provider when available, else CPU), tensorrt "
+                          "(native engines, needs a GPU), torch (reference, needs the train extra)")
+    run.add_argument("--engines", metavar="DIR", help="engine folder (with manifest.json)")
+    run.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads per graph")
+    return p
+
+
+def _fail(message: str, code: int = 1) -> int:
+    sys.stderr.write(f"{PROG}: error: {' '.join(str(message).split())}\n")
+    return code
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """Prompts of a UTF-8 file ('-' = stdin), one a line; blank lines and lines starting with # skipped."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"prompt file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"prompt file {path!r} is a directory") from None
+    except UnicodeDecodeError:
+        raise InputError(f"prompt file {path!r} is not UTF-8 text") from None
+    except OSError as e:
+        raise InputError(f"cannot read prompt file {path!r} ({e.strerror})") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise InputError(f"prompt file {path!r} has no prompts (blank lines and # comments are skipped)")
+    return prompts
+
+
+def check_output_dir(path: str) -> Path:
+    """The output folder, probed for writing (created later, after everything else is checked)."""
+    folder = Path(path).expanduser()
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"output directory {str(folder)!r} is not writable ({probe} is not a directory)")
+    test_file = probe / f".dalle2-rt-probe-{secrets.token_hex(4)}"
+    try:  # os.access is wrong for root and some mounts: create and remove a file instead
+        os.close(os.open(test_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(test_file)
+    except OSError as e:
+        raise InputError(f"output directory {str(folder)!r} is not writable ({e.strerror})") from None
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except BrokenPipeError:  # stdout closed early (| head): nothing more to say
+        return 1
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        jobs = _plan(args)
+    except Dalle2RTError as e:
+        return _fail(str(e), 2)
+    from .runtime.images import make_grid, save_png, slugify
+    from .runtime.pipeline import Pipeline
+    from .runtime.progress import ProgressBar
+
+    try:
+        pipe = Pipeline.load(args.engines, backend=args.backend, threads=args.threads)
+        if jobs["prompts"]:
+            pipe.settings(args.prior_steps, args.decoder_steps, args.sr_steps, args.prior_guidance,
+                          args.decoder_guidance, args.sampler, args.candidates)
+        else:
+            pipe.settings(None, args.decoder_steps, args.sr_steps, None, args.decoder_guidance, args.sampler)
+    except InputError as e:
+        return _fail(str(e), 2)
+    except Dalle2RTError as e:
+        return _fail(str(e))
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    bar = ProgressBar(sys.stderr, enabled=False if args.quiet else None)
+    all_images = []
+    try:
+        if jobs["prompts"]:
+            for prompt, cut in zip(jobs["prompts"], pipe.truncated(jobs["prompts"])):
+                if cut and not args.quiet:
+                    sys.stderr.write(f"{PROG}: warning: prompt longer than the text encoder's "
+                                     f"{pipe.tokenizer.context_length - 2} tokens, truncated: "
+                                     f"{' '.join(prompt.split())[:60]!r}\n")
+        jobs["folder"].mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PromptTruncatedWarning)
+            for number, prompt in enumerate(jobs["prompts"] or [None], 1):
+                if len(jobs["prompts"]) > 1:
+                    bar.label = f"[{number}/{len(jobs['prompts'])}]"
+                if prompt is None:
+                    images = pipe.variations(args.variations, num_images=args.num_images, seed=seed,
+                                             decoder_steps=args.decoder_steps, sr_steps=args.sr_steps,
+                                             decoder_guidance=args.decoder_guidance, sampler=args.sampler,
+                                             callback=bar)
+                    slug = slugify(Path(args.variations).stem) + "-var"
+                else:
+                    images = pipe(prompt, seed=seed, num_images=args.num_images, prior_steps=args.prior_steps,
+                                  decoder_steps=args.decoder_steps, sr_steps=args.sr_steps,
+                                  prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
+                                  sampler=args.sampler, candidates=args.candidates, callback=bar)
+                    slug = slugify(prompt)
+                bar.close()
+                for j, image in enumerate(images):
+                    path = save_png(image, jobs["folder"], f"{slug}-s{seed}-{j}", image.info)
+                    print(path, flush=True)
+                all_images += images
+        if args.grid and all_images:
+            meta = {**all_images[0].info, "prompt": "\n".join(jobs["prompts"] or [""]), "index": "grid"}
+            name = f"grid-{slugify(jobs['prompts'][0]) if jobs['prompts'] else slugify(Path(args.variations).stem)}"
+            path = save_png(make_grid(all_images, args.num_images), jobs["folder"], f"{name}-s{seed}", meta)
+            print(path, flush=True)
+    except Dalle2RTError as e:
+        bar.close()
+        return _fail(str(e))
+    except OSError as e:  # disk full, folder removed meanwhile, ...
+        bar.close()
+        return _fail(f"cannot write to {jobs['folder']}: {e.strerror or e}")
+    return 0
+
+
+def _plan(args) -> dict:
+    """Everything checkable before loading engines: prompts, the variations image, the output folder."""
+    prompt = " ".join(args.prompt)
+    given = [name for name, on in (("PROMPT", bool(args.prompt)), ("--from-file", args.from_file is not None),
+                                   ("--variations", args.variations is not None)) if on]
+    if len(given) > 1:
+        raise InputError(f"give one of PROMPT, --from-file or --variations, not {' and '.join(given)}")
+    if not given:
+        raise InputError("no prompt given (try: dalle2-rt \"a red circle\")")
+    if args.variations is not None:
+        from .runtime.images import open_image
+
+        open_image(args.variations)  # fail now, not after loading the engines
+        prompts = []
+    elif args.from_file is not None:
+        prompts = read_prompt_file(args.from_file)
+    else:
+        if not prompt.strip():
+            raise InputError("the prompt is empty")
+        prompts = [prompt]
+    return {"prompts": prompts, "folder": check_output_dir(args.output_dir)}
