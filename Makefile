@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -q -e '.[train,dev,diffusers]'
 	@touch $@
 
 engines: $(ENGINES)/manifest.json

@@ -33,7 +33,8 @@ setup(
     ],
     extras_require={
         "train": TRAIN,
-        "diffusers": ["diffusers>=0.30", "transformers>=4.40", "accelerate>=0.30"],
+        # --from-diffusers (export/diffusers_unclip.py): CLIPTokenizer on the `tokenizers` backend needs transformers 5
+        "diffusers": ["diffusers>=0.42", "transformers>=5.0", "accelerate>=0.30"],
         "gpu": ["onnxruntime-gpu>=1.17"],
         "trt": ["tensorrt>=10.0"],
         "dev": ["pytest>=7.0", "ruff>=0.4"],

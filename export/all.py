@@ -341,6 +341,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="most images per call; denoisers take 2x (default: %(default)s)")
     ap.add_argument("--force", action="store_true", help="rebuild everything even if up to date")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the result line and problems")
+    ap.add_argument("--from-diffusers", type=Path, default=None, metavar="PATH",
+                    help="convert a diffusers UnCLIPPipeline folder (e.g. karlo-v1-alpha) instead of --checkpoints "
+                         "(export/diffusers_unclip.py; needs the `diffusers` extra)")
     return ap
 
 
@@ -349,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.opset < MIN_OPSET:
         print(f"export: error: --opset must be >= {MIN_OPSET}, got {args.opset} ({OPSET_WHY})", file=sys.stderr)
         return 2
+    if args.from_diffusers is not None:
+        from .diffusers_unclip import run_cli
+        return run_cli(args)
     # SIGTERM unwinds like Ctrl-C, so the build folder is removed and the old engine folder stays.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

@@ -17,7 +17,8 @@ What UnCLIPPipeline (diffusers 0.42) does, and where it goes:
   text_proj + learned CFG embed  folded into the decoder graph (``image_keep`` = 0 picks the learned one)
   learned-range variance         ``decoder.variance: "learned_range"`` (guidance on eps, v from the cond half)
   fixed_small_log variance       ``variance: "small"``
-  UnCLIPScheduler timesteps      ``schedule.spacing: "linspace"``, ᾱ recorded as the scheduler's float32
+  UnCLIPScheduler timesteps      ``schedule.spacing: "linspace"``; its float32 ᾱ and β_t recorded as they are
+                                 (``schedule.betas``: step() uses β_t between adjacent timesteps)
   bicubic-antialias upscale      folded into the SR graphs; ``noise_aug_t: null`` (no augmentation)
   super_res_first / _last        ``sr[0].graph`` / ``sr[0].last_step_graph``
   (x·0.5 + 0.5).clamp(0, 1)      ``output.pixel_range: [-1, 1]``
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -42,7 +44,7 @@ import torch
 from dalle2_rt.runtime.schedules import respace
 
 from . import manifest as mf
-from .all import ExportResult, _fsync_tree, _mkdir, _recover_stale, _swap_into_place
+from .all import ExportError, ExportResult, _fsync_tree, _intact_files, _mkdir, _ours, _recover_stale, _swap_into_place
 from .diffusers_wrappers import SR_RESIZE, DecoderGraph, PriorGraph, SuperResGraph, TextEncoderGraph
 from .hf_clip_tokenizer import write_tokenizer
 from .onnx_export import EXPORTER, export_onnx, optimize_for_ort, validate
@@ -52,7 +54,7 @@ from .specs import BATCH, BatchProfile, GraphSpec, TensorSpec
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / diffusers read it: never download
 
 KIND = "diffusers-unclip"
-EXPORT_REVISION = 1  # bump when this module changes what it writes
+EXPORT_REVISION = 2  # bump when this module changes what it writes
 COMPONENTS = ("text_encoder", "tokenizer", "prior", "text_proj", "decoder", "super_res_first", "super_res_last",
               "prior_scheduler", "decoder_scheduler", "super_res_scheduler")
 # UnCLIPPipeline.__call__ defaults (diffusers 0.42); DDPM is what UnCLIPScheduler.step is.
@@ -76,8 +78,14 @@ def _text_proj_class():
 
 
 def _loaders() -> dict[str, Callable[[Path], object]]:
+    import diffusers
+    import transformers
     from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    for lib in (diffusers, transformers):  # the export prints its own progress
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
 
     def model(cls):
         return lambda p: cls.from_pretrained(p, local_files_only=True).float().eval().requires_grad_(False)
@@ -110,7 +118,7 @@ class Component:
     meta_sha256: str  # of its config file
 
 
-class Pipeline:
+class UnclipFolder:
     """The folder's components, loaded on first use (karlo's networks are GBs: each graph loads only its own)."""
 
     def __init__(self, folder: str | Path):
@@ -155,7 +163,7 @@ class Pipeline:
 # graph specs
 
 
-def _dims(pipe: Pipeline) -> dict:
+def _dims(pipe: UnclipFolder) -> dict:
     """The sizes the graphs are exported at, checked for agreement between components."""
     te, prior, dec = pipe.configs["text_encoder"], pipe.configs["prior"], pipe.configs["decoder"]
     sr_first, sr_last = pipe.configs["super_res_first"], pipe.configs["super_res_last"]
@@ -188,7 +196,7 @@ def _dims(pipe: Pipeline) -> dict:
     return d
 
 
-def graph_specs(pipe: Pipeline, *, max_batch: int) -> list[GraphSpec]:
+def graph_specs(pipe: UnclipFolder, *, max_batch: int) -> list[GraphSpec]:
     d = _dims(pipe)
     D, L, W, C = d["embed_dim"], d["context_length"], d["text_width"], d["channels"]
     s, S = d["decoder_size"], d["sr_size"]
@@ -255,18 +263,32 @@ def scheduler_stage(scheduler, *, steps: int) -> dict:
     return {
         "parameterization": PREDICTION[cfg.prediction_type],
         "schedule": {"name": cfg.beta_schedule, "num_timesteps": int(cfg.num_train_timesteps),
-                     "alphas_cumprod": [float(a) for a in abar], "spacing": "linspace"},
+                     "alphas_cumprod": [float(a) for a in abar], "spacing": "linspace",
+                     # its step() takes betas[t] itself between adjacent timesteps (schedules.respace)
+                     "betas": [float(b) for b in scheduler.betas.double().numpy()]},
         "clip_x0": [-r, r] if cfg.clip_sample else None,
         "variance": VARIANCE[cfg.variance_type],
     }
 
 
-def stage_entries(pipe: Pipeline) -> dict:
-    d = _dims(pipe)
+def _prior_mean_std(pipe: UnclipFolder) -> tuple[list[float], list[float]]:
+    """PriorTransformer.clip_mean / clip_std (float64 lists), read from its safetensors without loading the
+    network (karlo's prior is 4 GB in fp32); the whole module only when the weights are in another format."""
+    from safetensors import safe_open
+
+    for file in sorted((pipe.folder / "prior").glob("*.safetensors")):
+        if "." in file.name.removesuffix(".safetensors"):
+            continue  # a variant (name.fp16.safetensors): from_pretrained loads the plain file
+        with safe_open(str(file), framework="pt") as f:
+            if {"clip_mean", "clip_std"} <= set(f.keys()):
+                return tuple(f.get_tensor(k).double().reshape(-1).tolist() for k in ("clip_mean", "clip_std"))
     prior = pipe.get("prior", keep=False)
-    mean = prior.clip_mean.detach().double().reshape(-1).tolist()
-    std = prior.clip_std.detach().double().reshape(-1).tolist()
-    del prior
+    return tuple(t.detach().double().reshape(-1).tolist() for t in (prior.clip_mean, prior.clip_std))
+
+
+def stage_entries(pipe: UnclipFolder) -> dict:
+    d = _dims(pipe)
+    mean, std = _prior_mean_std(pipe)
     prior_sched = scheduler_stage(pipe.get("prior_scheduler"), steps=DEFAULTS["prior"]["steps"])
     decoder_sched = scheduler_stage(pipe.get("decoder_scheduler"), steps=DEFAULTS["decoder"]["steps"])
     sr_sched = scheduler_stage(pipe.get("super_res_scheduler"), steps=DEFAULTS["sr"]["steps"])
@@ -306,7 +328,7 @@ def export_diffusers(folder: str | Path, out: str | Path | None = None, *, name:
     Atomic and idempotent like ``export.all.export_folder``: built as a hidden sibling and renamed into
     place; a folder whose fingerprint (component digests, options, tool versions) matches is left alone.
     """
-    pipe = Pipeline(folder)
+    pipe = UnclipFolder(folder)
     out = Path(out) if out is not None else Path("engines") / pipe.folder.name
     name = name or out.name
     say = (lambda _msg: None) if quiet else (log or print)
@@ -317,7 +339,10 @@ def export_diffusers(folder: str | Path, out: str | Path | None = None, *, name:
                              "sources": {c.stage: [c.sha256, c.meta_sha256] for c in pipe.all()}})
     _recover_stale(out)
     old = mf.read_manifest(out) if out.is_dir() else None
-    if not force and old and old.get("fingerprint") == fingerprint:
+    if out.exists() and old is None and not _ours(out):
+        raise ExportError(f"{out} exists and is not an engine folder (no readable {mf.MANIFEST}); "
+                          "remove it or choose another --out")
+    if not force and old and old.get("fingerprint") == fingerprint and _intact_files(out, old) == set(old["files"]):
         say(f"{out}: up to date")
         return ExportResult(out, "up to date", old)
 
@@ -373,17 +398,20 @@ def run_cli(args) -> int:
     force, quiet, trt)."""
     from .onnx_export import ValidationError
 
-    if getattr(args, "trt", False):
+    if args.trt:
         print("export: error: --trt is not supported with --from-diffusers yet; build plans from the ONNX "
               "folder later", file=sys.stderr)
         return 2
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the old folder stays
     try:
         with torch.no_grad():
             result = export_diffusers(args.from_diffusers, args.out, name=args.name, opset=args.opset,
                                       max_batch=args.max_batch, force=args.force, quiet=args.quiet)
-    except (SourceError, ValidationError) as e:
+    except (SourceError, ValidationError, ExportError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.quiet:
         print(f"{result.folder}: {result.status}")
     return 0

@@ -2,9 +2,11 @@
 
 A tiny random-weight UnCLIPPipeline is built here from configs (nothing downloaded: the tokenizer's
 vocab.json / merges.txt are written from open_clip's bundled BPE file), saved with ``save_pretrained``
-and converted by ``export/diffusers_unclip.py``. Checks: the runtime tokenizer against transformers'
-CLIPTokenizer; each ONNX graph against the diffusers modules called the way ``UnCLIPPipeline.__call__``
-calls them; our DDPM sampler against ``UnCLIPScheduler`` on the same noise.
+and converted by ``export/diffusers_unclip.py``. Checks: the manifest; the runtime tokenizer against
+transformers' CLIPTokenizer; each ONNX graph against the diffusers modules called the way
+``UnCLIPPipeline.__call__`` calls them; our DDPM sampler against ``UnCLIPScheduler`` on the same noise; and
+the whole dalle2-rt pipeline against ``UnCLIPPipeline`` on the same latents and per-step noise, in float64
+(the algorithm) and as deployed (fp32 ONNX Runtime vs the stock float32 pipeline).
 """
 from __future__ import annotations
 
@@ -140,6 +142,7 @@ def test_folder_and_manifest(tiny):
     np.testing.assert_array_equal(prior["embed_norm"]["mean"], pipe.prior.clip_mean.detach().double().reshape(-1))
     np.testing.assert_array_equal(prior["embed_norm"]["std"], pipe.prior.clip_std.detach().double().reshape(-1))
     np.testing.assert_array_equal(prior["schedule"]["alphas_cumprod"], pipe.prior_scheduler.alphas_cumprod.double())
+    np.testing.assert_array_equal(prior["schedule"]["betas"], pipe.prior_scheduler.betas.double())
     dec = st["decoder"]
     assert (dec["parameterization"], dec["variance"], dec["clip_x0"]) == ("eps", "learned_range", [-1.0, 1.0])
     assert dec["uncond_text"] == "empty_prompt" and dec["cond_inputs"] == ["image_keep"]
@@ -151,6 +154,31 @@ def test_folder_and_manifest(tiny):
     assert [t.name for t in m.graphs["decoder"].inputs] == [
         "x_t", "t", "image_embed", "text_embed", "text_encodings", "text_mask", "image_keep"]
     assert m.graphs["decoder"].outputs[0].shape[1] == 6  # eps and the variance interpolation
+
+
+@pytest.mark.parametrize("where,key,value,match", [
+    ("decoder", "variance", "learned", "variance"),
+    ("prior", "uncond_text", "zeros", "uncond_text"),
+    ("sr", "last_step_graph", "nope", "last_step_graph"),
+    ("prior", "embed_norm", {"kind": "mean_std", "mean": [0.0], "std": [1.0, 2.0]}, "embed_norm"),
+    ("text_encoder", "text_mask", "attention", "text_mask"),
+    ("text_encoder", "text_mask", None, "takes text_mask"),  # the graphs need one
+    ("sr", "noise_aug_t", 100, "aug_t"),  # the SR graphs have no aug_t input
+])
+def test_manifest_refuses_unknown_additions(tiny, tmp_path, where, key, value, match):
+    import shutil
+
+    from dalle2_rt.runtime.errors import EngineFolderError
+
+    _, _, folder = tiny
+    copy = tmp_path / "engines"
+    shutil.copytree(folder, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    entry = data["stages"][where][0] if where == "sr" else data["stages"][where]
+    entry[key] = value
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineFolderError, match=match):
+        load_manifest(copy)
 
 
 def test_export_is_idempotent(tiny):
@@ -193,6 +221,24 @@ def test_tokenizer_matches_transformers(tiny):
     assert (m.tokenizer["sot_id"], m.tokenizer["eot_id"], m.tokenizer["pad_id"]) == (49406, 49407, 49407)
     ids, mask = reference_tokens(pipe.tokenizer, ["a horse"])
     assert ids[0, :4].tolist() == [49406, 320, 4558, 49407] and mask[0].sum() == 4
+
+
+def test_tokenizer_from_vocab_and_merges_files(tmp_path):
+    """karlo's layout (vocab.json + merges.txt + tokenizer_config.json, no tokenizer.json), here with the
+    pad token "!" (id 0) so that the mask cannot be read off the ids."""
+    from export.hf_clip_tokenizer import write_tokenizer
+
+    folder = write_clip_vocab(tmp_path / "tokenizer")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": L, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "!"}))
+    ref = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    entry = write_tokenizer(tmp_path / "engine", ref)
+    assert entry["pad_id"] == 0 and entry["preprocess"] == ["nfc", "whitespace_collapse", "lower_chars"]
+    tok = Tokenizer.load(tmp_path / "engine", entry)
+    texts = _probe_texts()[:300]
+    assert check_parity(tok, ref, texts) == []
+    assert tok.text_mask(["a horse", ""]).sum(axis=1).tolist() == [4, 2]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -356,3 +402,140 @@ def test_ddpm_vs_float32_unclip_scheduler(monkeypatch):
     assert 1e-4 < abs(factor - 1) < 3e-3
     np.testing.assert_allclose(got[:-1], want[:-1], atol=3e-4, rtol=0)
     np.testing.assert_allclose(got[-1] * factor, want[-1], atol=3e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# end to end: dalle2-rt on the exported folder vs UnCLIPPipeline, same starting latents and per-step noise
+
+
+class _ScriptedStreams:
+    """Replaces pipeline.NoiseStreams: each stage's draws come, in order, from ``SCRIPT[stage]``, in the
+    script's dtype (float64 keeps the pipeline's x_t in float64)."""
+
+    SCRIPT: dict[int, list] = {}
+
+    def __init__(self, seed, indices, stage, rows=1):
+        self.generators, self.rows, self.queue = list(indices), rows, self.SCRIPT[stage]
+
+    def subset(self, images):
+        return self  # one chunk per stage at these batch sizes (the queues must empty exactly)
+
+    def standard_normal(self, size, dtype=None):
+        draw = self.queue.pop(0)
+        assert draw.shape == tuple(size), (draw.shape, size)
+        return draw
+
+
+class _TorchGraph:
+    """A graph wrapper module run in float64 behind the engine call signature (stands in for an ORT engine)."""
+
+    def __init__(self, engine, module):
+        self.spec, self.name, self.max_batch = engine.spec, engine.name, engine.max_batch
+        self.module = module.double().eval()
+
+    def __call__(self, **arrays):
+        feeds = {k: torch.from_numpy(np.asarray(v)).to(torch.int64 if k == "tokens" else torch.float64)
+                 for k, v in arrays.items()}
+        with torch.no_grad():
+            out = self.module(**feeds)
+        return {t.name: o.numpy() for t, o in zip(self.spec.outputs, out if isinstance(out, tuple) else (out,))}
+
+
+def _script(b, steps, seed=7):
+    """Per stage (0 prior, 1 decoder, 2 SR): x_T then one draw per step but the last, float32 values."""
+    rng = np.random.default_rng(seed)
+    shapes = {0: (b, D), 1: (b, 3, DECODER_SIZE, DECODER_SIZE), 2: (b, 3, SR_SIZE, SR_SIZE)}
+    return {k: [rng.standard_normal(shapes[k], dtype=np.float32) for _ in range(steps[k])] for k in shapes}
+
+
+def _diffusers_images(pipe, prompts, script, steps, monkeypatch, dtype):
+    """UnCLIPPipeline(prompts) with the script's latents and step noise; pixels (B, H, W, 3) in [0, 1]."""
+    import diffusers.schedulers.scheduling_unclip as su
+
+    pipe = pipe.to(dtype)
+    for s in (pipe.prior_scheduler, pipe.decoder_scheduler, pipe.super_res_scheduler):  # its own values, in dtype
+        s.betas, s.alphas, s.alphas_cumprod, s.one = (v.to(dtype) for v in (s.betas, s.alphas, s.alphas_cumprod,
+                                                                              s.one))
+    noise = iter([d for k in (0, 1, 2) for d in script[k][1:]])  # schedulers step prior, decoder, SR in turn
+    monkeypatch.setattr(su, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(noise)).to(dtype))
+    latents = {f"{name}_latents": torch.from_numpy(script[k][0]).to(dtype)
+               for k, name in enumerate(("prior", "decoder", "super_res"))}
+    with torch.no_grad():
+        out = pipe(prompts, prior_num_inference_steps=steps[0], decoder_num_inference_steps=steps[1],
+                   super_res_num_inference_steps=steps[2], output_type="np", **latents).images
+    assert next(noise, None) is None
+    return out.astype(np.float64)
+
+
+def _runtime_images(rt, prompts, script, monkeypatch):
+    """dalle2-rt's images for the script, as floats in [0, 1] (taken just before the uint8 conversion)."""
+    import dalle2_rt.runtime.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "NoiseStreams", _ScriptedStreams)
+    monkeypatch.setattr(_ScriptedStreams, "SCRIPT", {k: list(v) for k, v in script.items()})
+    seen = []
+    real = pipeline_mod.to_uint8
+    monkeypatch.setattr(pipeline_mod, "to_uint8", lambda x, r: seen.append(np.asarray(x, np.float64)) or real(x, r))
+    images = rt(prompts, seed=0)  # the manifest's defaults: ddpm, 25/25/7 steps, guidance 4/8, one candidate
+    assert all(not q for q in _ScriptedStreams.SCRIPT.values())  # every scripted draw used, none missing
+    [x] = seen
+    return np.clip(x * 0.5 + 0.5, 0, 1).transpose(0, 2, 3, 1), images
+
+
+STEPS = (25, 25, 7)  # UnCLIPPipeline's defaults = the manifest's
+
+
+def test_pipeline_reproduces_unclip_pipeline(tiny, monkeypatch):
+    """The algorithm: every stage in float64 on both sides (graph modules and diffusers' networks and
+    schedulers), same latents and noise. Left: float32 casts the runtime makes for its engines (image_embed,
+    low_res), which the SR's first step (x0 = (x − √(1−ᾱ)ε)/√ᾱ, √ᾱ_999 ≈ 5e-5) magnifies."""
+    import copy
+
+    from dalle2_rt.runtime.pipeline import Pipeline
+    from export.diffusers_wrappers import DecoderGraph, PriorGraph, SuperResGraph, TextEncoderGraph
+
+    pipe, _, folder = tiny
+    ref = copy.deepcopy(pipe).to(torch.float64)
+    prompts = PROMPTS[:2]  # two lengths of text mask; one image each
+    script = _script(len(prompts), STEPS)
+    want = _diffusers_images(copy.deepcopy(ref), prompts, script, STEPS, monkeypatch, torch.float64)
+
+    rt = Pipeline.load(folder, threads=1)
+    modules = {"text_encoder": TextEncoderGraph(ref.text_encoder), "prior": PriorGraph(ref.prior),
+               "decoder": DecoderGraph(ref.text_proj, ref.decoder),
+               "super_res_first": SuperResGraph(ref.super_res_first, DECODER_SIZE),
+               "super_res_last": SuperResGraph(ref.super_res_last, DECODER_SIZE)}
+    rt.engines = {name: _TorchGraph(engine, modules[name]) for name, engine in rt.engines.items()}
+    got, _ = _runtime_images(rt, prompts, {k: [a.astype(np.float64) for a in v] for k, v in script.items()},
+                             monkeypatch)
+    assert got.shape == want.shape == (len(prompts), SR_SIZE, SR_SIZE, 3)
+    assert float(want.std()) > 0.05  # not a flat image: the comparison means something
+    err = float(np.abs(got - want).max())
+    assert err <= 1e-4, f"max |dalle2-rt − UnCLIPPipeline| = {err:.3g} on [0, 1] pixels (float64)"
+
+
+def test_engines_match_unclip_pipeline(tiny, monkeypatch):
+    """Deployment: the exported fp32 ONNX graphs under ONNX Runtime vs the stock (float32) UnCLIPPipeline.
+
+    At t = 999 an eps model's x0 estimate divides by √ᾱ ≈ 5e-5, so float32 rounding anywhere upstream moves
+    the few values that escape the [−1, 1] clamp there; diffusers' own float32 and float64 runs differ by
+    as much (checked below). Most pixels agree to 1e-3; the bound on the rest is that self-difference.
+    """
+    import copy
+
+    from dalle2_rt.runtime.pipeline import Pipeline
+
+    pipe, _, folder = tiny
+    prompts = PROMPTS[:2]
+    script = _script(len(prompts), STEPS)
+    want32 = _diffusers_images(copy.deepcopy(pipe), prompts, script, STEPS, monkeypatch, torch.float32)
+    want64 = _diffusers_images(copy.deepcopy(pipe), prompts, script, STEPS, monkeypatch, torch.float64)
+    got, images = _runtime_images(Pipeline.load(folder, threads=1), prompts, script, monkeypatch)
+    self_diff = float(np.abs(want32 - want64).max())
+    for name, want in (("float32", want32), ("float64", want64)):
+        err = np.abs(got - want)
+        assert float(err.mean()) <= 1e-3, (name, float(err.mean()))
+        assert float(np.mean(err > 1e-3)) <= 0.03, (name, float(np.mean(err > 1e-3)))
+        assert float(err.max()) <= max(2 * self_diff, 1e-3), (name, float(err.max()), self_diff)
+    u8 = np.stack([np.asarray(im) for im in images]).astype(int)
+    np.testing.assert_array_equal(u8, np.rint(got * 255).astype(int))  # the PNG pixels are these floats

@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import EngineFolderError, HashMismatchError
 from .schedules import alphas_cumprod_for
+from .stages import TEXT_MASKS, stage_problems
 
 SCHEMA = "dalle2-rt/engine-manifest"
 SCHEMA_VERSION = 1
@@ -151,6 +152,12 @@ def _check_stage(folder: Path, where: str, stage: dict, graphs: dict, *, diffusi
         raise _fail(folder, f"{where}.schedule is unusable ({e})") from None
     if abar.ndim != 1 or len(abar) < 2 or not np.all(np.isfinite(abar)) or not np.all((abar > 0) & (abar < 1)):
         raise _fail(folder, f"{where}.schedule.alphas_cumprod must be T values in (0, 1)")
+    betas = stage_betas(stage)
+    if betas is not None and (betas.shape != abar.shape or not np.all((betas > 0) & (betas < 1))):
+        raise _fail(folder, f"{where}.schedule.betas must be T values in (0, 1), as many as alphas_cumprod")
+    problems = stage_problems(stage, graphs, sr=where.startswith("stages.sr"))
+    if problems:
+        raise _fail(folder, f"{where}: " + "; ".join(problems))
 
 
 def stage_alphas_cumprod(stage: dict) -> np.ndarray:
@@ -159,6 +166,12 @@ def stage_alphas_cumprod(stage: dict) -> np.ndarray:
     if "alphas_cumprod" in sched:
         return np.asarray(sched["alphas_cumprod"], dtype=np.float64)
     return alphas_cumprod_for(sched["name"], int(sched["num_timesteps"]))
+
+
+def stage_betas(stage: dict) -> np.ndarray | None:
+    """The training chain's own β_t (T,) when the schedule records them (imported schedulers), else None."""
+    betas = stage["schedule"].get("betas")
+    return None if betas is None else np.asarray(betas, dtype=np.float64)
 
 
 def load_manifest(folder: str | os.PathLike) -> Manifest:
@@ -193,6 +206,13 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
         if name not in stages:
             raise _fail(folder, f"stages.{name} is missing")
     _check_stage(folder, "stages.text_encoder", stages["text_encoder"], graphs, diffusion=False)
+    mask = stages["text_encoder"].get("text_mask")
+    if mask is not None and mask not in TEXT_MASKS:
+        raise _fail(folder, f"stages.text_encoder.text_mask {mask!r} is not one of {TEXT_MASKS}")
+    for name in ("prior", "decoder"):
+        graph = graphs.get(stages[name].get("graph"))
+        if mask is None and graph is not None and any(t.name == "text_mask" for t in graph.inputs):
+            raise _fail(folder, f"graph {graph.name!r} takes text_mask but stages.text_encoder.text_mask is not set")
     if "image_encoder" in stages:
         _check_stage(folder, "stages.image_encoder", stages["image_encoder"], graphs, diffusion=False)
     _check_stage(folder, "stages.prior", stages["prior"], graphs, diffusion=True)

@@ -7,14 +7,17 @@
 The loop is written once against ``engine(**arrays) -> dict`` (``backends.py``); samplers come from
 ``samplers.py`` and guidance from ``parameterization.make_denoiser``: the conditional and unconditional
 halves go through the graph as one batch of 2B (``*_keep`` = 1 for the first half, 0 for the second).
+What a stage does beyond that (an empty-prompt unconditional branch, a text mask, a learned variance, a
+different graph for the last step, ...) is read from its manifest entry through ``stages.py``.
 
 Noise and seeds (the determinism contract)
 ------------------------------------------
 Every random draw is made on the host with numpy. The draws for image j (0-based, per prompt) of a call
 with seed s in stage k come from ``np.random.default_rng([s, j, k])``, with k = 0 for the prior, 1 for
-the decoder and 2 + m for SR stage m. Within a stage the order is: (SR only: the noise augmenting the
-low-res input, shape of low_res), the starting noise x_T (prior: the k candidates' rows, in order), then
-whatever the sampler draws, step by step. Each draw is float32 ``standard_normal`` of that image's rows.
+the decoder and 2 + m for SR stage m. Within a stage the order is: (SR stages with a ``noise_aug_t``
+only: the noise augmenting the low-res input, shape of low_res), the starting noise x_T (prior: the k
+candidates' rows, in order), then whatever the sampler draws, step by step. Each draw is float32
+``standard_normal`` of that image's rows.
 So an image's pixels are a function of (prompt, s, j, settings, backend) alone: they do not depend on
 num_images, on the other prompts of the call, on how the batch is chunked, or on other threads. Two
 prompts called with the same seed start from the same noise, which makes prompts comparable.
@@ -39,10 +42,11 @@ from PIL import Image
 from .backends import BACKENDS, open_backend
 from .errors import EngineFolderError, InputError, NonFiniteError, PromptTruncatedWarning
 from .images import open_image, to_pixels, to_uint8
-from .manifest import Manifest, load_manifest, stage_alphas_cumprod, verify_files
+from .manifest import Manifest, load_manifest, stage_alphas_cumprod, stage_betas, verify_files
 from .parameterization import make_denoiser
 from .samplers import SAMPLERS, sample
 from .schedules import q_sample, respace
+from .stages import embed_norm, image_embed_from_prior, sampler_options
 from .tokenizer import Tokenizer
 
 MAX_IMAGES = 64  # per prompt and call
@@ -93,16 +97,17 @@ def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
-def select_candidates(pred: np.ndarray, text_embed: np.ndarray, k: int, embed_scale: float):
+def select_candidates(pred: np.ndarray, text_embed: np.ndarray, k: int, norm: float | dict):
     """Pick, per image, the prior candidate most similar to its text.
 
     pred (N·k, D) prior outputs (rows n·k … n·k+k-1 belong to image n), text_embed (N, D). Each candidate
-    becomes a unit CLIP embedding normalize(pred / embed_scale); its score is the dot product with the unit
-    text embedding. Returns (image_embed (N, D) float32, chosen (N,) int, scores (N, k) float64).
+    becomes the decoder's image embedding (``norm``: the prior's embed_norm, or a float embed_scale; for our
+    models the unit CLIP embedding normalize(pred / embed_scale)); its score is its cosine with the text
+    embedding. Returns (image_embed (N, D) float32, chosen (N,) int, scores (N, k) float64).
     """
     n = text_embed.shape[0]
-    emb = normalize(np.asarray(pred, np.float64).reshape(n, k, -1) / embed_scale)  # (N, k, D)
-    scores = np.einsum("nkd,nd->nk", emb, normalize(text_embed))
+    emb = image_embed_from_prior(np.asarray(pred).reshape(n, k, -1), norm)  # (N, k, D)
+    scores = np.einsum("nkd,nd->nk", normalize(emb), normalize(text_embed))
     chosen = np.argmax(scores, axis=1)
     return emb[np.arange(n), chosen].astype(np.float32), chosen, scores
 
@@ -121,6 +126,10 @@ class _Diffusion:
     output: str  # the graph's prediction output
     defaults: dict
     entry: dict
+    variance: str = "small"  # small | large | learned_range (stages.py)
+    last_graph: str | None = None  # the graph of the last sampling step, when it is another one
+    uncond_text: str = "null_input"  # null_input | empty_prompt
+    betas: np.ndarray | None = None  # (T,) the training β_t when the manifest records them
 
 
 def _diffusion(manifest: Manifest, name: str, entry: dict) -> _Diffusion:
@@ -134,7 +143,8 @@ def _diffusion(manifest: Manifest, name: str, entry: dict) -> _Diffusion:
         spacing=entry["schedule"].get("spacing", "trailing"),
         clip_x0=(float(clip[0]), float(clip[1])) if clip else None,
         x_shape=tuple(x_spec.shape[1:]), output=spec.outputs[0].name, defaults=dict(entry.get("defaults") or {}),
-        entry=entry,
+        entry=entry, variance=entry.get("variance", "small"), last_graph=entry.get("last_step_graph"),
+        uncond_text=entry.get("uncond_text", "null_input"), betas=stage_betas(entry),
     )
 
 
@@ -187,7 +197,8 @@ class Pipeline:
         self.prior = _diffusion(manifest, "prior", stages["prior"])
         self.decoder = _diffusion(manifest, "decoder", stages["decoder"])
         self.sr = [_diffusion(manifest, f"sr{m}", e) for m, e in enumerate(stages.get("sr", []))]
-        self.embed_scale = float(stages["prior"].get("embed_scale", 1.0))
+        self.embed_norm = embed_norm(stages["prior"])
+        self.text_mask = stages["text_encoder"].get("text_mask")  # None | "tokens"
         self.pixel_range = tuple((manifest.data.get("output") or {}).get("pixel_range", (-1.0, 1.0)))
 
     @classmethod
@@ -221,7 +232,7 @@ class Pipeline:
         runner = open_backend(backend, manifest, **options)
         stages = manifest.stages
         graphs = {stages[s]["graph"] for s in ("text_encoder", "prior", "decoder", "image_encoder") if s in stages}
-        graphs |= {e["graph"] for e in stages.get("sr", [])}
+        graphs |= {e[key] for e in stages.get("sr", []) for key in ("graph", "last_step_graph") if e.get(key)}
         engines_ = {g: runner.engine(g) for g in sorted(graphs)}
         return cls(manifest, runner, engines_, tokenizer)
 
@@ -277,12 +288,14 @@ class Pipeline:
             if cut:
                 warnings.warn(f"prompt truncated to {self.tokenizer.context_length - 2} tokens: {p[:60]!r}",
                               PromptTruncatedWarning, stacklevel=2)
-        text_embed, text_enc = self._text(tokens, callback)  # (P, D), (P, L, W)
+        text = self._text(prompts, tokens, callback)  # text_embed (P, D), text_encodings (P, L, W), [text_mask]
+        empty = self._empty_text()  # the "" prompt's, when a stage's unconditional branch needs them
         rows = np.repeat(np.arange(len(prompts)), n)  # image row -> prompt
         index = np.tile(np.arange(n), len(prompts))  # image row -> j within its prompt
-        image_embed = self._prior(text_embed[rows], text_enc[rows], seed, index, run, callback)
+        text = {k: v[rows] for k, v in text.items()}
+        image_embed = self._prior(text, empty, seed, index, run, callback)
         keep = np.ones(len(rows), np.float32)
-        x = self._decode(image_embed, text_enc[rows], keep, seed, index, run, callback)
+        x = self._decode(image_embed, text, keep, empty, seed, index, run, callback)
         x = self._upsample(x, seed, index, run, callback)
         meta = [{"prompt": prompts[r], "seed": str(seed), "index": str(j)} for r, j in zip(rows, index)]
         return self._images(x, meta, run, with_prior=True)
@@ -309,8 +322,8 @@ class Pipeline:
         width = self._text_width()
         index = np.arange(n)
         text_enc = np.zeros((n, *width), np.float32)  # replaced by the learned null: text_keep = 0 below
-        x = self._decode(np.repeat(normalize(embed), n, 0).astype(np.float32), text_enc,
-                         np.zeros(n, np.float32), seed, index, run, callback)
+        x = self._decode(np.repeat(normalize(embed), n, 0).astype(np.float32), {"text_encodings": text_enc},
+                         np.zeros(n, np.float32), None, seed, index, run, callback)
         x = self._upsample(x, seed, index, run, callback)
         name = Path(image).name if isinstance(image, str | os.PathLike) else ""
         meta = [{"prompt": "", "variation_of": name, "seed": str(seed), "index": str(j)} for j in index]
@@ -331,72 +344,96 @@ class Pipeline:
                 raise NonFiniteError(stage, name, step, total, timestep)
         return outs
 
-    def _text(self, tokens: np.ndarray, callback) -> tuple[np.ndarray, np.ndarray]:
+    def _text(self, prompts: list[str], tokens: np.ndarray, callback) -> dict[str, np.ndarray]:
+        """The text conditioning of each prompt: text_embed (P, D), text_encodings (P, L, W) and, when the
+        manifest asks for it (``text_encoder.text_mask``), text_mask (P, L) float32."""
         engine = self.engines[self.manifest.stages["text_encoder"]["graph"]]
         parts = [self._call(engine, "text_encoder", tokens=tokens[c]) for c in _chunks(len(tokens), engine.max_batch)]
         if callback is not None:
             callback("text_encoder", 1, 1, None)
-        return (np.concatenate([p["text_embed"] for p in parts]), np.concatenate([p["text_encodings"] for p in parts]))
+        text = {name: np.concatenate([p[name] for p in parts]) for name in ("text_embed", "text_encodings")}
+        if self.text_mask == "tokens":
+            text["text_mask"] = self.tokenizer.text_mask(prompts)
+        return text
+
+    def _empty_text(self) -> dict[str, np.ndarray] | None:
+        """The text conditioning of the empty prompt (1 row), for stages with ``uncond_text: empty_prompt``."""
+        if all(st.uncond_text != "empty_prompt" for st in (self.prior, self.decoder)):
+            return None
+        return self._text([""], self.tokenizer([""]), None)
+
+    @staticmethod
+    def _uncond(st: _Diffusion, empty: dict | None, n: int) -> dict | None:
+        """The arrays that replace the conditional ones in the unconditional half of ``st`` (n rows), if any."""
+        if st.uncond_text != "empty_prompt":
+            return None
+        return {k: np.repeat(v, n, 0) for k, v in empty.items()}
 
     def _text_width(self) -> tuple[int, ...]:
         spec = self.engines[self.decoder.graph].spec
         enc = next((t for t in spec.inputs if t.name == "text_encodings"), None)
         return tuple(enc.shape[1:]) if enc is not None else (0,)
 
-    def _prior(self, text_embed, text_enc, seed, index, run, callback) -> np.ndarray:
-        """(N, D) unit image embeddings: k candidates per image in one batch, the best by text similarity."""
+    def _prior(self, text, empty, seed, index, run, callback) -> np.ndarray:
+        """(N, D) image embeddings: k candidates per image in one batch, the best by text similarity."""
         k = run["candidates"]
         cond_name = self.prior.entry.get("cond_input", "cond_keep")
-        cond = {"text_embed": np.repeat(text_embed, k, 0), "text_encodings": np.repeat(text_enc, k, 0)}
+        cond = {name: np.repeat(v, k, 0) for name, v in text.items()}  # (N·k, ...)
         streams = NoiseStreams(seed, index, PRIOR, rows=k)
         pred = self._sample(self.prior, run["prior"], cond, {cond_name: 1.0}, {cond_name: 0.0}, streams,
-                            callback)  # (N·k, D)
-        return select_candidates(pred, text_embed, k, self.embed_scale)[0]
+                            callback, uncond=self._uncond(self.prior, empty, len(cond["text_embed"])))  # (N·k, D)
+        return select_candidates(pred, text["text_embed"], k, self.embed_norm)[0]
 
-    def _decode(self, image_embed, text_enc, text_keep, seed, index, run, callback) -> np.ndarray:
-        cond = {"image_embed": image_embed, "text_encodings": text_enc}
+    def _decode(self, image_embed, text, text_keep, empty, seed, index, run, callback) -> np.ndarray:
+        cond = {"image_embed": image_embed, **text}
         keep_c = {"image_keep": 1.0, "text_keep": text_keep}
         keep_u = {"image_keep": 0.0, "text_keep": 0.0}
         return self._sample(self.decoder, run["decoder"], cond, keep_c, keep_u, NoiseStreams(seed, index, DECODER),
-                            callback)
+                            callback, uncond=self._uncond(self.decoder, empty, len(image_embed)))
 
     def _upsample(self, x, seed, index, run, callback) -> np.ndarray:
         for m, st in enumerate(self.sr):
-            aug_t = int(st.entry["noise_aug_t"])
+            aug = st.entry["noise_aug_t"]
             low_size = tuple(next(t.shape[1:] for t in self.engines[st.graph].spec.inputs if t.name == "low_res"))
             if tuple(x.shape[1:]) != low_size:
                 raise EngineFolderError(f"{st.name} takes low_res {low_size} but the previous stage made "
                                         f"{tuple(x.shape[1:])}")
             x = np.clip(x, *self.pixel_range).astype(np.float32)
-            # low_res = q_sample(previous, ᾱ[aug_t], ε), ε the first draw of this stage's streams
             streams = NoiseStreams(seed, index, 2 + m)
-            noise = streams.standard_normal(x.shape)
-            cond = {"low_res": q_sample(x, st.abar[aug_t], noise), "aug_t": np.full(len(x), aug_t, np.float32)}
+            if aug is None:  # no noise augmentation: the previous image as it is, no draw
+                cond = {"low_res": x}
+            else:  # low_res = q_sample(previous, ᾱ[aug_t], ε), ε the first draw of this stage's streams
+                aug_t = int(aug)
+                noise = streams.standard_normal(x.shape)
+                cond = {"low_res": q_sample(x, st.abar[aug_t], noise), "aug_t": np.full(len(x), aug_t, np.float32)}
             x = self._sample(st, run[st.name], cond, {}, None, streams, callback)
         return x
 
     def _sample(self, st: _Diffusion, opts: dict, cond: dict, keep_c: dict, keep_u: dict | None,
-                streams: NoiseStreams, callback) -> np.ndarray:
+                streams: NoiseStreams, callback, uncond: dict | None = None) -> np.ndarray:
         """Run stage ``st`` for all N images, in chunks that fit the graph's batch profile.
 
         cond: per-row conditioning arrays (N·rows, ...), rows = ``streams.rows`` per image; keep_c / keep_u:
         the ``*_keep`` inputs (scalars or (N·rows,) arrays) of the conditional and unconditional halves;
-        keep_u None = an unguided stage. Returns the samples (N·rows, *x_shape).
+        keep_u None = an unguided stage; uncond: per-row arrays that replace some of ``cond`` in the
+        unconditional half (the empty prompt's text). Returns the samples (N·rows, *x_shape).
         """
         rows, n_images = streams.rows, len(streams.generators)
         engine = self.engines[st.graph]
+        last_engine = self.engines[st.last_graph] if st.last_graph else engine
         names = {t.name for t in engine.spec.inputs}
         g = opts["guidance"]
         guided = keep_u is not None and g is not None and g != 1.0
-        schedule = respace(st.abar, opts["steps"], st.spacing)
+        schedule = respace(st.abar, opts["steps"], st.spacing, betas=st.betas)
         total_steps = len(schedule)
         step_of = {int(t): i for i, t in enumerate(schedule.timesteps)}
         per_image = rows * (2 if guided else 1)
-        if engine.max_batch is not None and engine.max_batch < per_image:
+        max_batch = min((e.max_batch for e in (engine, last_engine) if e.max_batch is not None), default=None)
+        if max_batch is not None and max_batch < per_image:
             hint = " (ask for fewer candidates)" if rows > 1 else ""
             raise InputError(f"{st.name}: {per_image} rows per image exceed the graph's max batch "
-                             f"{engine.max_batch}{hint}")
-        image_chunks = _chunks(n_images, None if engine.max_batch is None else engine.max_batch // per_image)
+                             f"{max_batch}{hint}")
+        image_chunks = _chunks(n_images, None if max_batch is None else max_batch // per_image)
         results = []
         for c, sel in enumerate(image_chunks):
             row_sel = slice(sel.start * rows, sel.stop * rows)
@@ -404,19 +441,20 @@ class Pipeline:
             feeds = {k: v[row_sel] for k, v in cond.items()}
             feeds.update({k: _rows(v, row_sel, b) for k, v in keep_c.items()})
             if guided:
-                uncond = {**{k: v[row_sel] for k, v in cond.items()}, **{k: _rows(v, row_sel, b)
-                                                                          for k, v in keep_u.items()}}
-                feeds = {k: np.concatenate([feeds[k], uncond[k]]) for k in feeds}  # (2B, ...): cond, uncond
+                half = {k: v[row_sel] for k, v in {**cond, **(uncond or {})}.items()}
+                half.update({k: _rows(v, row_sel, b) for k, v in keep_u.items()})
+                feeds = {k: np.concatenate([feeds[k], half[k]]) for k in feeds}  # (2B, ...): cond, uncond
             feeds = {k: v for k, v in feeds.items() if k in names}
 
             def model(x_in, t, feeds=feeds):
                 i = step_of.get(int(t[0]))
-                out = self._call(engine, st.name, step=None if i is None else i + 1, total=total_steps,
+                graph = last_engine if i == total_steps - 1 else engine
+                out = self._call(graph, st.name, step=None if i is None else i + 1, total=total_steps,
                                  timestep=int(t[0]), x_t=x_in, t=t, **feeds)
                 return out[st.output]
 
             denoise = make_denoiser(model, kind=st.kind, schedule=schedule, guidance_scale=g if guided else None,
-                                    clip_x0=st.clip_x0)
+                                    clip_x0=st.clip_x0, learned_variance=st.variance == "learned_range")
             rng = streams.subset(sel)
             x = rng.standard_normal((b, *st.x_shape))  # x_T
 
@@ -424,7 +462,8 @@ class Pipeline:
                 if callback is not None:
                     callback(st.name, c * total_steps + i + 1, len(image_chunks) * total_steps, x0)
 
-            x = sample(opts["sampler"], denoise, x, schedule, rng=rng, callback=step_cb)
+            x = sample(opts["sampler"], denoise, x, schedule, rng=rng, callback=step_cb,
+                       **sampler_options(opts["sampler"], st.variance))
             if not np.isfinite(x).all():
                 raise NonFiniteError(st.name, "x", total_steps, total_steps)
             results.append(x)

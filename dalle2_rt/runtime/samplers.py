@@ -30,11 +30,11 @@ def ddpm_variances(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
     """(β_i, β̃_i) of the respaced chain, float64 (S,).
 
     β_i = 1 − ᾱ_i/ᾱ'_i (the single-step beta between consecutive sampling steps, guided-diffusion
-    ``respace.py``) and β̃_i = (1 − ᾱ'_i)/(1 − ᾱ_i) β_i, the posterior variance (Eq. 7 of Ho et al. 2020);
-    β̃ = 0 on the last step.
+    ``respace.py``; or ``schedule.betas`` where the schedule records them, see ``schedules.respace``) and
+    β̃_i = (1 − ᾱ'_i)/(1 − ᾱ_i) β_i, the posterior variance (Eq. 7 of Ho et al. 2020); β̃ = 0 on the last step.
     """
     abar, abar_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
-    betas = 1.0 - abar / abar_prev
+    betas = 1.0 - abar / abar_prev if schedule.betas is None else np.asarray(schedule.betas, np.float64)
     return betas, (1.0 - abar_prev) / (1.0 - abar) * betas
 
 

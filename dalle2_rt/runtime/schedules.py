@@ -58,6 +58,7 @@ class Schedule:
 
     timesteps: np.ndarray  # (S,) int64, decreasing
     alphas_cumprod: np.ndarray  # (S,) float64, increasing
+    betas: np.ndarray | None = None  # (S,) float64 single-step β_i when recorded (see ``respace``), else derived
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -68,11 +69,17 @@ class Schedule:
         return np.append(self.alphas_cumprod[1:], 1.0)
 
 
-def respace(alphas_cumprod: np.ndarray, steps: int, spacing: str = "trailing") -> Schedule:
+def respace(alphas_cumprod: np.ndarray, steps: int, spacing: str = "trailing",
+            betas: np.ndarray | None = None) -> Schedule:
     """Choose ``steps`` of the T training timesteps and return the schedule over them.
 
     spacing: ``trailing`` (always includes t = T-1; Lin et al. 2023 Table 2), ``leading``
     (diffusers' DDIM default), ``linspace`` (round(linspace(0, T-1, S))).
+    betas: the training chain's own β_t (T,), when a model records them beside ᾱ (an imported scheduler's
+    values). A step whose successor is the adjacent timestep t − 1 (for t = 0: the clean sample) then
+    takes β_t itself instead of 1 − ᾱ_t/ᾱ_{t−1}, as diffusers' DDPM and UnCLIP schedulers do. The two
+    agree in exact arithmetic; they differ where ᾱ was accumulated in float32: at t = 0, 1 − ᾱ_0 keeps
+    only ~3 digits of β_0 ≈ 4e-5, and the last DDPM step returns x0·β_0/(1 − ᾱ_0) ≈ 1.001·x0 there.
     """
     alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
     num_timesteps = len(alphas_cumprod)
@@ -91,7 +98,15 @@ def respace(alphas_cumprod: np.ndarray, steps: int, spacing: str = "trailing") -
     else:
         raise ValueError(f"unknown spacing {spacing!r}; known: trailing, leading, linspace")
     ts = np.clip(ts, 0, num_timesteps - 1)
-    return Schedule(timesteps=ts, alphas_cumprod=alphas_cumprod[ts])
+    abar = alphas_cumprod[ts]
+    step_betas = None
+    if betas is not None:
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.shape != alphas_cumprod.shape:
+            raise ValueError(f"betas has shape {betas.shape}, alphas_cumprod {alphas_cumprod.shape}")
+        adjacent = np.append(ts[1:], -1) == ts - 1  # the next step is t − 1 (or the clean sample after t = 0)
+        step_betas = np.where(adjacent, betas[ts], 1.0 - abar / np.append(abar[1:], 1.0))
+    return Schedule(timesteps=ts, alphas_cumprod=abar, betas=step_betas)
 
 
 def q_sample(x0: np.ndarray, abar: float | np.ndarray, noise: np.ndarray) -> np.ndarray:

@@ -77,7 +77,9 @@ and the entry names those steps instead of the list above:
   strings are found in the *raw* text, exactly and case-sensitively (leftmost, longest first), before any
   preprocessing; the text between them goes through steps 1-6 on its own, and a pre-token that only
   spells a special string after preprocessing (``<|ENDOFTEXT|>`` lower-cased) is BPE-encoded as text.
-  That is how ``tokenizers`` treats added tokens.
+  That is how ``tokenizers`` treats added tokens. In this mode ``special_tokens`` lists every added
+  token of the source tokenizer, which may be more than sot and eot (a pad token ``"!"`` with id 0 makes
+  every ``!`` of a prompt id 0, as in transformers).
 
 Thread safety: a ``Tokenizer`` is immutable after construction; its word cache is a
 ``functools.lru_cache`` (safe to call from several threads), so one instance serves a whole Pipeline.
@@ -169,7 +171,10 @@ class Tokenizer:
         self._pattern = regex.compile(tables["pattern"], flags)
         if context_length < 2:
             raise ValueError(f"context_length {context_length} leaves no room for sot and eot")
-        if sorted(self._special.values()) != sorted({sot_id, eot_id}):
+        # open_clip: exactly sot and eot. transformers: every added token (e.g. a pad token "!" of its own).
+        extra_ok = special_tokens_match == "raw_text"
+        if not {sot_id, eot_id} <= set(self._special.values()) or (
+                not extra_ok and sorted(self._special.values()) != sorted({sot_id, eot_id})):
             raise ValueError(f"special_tokens {self._special} do not match sot_id {sot_id}, eot_id {eot_id}")
         self.vocab_size = len(vocab)
         self.context_length = context_length

@@ -1,0 +1,94 @@
+"""What a stage entry of the manifest asks the pipeline to do, beyond the schema-1 defaults of our own models.
+
+The keys are specified in ARCHITECTURE.md ("Schema additions for imported families"); each has a default
+that is what a folder exported from our checkpoints does, so such folders need none of them. The pipeline
+reads them through this module and never looks at a model's name.
+
+  text_encoder.text_mask    absent | "tokens": graphs with a ``text_mask`` input get 1.0 on the positions
+                            the tokenizer filled (sot, ids, eot), 0.0 on padding
+  <stage>.uncond_text       "null_input" (default): the unconditional half is the conditional inputs with
+                            every ``*_keep`` = 0 | "empty_prompt": its text inputs (text_embed,
+                            text_encodings, text_mask) are the text encoder's outputs for "" instead
+  <stage>.variance          "small" (default) | "large": DDPM's fixed σ² = β̃ or β | "learned_range": the
+                            graph outputs 2C channels (prediction, v), σ² interpolated by v
+  prior.embed_norm          {"kind": "scale", "scale": s} (default, s = embed_scale): the decoder's
+                            image_embed = normalize(pred / s) | {"kind": "mean_std", "mean": [D], "std": [D]}:
+                            image_embed = pred · std + mean, not normalised
+  sr[m].noise_aug_t         an int: low_res = q_sample(previous, ᾱ[t]) and the graph's aug_t = t | null:
+                            low_res = previous image, no draw, no aug_t input
+  sr[m].last_step_graph     absent | a graph (same I/O as ``graph``) run for the last sampling step only
+"""
+from __future__ import annotations
+
+import numpy as np
+
+UNCOND_TEXT = ("null_input", "empty_prompt")
+VARIANCES = ("small", "large", "learned_range")
+TEXT_MASKS = ("tokens",)
+EMBED_NORMS = ("scale", "mean_std")
+
+
+def stage_problems(entry: dict, graphs, *, sr: bool = False) -> list[str]:
+    """What is wrong with the additions in one diffusion stage entry (empty: usable)."""
+    problems = []
+    if entry.get("uncond_text", "null_input") not in UNCOND_TEXT:
+        problems.append(f"uncond_text {entry['uncond_text']!r} is not one of {UNCOND_TEXT}")
+    if entry.get("variance", "small") not in VARIANCES:
+        problems.append(f"variance {entry['variance']!r} is not one of {VARIANCES}")
+    last = entry.get("last_step_graph")
+    if last is not None and last not in graphs:
+        problems.append(f"last_step_graph {last!r} is not in graphs")
+    if sr:
+        aug = entry.get("noise_aug_t")
+        if aug is not None and not isinstance(aug, int):
+            problems.append(f"noise_aug_t must be an integer or null, got {aug!r}")
+        for name in filter(None, (entry.get("graph"), last)):
+            takes_aug = any(t.name == "aug_t" for t in getattr(graphs.get(name), "inputs", ()))
+            if takes_aug != (aug is not None):
+                problems.append(f"graph {name!r} {'takes' if takes_aug else 'has no'} aug_t but noise_aug_t is "
+                                f"{aug!r}")
+    norm = entry.get("embed_norm")
+    if norm is not None:
+        try:
+            embed_norm(entry)
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(f"embed_norm is unusable ({e})")
+    return problems
+
+
+def embed_norm(prior_entry: dict) -> dict:
+    """The prior's ``embed_norm``, or the schema-1 ``embed_scale`` as {"kind": "scale", "scale": s}."""
+    norm = prior_entry.get("embed_norm")
+    if norm is None:
+        return {"kind": "scale", "scale": float(prior_entry.get("embed_scale", 1.0))}
+    kind = norm["kind"]
+    if kind == "scale":
+        return {"kind": "scale", "scale": float(norm["scale"])}
+    if kind == "mean_std":
+        mean, std = np.asarray(norm["mean"], np.float64), np.asarray(norm["std"], np.float64)
+        if mean.ndim != 1 or mean.shape != std.shape:
+            raise ValueError("mean and std must be two lists of the same length")
+        return {"kind": "mean_std", "mean": mean, "std": std}
+    raise ValueError(f"kind {kind!r} is not one of {EMBED_NORMS}")
+
+
+def image_embed_from_prior(pred: np.ndarray, norm: dict | float) -> np.ndarray:
+    """The decoder's ``image_embed`` from prior outputs (..., D), float64.
+
+    scale: normalize(pred / s), the unit CLIP embedding; mean_std: pred · std + mean (karlo's
+    ``PriorTransformer.post_process_latents``), the raw CLIP embedding its decoder was trained on.
+    """
+    if not isinstance(norm, dict):
+        norm = {"kind": "scale", "scale": float(norm)}
+    pred = np.asarray(pred, np.float64)
+    if norm["kind"] == "mean_std":
+        return pred * norm["std"] + norm["mean"]
+    x = pred / norm["scale"]
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def sampler_options(sampler: str, variance: str) -> dict:
+    """Extra keyword arguments of ``samplers.sample`` for a stage's ``variance``."""
+    if sampler == "ddpm" and variance in ("small", "large"):
+        return {"variance": variance}
+    return {}  # learned_range travels with the denoiser; DDIM / DPM++ have no variance choice

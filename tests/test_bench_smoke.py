@@ -1,0 +1,131 @@
+"""The benchmark harness on the tiny engines: it runs end to end and its results are well formed.
+
+No timing is asserted (benchmarks print numbers; they are not timed tests). What is asserted: the FLOP
+counter against hand-counted graphs and against torch's own counter, the structure and consistency of
+each part's results, the worker protocol of the side-by-sides, and the chart file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper  # noqa: E402
+
+from bench import flops  # noqa: E402
+
+
+def _graph(nodes, inputs, outputs, inits=()):
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = min(m.ir_version, 10)
+    return m
+
+
+def test_flop_counter_by_hand(tmp_path):
+    """Conv 3→8, 3×3, stride 1 on 16×16; MatMul (B,4,5,6)@(6,7); Gemm transB (B,7)x(3,7)ᵀ, at batch B."""
+    f = helper.make_tensor_value_info
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 3, 3, 3], np.zeros(8 * 27, np.float32))
+    m6 = helper.make_tensor("m", TensorProto.FLOAT, [6, 7], np.zeros(42, np.float32))
+    gw = helper.make_tensor("gw", TensorProto.FLOAT, [3, 7], np.zeros(21, np.float32))
+    model = _graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+         helper.make_node("MatMul", ["a", "m"], ["c"]),
+         helper.make_node("Gemm", ["v", "gw"], ["o"], transB=1)],
+        [f("x", TensorProto.FLOAT, ["batch", 3, 16, 16]), f("a", TensorProto.FLOAT, ["batch", 4, 5, 6]),
+         f("v", TensorProto.FLOAT, ["batch", 7])],
+        [f("y", TensorProto.FLOAT, None), f("c", TensorProto.FLOAT, None), f("o", TensorProto.FLOAT, None)],
+        [w, m6, gw])
+    path = tmp_path / "g.onnx"
+    onnx.save(model, path)
+    for b in (1, 3):
+        c = flops.count_flops(path, b)
+        conv = 2 * b * 8 * 16 * 16 * 3 * 9
+        matmul = 2 * b * 4 * 5 * 6 * 7
+        gemm = 2 * b * 7 * 3
+        assert c["by_op"] == {"Conv": conv, "MatMul": matmul, "Gemm": gemm}
+        assert c["flops"] == conv + matmul + gemm
+    assert flops.count_params(path) == 8 * 27 + 42 + 21
+
+
+def test_flop_counter_matches_torch(tiny_engines):
+    """Our ONNX count equals torch.utils.flop_counter on the same modules (the torch backend's)."""
+    torch = pytest.importorskip("torch")
+    from bench.sides import _our_torch_counts
+    from dalle2_rt.runtime.pipeline import Pipeline
+
+    with torch.no_grad():
+        counts = _our_torch_counts(Pipeline.load(tiny_engines, backend="torch", threads=1))
+    manifest = json.loads((tiny_engines / "manifest.json").read_text())
+    for g in ("prior", "decoder", "sr0"):
+        ours = flops.count_flops(tiny_engines / manifest["graphs"][g]["file"], 1)["flops"]
+        assert ours == counts[g]["flops"], g
+        assert ours > 0
+
+
+def test_bench_quick_on_tiny_engines(tiny_engines, tmp_path):
+    """``python -m bench --quick`` with tiny settings: every selected part produces well-formed numbers."""
+    from bench.__main__ import main
+
+    out = tmp_path / "out"
+    rc = main(["--engines", str(tiny_engines), "--quick", "--parts", "flops,latency,cold,fidelity",
+               "--counts", "1,2", "--sweep-captions", "2", "--out", str(out), "--no-chart-copy",
+               "--fidelity-untrained"])
+    res = json.loads((out / "results.json").read_text())
+    assert rc == 0, res["errors"]
+    assert set(res["parts"]) == {"flops", "latency", "cold", "fidelity"}
+    assert res["machine"]["cores"] >= 1 and res["machine"]["cpu"]
+
+    for g, v in res["parts"]["flops"].items():
+        assert v["gflop"] > 0 and v["params"] > 0, g
+
+    lat = res["parts"]["latency"]
+    assert set(lat) == {"1", "2"}
+    for n, v in lat.items():
+        assert list(v["stages"]) == ["text_encoder", "prior", "decoder", "sr0", "output"]
+        assert math.isclose(sum(v["stages"].values()), v["total"], rel_tol=1e-6)
+        assert 0 < v["in_graphs"] <= v["total"]
+        graphs = v["graphs"]
+        # 25 guided prior steps × (2 candidates × 2 branches) rows per image, 25 guided decoder steps, 7 SR
+        assert graphs["prior"]["calls"] == 25 and graphs["prior"]["rows_per_call"] == 4 * int(n)
+        assert graphs["decoder"]["calls"] == 25 and graphs["decoder"]["rows_per_call"] == 2 * int(n)
+        assert graphs["sr0"]["calls"] == 7 and graphs["sr0"]["rows_per_call"] == int(n)
+        assert all(g["gflops"] > 0 for g in graphs.values())
+
+    cold = res["parts"]["cold"]
+    assert cold["cold_s"] > 0 and len(cold["cold_runs"]) == 2
+    assert set(cold["phases"]) == {"import", "load", "first_image"}
+    assert all(v > 10 for v in cold["max_rss_mb"].values())  # MB: a Python process with ORT loaded
+
+    fid = res["parts"]["fidelity"]
+    assert set(fid["sweeps"]) == {"decoder", "prior", "sr"}
+    for s in fid["sweeps"].values():
+        assert s["chosen"] in [p["steps"] for p in s["points"]]
+        assert all(0.0 <= p["fully_right"] <= 1.0 and p["images"] == 2 for p in s["points"])
+    png = out / "fidelity_steps.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    md = (out / "RESULTS.md").read_text()
+    for heading in ("Warm latency", "Cold start", "Fidelity vs steps", "Command: `python -m bench"):
+        assert heading in md
+
+
+def test_worker_protocol_alternates(tiny_engines):
+    """Two workers answer in turn with one result per request (the side-by-side machinery)."""
+    from bench.timing import Worker, alternate
+
+    args = json.dumps({"engines": str(tiny_engines), "backend": "onnxruntime", "threads": 1})
+    with Worker("a", [sys.executable, "-m", "bench.worker", "ours", args]) as a, \
+            Worker("b", [sys.executable, "-m", "bench.worker", "ours", args]) as b:
+        assert a.info["networks"]["decoder"]["flops"] > 0
+        answers = alternate([a, b], {"a": {"images": 1, "steps": [2, 2, 2]}, "b": {"images": 2, "steps": [2, 2, 2]}},
+                            rounds=2)
+        assert [x["images"] for x in answers["a"]] == [1, 1]
+        assert [x["images"] for x in answers["b"]] == [2, 2]
+        assert all(x["seconds"] > 0 for v in answers.values() for x in v)
+        with pytest.raises(RuntimeError, match="worker a"):
+            a.ask({"op": "run", "images": 0})  # the pipeline's InputError comes back as the worker's error
