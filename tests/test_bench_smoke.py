@@ -100,6 +100,9 @@ def test_bench_quick_on_tiny_engines(tiny_engines, tmp_path):
     assert cold["cold_s"] > 0 and len(cold["cold_runs"]) == 2
     assert set(cold["phases"]) == {"import", "load", "first_image"}
     assert all(v > 10 for v in cold["max_rss_mb"].values())  # MB: a Python process with ORT loaded
+    assert set(cold["memory_options"]) == {"default", "no-arena", "no-arena-no-pattern"}
+    assert all(v["max_rss_mb"] > 10 and v["warm_s"] > 0 for v in cold["memory_options"].values())
+    assert set(cold["load"]["sessions"]) == set(json.loads((tiny_engines / "manifest.json").read_text())["graphs"])
 
     fid = res["parts"]["fidelity"]
     assert set(fid["sweeps"]) == {"decoder", "prior", "sr"}

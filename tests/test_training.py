@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from dalle2_rt.training import checkpoint, stages  # noqa: E402
 from dalle2_rt.training.config import ConfigError, config_from_dict, load_config  # noqa: E402
 from dalle2_rt.world import world_stream  # noqa: E402
-from tests.conftest import tiny_config_dict  # noqa: E402
+from tests.conftest import TINY_MODEL, tiny_config_dict  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -212,7 +212,6 @@ def test_users_open_clip_checkpoint_is_imported(tmp_path):
     import open_clip
 
     from dalle2_rt.models.clip import ClipTextEncoder
-    from tests.conftest import TINY_MODEL
 
     oc = stages.MODEL_CLASSES["clip"](**TINY_MODEL["clip"]).open_clip_cfg()
     torch.manual_seed(3)
@@ -255,3 +254,22 @@ def test_mixed_world_and_folder_data_cycles_and_counts_skips(tmp_path):
     assert len(from_folder) > 4  # two files, drawn more than twice: the folder cycles
     assert len(captions) - len(from_folder) > 4  # the world stream is mixed in
     assert skips.total >= 2 and "a broken image" not in captions  # broken once per pass over the folder
+
+
+def test_sample_grids_are_written_with_the_runtime_sampler(tmp_path):
+    from PIL import Image
+
+    d = tiny_config_dict(tmp_path / "run", steps=2)
+    d["run"]["sample_every"] = 2
+    cfg = config_from_dict(d)
+    stages.train_clip(cfg)
+    from dalle2_rt.training.loop import train_stage
+
+    # decoder: [64x64 training images; samples upscaled to 64]; sr: [low-res, samples, truth] at the SR size
+    for name, rows, side in (("decoder", 2, 64), ("sr", 3, TINY_MODEL["sr"]["image_size"])):
+        train_stage(stages.SPECS[name](cfg), cfg)
+        grid = Image.open(cfg.stage_dir(name) / "samples" / "0000002.png")
+        assert grid.size == (8 * side, rows * side)
+        px = np.asarray(grid)
+        assert px.std() > 0  # not a blank image
+        assert not list((cfg.stage_dir(name) / "samples").glob("*.tmp"))

@@ -21,7 +21,7 @@ from dalle2_rt.models.clip import ClipConfig, ClipImageEncoder, ClipTextEncoder,
 from dalle2_rt.models.decoder import Decoder, DecoderConfig
 from dalle2_rt.models.prior import DiffusionPrior, PriorConfig
 from dalle2_rt.models.sr import SRConfig, SuperRes
-from dalle2_rt.training import checkpoint
+from dalle2_rt.training import checkpoint, samples
 from dalle2_rt.training.config import TrainConfig
 from dalle2_rt.training.data import to_pixels
 from dalle2_rt.training.diffusion import Diffusion
@@ -134,7 +134,8 @@ def decoder_spec(cfg: TrainConfig) -> StageSpec:
         return diffusion.loss(model, x0, "eps", gen, image_embed=image_embed, text_encodings=text_enc,
                               image_keep=_drop_mask(b, 0.1, gen), text_keep=_drop_mask(b, 0.5, gen))
 
-    return StageSpec("decoder", "decoder", Decoder(dcfg), dcfg, 64, loss)
+    return StageSpec("decoder", "decoder", Decoder(dcfg), dcfg, 64, loss,
+                     sample_grid=lambda model, path: samples.decoder_grid(model, frozen, path))
 
 
 def sr_spec(cfg: TrainConfig) -> StageSpec:
@@ -150,7 +151,7 @@ def sr_spec(cfg: TrainConfig) -> StageSpec:
         low = diffusion.q_sample(low, aug_t, torch.randn(low.shape, generator=gen))
         return diffusion.loss(model, x0, "eps", gen, low_res=low, aug_t=aug_t.float())
 
-    return StageSpec("sr", "sr", SuperRes(scfg), scfg, scfg.image_size, loss)
+    return StageSpec("sr", "sr", SuperRes(scfg), scfg, scfg.image_size, loss, sample_grid=samples.sr_grid)
 
 
 SPECS = {"clip": clip_spec, "prior": prior_spec, "decoder": decoder_spec, "sr": sr_spec}
