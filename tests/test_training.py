@@ -273,3 +273,20 @@ def test_sample_grids_are_written_with_the_runtime_sampler(tmp_path):
         px = np.asarray(grid)
         assert px.std() > 0  # not a blank image
         assert not list((cfg.stage_dir(name) / "samples").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_training_targets_agree_with_the_runtime_parameterisation(kind):
+    """A perfect prediction of the training target converts back to x0 through the runtime's adapter."""
+    from dalle2_rt.runtime.parameterization import to_x0
+    from dalle2_rt.training.diffusion import Diffusion
+
+    d = Diffusion()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 700, 990])
+    x_t = d.q_sample(x0, t, noise)
+    target = d.target(x0, t, noise, kind)
+    back = to_x0(target.numpy(), x_t.numpy(), d.abar[t].numpy(), kind)
+    tol = 2e-3 if kind == "eps" else 1e-5  # eps -> x0 divides by √ᾱ (≈ 0.016 at t = 990)
+    np.testing.assert_allclose(back, x0.numpy(), atol=tol)

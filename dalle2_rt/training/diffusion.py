@@ -1,7 +1,8 @@
 """The Gaussian diffusion process for training, apart from the networks.
 
 ᾱ comes from the runtime's float64 schedules (one source of truth for training and sampling) and is
-turned into a torch tensor once. Losses: eps-MSE (decoder, SR) and x0-MSE (prior, Ramesh et al. Sec. 2.2).
+turned into a torch tensor once. Losses: MSE on ε, x0 (the prior, Ramesh et al. Sec. 2.2) or v (the
+pixel stages of the bundled model).
 """
 from __future__ import annotations
 
@@ -31,5 +32,19 @@ class Diffusion:
         t = self.sample_t(x0.shape[0], generator)
         noise = torch.randn(x0.shape, generator=generator)
         pred = model(x_t=self.q_sample(x0, t, noise), t=t.float(), **cond)
-        target = {"eps": noise, "x0": x0}[parameterization]
-        return (pred.float() - target).pow(2).mean()
+        return (pred.float() - self.target(x0, t, noise, parameterization)).pow(2).mean()
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, parameterization: str) -> torch.Tensor:
+        """What the network predicts: ε, x0, or v = √ᾱ ε − √(1-ᾱ) x0 (Salimans & Ho 2022, Sec. 4).
+
+        v keeps the x0 error weighted at high noise, where an ε-model's x0 = (x_t − √(1-ᾱ) ε)/√ᾱ divides
+        the ε error by √ᾱ ≈ 1e-4: with ε, pixel stages learn colour and layout only weakly there.
+        """
+        if parameterization == "eps":
+            return noise
+        if parameterization == "x0":
+            return x0
+        if parameterization == "v":
+            a = self._abar(t, x0.dim())
+            return a.sqrt() * noise - (1 - a).sqrt() * x0
+        raise ValueError(f"unknown parameterization {parameterization!r}; known: eps, x0, v")

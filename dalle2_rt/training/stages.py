@@ -131,7 +131,8 @@ def decoder_spec(cfg: TrainConfig) -> StageSpec:
         _, text_enc, image_embed = frozen(images, captions)
         x0 = to_pixels(images, dcfg.image_size) * 2 - 1  # [-1, 1]
         b = len(captions)
-        return diffusion.loss(model, x0, "eps", gen, image_embed=image_embed, text_encodings=text_enc,
+        return diffusion.loss(model, x0, dcfg.parameterization, gen, image_embed=image_embed,
+                              text_encodings=text_enc,
                               image_keep=_drop_mask(b, 0.1, gen), text_keep=_drop_mask(b, 0.5, gen))
 
     return StageSpec("decoder", "decoder", Decoder(dcfg), dcfg, 64, loss,
@@ -149,7 +150,7 @@ def sr_spec(cfg: TrainConfig) -> StageSpec:
         # given to the network, so that sampling can condition on a lightly noised base-model output.
         aug_t = torch.randint(0, scfg.num_timesteps // 4, (x0.shape[0],), generator=gen)
         low = diffusion.q_sample(low, aug_t, torch.randn(low.shape, generator=gen))
-        return diffusion.loss(model, x0, "eps", gen, low_res=low, aug_t=aug_t.float())
+        return diffusion.loss(model, x0, scfg.parameterization, gen, low_res=low, aug_t=aug_t.float())
 
     return StageSpec("sr", "sr", SuperRes(scfg), scfg, scfg.image_size, loss, sample_grid=samples.sr_grid)
 
