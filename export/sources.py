@@ -9,7 +9,6 @@ that overrides the exporter's built-in sampling defaults for that stage in the m
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from dalle2_rt.models.clip import ClipConfig, build_clip
 from dalle2_rt.models.decoder import Decoder, DecoderConfig
 from dalle2_rt.models.prior import DiffusionPrior, PriorConfig
 from dalle2_rt.models.sr import SRConfig, SuperRes
+from dalle2_rt.runtime.manifest import sha256_file  # one hashing routine: the runtime checks what export writes
 from dalle2_rt.training import checkpoint
 
 # kind (model.json "kind") -> (config dataclass, network class); CLIP is built by open_clip.
@@ -31,14 +31,6 @@ _SR_STAGE = re.compile(r"^sr(\d*)$")
 
 class SourceError(ValueError):
     """The checkpoint directory is missing a stage, or its stages do not fit together."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
