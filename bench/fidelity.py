@@ -87,19 +87,29 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--no-retrieval", action="store_true", help="skip the CLIP retrieval measurement")
+    for opt in ("prior-steps", "decoder-steps", "sr-steps", "candidates"):
+        p.add_argument(f"--{opt}", type=int, help="override the manifest default")
+    for opt in ("prior-guidance", "decoder-guidance"):
+        p.add_argument(f"--{opt}", type=float, help="override the manifest default")
+    p.add_argument("--sampler", help="override the manifest default")
     args = p.parse_args(argv)
+    settings = {k: getattr(args, k) for k in ("prior_steps", "decoder_steps", "sr_steps", "candidates",
+                                               "prior_guidance", "decoder_guidance", "sampler")
+                if getattr(args, k) is not None}
     pipe = Pipeline.load(args.engines, threads=args.threads)
     captions = eval_captions(args.single, args.two)
-    summary, _, secs = generate_and_score(pipe, captions, args.seeds)
+    summary, _, secs = generate_and_score(pipe, captions, args.seeds, **settings)
     print(summary)
     n_img = len(captions) * len(args.seeds)
     print(f"{n_img} images in {secs:.1f} s ({secs / n_img:.3f} s/image)")
-    retrieval = clip_retrieval(pipe)
-    print("CLIP image→caption top-1 among 100:", json.dumps(retrieval))
+    retrieval = None if args.no_retrieval else clip_retrieval(pipe)
+    if retrieval:
+        print("CLIP image→caption top-1 among 100:", json.dumps(retrieval))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summary.as_dict(), "retrieval": retrieval, "images": n_img, "seconds": secs,
-                       "settings": pipe.settings()}, f, indent=2)
+                       "settings": pipe.settings(**settings)}, f, indent=2)
     return 0
 
 
