@@ -1,0 +1,90 @@
+"""A line chart written with PIL (matplotlib is not a dependency): labelled axes, ticks, legend, markers."""
+from __future__ import annotations
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # scalable with FreeType (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
+    span = max(hi - lo, 1e-9)
+    raw = span / n
+    mag = 10 ** int(f"{raw:e}".split("e")[1])
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = step * int(lo // step)
+    ticks, v = [], start
+    while v <= hi + 1e-9:
+        if v >= lo - 1e-9:
+            ticks.append(round(v, 10))
+        v += step
+    return ticks
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], path, *, title: str, xlabel: str, ylabel: str,
+               marked: dict[str, float] | None = None, size=(900, 560), y_range=None) -> None:
+    """Write a PNG: one polyline with dot markers per series (points (x, y)); ``marked[name] = x`` draws a
+    ring around that series' point at x (e.g. the chosen default)."""
+    w, h = size
+    left, right, top, bottom = 80, 200, 50, 70
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    f_small, f_mid, f_big = _font(13), _font(15), _font(18)
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x0, x1 = 0.0, max(xs) * 1.05
+    if y_range is None:
+        pad = max((max(ys) - min(ys)) * 0.15, 2.0)
+        y0, y1 = max(0.0, min(ys) - pad), min(100.0, max(ys) + pad)
+    else:
+        y0, y1 = y_range
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
+
+    # frame, grid, ticks
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for yt in _nice_ticks(y0, y1):
+        _, py = px(x0, yt)
+        d.line([left, py, w - right, py], fill=(225, 225, 225))
+        d.line([left - 5, py, left, py], fill="black")
+        label = f"{yt:g}"
+        d.text((left - 8 - d.textlength(label, font=f_small), py - 7), label, fill="black", font=f_small)
+    for xt in _nice_ticks(x0, x1, 10):
+        pxx, _ = px(xt, y0)
+        d.line([pxx, h - bottom, pxx, h - bottom + 5], fill="black")
+        label = f"{xt:g}"
+        d.text((pxx - d.textlength(label, font=f_small) / 2, h - bottom + 8), label, fill="black", font=f_small)
+    # labels
+    d.text(((w - right + left) / 2 - d.textlength(title, font=f_big) / 2, 14), title, fill="black", font=f_big)
+    d.text(((w - right + left) / 2 - d.textlength(xlabel, font=f_mid) / 2, h - bottom + 32), xlabel, fill="black",
+           font=f_mid)
+    ylab = Image.new("RGBA", (int(d.textlength(ylabel, font=f_mid)) + 4, 20), (255, 255, 255, 0))
+    ImageDraw.Draw(ylab).text((2, 0), ylabel, fill="black", font=f_mid)
+    ylab = ylab.rotate(90, expand=True)
+    img.paste(ylab, (18, int((h - bottom + top) / 2 - ylab.size[1] / 2)), ylab)
+    # series
+    for i, (name, pts) in enumerate(series.items()):
+        color = COLORS[i % len(COLORS)]
+        pts = sorted(pts)
+        xy = [px(x, y) for x, y in pts]
+        if len(xy) > 1:
+            d.line(xy, fill=color, width=3)
+        for (x, _), (a, b) in zip(pts, xy):
+            d.ellipse([a - 4, b - 4, a + 4, b + 4], fill=color)
+            if marked and marked.get(name) == x:
+                d.ellipse([a - 9, b - 9, a + 9, b + 9], outline=color, width=2)
+        ly = top + 10 + 26 * i
+        d.line([w - right + 15, ly + 8, w - right + 45, ly + 8], fill=color, width=3)
+        d.text((w - right + 52, ly), name, fill="black", font=f_mid)
+    if marked:
+        ly = top + 10 + 26 * len(series) + 6
+        d.ellipse([w - right + 24, ly + 2, w - right + 38, ly + 16], outline="black", width=2)
+        d.text((w - right + 52, ly), "chosen default", fill="black", font=f_mid)
+    img.save(path)

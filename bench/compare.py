@@ -1,0 +1,123 @@
+"""Side by side: our onnxruntime pipeline against each contender, alternating A, B, A, B … in one run.
+
+- ``backends``: our onnxruntime backend vs our torch backend (same weights, same loop, defaults).
+- ``dalle2``: vs DALLE2-pytorch 1.15.6 at matched sizes (``dalle2_side.py``), at our step counts with the
+  same guidance and 2 prior candidates; and at its defaults (1000-step DDPM in each stage: one image, one
+  run, between two of ours).
+- ``diffusers``: vs diffusers' UnCLIPPipeline at matched sizes (``sides.diffusers_pipeline``), 25/25/7
+  steps, guidance 4/5, one prior sample per image on both sides (UnCLIPPipeline has no candidate pick).
+
+Every contender runs in its own worker process with the same number of threads; all sides time one whole
+text -> 64×64 image call (ours includes the text encoder; DALLE2-pytorch gets its text embeddings as
+tensors, so its number excludes a text encoder).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from . import dalle2_venv
+from .timing import REPO, Worker, alternate, median
+
+
+def _ours(engines, backend: str, threads: int, name: str) -> Worker:
+    args = json.dumps({"engines": str(engines), "backend": backend, "threads": threads})
+    return Worker(name, [sys.executable, "-m", "bench.worker", "ours", args])
+
+
+def _summary(answers: dict, a: str, b: str) -> dict:
+    secs = {k: [x["seconds"] for x in v] for k, v in answers.items()}
+    med = {k: median(v) for k, v in secs.items()}
+    return {"seconds": secs, "median": med, "ratio": med[b] / med[a], "a": a, "b": b}
+
+
+def size_check(ours: dict, theirs: dict) -> dict:
+    """Per network: params and FLOPs of both, and theirs/ours (matched = within ±20 %)."""
+    out = {}
+    for net in ("prior", "decoder", "sr0"):
+        o, t = ours.get(net), theirs.get(net)
+        if not o or not t:
+            continue
+        pr, fr = t["params"] / o["params"], t["flops"] / o["flops"]
+        out[net] = {"ours_params": o["params"], "theirs_params": t["params"], "ours_flops": o["flops"],
+                    "theirs_flops": t["flops"], "params_ratio": pr, "flops_ratio": fr,
+                    "matched": bool(abs(pr - 1) <= 0.2 and abs(fr - 1) <= 0.2)}
+    return out
+
+
+def backends(engines, rounds: int = 5, threads: int = 2, images: int = 1, log=print) -> dict:
+    log(f"  onnxruntime vs torch backend, {images} image(s), defaults, {rounds} rounds")
+    with _ours(engines, "onnxruntime", threads, "onnxruntime") as a, _ours(engines, "torch", threads, "torch") as b:
+        req = {"images": images}
+        answers = alternate([a, b], {"onnxruntime": req, "torch": req}, rounds, log=log)
+        out = _summary(answers, "onnxruntime", "torch")
+        out["sizes_torch_counter"] = b.info.get("networks")
+        out["sizes_onnx_counter"] = a.info.get("networks")
+    log(f"  → onnxruntime {out['median']['onnxruntime']:.3f} s, torch {out['median']['torch']:.3f} s: "
+        f"{out['ratio']:.2f}×")
+    return out
+
+
+def dalle2(engines, rounds: int = 3, threads: int = 2, steps=(25, 25, 7), defaults: str = "full",
+           log=print) -> dict:
+    """``defaults``: "full" (its 1000-step loops, one image, once), "estimate" (the first calls of each of its
+    stages timed and extrapolated: for a busy machine) or "skip"."""
+    python = dalle2_venv.ensure(log)
+    out = {}
+    with _ours(engines, "onnxruntime", threads, "ours") as a:
+        spec = json.dumps({"threads": threads, "target": a.info["networks"], "shape": unet_shapes(engines)})
+        with Worker("dalle2_pytorch", [str(python), str(REPO / "bench" / "dalle2_side.py"), spec]) as b:
+            out["info"] = b.info
+            out["sizes"] = size_check(a.info["networks"], b.info["networks"])
+            log(f"  vs DALLE2-pytorch {b.info['config']}, matched steps {steps}, {rounds} rounds")
+            answers = alternate([a, b], {"ours": {"images": 1, "steps": list(steps), "candidates": 2},
+                                         "dalle2_pytorch": {"steps": list(steps), "candidates": 2}}, rounds, log=log)
+            out["matched"] = _summary(answers, "ours", "dalle2_pytorch")
+            out["matched"]["calls"] = answers["dalle2_pytorch"][-1].get("calls")
+            log(f"  → ours {out['matched']['median']['ours']:.3f} s, DALLE2-pytorch "
+                f"{out['matched']['median']['dalle2_pytorch']:.3f} s: {out['matched']['ratio']:.1f}×")
+            if defaults != "skip":
+                log(f"  vs DALLE2-pytorch at its defaults (1000-step DDPM per stage, {defaults}): ours, theirs, ours")
+                ours = [a.ask({"op": "run", "images": 1})["seconds"]]
+                theirs = b.ask({"op": "run", "steps": None, "candidates": 2} if defaults == "full" else
+                               {"op": "estimate", "calls": 40}, timeout=3600)
+                ours.append(a.ask({"op": "run", "images": 1})["seconds"])
+                out["defaults"] = {"ours_seconds": ours, "ours_median": median(ours),
+                                   "theirs_seconds": theirs["seconds"], "theirs_stages": theirs.get("stages"),
+                                   "calls": theirs.get("calls"), "ratio": theirs["seconds"] / median(ours),
+                                   "estimated": bool(theirs.get("estimated")),
+                                   "per_call_ms": theirs.get("per_call_ms")}
+                log(f"  → ours {median(ours):.3f} s (25/25/7), DALLE2-pytorch {theirs['seconds']:.1f} s "
+                    f"(1000/1000/1000): {out['defaults']['ratio']:.0f}×")
+    return out
+
+
+def source_configs(engines) -> dict:
+    """The model configs (``model.json``) of the checkpoints the engine folder was exported from."""
+    from dalle2_rt.runtime.manifest import load_manifest
+    from dalle2_rt.runtime.torch_reference import resolve_source
+
+    manifest = load_manifest(engines)
+    return {name: json.loads((resolve_source(manifest, name) / "model.json").read_text())["config"]
+            for name in ("clip", "prior", "decoder", "sr")}
+
+
+def unet_shapes(engines) -> dict:
+    c = source_configs(engines)
+    dec, sr = c["decoder"]["unet"], c["sr"]["unet"]
+    return {"decoder_mults": dec["channel_mults"], "decoder_blocks": dec["num_res_blocks"],
+            "sr_mults": sr["channel_mults"], "sr_blocks": sr["num_res_blocks"]}
+
+
+def diffusers(engines, rounds: int = 3, threads: int = 2, steps=(25, 25, 7), log=print) -> dict:
+    log(f"  vs diffusers UnCLIPPipeline, steps {steps}, {rounds} rounds")
+    args = json.dumps({"threads": threads, "configs": source_configs(engines)})
+    with _ours(engines, "onnxruntime", threads, "ours") as a, \
+            Worker("diffusers", [sys.executable, "-m", "bench.worker", "diffusers", args]) as b:
+        req = {"images": 1, "steps": list(steps), "prior_guidance": 4.0, "decoder_guidance": 5.0}
+        answers = alternate([a, b], {"ours": {**req, "candidates": 1}, "diffusers": req}, rounds, log=log)
+        out = _summary(answers, "ours", "diffusers")
+        out["info"] = b.info
+        out["sizes"] = size_check(a.info["networks"], b.info["networks"])
+    log(f"  → ours {out['median']['ours']:.3f} s, diffusers {out['median']['diffusers']:.3f} s: {out['ratio']:.2f}×")
+    return out
