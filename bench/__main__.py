@@ -1,6 +1,6 @@
 """``python -m bench`` (``make bench``): latency, cold start, memory, GFLOP/s, side-by-sides and fidelity.
 
-    python -m bench                                  # everything, on engines/shapes-v1 (~25 min)
+    python -m bench                                  # everything, on engines/shapes-v1 (~20 min on 2 cores)
     python -m bench --quick                          # fewer repeats and rounds, no 1000-step run, small sweep
     python -m bench --parts latency,cold,profile     # some parts only
     python -m bench --engines DIR --out DIR
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -36,8 +37,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats/rounds, skip the 1000-step run")
     p.add_argument("--threads", type=int, default=2, help="threads per contender (default 2)")
     p.add_argument("--out", default=str(eng.OUT), help="where results.json and RESULTS.md go (default bench/out)")
-    p.add_argument("--sweep-captions", type=int, default=None, help="captions per fidelity point (default 40)")
+    p.add_argument("--sweep-captions", type=int, default=None,
+                   help="captions per fidelity point (default 200: ~15 min; 40 leaves a standard error of ~5 points)")
     p.add_argument("--counts", default=None, help="image counts for warm latency (default 1,4,8)")
+    p.add_argument("--latency-steps", default=None, metavar="P,D,S",
+                   help="prior,decoder,sr steps for the warm latency part (default: the manifest's)")
     p.add_argument("--no-chart-copy", action="store_true", help="do not copy the chart to bench/fidelity_steps.png")
     p.add_argument("--dalle2-defaults", choices=("full", "estimate", "skip"), default="full",
                    help="DALLE2-pytorch at its 1000-step defaults: run it whole (default), or time the first "
@@ -58,7 +62,8 @@ def main(argv=None) -> int:
 
     folder, trained = eng.resolve(args.engines)
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    results: dict = {"command": command.strip(), "engines": str(folder), "trained": trained, "quick": q,
+    shown = os.path.relpath(folder, eng.REPO) if folder.resolve().is_relative_to(eng.REPO) else str(folder)
+    results: dict = {"command": command.strip(), "engines": shown, "trained": trained, "quick": q,
                      "threads": args.threads, "machine": machine.describe(), "parts": {}, "errors": {}}
     log(f"bench: {folder} ({'trained' if trained else 'RANDOM weights: timing only'}), {results['machine']['cpu']}, "
         f"{results['machine']['cores']} cores, load {results['machine']['load_average']}")
@@ -88,7 +93,12 @@ def main(argv=None) -> int:
 
             counts = tuple(int(c) for c in args.counts.split(",")) if args.counts else ((1, 4) if q else (1, 4, 8))
             pipe = Pipeline.load(folder, threads=args.threads)
-            return lat.measure(pipe, counts=counts, repeats=2 if q else 3, log=log)
+            steps = {}
+            if args.latency_steps:
+                prior, decoder, sr = (int(x) for x in args.latency_steps.split(","))
+                steps = {"prior_steps": prior, "decoder_steps": decoder, "sr_steps": sr}
+            return {"settings": pipe.settings(**steps),
+                    **lat.measure(pipe, counts=counts, repeats=2 if q else 3, log=log, **steps)}
 
         def profile():
             from dalle2_rt.runtime.manifest import load_manifest
@@ -113,10 +123,10 @@ def main(argv=None) -> int:
             if not trained and not args.fidelity_untrained:
                 return {"skipped": "random-weight engines: fidelity needs the trained model"}
             pipe = Pipeline.load(folder, threads=args.threads)
-            res = steps_sweep.sweep(pipe, captions=args.sweep_captions or (8 if q else 40),
+            res = steps_sweep.sweep(pipe, captions=args.sweep_captions or (8 if q else 200),
                                     sweeps=steps_sweep.QUICK_SWEEPS if q else None, log=log)
             chart = out / "fidelity_steps.png"
-            steps_sweep.chart(res, chart)
+            steps_sweep.chart(res, chart, engines=pipe.manifest.name)
             if not args.no_chart_copy and Path(out).resolve() == eng.OUT.resolve():
                 shutil.copyfile(chart, eng.REPO / "bench" / "fidelity_steps.png")
             res["chart"] = str(chart)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from . import dalle2_venv
-from .timing import REPO, Worker, alternate, median
+from .timing import REPO, SETTLE_S, Worker, alternate, median
 
 
 def _ours(engines, backend: str, threads: int, name: str) -> Worker:
@@ -79,8 +80,10 @@ def dalle2(engines, rounds: int = 3, threads: int = 2, steps=(25, 25, 7), defaul
             if defaults != "skip":
                 log(f"  vs DALLE2-pytorch at its defaults (1000-step DDPM per stage, {defaults}): ours, theirs, ours")
                 ours = [a.ask({"op": "run", "images": 1})["seconds"]]
+                time.sleep(SETTLE_S)
                 theirs = b.ask({"op": "run", "steps": None, "candidates": 2} if defaults == "full" else
                                {"op": "estimate", "calls": 40}, timeout=3600)
+                time.sleep(SETTLE_S)
                 ours.append(a.ask({"op": "run", "images": 1})["seconds"])
                 out["defaults"] = {"ours_seconds": ours, "ours_median": median(ours),
                                    "theirs_seconds": theirs["seconds"], "theirs_stages": theirs.get("stages"),

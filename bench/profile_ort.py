@@ -69,14 +69,23 @@ def time_run(sess, feeds, repeats: int = 5) -> float:
     return interleaved({"x": (sess, feeds)}, repeats)["x"]
 
 
+SETTLE_S = 0.05  # pause between runs of different sessions: let the last one's idle workers stop spinning
+
+
 def interleaved(variants: dict, repeats: int = 5) -> dict[str, float]:
     """Median seconds of each variant's ``sess.run(feeds)``, the variants taking turns (A, B, A, B, ...)
-    so that drift of the machine's load falls on all of them; one warm-up run each first."""
+    so that drift of the machine's load falls on all of them; one warm-up run each first.
+
+    Each session has its own intra-op pool whose idle workers spin for a while after a run (ORT's
+    default); without the short pause the next variant would share the cores with them. (One variant
+    alone runs back to back, as the pipeline's steps do.)"""
     for sess, feeds in variants.values():
         sess.run(None, feeds)
     xs: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for k, (sess, feeds) in variants.items():
+            if len(variants) > 1:
+                time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             sess.run(None, feeds)
             xs[k].append(time.perf_counter() - t0)

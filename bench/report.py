@@ -45,11 +45,16 @@ def render(r: dict) -> str:
                 _t(["graph", "params", "GFLOP per row"],
                    [[g, _m(v["params"]), f"{v['gflop']:.3f}"] for g, v in f.items()]), ""]
     if "latency" in parts:
-        lat = parts["latency"]
+        lat = dict(parts["latency"])
+        run = lat.pop("settings", None)
         stages = list(next(iter(lat.values()))["stages"])
         rows = [[n, _ms(v["total"]), _ms(v["per_image"]), *[_ms(v["stages"][s]) for s in stages]]
                 for n, v in lat.items()]
-        out += ["## Warm latency (median of repeats; per stage = its share of the call, host work included)", "",
+        steps = (f", steps prior/decoder/SR {run['prior']['steps']}/{run['decoder']['steps']}/"
+                 f"{run.get('sr0', {}).get('steps', '-')}, guidance {run['prior']['guidance']}/"
+                 f"{run['decoder']['guidance']}, {run['candidates']} prior candidates") if run else ""
+        out += [f"## Warm latency (median of repeats; per stage = its share of the call, host work included{steps})",
+                "",
                 _t(["images", "end to end", "per image", *stages], rows), ""]
         for n, v in lat.items():
             rows = []
@@ -126,7 +131,7 @@ def render(r: dict) -> str:
         out += ["## vs DALLE2-pytorch 1.15.6 (matched sizes, random weights, 1 image)", "", _sizes(d["sizes"]), ""]
         mt = d["matched"]
         out += [_t(["", "ours (onnxruntime)", "DALLE2-pytorch", "ratio", "goal"],
-                   [["matched steps (25/25/7, DDIM, guidance 4/5, 2 candidates)", _ms(mt["median"]["ours"]),
+                   [["matched steps (25/25/7, DDIM, guided prior and decoder, 2 candidates)", _ms(mt["median"]["ours"]),
                      _ms(mt["median"]["dalle2_pytorch"]), f"**{mt['ratio']:.1f}×**", "≥ 2×"]]
                    + ([["its defaults (1000-step DDPM ×3) vs ours at 25/25/7"
                         + (" — ESTIMATED from its first 40 calls per stage" if d["defaults"].get("estimated") else ""),

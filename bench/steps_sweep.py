@@ -24,7 +24,7 @@ def defaults(pipe) -> dict[str, int]:
             "sr": run[pipe.sr[0].name]["steps"] if pipe.sr else 0}
 
 
-def sweep(pipe, captions: int = 40, seeds=(0,), sweeps: dict | None = None, tolerance: float = 0.02,
+def sweep(pipe, captions: int = 200, seeds=(0,), sweeps: dict | None = None, tolerance: float = 0.02,
           log=print) -> dict:
     sweeps = sweeps or SWEEPS
     if not pipe.sr:
@@ -57,7 +57,7 @@ def sweep(pipe, captions: int = 40, seeds=(0,), sweeps: dict | None = None, tole
     return out
 
 
-def chart(result: dict, path) -> None:
+def chart(result: dict, path, engines: str = "") -> None:
     names = {"decoder": "decoder", "prior": "prior", "sr": "SR"}
     series = {f"{names[s]} steps": [(p["steps"], 100 * p["fully_right"]) for p in r["points"]]
               for s, r in result["sweeps"].items()}
@@ -65,5 +65,6 @@ def chart(result: dict, path) -> None:
     d = result["defaults"]
     line_chart(series, path, marked=marked, xlabel="sampling steps of the swept stage",
                ylabel="fully right (%)",
-               title=f"Fidelity vs steps ({result['captions']} captions x {len(result['seeds'])} seed; others at "
-                     f"prior {d['prior']} / decoder {d['decoder']} / SR {d['sr']})")
+               title=f"Fidelity vs steps{f' of {engines}' if engines else ''} ({result['captions']} captions x "
+                     f"{len(result['seeds'])} seed; others at prior {d['prior']} / decoder {d['decoder']} / "
+                     f"SR {d['sr']})")

@@ -86,11 +86,17 @@ class Worker:
         self.close()
 
 
+SETTLE_S = 0.5  # idle pause before each run: the previous contender's worker threads stop spinning first
+# (Intel OpenMP, which torch uses, spins idle threads for KMP_BLOCKTIME = 200 ms after a parallel region;
+# ONNX Runtime's pools spin briefly too): without it, the run after a torch run shares the cores.
+
+
 def alternate(workers: list[Worker], requests: dict[str, dict], rounds: int, *, log=None) -> dict[str, list[dict]]:
     """Ask each worker its request in turn, ``rounds`` times: A, B, A, B, …; returns every answer by name."""
     answers: dict[str, list[dict]] = {w.name: [] for w in workers}
     for r in range(rounds):
         for w in workers:
+            time.sleep(SETTLE_S)
             a = w.ask({"op": "run", **requests[w.name]})
             answers[w.name].append(a)
             if log:

@@ -83,7 +83,8 @@ def test_bench_quick_on_tiny_engines(tiny_engines, tmp_path):
     for g, v in res["parts"]["flops"].items():
         assert v["gflop"] > 0 and v["params"] > 0, g
 
-    lat = res["parts"]["latency"]
+    lat = dict(res["parts"]["latency"])
+    assert lat.pop("settings")["decoder"]["steps"] == 25  # the manifest default
     assert set(lat) == {"1", "2"}
     for n, v in lat.items():
         assert list(v["stages"]) == ["text_encoder", "prior", "decoder", "sr0", "output"]
