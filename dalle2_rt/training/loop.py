@@ -52,7 +52,6 @@ class StageSpec:
     kind: str  # what model.json says this is
     model: torch.nn.Module
     model_cfg: object
-    image_size: int  # size of the training images the loss wants
     loss: Callable  # (model, images uint8 (B,H,W,3), captions, generator) -> scalar loss
     sample_grid: Callable | None = None  # (ema_model, path) -> None
     extra_meta: dict | None = None

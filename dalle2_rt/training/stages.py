@@ -85,7 +85,7 @@ def clip_spec(cfg: TrainConfig) -> StageSpec:
         return 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
                       + torch.sum(-target * F.log_softmax(logits.t(), 1), 1).mean())
 
-    return StageSpec("clip", "clip", clip, ccfg, ccfg.image_size, loss,
+    return StageSpec("clip", "clip", clip, ccfg, loss,
                      extra_meta={"open_clip_cfg": ccfg.open_clip_cfg()})
 
 
@@ -117,7 +117,7 @@ def prior_spec(cfg: TrainConfig) -> StageSpec:
         keep = _drop_mask(len(captions), 0.1, gen)
         return diffusion.loss(model, x0, "x0", gen, text_embed=text_embed, text_encodings=text_enc, cond_keep=keep)
 
-    return StageSpec("prior", "prior", DiffusionPrior(pcfg), pcfg, c.image_size, loss)
+    return StageSpec("prior", "prior", DiffusionPrior(pcfg), pcfg, loss)
 
 
 def decoder_spec(cfg: TrainConfig) -> StageSpec:
@@ -135,7 +135,7 @@ def decoder_spec(cfg: TrainConfig) -> StageSpec:
                               text_encodings=text_enc,
                               image_keep=_drop_mask(b, 0.1, gen), text_keep=_drop_mask(b, 0.5, gen))
 
-    return StageSpec("decoder", "decoder", Decoder(dcfg), dcfg, 64, loss,
+    return StageSpec("decoder", "decoder", Decoder(dcfg), dcfg, loss,
                      sample_grid=lambda model, path: samples.decoder_grid(model, frozen, path))
 
 
@@ -152,7 +152,7 @@ def sr_spec(cfg: TrainConfig) -> StageSpec:
         low = diffusion.q_sample(low, aug_t, torch.randn(low.shape, generator=gen))
         return diffusion.loss(model, x0, scfg.parameterization, gen, low_res=low, aug_t=aug_t.float())
 
-    return StageSpec("sr", "sr", SuperRes(scfg), scfg, scfg.image_size, loss, sample_grid=samples.sr_grid)
+    return StageSpec("sr", "sr", SuperRes(scfg), scfg, loss, sample_grid=samples.sr_grid)
 
 
 SPECS = {"clip": clip_spec, "prior": prior_spec, "decoder": decoder_spec, "sr": sr_spec}
