@@ -112,9 +112,9 @@ def main(argv=None) -> int:
                    "ops": po.op_breakdown(m, runs=3 if q else 5)}
             log("  decoder op time: " + ", ".join(f"{k} {v:.0%}" for k, v in list(res["ops"]["share"].items())[:6]))
             res["int8"] = po.int8(m, repeats=reps, log=log)
-            from . import prior_cache
+            from . import prefix
 
-            res["prior_cache"] = prior_cache.measure(folder, threads=args.threads, repeats=3 if q else 5, log=log)
+            res["prefix_cache"] = prefix.measure(folder, threads=args.threads, repeats=3 if q else 7, log=log)
             return res
 
         def fidelity():

@@ -21,8 +21,8 @@ from . import dalle2_venv
 from .timing import REPO, SETTLE_S, Worker, alternate, median
 
 
-def _ours(engines, backend: str, threads: int, name: str) -> Worker:
-    args = json.dumps({"engines": str(engines), "backend": backend, "threads": threads})
+def _ours(engines, backend: str, threads: int, name: str, prefix_cache: bool = True) -> Worker:
+    args = json.dumps({"engines": str(engines), "backend": backend, "threads": threads, "prefix_cache": prefix_cache})
     return Worker(name, [sys.executable, "-m", "bench.worker", "ours", args])
 
 
@@ -46,16 +46,24 @@ def size_check(ours: dict, theirs: dict) -> dict:
     return out
 
 
+FULL_PRIOR = "torch, full prior"
+
+
 def backends(engines, rounds: int = 5, threads: int = 2, images: int = 1, log=print) -> dict:
+    """onnxruntime vs torch running the same graphs (the prior split at its text prefix on both), and torch
+    running the prior's own ``forward`` at every step (what a plain PyTorch loop does) for reference."""
     log(f"  onnxruntime vs torch backend, {images} image(s), defaults, {rounds} rounds")
-    with _ours(engines, "onnxruntime", threads, "onnxruntime") as a, _ours(engines, "torch", threads, "torch") as b:
+    with _ours(engines, "onnxruntime", threads, "onnxruntime") as a, _ours(engines, "torch", threads, "torch") as b, \
+            _ours(engines, "torch", threads, FULL_PRIOR, prefix_cache=False) as c:
         req = {"images": images}
-        answers = alternate([a, b], {"onnxruntime": req, "torch": req}, rounds, log=log)
+        answers = alternate([a, b, c], {"onnxruntime": req, "torch": req, FULL_PRIOR: req}, rounds, log=log)
         out = _summary(answers, "onnxruntime", "torch")
+        out["ratio_full_prior"] = out["median"][FULL_PRIOR] / out["median"]["onnxruntime"]
         out["sizes_torch_counter"] = b.info.get("networks")
         out["sizes_onnx_counter"] = a.info.get("networks")
     log(f"  → onnxruntime {out['median']['onnxruntime']:.3f} s, torch {out['median']['torch']:.3f} s: "
-        f"{out['ratio']:.2f}×")
+        f"{out['ratio']:.2f}× (torch with the full prior {out['median'][FULL_PRIOR]:.3f} s: "
+        f"{out['ratio_full_prior']:.2f}×)")
     return out
 
 

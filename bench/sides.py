@@ -31,10 +31,11 @@ def torch_count(module, call) -> tuple[int, int]:
 # ours
 
 
-def build_ours(engines: str, backend: str = "onnxruntime", threads: int | None = 2, warm: bool = True):
+def build_ours(engines: str, backend: str = "onnxruntime", threads: int | None = 2, warm: bool = True,
+               prefix_cache: bool = True):
     from dalle2_rt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(engines, backend=backend, threads=threads)
+    pipe = Pipeline.load(engines, backend=backend, threads=threads, prefix_cache=prefix_cache)
     info = {"backend": pipe.backend.describe(), "engines": str(engines),
             "graphs": {g: e.description for g, e in pipe.engines.items()}}
     if backend == "torch":
@@ -61,13 +62,14 @@ def build_ours(engines: str, backend: str = "onnxruntime", threads: int | None =
 
 
 def _our_torch_counts(pipe) -> dict:
-    """Params and FLOPs at batch 1 of the torch modules behind the torch backend's prior/decoder/sr0."""
+    """Params and FLOPs at batch 1 of the torch modules behind the torch backend's prior/decoder/sr0 (the
+    full prior: the network, whichever graphs of it the pipeline runs)."""
     import numpy as np
     import torch
 
     out = {}
     for g in ("prior", "decoder", "sr0"):
-        engine = pipe.engines[g]
+        engine = pipe.engines.get(g) or pipe.backend.engine(g)
         feeds = {}
         for t in engine.spec.inputs:
             shape = [1 if d == "batch" else d for d in t.shape]

@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="onnxruntime (default: TensorRT or CUDA provider when available, else CPU), tensorrt "
                           "(native engines, needs a GPU), torch (reference, needs the train extra)")
     run.add_argument("--engines", metavar="DIR", help="engine folder (with manifest.json)")
-    run.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads per graph")
+    run.add_argument("--threads", type=_positive_int, metavar="N",
+                     help="CPU threads per graph (default: one per core). On a machine busy with other work, "
+                          "--threads 1 is often faster: threads that wait for a core stall every step")
     return p
 
 

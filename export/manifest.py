@@ -42,7 +42,7 @@ from .specs import GraphSpec
 SCHEMA = "dalle2-rt/engine-manifest"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-EXPORT_REVISION = 1  # bump when a change here alters what an export writes (forces rebuilds)
+EXPORT_REVISION = 2  # bump when a change here alters what an export writes (forces rebuilds)
 SPACING = "trailing"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,6 +133,9 @@ def stage_entries(sources: Sources, graphs: dict[str, GraphSpec]) -> dict:
                     "defaults": stage_defaults("decoder", sources.decoder)},
         "sr": [],
     }
+    if "prior_prefix" in graphs and "prior_step" in graphs:
+        stages["prior"]["prefix_cache"] = {"prefix_graph": "prior_prefix", "step_graph": "prior_step",
+                                           "cache": [t.name for t in graphs["prior_prefix"].outputs]}
     sr_graphs = [g for g in graphs.values() if g.source in {s.stage for s in sources.sr}]
     for spec, src in zip(sr_graphs, sources.sr):
         s = src.config

@@ -9,7 +9,8 @@ are the contract of ARCHITECTURE.md ("Graph I/O"); the module's ``forward`` take
 Batch ranges (``max_batch`` = most images per call, default 8):
   text_encoder, image_encoder   1 … max_batch                  (one row per prompt / image)
   decoder, sr<i>                1 … 2·max_batch                (conditional + unconditional halves)
-  prior                         1 … 2·max_batch·candidates     (k candidate embeddings per image, guided)
+  prior, prior_step             1 … 2·max_batch·candidates     (k candidate embeddings per image, guided)
+  prior_prefix                  1 … 2·max_batch                (one text row per image and guidance half)
 ``opt`` is the batch of one guided image (what a TensorRT profile tunes its kernels for).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle2_rt.models.clip import ClipImageEncoder, ClipTextEncoder
+from dalle2_rt.models.prior import PriorPrefix, PriorStep
 
 from .sources import Source, Sources
 
@@ -148,16 +150,24 @@ def _clip_graphs(src: Source, max_batch: int) -> list[GraphSpec]:
     return [text, image]
 
 
-def _prior_graph(src: Source, max_batch: int, candidates: int) -> GraphSpec:
+def _prior_graphs(src: Source, max_batch: int, candidates: int) -> list[GraphSpec]:
+    """The full prior, and the same network split at its text prefix (a key/value cache; models/prior.py)."""
     p = src.config
     d, ctx = (BATCH, p.embed_dim), (BATCH, p.context_length, p.text_width)
-    return GraphSpec(
-        "prior", src.stage,
-        inputs=(TensorSpec("x_t", d), TensorSpec("t", (BATCH,), fill="timestep", high=p.num_timesteps),
-                TensorSpec("text_embed", d, fill="unit"), TensorSpec("text_encodings", ctx),
-                TensorSpec("cond_keep", (BATCH,), fill="keep")),
-        outputs=(TensorSpec("pred", d),),
-        batch=BatchProfile(1, 2 * candidates, 2 * max_batch * candidates), factory=src.build)
+    text = (TensorSpec("text_embed", d, fill="unit"), TensorSpec("text_encodings", ctx),
+            TensorSpec("cond_keep", (BATCH,), fill="keep"))
+    step = (TensorSpec("x_t", d), TensorSpec("t", (BATCH,), fill="timestep", high=p.num_timesteps))
+    head_dim = p.dim // p.heads
+    cache = tuple(TensorSpec(n, (BATCH, p.depth, p.heads, p.context_length + 1, head_dim)) for n in ("keys", "values"))
+    rows = BatchProfile(1, 2 * candidates, 2 * max_batch * candidates)
+    pred = (TensorSpec("pred", d),)
+    return [
+        GraphSpec("prior", src.stage, inputs=step + text, outputs=pred, batch=rows, factory=src.build),
+        GraphSpec("prior_prefix", src.stage, inputs=text, outputs=cache, batch=BatchProfile(1, 2, 2 * max_batch),
+                  factory=lambda: PriorPrefix(src.build()).eval()),
+        GraphSpec("prior_step", src.stage, inputs=step + cache, outputs=pred, batch=rows,
+                  factory=lambda: PriorStep(src.build()).eval()),
+    ]
 
 
 def _decoder_graph(src: Source, max_batch: int) -> GraphSpec:
@@ -192,7 +202,7 @@ def graph_specs(sources: Sources, *, max_batch: int = 8, candidates: int = 2) ->
         raise ValueError(f"max_batch and candidates must be >= 1, got {max_batch}, {candidates}")
     return [
         *_clip_graphs(sources.clip, max_batch),
-        _prior_graph(sources.prior, max_batch, candidates),
+        *_prior_graphs(sources.prior, max_batch, candidates),
         _decoder_graph(sources.decoder, max_batch),
         *(_sr_graph(src, i, max_batch) for i, src in enumerate(sources.sr)),
     ]

@@ -64,3 +64,13 @@ def test_bundled_onnxruntime_matches_torch_within_3_of_255(pipe):
     a = _pixels(pipe(prompts, seed=5, **FEW_STEPS))
     b = _pixels(ref(prompts, seed=5, **FEW_STEPS))
     assert np.abs(a - b).max() <= 3
+
+
+def test_bundled_prefix_cache_draws_the_full_priors_pixels(pipe):
+    """The prior's text-prefix cache (the default) against the full prior graph at every step."""
+    full = Pipeline.load(ENGINES, threads=1, prefix_cache=False)
+    assert "prior_step" in pipe.engines and "prior" in full.engines
+    prompts = ["a yellow triangle above a purple cross, gray background", "a small blue star"]
+    a = _pixels(pipe(prompts, seed=7, num_images=2, **FEW_STEPS))
+    b = _pixels(full(prompts, seed=7, num_images=2, **FEW_STEPS))
+    assert np.abs(a - b).max() <= 2

@@ -16,7 +16,7 @@ import torch
 
 from dalle2_rt.models.clip import ClipConfig, ClipImageEncoder, ClipTextEncoder, build_clip
 from dalle2_rt.models.decoder import Decoder, DecoderConfig
-from dalle2_rt.models.prior import DiffusionPrior, PriorConfig
+from dalle2_rt.models.prior import DiffusionPrior, PriorConfig, PriorPrefix, PriorStep
 from dalle2_rt.models.sr import SRConfig, SuperRes
 from dalle2_rt.runtime.schedules import alphas_cumprod_for
 from dalle2_rt.training import checkpoint
@@ -27,7 +27,7 @@ from export.sources import SourceError, find_sources
 from export.specs import graph_specs
 from tests.conftest import TINY_MODEL, write_tiny_checkpoints
 
-GRAPHS = ("text_encoder", "image_encoder", "prior", "decoder", "sr0")
+GRAPHS = ("text_encoder", "image_encoder", "prior", "prior_prefix", "prior_step", "decoder", "sr0")
 
 
 def _manifest(folder: Path) -> dict:
@@ -72,9 +72,10 @@ def _torch_modules(ckpt: Path) -> dict[str, torch.nn.Module]:
         return net.eval()
 
     clip = load("clip", ClipConfig, build_clip)
+    prior = load("prior", PriorConfig, DiffusionPrior)
     return {"text_encoder": ClipTextEncoder(clip).eval(), "image_encoder": ClipImageEncoder(clip).eval(),
-            "prior": load("prior", PriorConfig, DiffusionPrior), "decoder": load("decoder", DecoderConfig, Decoder),
-            "sr0": load("sr", SRConfig, SuperRes)}
+            "prior": prior, "prior_prefix": PriorPrefix(prior).eval(), "prior_step": PriorStep(prior).eval(),
+            "decoder": load("decoder", DecoderConfig, Decoder), "sr0": load("sr", SRConfig, SuperRes)}
 
 
 def _random_feeds(graph: dict, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -118,6 +119,31 @@ def test_dynamic_batch_recomputed_independently(tiny_engines, tiny_checkpoints):
                 for o, a, b in zip(g["outputs"], got, ref):
                     assert a.shape == b.shape == tuple(batch if d == "batch" else d for d in o["shape"])
                     assert np.abs(a - b).max() <= REL_TOL * np.abs(b).max(), (name, o["name"], batch)
+
+
+def test_prior_step_over_prior_prefix_is_the_full_prior(tiny_engines, tiny_checkpoints):
+    """The split graphs in ONNX Runtime compose to the full graph, and the manifest says how to chain them."""
+    m = _manifest(tiny_engines)
+    assert m["stages"]["prior"]["prefix_cache"] == {"prefix_graph": "prior_prefix", "step_graph": "prior_step",
+                                                    "cache": ["keys", "values"]}
+    cfg = checkpoint.config_from_dict(PriorConfig,
+                                      checkpoint.read_model_meta(tiny_checkpoints / "prior" / "model")["config"])
+    cpu = ["CPUExecutionProvider"]
+    sess = {g: ort.InferenceSession(str(tiny_engines / m["graphs"][g]["optimized_file"]), providers=cpu)
+            for g in ("prior", "prior_prefix", "prior_step")}
+    keys_shape = next(t["shape"] for t in m["graphs"]["prior_prefix"]["outputs"] if t["name"] == "keys")
+    assert keys_shape == ["batch", cfg.depth, cfg.heads, cfg.context_length + 1, cfg.dim // cfg.heads]
+    feeds = _random_feeds(m["graphs"]["prior"], 6, np.random.default_rng(5))
+    feeds["t"] = np.array([999, 700, 400, 100, 1, 0], np.float32)
+    feeds["cond_keep"] = np.array([1, 1, 1, 0, 0, 0], np.float32)
+    [want] = sess["prior"].run(None, feeds)
+    keys, values = sess["prior_prefix"].run(["keys", "values"], {k: feeds[k] for k in
+                                                                 ("text_embed", "text_encodings", "cond_keep")})
+    [got] = sess["prior_step"].run(None, {"x_t": feeds["x_t"], "t": feeds["t"], "keys": keys, "values": values})
+    assert np.abs(got - want).max() <= REL_TOL * np.abs(want).max()
+    # the cache depends on the text only: another x_t / t gives the same keys, and the step graph follows x_t
+    [other] = sess["prior_step"].run(None, {"x_t": -feeds["x_t"], "t": feeds["t"], "keys": keys, "values": values})
+    assert np.abs(other - want).max() > 1e-3
 
 
 # --------------------------------------------------------------------------------------------------------

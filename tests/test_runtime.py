@@ -50,6 +50,12 @@ def pipe(engines) -> Pipeline:
     return Pipeline.load(engines, threads=1)
 
 
+@pytest.fixture(scope="module")
+def full(engines) -> Pipeline:
+    """The same folder running the prior's full graph at every step (no prefix cache)."""
+    return Pipeline.load(engines, threads=1, prefix_cache=False)
+
+
 def pixels(images) -> np.ndarray:
     return np.stack([np.asarray(im) for im in images])
 
@@ -304,7 +310,8 @@ class _Recorder:
         return out
 
 
-def test_guidance_is_one_batch_with_keep_one_then_zero(pipe, monkeypatch):
+def test_guidance_is_one_batch_with_keep_one_then_zero(full, monkeypatch):
+    pipe = full
     log = []
     rec = {g: _Recorder(pipe.engines[g], log) for g in ("prior", "decoder", "sr0")}
     for g, r in rec.items():
@@ -326,6 +333,70 @@ def test_guidance_is_one_batch_with_keep_one_then_zero(pipe, monkeypatch):
     assert len(rec["decoder"].calls[-1]["x_t"]) == 2
 
 
+def test_prefix_cache_runs_the_text_once_per_image_and_half(pipe, monkeypatch):
+    rec = {g: _Recorder(pipe.engines[g], []) for g in ("prior_prefix", "prior_step")}
+    for g, r in rec.items():
+        monkeypatch.setitem(pipe.engines, g, r)
+    assert "prior" not in pipe.engines  # the full graph is not even loaded
+    pipe(["a red circle", "two blue squares"], seed=0, num_images=2, candidates=3, **FAST)
+    (pre,) = rec["prior_prefix"].calls  # one call for the whole stage
+    np.testing.assert_array_equal(pre["cond_keep"], [1] * 4 + [0] * 4)  # 2 prompts × 2 images, cond then uncond
+    np.testing.assert_array_equal(pre["text_embed"][0], pre["text_embed"][1])  # images 0, 1 of prompt 0
+    assert not np.array_equal(pre["text_embed"][1], pre["text_embed"][2])  # prompt 0 vs prompt 1
+    steps = rec["prior_step"].calls
+    assert len(steps) == FAST["prior_steps"]
+    rows = 2 * 4 * 3  # (cond, uncond) × images × candidates
+    assert {k: v.shape[0] for k, v in steps[0].items()} == {"x_t": rows, "t": rows, "keys": rows, "values": rows}
+    # every candidate row carries its image's cache; the same arrays at every step
+    keys = steps[0]["keys"].reshape(2, 4, 3, *steps[0]["keys"].shape[1:])
+    assert all(np.array_equal(keys[:, :, 0], keys[:, :, c]) for c in (1, 2))
+    assert all(np.array_equal(s["keys"], steps[0]["keys"]) for s in steps)
+
+
+@pytest.mark.parametrize("options", [
+    {"num_images": 3, "candidates": 2}, {"num_images": 2, "candidates": 1, "prior_guidance": 1.0},
+    {"num_images": 1, "candidates": 5, "sampler": "ddpm"}, {"num_images": 9, "candidates": 2}])
+def test_prefix_cache_gives_the_full_graphs_prior_samples(pipe, full, options):
+    """Every step's x0 estimate of the prior, cached vs full graph, within float rounding. (The random-weight
+    decoders downstream amplify rounding into saturated pixels, so pixels are compared on the bundled model,
+    tests/test_bundled.py.)"""
+    prompts = ["a red circle", "a small green triangle on the left"]
+    x0 = {"cached": [], "full": []}
+    for name, p in (("cached", pipe), ("full", full)):
+        p(prompts, seed=5, callback=lambda s, i, n, x, name=name: s == "prior" and x0[name].append(x),
+          **FAST, **options)
+    assert len(x0["cached"]) == len(x0["full"]) and len(x0["full"]) % FAST["prior_steps"] == 0  # × chunks
+    rows = sum(len(x) for x in x0["full"]) // FAST["prior_steps"]
+    assert rows == len(prompts) * options["num_images"] * options["candidates"]
+    for a, b in zip(x0["cached"], x0["full"]):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max())
+
+
+def test_prefix_cache_chunks_within_both_graphs_profiles(pipe, monkeypatch):
+    log = {"prior_prefix": [], "prior_step": []}
+    for g in log:
+        monkeypatch.setitem(pipe.engines, g, _Recorder(pipe.engines[g], log[g]))
+    n = pipe.engines["prior_prefix"].max_batch  # 1 candidate: the prefix (2 rows per image) limits the chunk
+    pipe("a red circle", seed=0, num_images=n, candidates=1, **FAST)
+    assert max(log["prior_prefix"]) <= pipe.engines["prior_prefix"].max_batch
+    assert max(log["prior_step"]) <= pipe.engines["prior_step"].max_batch
+    assert len(log["prior_prefix"]) == 2  # n images × 2 rows = twice the prefix graph's max batch
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda pc: pc.update(step_graph="nope"), "names no graph"),
+    (lambda pc: pc.update(cache=["keys", "queries"]), "'queries' is not an output of prior_prefix"),
+    (lambda pc: pc.update(cache=["keys"]), "input 'values' is neither x_t, t nor a cache tensor"),
+])
+def test_bad_prefix_cache_entries_refuse_the_folder(engines, tmp_path, edit, message):
+    folder = copy_engines(engines, tmp_path / "e")
+    rewrite_manifest(folder, lambda d: edit(d["stages"]["prior"]["prefix_cache"]))
+    with pytest.raises(EngineFolderError, match=message):
+        Pipeline.load(folder, threads=1)
+    Pipeline.load(folder, threads=1, prefix_cache=False)  # the full graph needs none of it
+
+
 def test_candidate_selection_keeps_the_highest_dot_product():
     text = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     scale = 4.0
@@ -341,9 +412,7 @@ def test_candidate_selection_keeps_the_highest_dot_product():
 
 
 def test_pipeline_feeds_the_chosen_candidate_to_the_decoder(pipe, monkeypatch):
-    log = []
-    prior, dec = _Recorder(pipe.engines["prior"], log), _Recorder(pipe.engines["decoder"], log)
-    monkeypatch.setitem(pipe.engines, "prior", prior)
+    dec = _Recorder(pipe.engines["decoder"], [])
     monkeypatch.setitem(pipe.engines, "decoder", dec)
     chosen = {}
     real = pipeline_mod.select_candidates
@@ -374,10 +443,11 @@ def test_callback_reports_every_stage_and_step(pipe):
 
 
 @pytest.mark.parametrize("graph,call,stage,step", [
-    ("decoder", 2, "decoder", 2), ("prior", 1, "prior", 1), ("sr0", 2, "sr0", 2)])
+    ("decoder", 2, "decoder", 2), ("prior_step", 1, "prior", 1), ("prior_prefix", 1, "prior", None),
+    ("sr0", 2, "sr0", 2)])
 def test_nan_stops_with_stage_and_step(pipe, monkeypatch, graph, call, stage, step):
     monkeypatch.setitem(pipe.engines, graph, _Recorder(pipe.engines[graph], [], poison_call=call))
-    with pytest.raises(NonFiniteError, match=rf"stage '{stage}' at step {step}/") as info:
+    with pytest.raises(NonFiniteError, match=rf"stage '{stage}'" + (f" at step {step}/" if step else ":")) as info:
         pipe("a red circle", seed=0, **FAST)
     assert info.value.stage == stage and info.value.step == step
 

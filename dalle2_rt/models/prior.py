@@ -4,6 +4,12 @@ A decoder-only transformer with a causal mask over the sequence
     [text token encodings (L), text embedding, timestep embedding, noised image embedding, query]
 whose query output predicts the clean (x0) image embedding. The embedding lives in a normalised space:
 unit-norm CLIP embedding × √D (``embed_scale``), so each dimension has roughly unit variance.
+
+Because the mask is causal, the first L + 1 positions (the text, or the learned nulls) never see the
+timestep or x_t: their keys and values in every layer are the same at every sampling step and for every
+candidate of a prompt. ``prefix`` computes them once (a key/value cache) and ``step`` runs only the last
+three positions against it; ``step(x_t, t, *prefix(...))`` equals ``forward`` (exported as the graphs
+``prior_prefix`` and ``prior_step``, see ARCHITECTURE.md).
 """
 from __future__ import annotations
 
@@ -45,11 +51,16 @@ class CausalBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: tuple | None = None):
+        """x (B, N, d) -> (x', (k, v)), k and v (B, H, N, d_h) of these N positions.
+
+        past: the cached (k, v) of earlier positions, which these N positions also attend to (the mask is
+        then (N, N_past + N))."""
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
-        h = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads), mask)
-        x = x + self.proj(merge_heads(h))
-        return x + self.mlp(self.norm2(x))
+        k, v = split_heads(k, self.heads), split_heads(v, self.heads)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        x = x + self.proj(merge_heads(attention(split_heads(q, self.heads), keys, values, mask)))
+        return x + self.mlp(self.norm2(x)), (k, v)
 
 
 class DiffusionPrior(nn.Module):
@@ -72,22 +83,66 @@ class DiffusionPrior(nn.Module):
         causal = torch.full((seq, seq), -1e4).triu(1)  # additive mask; -1e4 stays finite in fp16
         self.register_buffer("causal_mask", causal, persistent=False)
 
+    @property
+    def prefix_length(self) -> int:
+        """Positions that see only the text: L token encodings + the text embedding."""
+        return self.cfg.context_length + 1
+
+    def _text_seq(self, text_embed, text_encodings, cond_keep):
+        tokens = keep_or_null(self.text_tokens_proj(text_encodings), self.null_text_tokens, cond_keep)  # (B,L,d)
+        temb = keep_or_null(self.text_embed_proj(text_embed), self.null_text_embed, cond_keep)  # (B,d)
+        return torch.cat([tokens, temb[:, None]], dim=1)  # (B, L+1, d)
+
+    def _step_seq(self, x_t, t):
+        b = x_t.shape[0]
+        return torch.cat([self.time_embed(t)[:, None], self.x_proj(x_t)[:, None], self.query.expand(b, 1, -1)], 1)
+
     def forward(self, x_t, t, text_embed, text_encodings, cond_keep):
         """x_t (B,D) noised normalised embedding; t (B,); text_embed (B,D); text_encodings (B,L,W);
         cond_keep (B,) 1.0 = use the text, 0.0 = learned null. Returns the x0 prediction (B,D)."""
-        tokens = keep_or_null(self.text_tokens_proj(text_encodings), self.null_text_tokens, cond_keep)  # (B,L,d)
-        temb = keep_or_null(self.text_embed_proj(text_embed), self.null_text_embed, cond_keep)  # (B,d)
-        b = x_t.shape[0]
-        seq = torch.cat(
-            [
-                tokens,
-                temb[:, None],
-                self.time_embed(t)[:, None],
-                self.x_proj(x_t)[:, None],
-                self.query.expand(b, 1, -1),
-            ],
-            dim=1,
-        ) + self.pos  # (B, L+4, d)
+        seq = torch.cat([self._text_seq(text_embed, text_encodings, cond_keep), self._step_seq(x_t, t)], 1)
+        seq = seq + self.pos  # (B, L+4, d)
         for block in self.blocks:
-            seq = block(seq, self.causal_mask)
+            seq, _ = block(seq, self.causal_mask)
         return self.out(self.norm(seq[:, -1]))
+
+    def prefix(self, text_embed, text_encodings, cond_keep):
+        """The key/value cache of the text positions: (keys, values), each (B, depth, H, L+1, d_h)."""
+        n = self.prefix_length
+        seq = self._text_seq(text_embed, text_encodings, cond_keep) + self.pos[:n]
+        keys, values = [], []
+        for block in self.blocks:
+            seq, (k, v) = block(seq, self.causal_mask[:n, :n])
+            keys.append(k)
+            values.append(v)
+        return torch.stack(keys, 1), torch.stack(values, 1)
+
+    def step(self, x_t, t, keys, values):
+        """``forward`` given the text positions' cache from ``prefix``: only the last 3 positions run."""
+        n = self.prefix_length
+        seq = self._step_seq(x_t, t) + self.pos[n:]  # (B, 3, d)
+        for i, block in enumerate(self.blocks):
+            seq, _ = block(seq, self.causal_mask[n:, :], past=(keys[:, i], values[:, i]))
+        return self.out(self.norm(seq[:, -1]))
+
+
+class PriorPrefix(nn.Module):
+    """Graph ``prior_prefix``: (text_embed, text_encodings, cond_keep) -> (keys, values)."""
+
+    def __init__(self, prior: DiffusionPrior):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, text_embed, text_encodings, cond_keep):
+        return self.prior.prefix(text_embed, text_encodings, cond_keep)
+
+
+class PriorStep(nn.Module):
+    """Graph ``prior_step``: (x_t, t, keys, values) -> pred, equal to the full prior's pred."""
+
+    def __init__(self, prior: DiffusionPrior):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, x_t, t, keys, values):
+        return self.prior.step(x_t, t, keys, values)

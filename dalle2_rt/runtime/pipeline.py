@@ -8,7 +8,11 @@ The loop is written once against ``engine(**arrays) -> dict`` (``backends.py``);
 ``samplers.py`` and guidance from ``parameterization.make_denoiser``: the conditional and unconditional
 halves go through the graph as one batch of 2B (``*_keep`` = 1 for the first half, 0 for the second).
 What a stage does beyond that (an empty-prompt unconditional branch, a text mask, a learned variance, a
-different graph for the last step, ...) is read from its manifest entry through ``stages.py``.
+different graph for the last step, a prefix cache, ...) is read from its manifest entry through ``stages.py``.
+
+Prefix cache: a stage with ``prefix_cache`` (our prior) runs its ``prefix_graph`` once per image and guidance
+half on the stage's conditioning and then only ``step_graph(x_t, t, cache...)`` in the loop; the result is
+the full graph's to float rounding (``Pipeline.load(prefix_cache=False)`` runs the full graph instead).
 
 Noise and seeds (the determinism contract)
 ------------------------------------------
@@ -130,22 +134,48 @@ class _Diffusion:
     last_graph: str | None = None  # the graph of the last sampling step, when it is another one
     uncond_text: str = "null_input"  # null_input | empty_prompt
     betas: np.ndarray | None = None  # (T,) the training β_t when the manifest records them
+    prefix_graph: str | None = None  # prefix_cache: the graph computing the cache once per image and half
+    step_graph: str | None = None  # … and the graph that replaces ``graph`` at every step, fed the cache
+    cache: tuple[str, ...] = ()  # … the cache tensors' names (outputs of prefix_graph, inputs of step_graph)
 
 
-def _diffusion(manifest: Manifest, name: str, entry: dict) -> _Diffusion:
+def _diffusion(manifest: Manifest, name: str, entry: dict, prefix_cache: bool = True) -> _Diffusion:
     spec = manifest.graphs[entry["graph"]]
     x_spec = next((t for t in spec.inputs if t.name == "x_t"), None)
     if x_spec is None or not all(isinstance(d, int) for d in x_spec.shape[1:]):
         raise EngineFolderError(f"{manifest.folder}: graph {spec.name!r} needs an input x_t with a fixed row shape")
     clip = entry.get("clip_x0")
+    cached = _prefix_cache(manifest, name, entry) if prefix_cache else {}
     return _Diffusion(
         name=name, graph=spec.name, kind=entry["parameterization"], abar=stage_alphas_cumprod(entry),
         spacing=entry["schedule"].get("spacing", "trailing"),
         clip_x0=(float(clip[0]), float(clip[1])) if clip else None,
         x_shape=tuple(x_spec.shape[1:]), output=spec.outputs[0].name, defaults=dict(entry.get("defaults") or {}),
         entry=entry, variance=entry.get("variance", "small"), last_graph=entry.get("last_step_graph"),
-        uncond_text=entry.get("uncond_text", "null_input"), betas=stage_betas(entry),
+        uncond_text=entry.get("uncond_text", "null_input"), betas=stage_betas(entry), **cached,
     )
+
+
+def _prefix_cache(manifest: Manifest, name: str, entry: dict) -> dict:
+    """The checked ``prefix_cache`` of a stage entry as _Diffusion fields ({} when it has none)."""
+    pc = entry.get("prefix_cache")
+    if not pc:
+        return {}
+    try:
+        prefix, step, cache = manifest.graphs[pc["prefix_graph"]], manifest.graphs[pc["step_graph"]], pc["cache"]
+    except (KeyError, TypeError) as e:
+        raise EngineFolderError(f"{manifest.folder}: stages.{name}.prefix_cache names no graph {e}") from None
+    full = manifest.graphs[entry["graph"]]
+    step_in, full_in = {t.name for t in step.inputs}, {t.name for t in full.inputs}
+    problems = [f"{n!r} is not an output of {prefix.name}" for n in cache if n not in {t.name for t in prefix.outputs}]
+    problems += [f"{n!r} is not an input of {step.name}" for n in cache if n not in step_in]
+    problems += [f"{step.name} input {n!r} is neither x_t, t nor a cache tensor"
+                 for n in step_in - {"x_t", "t", *cache}]
+    problems += [f"{prefix.name} input {n!r} is not an input of {full.name}"
+                 for n in {t.name for t in prefix.inputs} - full_in]
+    if problems:
+        raise EngineFolderError(f"{manifest.folder}: stages.{name}.prefix_cache: {'; '.join(problems)}")
+    return {"prefix_graph": prefix.name, "step_graph": step.name, "cache": tuple(cache)}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -191,12 +221,12 @@ def _check_sampler(value) -> str | None:
 class Pipeline:
     """An engine folder loaded on one backend; call it with prompts to get ``PIL.Image`` s."""
 
-    def __init__(self, manifest: Manifest, backend, engines: dict, tokenizer: Tokenizer):
+    def __init__(self, manifest: Manifest, backend, engines: dict, tokenizer: Tokenizer, prefix_cache: bool = True):
         self.manifest, self.backend, self.engines, self.tokenizer = manifest, backend, engines, tokenizer
         stages = manifest.stages
-        self.prior = _diffusion(manifest, "prior", stages["prior"])
-        self.decoder = _diffusion(manifest, "decoder", stages["decoder"])
-        self.sr = [_diffusion(manifest, f"sr{m}", e) for m, e in enumerate(stages.get("sr", []))]
+        self.prior = _diffusion(manifest, "prior", stages["prior"], prefix_cache)
+        self.decoder = _diffusion(manifest, "decoder", stages["decoder"], prefix_cache)
+        self.sr = [_diffusion(manifest, f"sr{m}", e, prefix_cache) for m, e in enumerate(stages.get("sr", []))]
         self.embed_norm = embed_norm(stages["prior"])
         self.text_mask = stages["text_encoder"].get("text_mask")  # None | "tokens"
         self.pixel_range = tuple((manifest.data.get("output") or {}).get("pixel_range", (-1.0, 1.0)))
@@ -204,11 +234,12 @@ class Pipeline:
     @classmethod
     def load(cls, engines: str | os.PathLike | None = None, backend: str = "onnxruntime", *,
              providers: list[str] | None = None, threads: int | None = None, device_id: int = 0,
-             verify: bool = True) -> Pipeline:
+             verify: bool = True, prefix_cache: bool = True) -> Pipeline:
         """Read ``engines`` (None: ``default_engines()``), check every file's sha256, open ``backend``.
 
         providers: onnxruntime execution providers to try, in order (default: TensorRT, CUDA, CPU as
-        available). threads: intra-op threads per graph (default: the backend's choice).
+        available). threads: intra-op threads per graph (default: the backend's choice). prefix_cache:
+        use a stage's ``prefix_cache`` graphs where the folder has them (False: the full graph every step).
         """
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -231,10 +262,14 @@ class Pipeline:
             options["providers"] = providers
         runner = open_backend(backend, manifest, **options)
         stages = manifest.stages
-        graphs = {stages[s]["graph"] for s in ("text_encoder", "prior", "decoder", "image_encoder") if s in stages}
-        graphs |= {e[key] for e in stages.get("sr", []) for key in ("graph", "last_step_graph") if e.get(key)}
+        graphs = {stages[s]["graph"] for s in ("text_encoder", "image_encoder") if s in stages}
+        for name, entry in [("prior", stages["prior"]), ("decoder", stages["decoder"]),
+                            *((f"sr{m}", e) for m, e in enumerate(stages.get("sr", [])))]:
+            pc = _prefix_cache(manifest, name, entry) if prefix_cache else {}
+            graphs |= {pc["prefix_graph"], pc["step_graph"]} if pc else {entry["graph"]}
+            graphs |= {entry["last_step_graph"]} if entry.get("last_step_graph") else set()
         engines_ = {g: runner.engine(g) for g in sorted(graphs)}
-        return cls(manifest, runner, engines_, tokenizer)
+        return cls(manifest, runner, engines_, tokenizer, prefix_cache)
 
     # ----------------------------------------------------------------------------------------------------
     # public API
@@ -419,7 +454,8 @@ class Pipeline:
         unconditional half (the empty prompt's text). Returns the samples (N·rows, *x_shape).
         """
         rows, n_images = streams.rows, len(streams.generators)
-        engine = self.engines[st.graph]
+        prefix = self.engines.get(st.prefix_graph) if st.prefix_graph else None  # None: not loaded or none
+        engine = self.engines[st.step_graph if prefix else st.graph]
         last_engine = self.engines[st.last_graph] if st.last_graph else engine
         names = {t.name for t in engine.spec.inputs}
         g = opts["guidance"]
@@ -428,12 +464,14 @@ class Pipeline:
         total_steps = len(schedule)
         step_of = {int(t): i for i, t in enumerate(schedule.timesteps)}
         per_image = rows * (2 if guided else 1)
-        max_batch = min((e.max_batch for e in (engine, last_engine) if e.max_batch is not None), default=None)
-        if max_batch is not None and max_batch < per_image:
+        limits = [(e.max_batch, per_image) for e in (engine, last_engine) if e.max_batch is not None]
+        if prefix is not None and prefix.max_batch is not None:  # the prefix runs one row per image and half
+            limits.append((prefix.max_batch, per_image // rows))
+        if any(most < need for most, need in limits):
             hint = " (ask for fewer candidates)" if rows > 1 else ""
             raise InputError(f"{st.name}: {per_image} rows per image exceed the graph's max batch "
-                             f"{max_batch}{hint}")
-        image_chunks = _chunks(n_images, None if max_batch is None else max_batch // per_image)
+                             f"{min(most for most, _ in limits)}{hint}")
+        image_chunks = _chunks(n_images, min((most // need for most, need in limits), default=None))
         results = []
         for c, sel in enumerate(image_chunks):
             row_sel = slice(sel.start * rows, sel.stop * rows)
@@ -444,6 +482,11 @@ class Pipeline:
                 half = {k: v[row_sel] for k, v in {**cond, **(uncond or {})}.items()}
                 half.update({k: _rows(v, row_sel, b) for k, v in keep_u.items()})
                 feeds = {k: np.concatenate([feeds[k], half[k]]) for k in feeds}  # (2B, ...): cond, uncond
+            if prefix is not None:
+                # an image's rows share its conditioning: one row per image and half, the cache repeated
+                pre_names = {t.name for t in prefix.spec.inputs}
+                cache = self._call(prefix, st.name, **{k: v[::rows] for k, v in feeds.items() if k in pre_names})
+                feeds = {k: np.repeat(cache[k], rows, axis=0) for k in st.cache}
             feeds = {k: v for k, v in feeds.items() if k in names}
 
             def model(x_in, t, feeds=feeds):

@@ -3,7 +3,8 @@
 Imported only by ``backends.TorchBackend`` (lazily): this is the one runtime module that imports torch and
 ``dalle2_rt.models``. Each entry of the manifest's ``sources`` is a checkpoint folder written by
 ``dalle2_rt.training.checkpoint`` (``model.safetensors`` + ``model.json`` with its ``kind`` and config); a
-graph is the module of its source (CLIP gives two graphs: the text and the image encoder wrappers).
+graph is the module of its source (CLIP gives two graphs: the text and the image encoder wrappers; the prior
+gives three: itself and its split at the text prefix, ``prior_prefix`` and ``prior_step``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from dalle2_rt.models.clip import ClipConfig, ClipImageEncoder, ClipTextEncoder, build_clip
 from dalle2_rt.models.decoder import Decoder, DecoderConfig
-from dalle2_rt.models.prior import DiffusionPrior, PriorConfig
+from dalle2_rt.models.prior import DiffusionPrior, PriorConfig, PriorPrefix, PriorStep
 from dalle2_rt.models.sr import SRConfig, SuperRes
 from dalle2_rt.training import checkpoint
 
@@ -23,6 +24,7 @@ from .manifest import Manifest
 
 _MODELS = {"prior": (PriorConfig, DiffusionPrior), "decoder": (DecoderConfig, Decoder), "sr": (SRConfig, SuperRes)}
 _CLIP_GRAPHS = {"text_encoder": ClipTextEncoder, "image_encoder": ClipImageEncoder}
+_PRIOR_GRAPHS = {"prior_prefix": PriorPrefix, "prior_step": PriorStep}
 
 
 def source_name(graph: str, raw: dict, sources: dict) -> str:
@@ -78,4 +80,6 @@ def graph_module(graph: str, loaded) -> torch.nn.Module:
         if graph not in _CLIP_GRAPHS:
             raise EngineFolderError(f"graph {graph!r} cannot come from a CLIP checkpoint")
         return _CLIP_GRAPHS[graph](model).eval()
+    if kind == "prior" and graph in _PRIOR_GRAPHS:
+        return _PRIOR_GRAPHS[graph](model).eval()
     return model
