@@ -4,8 +4,10 @@
     python -m export.all --checkpoints runs/x --out engines/x --trt --precision fp16
 
 One ONNX graph per network (text_encoder, image_encoder, prior, decoder, sr0, sr1, …; ``specs.py``), each
-checked against PyTorch in ONNX Runtime and saved with ONNX Runtime's optimised copy, the tokenizer, and
-``manifest.json`` (``manifest.py``); with ``--trt`` also TensorRT plans for this GPU (``trt.py``).
+checked against PyTorch in ONNX Runtime and saved with ONNX Runtime's optimised copy (a graph with more bytes
+of weights than ``--external-data-threshold`` keeps them in ``<graph>.onnx.data``; ``onnx_export.py``), the
+tokenizer, and ``manifest.json`` (``manifest.py``); with ``--trt`` also TensorRT plans for this GPU (``trt.py``).
+The folder handling (atomic swap, crash recovery, carrying files over) is in ``folder.py``.
 
 Idempotent: a folder whose manifest has the same fingerprint (checkpoint digests, options, exporter and
 library versions) is left alone ("up to date"), unless ``--force``. Otherwise the folder is built as a
@@ -17,7 +19,6 @@ plans; ``--trt`` on an up-to-date folder only builds the plans this machine lack
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -30,13 +31,31 @@ from pathlib import Path
 
 import torch
 
-from dalle2_rt.runtime import trt_keys
-
 from . import manifest as mf
 from . import trt as trt_build
-from .onnx_export import EXPORTER, ValidationError, export_onnx, optimize_for_ort, validate
-from .sources import SourceError, Sources, find_sources, sha256_file
-from .specs import GraphSpec, graph_specs, sample_inputs
+from .folder import (
+    carry_graph,
+    carry_trt,
+    ensure_dir,
+    fsync_tree,
+    graph_files,
+    intact_files,
+    is_ours,
+    recover_stale,
+    swap_into_place,
+    trt_satisfied,
+)
+from .onnx_export import (
+    EXPORTER,
+    EXTERNAL_DATA_THRESHOLD,
+    ValidationError,
+    export_onnx,
+    external_data_files,
+    optimize_for_ort,
+    validate,
+)
+from .sources import SourceError, Sources, find_sources
+from .specs import GraphSpec, graph_specs
 from .tokenizer import write_tokenizer
 
 DEFAULT_CHECKPOINTS = Path("checkpoints/shapes-v1")
@@ -67,10 +86,14 @@ class ExportResult:
 def export_folder(checkpoints: str | Path = DEFAULT_CHECKPOINTS, out: str | Path | None = None, *,
                   name: str | None = None, precision: str = "fp16", trt: bool = False, opset: int = DEFAULT_OPSET,
                   max_batch: int = DEFAULT_MAX_BATCH, force: bool = False, quiet: bool = False,
-                  log: Callable[[str], None] | None = None) -> ExportResult:
+                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, log: Callable[[str], None] | None = None
+                  ) -> ExportResult:
     """Export ``checkpoints`` into the engine folder ``out`` (default ``engines/<checkpoints name>``).
 
-    ``precision`` applies to TensorRT plans only (the ONNX graphs are fp32, the I/O contract). Raises
+    ``precision`` applies to TensorRT plans only (the ONNX graphs are fp32, the I/O contract).
+    ``external_data_threshold``: a graph with more bytes of weights than this (default 1 GiB) keeps them in
+    ``<graph>.onnx.data`` beside it; the layout is not part of the fingerprint (``force`` re-lays out an up-to-date
+    folder). Raises
     SourceError (bad checkpoints), ValidationError (a graph disagrees with PyTorch) or whatever the export
     raised; in every such case ``out`` is as it was before the call.
     """
@@ -82,6 +105,8 @@ def export_folder(checkpoints: str | Path = DEFAULT_CHECKPOINTS, out: str | Path
         raise ValueError(f"precision must be one of {trt_build.PRECISIONS}, got {precision!r}")
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset} ({OPSET_WHY})")
+    if external_data_threshold < 0:
+        raise ValueError(f"external_data_threshold must be >= 0 bytes, got {external_data_threshold}")
 
     sources = find_sources(checkpoints)
     candidates = int(mf.stage_defaults("prior", sources.prior)["candidates"])
@@ -93,28 +118,26 @@ def export_folder(checkpoints: str | Path = DEFAULT_CHECKPOINTS, out: str | Path
     trt_key, trt_message = None, None
     if trt:
         try:
-            module, cc, _ = trt_build.probe()
-            trt_build.check_precision(precision, module.__version__)
-            trt_key = trt_keys.engine_key(module.__version__, cc)
+            trt_key = trt_build.machine_key(precision)
         except trt_build.TrtUnavailable as e:
             trt_message = str(e)
             (log or print)(f"export: --trt: {trt_message}")
 
-    _recover_stale(out)
+    recover_stale(out)
     old = mf.read_manifest(out) if out.is_dir() else None
-    if out.exists() and old is None and not _ours(out):
+    if out.exists() and old is None and not is_ours(out):
         # Never replace (and so delete) something that is not ours.
         raise ExportError(f"{out} exists and is not an engine folder (no readable {mf.MANIFEST}); "
                           "remove it or choose another --out")
-    intact = _intact_files(out, old) if old else set()
+    intact = intact_files(out, old) if old else set()
     if not force and old and old.get("fingerprint") == fingerprint and intact == set(old["files"]) \
-            and _trt_satisfied(old, trt_key, precision):
+            and trt_satisfied(old, trt_key, precision):
         say(f"{out}: up to date")
         return ExportResult(out, "up to date", old, reused=[s.name for s in specs], trt_message=trt_message)
 
     result = ExportResult(out, "built", {}, trt_message=trt_message)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-{os.getpid()}-", dir=out.parent if out.parent.exists()
-                                else _mkdir(out.parent)))
+                                else ensure_dir(out.parent)))
     try:
         started = time.perf_counter()
         graphs = {}
@@ -122,27 +145,24 @@ def export_folder(checkpoints: str | Path = DEFAULT_CHECKPOINTS, out: str | Path
             src = _source_of(sources, spec)
             gfp = mf.graph_fingerprint(spec, src, tools)
             previous = (old or {}).get("graphs", {}).get(spec.name)
-            if not force and previous and previous.get("fingerprint") == gfp and _graph_files(previous) <= intact:
-                graphs[spec.name] = _carry_graph(out, tmp, previous)
+            if not force and previous and previous.get("fingerprint") == gfp and graph_files(previous) <= intact:
+                graphs[spec.name] = carry_graph(out, tmp, previous)
                 result.reused.append(spec.name)
                 say(f"  {spec.name}: unchanged, carried over")
             else:
-                graphs[spec.name] = _export_graph(spec, tmp, opset, gfp, say)
+                graphs[spec.name] = _export_graph(spec, tmp, opset, gfp, external_data_threshold, say)
                 result.exported.append(spec.name)
         tokenizer = write_tokenizer(tmp, context_length=sources.clip.config.context_length)
-        trt_records = _carry_trt(out, tmp, old or {}, graphs, result.reused)
+        trt_records = carry_trt(out, tmp, old or {}, graphs, result.reused)
         if trt_key is not None:
-            _build_trt(tmp, trt_key, precision, specs, graphs, trt_records, result, say)
+            result.trt_failed = trt_build.build_missing(tmp, trt_key, precision, specs, graphs, trt_records, say)
         manifest = mf.build_manifest(
             name=name, tools=tools, options=options, fingerprint=fingerprint, sources=sources,
             tokenizer=tokenizer, graphs=graphs, stages=mf.stage_entries(sources, {s.name: s for s in specs}),
             output=mf.output_entry(sources), trt=trt_records, files=mf.file_table(tmp))
         mf.write_manifest(tmp, manifest)
-        _fsync_tree(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; the engine folder is an ordinary one
-        _swap_into_place(tmp, out)
+        fsync_tree(tmp)
+        swap_into_place(tmp, out)
         result.manifest = manifest
         say(f"{out}: built in {time.perf_counter() - started:.1f} s (exported {', '.join(result.exported) or '-'}; "
             f"carried over {', '.join(result.reused) or '-'})")
@@ -151,29 +171,18 @@ def export_folder(checkpoints: str | Path = DEFAULT_CHECKPOINTS, out: str | Path
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _ours(out: Path) -> bool:
-    """An empty folder, or an engine folder of any schema version (one we may replace)."""
-    if not out.is_dir():
-        return False
-    if not any(out.iterdir()):
-        return True
-    try:
-        return json.loads((out / mf.MANIFEST).read_text(encoding="utf-8")).get("schema") == mf.SCHEMA
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _source_of(sources: Sources, spec: GraphSpec):
     return next(s for s in sources.all() if s.stage == spec.source)
 
 
-def _export_graph(spec: GraphSpec, tmp: Path, opset: int, fingerprint: str, say) -> dict:
+def _export_graph(spec: GraphSpec, tmp: Path, opset: int, fingerprint: str, threshold: int, say) -> dict:
     """Trace, optimise and validate one graph into ``tmp``; return its manifest entry."""
     started = time.perf_counter()
     module = spec.factory()
     file, opt_file = f"{spec.name}.onnx", f"{spec.name}.opt.onnx"
-    export_onnx(spec, module, tmp / file, opset=opset)
-    optimized_for = optimize_for_ort(tmp / file, tmp / opt_file)
+    export_onnx(spec, module, tmp / file, opset=opset, external_data_threshold=threshold)
+    data = external_data_files(tmp / file)
+    optimized_for = optimize_for_ort(tmp / file, tmp / opt_file, external_data=bool(data))
     batches = sorted({*VALIDATION_BATCHES, spec.batch.max})
     check = validate(spec, module, {"plain": tmp / file, "optimized": tmp / opt_file}, batches)
     say(f"  {spec.name}: max abs err {check['max_abs_err']:.2e} = {check['rel_err']:.2e} of output scale "
@@ -181,143 +190,10 @@ def _export_graph(spec: GraphSpec, tmp: Path, opset: int, fingerprint: str, say)
         f"{time.perf_counter() - started:.1f} s")
     return {
         "file": file, "optimized_file": opt_file, "optimized_for": optimized_for, "source": spec.source,
+        "external_data": data, "optimized_external_data": external_data_files(tmp / opt_file),
         **spec.io_entry(), "timestep_inputs": spec.timestep_inputs, "validation": check,
         "fingerprint": fingerprint, "trt": {},
     }
-
-
-def _graph_files(entry: dict) -> set[str]:
-    return {entry["file"], *([entry["optimized_file"]] if entry.get("optimized_file") else [])}
-
-
-def _carry_graph(out: Path, tmp: Path, previous: dict) -> dict:
-    for rel in _graph_files(previous):
-        shutil.copy2(out / rel, tmp / rel)
-    return {**previous, "trt": {}}  # plans are re-attached by _carry_trt
-
-
-def _carry_trt(out: Path, tmp: Path, old: dict, graphs: dict, reused: list[str]) -> dict:
-    """Copy the old folder's plans of carried-over graphs (same ONNX, so the same engine); keep their records."""
-    records = {}
-    for key, record in (old.get("trt") or {}).items():
-        plans = {g: p for g, p in record.get("plans", {}).items() if g in reused and (out / p).is_file()}
-        if not plans:
-            continue
-        (tmp / trt_keys.engine_dir(key)).mkdir(parents=True, exist_ok=True)
-        for g, p in plans.items():
-            shutil.copy2(out / p, tmp / p)
-            graphs[g]["trt"][key] = p
-        cache = out / record["timing_cache"]
-        if cache.is_file():
-            shutil.copy2(cache, tmp / record["timing_cache"])
-        keep = set(plans)
-        records[key] = {**record, "plans": plans,
-                        **{k: {g: v for g, v in record.get(k, {}).items() if g in keep}
-                           for k in ("fp32_layers", "validation", "build_seconds")}, "failed": {}}
-    return records
-
-
-def _build_trt(tmp: Path, key: str, precision: str, specs: list[GraphSpec], graphs: dict, records: dict,
-               result: ExportResult, say) -> None:
-    """Build the plans for ``key`` that the carried-over record does not already hold at ``precision``."""
-    record = records.get(key)
-    have = set(record["plans"]) if record and record.get("precision") == precision else set()
-    need = [s.name for s in specs if s.name not in have]
-    if not need:
-        return
-    by_name = {s.name: s for s in specs}
-
-    def sample_for(graph: str):
-        gen = torch.Generator().manual_seed(2)
-        return lambda b: {k: v.numpy() for k, v in sample_inputs(by_name[graph], b, gen).items()}
-
-    say(f"  building TensorRT {precision} plans for {key}: {', '.join(need)}")
-    built_key, fresh, plans = trt_build.build_engines(tmp, graphs, precision=precision, sample_for=sample_for,
-                                                      log=say, only=need)
-    if built_key != key:
-        raise RuntimeError(f"TensorRT key changed during the export ({key} -> {built_key})")
-    if have:
-        for k in ("plans", "fp32_layers", "validation", "build_seconds"):
-            fresh[k] = {**{g: v for g, v in record.get(k, {}).items() if g in have}, **fresh[k]}
-    for name, graph in graphs.items():
-        graph["trt"].pop(key, None)
-        if name in fresh["plans"]:
-            graph["trt"][key] = fresh["plans"][name]
-    records[key] = fresh
-    result.trt_failed = dict(fresh["failed"])
-
-
-def _trt_satisfied(old: dict, key: str | None, precision: str) -> bool:
-    """No plans wanted, or the folder already has this machine's plans at this precision."""
-    if key is None:
-        return True
-    record = (old.get("trt") or {}).get(key)
-    return bool(record) and record.get("precision") == precision
-
-
-def _intact_files(folder: Path, manifest: dict) -> set[str]:
-    """The files of ``manifest.files`` present in ``folder`` with the recorded sha256."""
-    ok = set()
-    for rel, want in manifest.get("files", {}).items():
-        path = folder / rel
-        if path.is_file() and sha256_file(path) == want:
-            ok.add(rel)
-    return ok
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp`` with two renames; between them the old folder waits as ``.<name>.old-<pid>``."""
-    aside = None
-    if out.exists():
-        aside = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(aside, ignore_errors=True)
-        out.rename(aside)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if aside is not None:
-            aside.rename(out)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _recover_stale(out: Path) -> None:
-    """Clean up after an export that was killed (SIGKILL, power loss) and so could not clean up itself:
-    its build folder is removed; an old folder set aside just before the final rename is put back."""
-    if not out.parent.is_dir():
-        return
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
-        pid = rest.split("-")[0]
-        if kind not in ("export", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if kind == "old" and not out.exists():
-            p.rename(out)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -340,6 +216,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                     help="most images per call; denoisers take 2x (default: %(default)s)")
     ap.add_argument("--force", action="store_true", help="rebuild everything even if up to date")
+    ap.add_argument("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD, metavar="BYTES",
+                    help="a graph with more weight bytes than this keeps them in <graph>.onnx.data beside it "
+                         "(protobuf caps a file at 2 GB; default: %(default)s = 1 GiB)")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the result line and problems")
     ap.add_argument("--from-diffusers", type=Path, default=None, metavar="PATH",
                     help="convert a diffusers UnCLIPPipeline folder (e.g. karlo-v1-alpha) instead of --checkpoints "
@@ -352,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.opset < MIN_OPSET:
         print(f"export: error: --opset must be >= {MIN_OPSET}, got {args.opset} ({OPSET_WHY})", file=sys.stderr)
         return 2
+    if args.external_data_threshold < 0:
+        print(f"export: error: --external-data-threshold must be >= 0, got {args.external_data_threshold}",
+              file=sys.stderr)
+        return 2
     if args.from_diffusers is not None:
         from .diffusers_unclip import run_cli
         return run_cli(args)
@@ -361,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             result = export_folder(args.checkpoints, args.out, name=args.name, precision=args.precision,
                                    trt=args.trt, opset=args.opset, max_batch=args.max_batch, force=args.force,
-                                   quiet=args.quiet)
+                                   quiet=args.quiet, external_data_threshold=args.external_data_threshold)
     except (SourceError, ValidationError, ExportError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1

@@ -22,8 +22,14 @@ What UnCLIPPipeline (diffusers 0.42) does, and where it goes:
   bicubic-antialias upscale      folded into the SR graphs; ``noise_aug_t: null`` (no augmentation)
   super_res_first / _last        ``sr[0].graph`` / ``sr[0].last_step_graph``
   (x·0.5 + 0.5).clamp(0, 1)      ``output.pixel_range: [-1, 1]``
-Known limit: ``onnx_export.export_onnx`` writes weights inline, and protobuf caps a file at 2 GB; karlo's
-prior and decoder are larger in fp32, so the full-size export needs external-data support there.
+Size: protobuf caps a file at 2 GB and karlo's prior (~1B parameters, ~4 GB) and decoder are larger in fp32, so
+a graph with more than ``--external-data-threshold`` bytes of weights (1 GiB) is written as ``<graph>.onnx`` +
+``<graph>.onnx.data`` (``onnx_export.py``), and so is its optimised copy; the manifest lists the data files
+(graph entry ``external_data`` / ``optimized_external_data``, and ``files``). ``--trt`` builds plans through
+the native exporter's path (``trt.build_missing``). Known limits: exercised only on a tiny random-weight
+pipeline (the tests force the threshold to 0 so that every graph takes the external-data path); the real
+karlo-v1-alpha weights and the TensorRT plans have never been run through this converter here (no GPU, no
+TensorRT, no karlo snapshot on this machine).
 """
 from __future__ import annotations
 
@@ -44,17 +50,30 @@ import torch
 from dalle2_rt.runtime.schedules import respace
 
 from . import manifest as mf
-from .all import ExportError, ExportResult, _fsync_tree, _intact_files, _mkdir, _ours, _recover_stale, _swap_into_place
+from . import trt as trt_build
+from .all import ExportError, ExportResult
 from .diffusers_wrappers import SR_RESIZE, DecoderGraph, PriorGraph, SuperResGraph, TextEncoderGraph
+from .folder import (
+    carry_graph,
+    carry_trt,
+    ensure_dir,
+    fsync_tree,
+    graph_files,
+    intact_files,
+    is_ours,
+    recover_stale,
+    swap_into_place,
+    trt_satisfied,
+)
 from .hf_clip_tokenizer import write_tokenizer
-from .onnx_export import EXPORTER, export_onnx, optimize_for_ort, validate
+from .onnx_export import EXPORTER, EXTERNAL_DATA_THRESHOLD, export_onnx, external_data_files, optimize_for_ort, validate
 from .sources import SourceError, sha256_file
 from .specs import BATCH, BatchProfile, GraphSpec, TensorSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / diffusers read it: never download
 
 KIND = "diffusers-unclip"
-EXPORT_REVISION = 2  # bump when this module changes what it writes
+EXPORT_REVISION = 3  # bump when this module changes what it writes
 COMPONENTS = ("text_encoder", "tokenizer", "prior", "text_proj", "decoder", "super_res_first", "super_res_last",
               "prior_scheduler", "decoder_scheduler", "super_res_scheduler")
 # UnCLIPPipeline.__call__ defaults (diffusers 0.42); DDPM is what UnCLIPScheduler.step is.
@@ -322,49 +341,78 @@ def stage_entries(pipe: UnclipFolder) -> dict:
 
 def export_diffusers(folder: str | Path, out: str | Path | None = None, *, name: str | None = None,
                      opset: int = 18, max_batch: int = 8, force: bool = False, quiet: bool = False,
+                     precision: str = "fp16", trt: bool = False,
+                     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
                      log: Callable[[str], None] | None = None) -> ExportResult:
     """Convert the UnCLIPPipeline ``folder`` into the engine folder ``out`` (default ``engines/<folder name>``).
 
     Atomic and idempotent like ``export.all.export_folder``: built as a hidden sibling and renamed into
-    place; a folder whose fingerprint (component digests, options, tool versions) matches is left alone.
+    place; a folder whose fingerprint (component digests, options, tool versions) matches is left alone,
+    unless ``trt`` asks for plans it lacks: then its graphs are carried over and only the plans are built
+    (``trt.build_missing``, the native exporter's path). Without TensorRT or a GPU, ``trt`` is reported in
+    ``result.trt_message`` and the ONNX folder is still written. ``external_data_threshold``: as
+    ``export_folder``'s (karlo's ~4 GB prior exceeds the 1 GiB default and gets ``prior.onnx.data``).
     """
     pipe = UnclipFolder(folder)
     out = Path(out) if out is not None else Path("engines") / pipe.folder.name
     name = name or out.name
     say = (lambda _msg: None) if quiet else (log or print)
+    if precision not in trt_build.PRECISIONS:
+        raise ValueError(f"precision must be one of {trt_build.PRECISIONS}, got {precision!r}")
+    if external_data_threshold < 0:
+        raise ValueError(f"external_data_threshold must be >= 0 bytes, got {external_data_threshold}")
     tools = {**mf.tool_versions(opset, EXPORTER), "converter": f"{KIND}/{EXPORT_REVISION}",
              **_versions("diffusers", "transformers", "tokenizers")}
     options = {"opset": opset, "max_batch": max_batch}
     fingerprint = mf.digest({"name": name, "tools": tools, "options": options, "defaults": DEFAULTS,
                              "sources": {c.stage: [c.sha256, c.meta_sha256] for c in pipe.all()}})
-    _recover_stale(out)
+    trt_key, trt_message = None, None
+    if trt:
+        try:
+            trt_key = trt_build.machine_key(precision)
+        except trt_build.TrtUnavailable as e:
+            trt_message = str(e)
+            (log or print)(f"export: --trt: {trt_message}")
+
+    recover_stale(out)
     old = mf.read_manifest(out) if out.is_dir() else None
-    if out.exists() and old is None and not _ours(out):
+    if out.exists() and old is None and not is_ours(out):
         raise ExportError(f"{out} exists and is not an engine folder (no readable {mf.MANIFEST}); "
                           "remove it or choose another --out")
-    if not force and old and old.get("fingerprint") == fingerprint and _intact_files(out, old) == set(old["files"]):
+    same = not force and old is not None and old.get("fingerprint") == fingerprint
+    intact = intact_files(out, old) if same else set()
+    if same and intact == set(old["files"]) and trt_satisfied(old, trt_key, precision):
         say(f"{out}: up to date")
-        return ExportResult(out, "up to date", old)
+        return ExportResult(out, "up to date", old, reused=list(old["graphs"]), trt_message=trt_message)
 
     specs = graph_specs(pipe, max_batch=max_batch)
-    result = ExportResult(out, "built", {})
+    result = ExportResult(out, "built", {}, trt_message=trt_message)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-{os.getpid()}-",
-                                dir=out.parent if out.parent.exists() else _mkdir(out.parent)))
+                                dir=out.parent if out.parent.exists() else ensure_dir(out.parent)))
     try:
         started = time.perf_counter()
         graphs = {}
         for spec in specs:
-            graphs[spec.name] = _export_graph(spec, tmp, opset, say)
-            result.exported.append(spec.name)
+            previous = old.get("graphs", {}).get(spec.name) if same else None  # same fingerprint: same graphs
+            if previous and graph_files(previous) <= intact:
+                graphs[spec.name] = carry_graph(out, tmp, previous)
+                result.reused.append(spec.name)
+                say(f"  {spec.name}: unchanged, carried over")
+            else:
+                graphs[spec.name] = _export_graph(spec, tmp, opset, external_data_threshold, say)
+                result.exported.append(spec.name)
         tokenizer = write_tokenizer(tmp, pipe.get("tokenizer"))
+        trt_records = carry_trt(out, tmp, old, graphs, result.reused) if same else {}
+        if trt_key is not None:
+            result.trt_failed = trt_build.build_missing(tmp, trt_key, precision, specs, graphs, trt_records, say)
         stages = stage_entries(pipe)
         output = {"image_size": stages["sr"][-1]["image_size"], "pixel_range": [-1, 1]}
         manifest = mf.build_manifest(name=name, tools=tools, options=options, fingerprint=fingerprint,
                                      sources=pipe, tokenizer=tokenizer, graphs=graphs, stages=stages,
-                                     output=output, trt={}, files=mf.file_table(tmp))
+                                     output=output, trt=trt_records, files=mf.file_table(tmp))
         mf.write_manifest(tmp, manifest)
-        _fsync_tree(tmp)
-        _swap_into_place(tmp, out)
+        fsync_tree(tmp)
+        swap_into_place(tmp, out)
         result.manifest = manifest
         say(f"{out}: built in {time.perf_counter() - started:.1f} s from {pipe.folder}")
         return result
@@ -377,36 +425,36 @@ def _versions(*names: str) -> dict:
     return {n: version(n) for n in names}
 
 
-def _export_graph(spec: GraphSpec, tmp: Path, opset: int, say) -> dict:
+def _export_graph(spec: GraphSpec, tmp: Path, opset: int, threshold: int, say) -> dict:
     """Trace, optimise and validate one graph (the generic exporter); its manifest entry."""
     started = time.perf_counter()
     module = spec.factory()
     file, opt_file = f"{spec.name}.onnx", f"{spec.name}.opt.onnx"
     with torch.no_grad():
-        export_onnx(spec, module, tmp / file, opset=opset)
-        optimized_for = optimize_for_ort(tmp / file, tmp / opt_file)
+        export_onnx(spec, module, tmp / file, opset=opset, external_data_threshold=threshold)
+        data = external_data_files(tmp / file)
+        optimized_for = optimize_for_ort(tmp / file, tmp / opt_file, external_data=bool(data))
         batches = sorted({*VALIDATION_BATCHES, spec.batch.max})
         check = validate(spec, module, {"plain": tmp / file, "optimized": tmp / opt_file}, batches)
     say(f"  {spec.name}: max abs err {check['max_abs_err']:.2e} = {check['rel_err']:.2e} of output scale "
         f"{check['output_scale']:.3g} at batch {batches}, {time.perf_counter() - started:.1f} s")
     return {"file": file, "optimized_file": opt_file, "optimized_for": optimized_for, "source": spec.source,
+            "external_data": data, "optimized_external_data": external_data_files(tmp / opt_file),
             **spec.io_entry(), "timestep_inputs": spec.timestep_inputs, "validation": check, "trt": {}}
 
 
 def run_cli(args) -> int:
     """``python -m export.all --from-diffusers PATH`` (args parsed by export.all: out, name, opset, max_batch,
-    force, quiet, trt)."""
+    force, quiet, trt, precision, external_data_threshold); the exit status, as ``export.all.main``'s."""
     from .onnx_export import ValidationError
 
-    if args.trt:
-        print("export: error: --trt is not supported with --from-diffusers yet; build plans from the ONNX "
-              "folder later", file=sys.stderr)
-        return 2
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the old folder stays
     try:
         with torch.no_grad():
             result = export_diffusers(args.from_diffusers, args.out, name=args.name, opset=args.opset,
-                                      max_batch=args.max_batch, force=args.force, quiet=args.quiet)
+                                      max_batch=args.max_batch, force=args.force, quiet=args.quiet,
+                                      precision=args.precision, trt=args.trt,
+                                      external_data_threshold=args.external_data_threshold)
     except (SourceError, ValidationError, ExportError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
@@ -414,4 +462,8 @@ def run_cli(args) -> int:
         signal.signal(signal.SIGTERM, previous)
     if args.quiet:
         print(f"{result.folder}: {result.status}")
+    if result.trt_failed:
+        print(f"export: TensorRT failed for {', '.join(sorted(result.trt_failed))} (the ONNX graphs and the other "
+              "plans are in place; see the manifest's trt.<key>.failed)", file=sys.stderr)
+        return 1
     return 0

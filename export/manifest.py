@@ -12,8 +12,10 @@ Top-level keys (everything the runtime needs to run the folder without this code
                            kind, step}}; path is repository-relative when the checkpoint is in the repo
   tokenizer                the entry written by export/tokenizer.py
   graphs                   {graph: {file, optimized_file, optimized_for {provider, level, onnxruntime},
-                           source (stage), inputs/outputs [{name, dtype, shape}], profile {batch: {min,
-                           opt, max}}, timestep_inputs, validation {...}, fingerprint, trt {key: plan}}}
+                           external_data, optimized_external_data (the data files file / optimized_file
+                           reference, [] when the weights are inline; onnx_export.py), source (stage),
+                           inputs/outputs [{name, dtype, shape}], profile {batch: {min, opt, max}},
+                           timestep_inputs, validation {...}, fingerprint, trt {key: plan}}}
   stages                   text_encoder, image_encoder, prior, decoder, sr [...] as in ARCHITECTURE.md:
                            graph, parameterization, schedule (alphas_cumprod as float64), embed_scale,
                            clip_x0, guidance_on, conditioning inputs, image sizes, defaults

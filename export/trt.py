@@ -1,12 +1,14 @@
 """TensorRT engines for an engine folder (``--trt``), written against the TensorRT 10 Python API.
 
 For each graph: parse the plain ``<graph>.onnx`` (not the ORT-optimised copy, whose com.microsoft ops
-TensorRT does not know) with ``OnnxParser``, add one optimisation profile from the graph's batch range
-(``profile_shapes``: min/opt/max batch, every other axis fixed, so the image size is fixed per stage),
-build with a shared timing cache and write ``trt/<key>/<graph>.plan``; ``key`` (``10.7.0-sm90``) names the
-TensorRT version and GPU compute capability the plan is tied to (``dalle2_rt/runtime/trt_keys.py``, which
-the runtime uses to refuse a foreign plan). Each plan is then checked against ONNX Runtime (CPU, fp32) on
-random inputs at the profile's min/opt/max batch; the figures go into the manifest.
+TensorRT does not know) with ``OnnxParser.parse_from_file``, so that the weights of a graph saved with
+external data (``<graph>.onnx.data``, graphs over the exporter's threshold) are found beside it; add one
+optimisation profile from the graph's batch range (``profile_shapes``: min/opt/max batch, every other axis
+fixed, so the image size is fixed per stage), build with a shared timing cache and write
+``trt/<key>/<graph>.plan``; ``key`` (``10.7.0-sm90``) names the TensorRT version and GPU compute capability
+the plan is tied to (``dalle2_rt/runtime/trt_keys.py``, which the runtime uses to refuse a foreign plan).
+Each plan is then checked against ONNX Runtime (CPU, fp32) on random inputs at the profile's min/opt/max
+batch; the figures go into the manifest.
 
 Precision. ``fp32`` builds with TF32 off (TensorRT enables TF32 by default, which keeps only 10 mantissa
 bits in matmuls/convolutions). ``fp16`` sets the FP16 builder flag and pins some layers to fp32 with
@@ -285,6 +287,52 @@ def check_plan(trt, plan: bytes, onnx_path: Path, io_entry: Mapping, sample: Cal
             scale = max(scale, float(np.abs(ref).max()))
     return {"batch_sizes": sizes, "max_abs_err": err, "output_scale": scale,
             "rel_err": err / scale if scale > 0 else float(err > 0)}
+
+
+def machine_key(precision: str) -> str:
+    """The engine key of this machine's TensorRT and GPU (``10.7.0-sm90``) for a ``precision`` build, or
+    TrtUnavailable saying why there is none."""
+    trt, cc, _ = probe()
+    check_precision(precision, trt.__version__)
+    return trt_keys.engine_key(trt.__version__, cc)
+
+
+def build_missing(folder: Path, key: str, precision: str, specs: list, graphs: dict, records: dict,
+                  log: Callable[[str], None]) -> dict[str, str]:
+    """Build into ``folder`` the plans for ``key`` that ``records[key]`` (carried over) does not already hold at
+    ``precision``, for the graphs of ``specs`` (``specs.GraphSpec``: their sample inputs feed the checks).
+
+    Updates ``graphs`` (each entry's ``trt.<key>``) and ``records[key]`` in place; returns {graph: error} of
+    the builds that failed (empty when nothing needed building). The one path both exporters build by.
+    """
+    import torch
+
+    from .specs import sample_inputs
+
+    record = records.get(key)
+    have = set(record["plans"]) if record and record.get("precision") == precision else set()
+    need = [s.name for s in specs if s.name not in have]
+    if not need:
+        return {}
+    by_name = {s.name: s for s in specs}
+
+    def sample_for(graph: str):
+        gen = torch.Generator().manual_seed(2)
+        return lambda b: {k: v.numpy() for k, v in sample_inputs(by_name[graph], b, gen).items()}
+
+    log(f"  building TensorRT {precision} plans for {key}: {', '.join(need)}")
+    built_key, fresh, _ = build_engines(folder, graphs, precision=precision, sample_for=sample_for, log=log, only=need)
+    if built_key != key:
+        raise RuntimeError(f"TensorRT key changed during the export ({key} -> {built_key})")
+    if have:
+        for k in ("plans", "fp32_layers", "validation", "build_seconds"):
+            fresh[k] = {**{g: v for g, v in record.get(k, {}).items() if g in have}, **fresh[k]}
+    for name, graph in graphs.items():
+        graph["trt"].pop(key, None)
+        if name in fresh["plans"]:
+            graph["trt"][key] = fresh["plans"][name]
+    records[key] = fresh
+    return dict(fresh["failed"])
 
 
 def build_engines(folder: Path, graphs: Mapping[str, dict], *, precision: str, sample_for: Callable,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,9 @@ def test_folder_and_manifest(tiny):
     pipe, _, folder = tiny
     m = load_manifest(folder)
     verify_files(m, use_cache=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's private one
     assert set(m.graphs) == {"text_encoder", "prior", "decoder", "super_res_first", "super_res_last"}
     for name, g in m.graphs.items():
         assert g.raw["validation"]["rel_err"] <= GRAPH_TOL, name
@@ -539,3 +543,91 @@ def test_engines_match_unclip_pipeline(tiny, monkeypatch):
         assert float(err.max()) <= max(2 * self_diff, 1e-3), (name, float(err.max()), self_diff)
     u8 = np.stack([np.asarray(im) for im in images]).astype(int)
     np.testing.assert_array_equal(u8, np.rint(got * 255).astype(int))  # the PNG pixels are these floats
+
+
+# --------------------------------------------------------------------------------------------------------
+# karlo-size graphs: external data, and --trt
+
+
+@pytest.fixture(scope="module")
+def tiny_external(tiny, tmp_path_factory):
+    """The tiny pipeline through the CLI with every graph's weights in external data files (threshold 0, the
+    layout karlo's 4 GB prior needs) and ``--trt`` (TensorRT is not installed here); (exit status, output, folder)."""
+    import contextlib
+    import io
+
+    from export import all as export_all
+
+    _, pipe_dir, _ = tiny
+    out = tmp_path_factory.mktemp("karlo_external") / "engines"
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        status = export_all.main(["--from-diffusers", str(pipe_dir), "--out", str(out), "--max-batch", "2",
+                                  "--trt", "--external-data-threshold", "0"])
+    return status, log.getvalue(), out
+
+
+def test_external_data_and_trt_without_tensorrt(tiny_external):
+    from tests.test_external_data import check_external_folder
+
+    status, log, folder = tiny_external
+    assert status == 0 and "no TensorRT engines were built" in log  # said, and the ONNX folder is written
+    m = check_external_folder(folder)
+    assert set(m["graphs"]) == {"text_encoder", "prior", "decoder", "super_res_first", "super_res_last"}
+    assert m["trt"] == {} and all(g["trt"] == {} for g in m["graphs"].values())
+    verify_files(load_manifest(folder), use_cache=False)
+
+
+def test_external_data_folder_gives_the_same_images(tiny, tiny_external, tmp_path, monkeypatch):
+    from dalle2_rt.runtime.errors import EngineFolderError
+    from dalle2_rt.runtime.pipeline import Pipeline
+
+    monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
+    _, _, inline = tiny
+    _, _, external = tiny_external
+
+    def images(folder):
+        pipe = Pipeline.load(folder, threads=1)
+        return np.stack([np.asarray(im) for im in pipe(PROMPTS[:2], seed=5, prior_steps=3, decoder_steps=3,
+                                                       sr_steps=2)])
+
+    got = images(external)
+    assert got.std() > 0
+    np.testing.assert_array_equal(got, images(inline))
+
+    import shutil
+
+    copy = tmp_path / "engines"
+    shutil.copytree(external, copy)
+    with open(copy / "super_res_last.opt.onnx.data", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(EngineFolderError, match=r"super_res_last\.opt\.onnx\.data: sha256"):
+        Pipeline.load(copy)
+
+
+def test_trt_plans_through_the_native_build_path(tiny, tiny_external, tmp_path, monkeypatch):
+    """``--trt`` with TensorRT faked (tests/test_trt_logic.py): graphs are carried over from the up-to-date
+    folder, external data included, and the plans are built by ``trt.build_missing`` as for our own folders."""
+    import shutil
+
+    from tests.test_external_data import check_external_folder
+    from tests.test_trt_logic import check_plans, fake_tensorrt
+
+    calls = fake_tensorrt(monkeypatch)
+    _, pipe_dir, _ = tiny
+    _, _, external = tiny_external
+    out = tmp_path / external.name  # the same name: the same fingerprint
+    shutil.copytree(external, out)
+    result = export_diffusers(pipe_dir, out, max_batch=2, trt=True, external_data_threshold=0, quiet=True)
+    graphs = sorted(json.loads((external / "manifest.json").read_text())["graphs"])
+    assert result.status == "built" and result.exported == [] and sorted(result.reused) == graphs
+    assert [sorted(c["graphs"]) for c in calls] == [graphs]
+    check_plans(out, "fp16")
+    check_external_folder(out)
+    assert export_diffusers(pipe_dir, out, max_batch=2, trt=True, quiet=True).status == "up to date"
+    export_diffusers(pipe_dir, out, max_batch=2, trt=True, precision="fp32", quiet=True)
+    assert [c["precision"] for c in calls] == ["fp16", "fp32"]
+    check_plans(out, "fp32")

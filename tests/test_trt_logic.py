@@ -185,3 +185,80 @@ def test_probe_says_why_without_tensorrt():
             trt.probe()
     else:
         pytest.skip("tensorrt is installed here")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The build path of both exporters (export.trt.build_missing), with TensorRT faked
+
+
+FAKE_KEY = "10.7.0-sm90"
+
+
+def fake_tensorrt(monkeypatch) -> list[dict]:
+    """Stand-ins for ``trt.probe`` (TensorRT 10.7 on an sm90 GPU) and ``trt.build_engines`` (writes a plan per
+    graph after checking that the graph's files, external data included, are in the build folder and that the
+    spec's sample inputs match the manifest's I/O); returns the log of build calls."""
+    import types
+
+    import numpy as np
+
+    calls: list[dict] = []
+
+    def build_engines(folder, graphs, *, precision, sample_for, log, only=None):
+        names = [g for g in graphs if only is None or g in only]
+        plans = {}
+        for name in names:
+            entry = graphs[name]
+            for rel in (entry["file"], *entry.get("external_data", [])):
+                assert (folder / rel).is_file(), rel  # TensorRT parses the .onnx by path, data beside it
+            feeds = sample_for(name)(2)
+            assert {k: (v.dtype, v.shape[1:]) for k, v in feeds.items()} == {
+                t["name"]: (np.dtype(t["dtype"]), tuple(t["shape"][1:])) for t in entry["inputs"]}
+            plans[name] = trt_keys.plan_path(FAKE_KEY, name)
+            (folder / plans[name]).parent.mkdir(parents=True, exist_ok=True)
+            (folder / plans[name]).write_bytes(f"plan {name} {precision}".encode())
+        (folder / trt_keys.engine_dir(FAKE_KEY) / trt_keys.TIMING_CACHE).write_bytes(b"cache")
+        calls.append({"precision": precision, "graphs": names})
+        return FAKE_KEY, trt_entry(FAKE_KEY, trt_version="10.7.0", cc=(9, 0), device="fake", precision=precision,
+                                   plans=plans, fp32_counts={n: 0 for n in names}, validation={}, failed={},
+                                   build_seconds={n: 0.0 for n in names}), plans
+
+    monkeypatch.setattr(trt, "probe", lambda: (types.SimpleNamespace(__version__="10.7.0"), (9, 0), "fake"))
+    monkeypatch.setattr(trt, "build_engines", build_engines)
+    return calls
+
+
+def check_plans(folder, precision: str) -> dict:
+    """Every graph of ``folder`` has its fake plan at ``precision``, listed and hashed; the runtime accepts it."""
+    import hashlib
+
+    from dalle2_rt.runtime.manifest import load_manifest, verify_files
+
+    m = json.loads((folder / "manifest.json").read_text())
+    record = m["trt"][FAKE_KEY]
+    assert record["precision"] == precision and set(record["plans"]) == set(m["graphs"])
+    for name, g in m["graphs"].items():
+        plan = g["trt"][FAKE_KEY]
+        assert plan == record["plans"][name] and (folder / plan).read_bytes() == f"plan {name} {precision}".encode()
+        assert m["files"][plan] == hashlib.sha256((folder / plan).read_bytes()).hexdigest()
+    verify_files(load_manifest(folder), use_cache=False)
+    return m
+
+
+def test_native_export_builds_plans_through_build_missing(tiny_engines, tiny_checkpoints, tmp_path, monkeypatch):
+    import shutil
+
+    from export import all as export_all
+
+    calls = fake_tensorrt(monkeypatch)
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_engines, out)
+    result = export_all.export_folder(tiny_checkpoints, out, name="tiny", quiet=True, trt=True)
+    graphs = sorted(json.loads((tiny_engines / "manifest.json").read_text())["graphs"])
+    assert result.status == "built" and result.exported == [] and sorted(result.reused) == graphs
+    assert [sorted(c["graphs"]) for c in calls] == [graphs]
+    check_plans(out, "fp16")
+    assert export_all.export_folder(tiny_checkpoints, out, name="tiny", quiet=True, trt=True).status == "up to date"
+    export_all.export_folder(tiny_checkpoints, out, name="tiny", quiet=True, trt=True, precision="fp32")
+    assert len(calls) == 2 and calls[1]["precision"] == "fp32"
+    check_plans(out, "fp32")

@@ -227,10 +227,15 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     files = {str(k): str(v) for k, v in data["files"].items()}
     for rel in files:
         resolve_inside(folder, rel)
-    # Every file the runtime may read must be covered by a hash.
+    # Every file the runtime may read must be covered by a hash, the graphs' external data files included.
     needed = [data["tokenizer"].get("file", "")]
     for g in graphs.values():
         needed += [g.file, *([g.optimized_file] if g.optimized_file else []), *g.trt.values()]
+        for key in ("external_data", "optimized_external_data"):
+            listed = g.raw.get(key, [])
+            if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+                raise _fail(folder, f"graphs.{g.name}.{key} must be a list of file names")
+            needed += [resolve_inside(folder, f) for f in listed]
     for p in needed:
         rel = Path(p).relative_to(folder).as_posix() if isinstance(p, Path) else str(p)
         if rel not in files:
