@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--counts", default=None, help="image counts for warm latency (default 1,4,8)")
     p.add_argument("--latency-steps", default=None, metavar="P,D,S",
                    help="prior,decoder,sr steps for the warm latency part (default: the manifest's)")
+    p.add_argument("--steps", default=None, metavar="P,D,S",
+                   help="prior,decoder,sr steps of the backends and DALLE2-pytorch side-by-sides (default: the "
+                        "manifest's; the diffusers side-by-side always runs 25/25/7)")
     p.add_argument("--no-chart-copy", action="store_true", help="do not copy the chart to bench/fidelity_steps.png")
     p.add_argument("--dalle2-defaults", choices=("full", "estimate", "skip"), default="full",
                    help="DALLE2-pytorch at its 1000-step defaults: run it whole (default), or time the first "
@@ -151,8 +154,10 @@ def main(argv=None) -> int:
 
     from . import compare
 
-    part("backends", lambda: compare.backends(folder, rounds=3 if q else 5, threads=args.threads, log=log))
-    part("dalle2", lambda: compare.dalle2(folder, rounds=2 if q else 3, threads=args.threads,
+    side_steps = tuple(int(x) for x in args.steps.split(",")) if args.steps else None
+    part("backends", lambda: compare.backends(folder, rounds=3 if q else 5, threads=args.threads, steps=side_steps,
+                                              log=log))
+    part("dalle2", lambda: compare.dalle2(folder, rounds=2 if q else 3, threads=args.threads, steps=side_steps,
                                           defaults="skip" if q else args.dalle2_defaults, log=log))
     part("diffusers", lambda: compare.diffusers(folder, rounds=2 if q else 3, threads=args.threads, log=log))
     if "fidelity" in parts:

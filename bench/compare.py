@@ -49,16 +49,19 @@ def size_check(ours: dict, theirs: dict) -> dict:
 FULL_PRIOR = "torch, full prior"
 
 
-def backends(engines, rounds: int = 5, threads: int = 2, images: int = 1, log=print) -> dict:
+def backends(engines, rounds: int = 5, threads: int = 2, images: int = 1, steps=None, log=print) -> dict:
     """onnxruntime vs torch running the same graphs (the prior split at its text prefix on both), and torch
-    running the prior's own ``forward`` at every step (what a plain PyTorch loop does) for reference."""
-    log(f"  onnxruntime vs torch backend, {images} image(s), defaults, {rounds} rounds")
+    running the prior's own ``forward`` at every step (what a plain PyTorch loop does) for reference.
+    ``steps``: (prior, decoder, SR) sampling steps (None: the folder's defaults)."""
+    steps = tuple(steps or default_steps(engines))
+    log(f"  onnxruntime vs torch backend, {images} image(s), steps {steps}, {rounds} rounds")
     with _ours(engines, "onnxruntime", threads, "onnxruntime") as a, _ours(engines, "torch", threads, "torch") as b, \
             _ours(engines, "torch", threads, FULL_PRIOR, prefix_cache=False) as c:
-        req = {"images": images}
+        req = {"images": images, "steps": list(steps)}
         answers = alternate([a, b, c], {"onnxruntime": req, "torch": req, FULL_PRIOR: req}, rounds, log=log)
         out = _summary(answers, "onnxruntime", "torch")
         out["ratio_full_prior"] = out["median"][FULL_PRIOR] / out["median"]["onnxruntime"]
+        out["steps"] = list(steps)
         out["sizes_torch_counter"] = b.info.get("networks")
         out["sizes_onnx_counter"] = a.info.get("networks")
     log(f"  → onnxruntime {out['median']['onnxruntime']:.3f} s, torch {out['median']['torch']:.3f} s: "
@@ -67,12 +70,25 @@ def backends(engines, rounds: int = 5, threads: int = 2, images: int = 1, log=pr
     return out
 
 
-def dalle2(engines, rounds: int = 3, threads: int = 2, steps=(25, 25, 7), defaults: str = "full",
+def default_steps(engines) -> tuple[int, int, int]:
+    """The engine folder's default (prior, decoder, SR) sampling steps."""
+    from dalle2_rt.runtime.manifest import load_manifest
+
+    st = load_manifest(engines).stages
+    sr = st.get("sr") or [{}]
+    return (int(st["prior"]["defaults"]["steps"]), int(st["decoder"]["defaults"]["steps"]),
+            int(sr[0].get("defaults", {}).get("steps", 0)))
+
+
+def dalle2(engines, rounds: int = 3, threads: int = 2, steps=None, defaults: str = "full",
            log=print) -> dict:
-    """``defaults``: "full" (its 1000-step loops, one image, once), "estimate" (the first calls of each of its
-    stages timed and extrapolated: for a busy machine) or "skip"."""
+    """``steps``: the matched comparison's (prior, decoder, SR) steps, both sides (None: our defaults).
+    ``defaults``: "full" (its 1000-step loops, one image, once), "estimate" (the first calls of each of its
+    stages timed and extrapolated: for a busy machine) or "skip"; ours runs at our defaults there."""
     python = dalle2_venv.ensure(log)
-    out = {}
+    ours_defaults = default_steps(engines)
+    steps = tuple(steps or ours_defaults)
+    out = {"steps": list(steps), "ours_defaults": list(ours_defaults)}
     with _ours(engines, "onnxruntime", threads, "ours") as a:
         spec = json.dumps({"threads": threads, "target": a.info["networks"], "shape": unet_shapes(engines)})
         with Worker("dalle2_pytorch", [str(python), str(REPO / "bench" / "dalle2_side.py"), spec]) as b:
@@ -98,7 +114,8 @@ def dalle2(engines, rounds: int = 3, threads: int = 2, steps=(25, 25, 7), defaul
                                    "calls": theirs.get("calls"), "ratio": theirs["seconds"] / median(ours),
                                    "estimated": bool(theirs.get("estimated")),
                                    "per_call_ms": theirs.get("per_call_ms")}
-                log(f"  → ours {median(ours):.3f} s (25/25/7), DALLE2-pytorch {theirs['seconds']:.1f} s "
+                log(f"  → ours {median(ours):.3f} s ({'/'.join(map(str, ours_defaults))}), DALLE2-pytorch "
+                    f"{theirs['seconds']:.1f} s "
                     f"(1000/1000/1000): {out['defaults']['ratio']:.0f}×")
     return out
 
