@@ -118,6 +118,10 @@ def main(argv=None) -> int:
             from . import prefix
 
             res["prefix_cache"] = prefix.measure(folder, threads=args.threads, repeats=3 if q else 7, log=log)
+            from . import pools
+
+            res["thread_pools"] = pools.measure(folder, threads=args.threads, rounds=1 if q else 3,
+                                                images=3 if q else 10, log=log)
             return res
 
         def fidelity():

@@ -114,6 +114,14 @@ def render(r: dict) -> str:
                     _t(["graph", "fp32 ms", "int8 ms", "speed-up", "max err / scale", "rms err / rms"],
                        [[g, f"{v['fp32_ms']:.1f}", f"{v['int8_ms']:.1f}", f"{v['fp32_ms'] / v['int8_ms']:.2f}×",
                          f"{v['rel_err']:.3f}", f"{v['rms_rel_err']:.3f}"] for g, v in pr["int8"].items()]), ""]
+        if pr.get("thread_pools"):
+            tp = pr["thread_pools"]
+            names = list(next(iter(tp["steps"].values())))
+            out += [f"ONNX Runtime thread pools (`bench/pools.py`; {tp['threads']} threads; median of {tp['images']} "
+                    f"warm one-image calls per fresh process, {tp['rounds']} processes per variant, alternated):", "",
+                    _t(["steps", *names, "shared / per session"],
+                       [[k, *(_ms(v[n]["median"]) for n in names),
+                         f"{v[names[0]]['median'] / v[names[1]]['median']:.2f}"] for k, v in tp["steps"].items()]), ""]
         if pr.get("prefix_cache"):
             pc = pr["prefix_cache"]
             out += ["The prior's prefix cache in the pipeline (`bench/prefix.py`; one image at the defaults, "

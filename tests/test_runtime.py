@@ -570,3 +570,51 @@ def test_torch_backend_matches_onnxruntime_within_3_of_255(engines, pipe):
     v_ort = pixels(pipe.variations(Image.new("RGB", (32, 32), (9, 90, 200)), seed=1, decoder_steps=2, sr_steps=1))
     v_ref = pixels(ref.variations(Image.new("RGB", (32, 32), (9, 90, 200)), seed=1, decoder_steps=2, sr_steps=1))
     assert np.abs(v_ort.astype(int) - v_ref.astype(int)).max() <= 3
+
+
+class _FakeOrt:
+    """Stands in for onnxruntime's set_global_thread_pool_sizes: records calls, refuses after the first."""
+
+    def __init__(self, fail: bool = False):
+        self.calls, self.fail = [], fail
+
+    def set_global_thread_pool_sizes(self, intra, inter):
+        self.calls.append((intra, inter))
+        if self.fail or len(self.calls) > 1:
+            raise RuntimeError("Global thread pools have already been created, cannot replace them")
+
+
+def test_shared_thread_pool_is_made_once_and_matched(monkeypatch):
+    from dalle2_rt.runtime import backends
+
+    monkeypatch.setattr(backends, "_SHARED_POOL", {})
+    fake = _FakeOrt()
+    assert backends.shared_thread_pool(fake, 2) is True and fake.calls == [(2, 1)]
+    assert backends.shared_thread_pool(fake, 2) is True and backends.shared_thread_pool(fake, None) is True
+    assert backends.shared_thread_pool(fake, 1) is False  # another size: per-session pools
+    assert fake.calls == [(2, 1)]  # made once
+    monkeypatch.setattr(backends, "_SHARED_POOL", {})
+    assert backends.shared_thread_pool(_FakeOrt(fail=True), None) is False  # pools made by other code
+    monkeypatch.setattr(backends, "_SHARED_POOL", {})
+    monkeypatch.setenv("DALLE2_RT_ORT_SHARED_POOL", "0")
+    fake = _FakeOrt()
+    assert backends.shared_thread_pool(fake, 2) is False and fake.calls == []
+
+
+def test_shared_and_per_session_pools_give_the_same_images(engines, tmp_path):
+    """A fresh process each (the pool is process-wide): the shared pool changes speed, not pixels."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from dalle2_rt.runtime.pipeline import Pipeline\n"
+            f"p = Pipeline.load({str(engines)!r}, threads=2)\n"
+            "assert p.backend.shared_pool is (sys.argv[1] == '1'), p.backend.shared_pool\n"
+            "ims = p(['a red circle', 'two blue squares'], seed=3, prior_steps=3, decoder_steps=3, sr_steps=2)\n"
+            "np.save(sys.argv[2], np.stack([np.asarray(i) for i in ims]))\n")
+    out = {}
+    for flag in ("1", "0"):
+        env = {**os.environ, "DALLE2_RT_ORT_SHARED_POOL": flag, "DALLE2_RT_CACHE": str(tmp_path / "cache")}
+        subprocess.run([sys.executable, "-c", code, flag, str(tmp_path / f"{flag}.npy")], check=True, env=env)
+        out[flag] = np.load(tmp_path / f"{flag}.npy").astype(int)
+    assert np.abs(out["1"] - out["0"]).max() <= 1

@@ -9,6 +9,11 @@ by the manifest's output names. The pipeline's loop is written once against this
   The exporter's optimised graph (``*.opt.onnx``) is used only when the provider that actually runs it
   is the one it was optimised for (its fused nodes are provider specific), else the plain ``.onnx``.
   ``InferenceSession.run`` is thread-safe, so one engine serves concurrent pipeline calls.
+  All sessions share one process-wide intra-op thread pool, made on first use with the first backend's
+  ``threads`` (``shared_thread_pool``): with a pool per session, the idle workers of the graph that just ran
+  keep spinning on the cores the next graph needs (one image at the defaults: ~0.22 -> ~0.15 s on 2 cores;
+  bench/RESULTS.md). A backend asking for another thread count than the pool's, or a process whose pools
+  were made elsewhere, gets per-session pools; ``DALLE2_RT_ORT_SHARED_POOL=0`` forces those.
 - ``tensorrt``: native ``.plan`` engines through the TensorRT 10 Python API and cuda-python. The plan for
   this GPU and TensorRT version is chosen by ``trt_keys``; an execution context is not re-entrant, so
   each engine serialises its calls with a lock.
@@ -19,6 +24,7 @@ Nothing here imports onnxruntime, tensorrt or torch at module import time.
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -76,6 +82,27 @@ class OrtEngine(Engine):
         return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
 
 
+_POOL_LOCK = threading.Lock()
+_SHARED_POOL: dict = {}  # {"threads": n} once made here (0 = ORT's default size); {"threads": None}: not ours
+
+
+def shared_thread_pool(ort, threads: int | None) -> bool:
+    """Whether sessions wanting ``threads`` intra-op threads (None: ORT's default) can use the process-wide
+    pool. The first call makes it with that size; later calls match against it."""
+    if os.environ.get("DALLE2_RT_ORT_SHARED_POOL", "1") == "0":
+        return False
+    want = int(threads or 0)
+    with _POOL_LOCK:
+        if "threads" not in _SHARED_POOL:
+            try:
+                ort.set_global_thread_pool_sizes(want, 1)
+                _SHARED_POOL["threads"] = want
+            except Exception:  # noqa: BLE001 - made by other code in this process: size unknown, not ours
+                _SHARED_POOL["threads"] = None
+        have = _SHARED_POOL["threads"]
+    return have is not None and (threads is None or want == have)
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -99,6 +126,7 @@ class OnnxRuntimeBackend:
             raise BackendUnavailableError(f"onnxruntime offers none of {ORT_PROVIDER_ORDER} (has {available})")
         self.version = ort.__version__
         self._used: set[str] = set()  # providers that actually run a graph (for metadata)
+        self.shared_pool = shared_thread_pool(ort, threads)
 
     def _options(self):
         so = self.ort.SessionOptions()
@@ -108,7 +136,9 @@ class OnnxRuntimeBackend:
         # life of the session (peak RSS of 8 images 603 -> 305 MB with both off, no slower; bench/RESULTS.md).
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False
-        if self.threads:
+        if self.shared_pool:
+            so.use_per_session_threads = False
+        elif self.threads:
             so.intra_op_num_threads = int(self.threads)
             so.inter_op_num_threads = 1
         return so
