@@ -31,7 +31,7 @@ import json, sys, time
 t0 = time.perf_counter()
 from dalle2_rt.runtime.pipeline import Pipeline
 t1 = time.perf_counter()
-pipe = Pipeline.load(sys.argv[1], threads=int(sys.argv[2]) if sys.argv[2] != "0" else None)
+pipe = Pipeline.load(sys.argv[1], threads=int(sys.argv[2]) if sys.argv[2] != "0" else None, shared_threads=True)
 t2 = time.perf_counter()
 pipe(sys.argv[3], seed=0)[0].save(sys.argv[4])
 t3 = time.perf_counter()
@@ -90,7 +90,7 @@ def patched(self):
         so.enable_mem_pattern = False
     return so
 backends.OnnxRuntimeBackend._options = patched
-pipe = Pipeline.load(engines, threads=threads or None)
+pipe = Pipeline.load(engines, threads=threads or None, shared_threads=True)
 pipe("a large red circle on the left, black background", seed=0, num_images=n)
 t = time.perf_counter()
 pipe("a large red circle on the left, black background", seed=1, num_images=n)

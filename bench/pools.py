@@ -1,13 +1,16 @@
-"""ONNX Runtime thread pools: one shared by every session (the runtime's default) vs one per session.
+"""ONNX Runtime thread pools, three ways (``dalle2_rt/runtime/backends.py``):
 
-The pool is process-wide, so each variant runs in fresh processes (``python -m bench.pools --child``),
-alternated: shared, per-session, shared, … Each process loads the pipeline, warms it with one image and
-reports the median of ``images`` warm one-image calls at the given steps.
+- "shared pool": every session on one process-wide pool (``Pipeline.load(shared_threads=True)``, the CLI);
+- "own pools, no spinning": a pool per session whose idle workers sleep (the library's default);
+- "own pools, spinning": ONNX Runtime's own default, which the runtime used before.
+
+The global pool is process-wide, so each variant runs in fresh processes (``python -m bench.pools --child``),
+alternated. Each process loads the pipeline, warms it with one image and reports the median of ``images``
+warm one-image calls at the given steps.
 """
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -15,13 +18,23 @@ import time
 
 from .sides import PROMPT
 
-VARIANTS = {"shared pool": "1", "a pool per session": "0"}
+VARIANTS = ("shared pool", "own pools, no spinning", "own pools, spinning")
 
 
-def _child(engines: str, threads: int, steps: list[int], images: int) -> dict:
+def _child(engines: str, threads: int, steps: list[int], images: int, variant: str) -> dict:
+    from dalle2_rt.runtime import backends
     from dalle2_rt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(engines, threads=threads)
+    if variant == "own pools, spinning":
+        own = backends.OnnxRuntimeBackend._options
+
+        def spinning(self):
+            so = own(self)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            return so
+
+        backends.OnnxRuntimeBackend._options = spinning
+    pipe = Pipeline.load(engines, threads=threads, shared_threads=variant == "shared pool")
     settings = dict(zip(("prior_steps", "decoder_steps", "sr_steps"), steps))
     pipe(PROMPT, seed=0, **settings)
     times = []
@@ -39,13 +52,13 @@ def measure(engines, threads: int = 2, steps_list=((5, 10, 3), (25, 25, 7)), rou
         key = "/".join(map(str, steps))
         runs = {name: [] for name in VARIANTS}
         for _ in range(rounds):
-            for name, flag in VARIANTS.items():
-                env = {**os.environ, "DALLE2_RT_ORT_SHARED_POOL": flag}
-                args = json.dumps({"engines": str(engines), "threads": threads, "steps": list(steps), "images": images})
-                res = subprocess.run([sys.executable, "-m", "bench.pools", "--child", args], env=env, check=True,
+            for name in VARIANTS:
+                args = json.dumps({"engines": str(engines), "threads": threads, "steps": list(steps), "images": images,
+                                   "variant": name})
+                res = subprocess.run([sys.executable, "-m", "bench.pools", "--child", args], check=True,
                                      capture_output=True, text=True)
                 got = json.loads(res.stdout.strip().splitlines()[-1])
-                if got["shared_pool"] != (flag == "1"):
+                if got["shared_pool"] != (name == "shared pool"):
                     raise RuntimeError(f"{name}: the backend reports shared_pool={got['shared_pool']}")
                 runs[name].append(got["median"])
         out[key] = {name: {"median": statistics.median(v), "runs": v} for name, v in runs.items()}

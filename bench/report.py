@@ -119,9 +119,8 @@ def render(r: dict) -> str:
             names = list(next(iter(tp["steps"].values())))
             out += [f"ONNX Runtime thread pools (`bench/pools.py`; {tp['threads']} threads; median of {tp['images']} "
                     f"warm one-image calls per fresh process, {tp['rounds']} processes per variant, alternated):", "",
-                    _t(["steps", *names, "shared / per session"],
-                       [[k, *(_ms(v[n]["median"]) for n in names),
-                         f"{v[names[0]]['median'] / v[names[1]]['median']:.2f}"] for k, v in tp["steps"].items()]), ""]
+                    _t(["steps", *names], [[k, *(_ms(v[n]["median"]) for n in names)] for k, v in tp["steps"].items()]),
+                    ""]
         if pr.get("prefix_cache"):
             pc = pr["prefix_cache"]
             out += ["The prior's prefix cache in the pipeline (`bench/prefix.py`; one image at the defaults, "
@@ -171,8 +170,9 @@ def render(r: dict) -> str:
                 f"and seeds at every point; others at the defaults {f['defaults']})", "",
                 "![fidelity vs steps](fidelity_steps.png)", ""]
         for stage, s in f["sweeps"].items():
-            out += [_t([f"{stage} steps", "fully right", "single", "two", "seconds"],
+            out += [_t([f"{stage} steps", "fully right", "single", "two", "vs best (paired SE), points", "seconds"],
                        [[p["steps"], f"{p['fully_right']:.1%}", f"{p['single']:.1%}", f"{p['two']:.1%}",
+                         f"{100 * p['diff_vs_best']:+.1f} ± {100 * p['diff_se']:.1f}" if "diff_se" in p else "-",
                          f"{p['seconds']:.0f}"] for p in s["points"]]),
                     "", f"Best {s['best']:.1%}; fewest steps within {100 * f['tolerance']:.0f} points: "
                         f"**{s['chosen']}**.", ""]

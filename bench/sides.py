@@ -35,7 +35,8 @@ def build_ours(engines: str, backend: str = "onnxruntime", threads: int | None =
                prefix_cache: bool = True):
     from dalle2_rt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(engines, backend=backend, threads=threads, prefix_cache=prefix_cache)
+    pipe = Pipeline.load(engines, backend=backend, threads=threads, prefix_cache=prefix_cache,
+                         shared_threads=backend == "onnxruntime")  # as the CLI runs
     info = {"backend": pipe.backend.describe(), "engines": str(engines),
             "graphs": {g: e.description for g, e in pipe.engines.items()}}
     if backend == "torch":

@@ -4,11 +4,15 @@ Each stage's steps are swept with the other stages at the manifest defaults; eve
 same captions (``bench.fidelity.eval_captions``, half single- and half two-object) with the same seeds,
 so points differ only by the steps, and is scored by the shapes-world scorer
 (``bench.fidelity.generate_and_score``). The chosen default of a stage is its fewest steps whose
-fully-right rate is within ``tolerance`` (2 points) of the best point of its sweep.
+fully-right rate is within ``tolerance`` (2 points) of the best point of its sweep. Because every point
+scores the same (caption, seed) pairs, each point's difference from the best is also given with its paired
+standard error (``diff_se``): the noise of the comparison the rule makes.
 """
 from __future__ import annotations
 
 import time
+
+import numpy as np
 
 from .chart import line_chart
 from .fidelity import eval_captions, generate_and_score
@@ -41,7 +45,8 @@ def sweep(pipe, captions: int = 200, seeds=(0,), sweeps: dict | None = None, tol
             settings = {KEY[s]: n for s, n in steps.items() if s != "sr" or pipe.sr}
             summary, _, secs = generate_and_score(pipe, caps, seeds, **settings)
             cache[key] = {"fully_right": summary.rate("fully_right"), "single": summary.rate("fully_right", "single"),
-                          "two": summary.rate("fully_right", "two"), "seconds": secs, "images": summary.count()}
+                          "two": summary.rate("fully_right", "two"), "seconds": secs, "images": summary.count(),
+                          "right": [bool(r["fully_right"]) for r in summary.results]}
             if log:
                 r = cache[key]
                 log(f"  {label} (prior {key[0]}, decoder {key[1]}, sr {key[2]}): fully right {r['fully_right']:.1%} "
@@ -50,10 +55,16 @@ def sweep(pipe, captions: int = 200, seeds=(0,), sweeps: dict | None = None, tol
 
     for stage, values in sweeps.items():
         points = [{"steps": v, **point({**base, stage: v}, f"{stage} {v:>3d} steps")} for v in values]
-        best = max(p["fully_right"] for p in points)
+        top = max(points, key=lambda p: p["fully_right"])
+        best = top["fully_right"]
+        for p in points:
+            diff = np.array(p["right"], float) - np.array(top["right"], float)
+            p["diff_vs_best"] = float(diff.mean())
+            p["diff_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
         chosen = min(p["steps"] for p in points if p["fully_right"] >= best - tolerance - 1e-12)
-        out["sweeps"][stage] = {"points": points, "best": best, "chosen": chosen}
-    out["at_defaults"] = point(base, "defaults")
+        out["sweeps"][stage] = {"points": [{k: v for k, v in p.items() if k != "right"} for p in points],
+                                "best": best, "chosen": chosen}
+    out["at_defaults"] = {k: v for k, v in point(base, "defaults").items() if k != "right"}
     return out
 
 

@@ -186,7 +186,7 @@ def _main(argv) -> int:
     from .runtime.progress import ProgressBar
 
     try:
-        pipe = Pipeline.load(args.engines, backend=args.backend, threads=args.threads)
+        pipe = Pipeline.load(args.engines, backend=args.backend, threads=args.threads, shared_threads=True)
         if jobs["prompts"]:
             pipe.settings(args.prior_steps, args.decoder_steps, args.sr_steps, args.prior_guidance,
                           args.decoder_guidance, args.sampler, args.candidates)

@@ -573,7 +573,8 @@ def test_torch_backend_matches_onnxruntime_within_3_of_255(engines, pipe):
 
 
 class _FakeOrt:
-    """Stands in for onnxruntime's set_global_thread_pool_sizes: records calls, refuses after the first."""
+    """Stands in for onnxruntime's set_global_thread_pool_sizes: records calls; refuses after the first, or
+    always (pools made by other code)."""
 
     def __init__(self, fail: bool = False):
         self.calls, self.fail = [], fail
@@ -584,37 +585,43 @@ class _FakeOrt:
             raise RuntimeError("Global thread pools have already been created, cannot replace them")
 
 
-def test_shared_thread_pool_is_made_once_and_matched(monkeypatch):
+def test_shared_thread_pool_is_made_once(monkeypatch):
     from dalle2_rt.runtime import backends
 
     monkeypatch.setattr(backends, "_SHARED_POOL", {})
     fake = _FakeOrt()
-    assert backends.shared_thread_pool(fake, 2) is True and fake.calls == [(2, 1)]
-    assert backends.shared_thread_pool(fake, 2) is True and backends.shared_thread_pool(fake, None) is True
-    assert backends.shared_thread_pool(fake, 1) is False  # another size: per-session pools
-    assert fake.calls == [(2, 1)]  # made once
+    assert backends.make_shared_thread_pool(fake, 2) == 2 and fake.calls == [(2, 1)]
+    assert backends.make_shared_thread_pool(fake, 1) == 2 and fake.calls == [(2, 1)]  # cannot be replaced
     monkeypatch.setattr(backends, "_SHARED_POOL", {})
-    assert backends.shared_thread_pool(_FakeOrt(fail=True), None) is False  # pools made by other code
-    monkeypatch.setattr(backends, "_SHARED_POOL", {})
-    monkeypatch.setenv("DALLE2_RT_ORT_SHARED_POOL", "0")
-    fake = _FakeOrt()
-    assert backends.shared_thread_pool(fake, 2) is False and fake.calls == []
+    assert backends.make_shared_thread_pool(_FakeOrt(fail=True), None) == -1  # made by other code
 
 
-def test_shared_and_per_session_pools_give_the_same_images(engines, tmp_path):
-    """A fresh process each (the pool is process-wide): the shared pool changes speed, not pixels."""
+_POOL_SCRIPT = """
+import sys, numpy as np, onnxruntime as ort
+from dalle2_rt.runtime.pipeline import Pipeline
+engines, mode, out = sys.argv[1:4]
+if mode == "foreign":  # other code in the process made global pools first
+    ort.set_global_thread_pool_sizes(2, 1)
+p = Pipeline.load(engines, threads=2, shared_threads=(mode == "shared"))
+assert p.backend.shared_pool is (mode != "own"), (mode, p.backend.shared_pool)
+if mode == "shared":  # once the pools exist, every later pipeline of the process uses them
+    assert Pipeline.load(engines, threads=1).backend.shared_pool is True
+ims = p(["a red circle", "two blue squares"], seed=3, prior_steps=3, decoder_steps=3, sr_steps=2)
+np.save(out, np.stack([np.asarray(i) for i in ims]))
+"""
+
+
+def test_thread_pool_modes_give_the_same_images(engines, tmp_path):
+    """Each mode in a fresh process (the global pool is process-wide): own pools (the default), the shared
+    pool (the CLI's), and global pools made by other code before the pipeline loads (used, not refused)."""
     import subprocess
     import sys
 
-    code = ("import sys, numpy as np\n"
-            "from dalle2_rt.runtime.pipeline import Pipeline\n"
-            f"p = Pipeline.load({str(engines)!r}, threads=2)\n"
-            "assert p.backend.shared_pool is (sys.argv[1] == '1'), p.backend.shared_pool\n"
-            "ims = p(['a red circle', 'two blue squares'], seed=3, prior_steps=3, decoder_steps=3, sr_steps=2)\n"
-            "np.save(sys.argv[2], np.stack([np.asarray(i) for i in ims]))\n")
+    env = {**os.environ, "DALLE2_RT_CACHE": str(tmp_path / "cache")}
     out = {}
-    for flag in ("1", "0"):
-        env = {**os.environ, "DALLE2_RT_ORT_SHARED_POOL": flag, "DALLE2_RT_CACHE": str(tmp_path / "cache")}
-        subprocess.run([sys.executable, "-c", code, flag, str(tmp_path / f"{flag}.npy")], check=True, env=env)
-        out[flag] = np.load(tmp_path / f"{flag}.npy").astype(int)
-    assert np.abs(out["1"] - out["0"]).max() <= 1
+    for mode in ("own", "shared", "foreign"):
+        subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(engines), mode, str(tmp_path / f"{mode}.npy")],
+                       check=True, env=env)
+        out[mode] = np.load(tmp_path / f"{mode}.npy").astype(int)
+    assert np.abs(out["shared"] - out["own"]).max() <= 1
+    assert np.abs(out["foreign"] - out["own"]).max() <= 1

@@ -9,11 +9,12 @@ by the manifest's output names. The pipeline's loop is written once against this
   The exporter's optimised graph (``*.opt.onnx``) is used only when the provider that actually runs it
   is the one it was optimised for (its fused nodes are provider specific), else the plain ``.onnx``.
   ``InferenceSession.run`` is thread-safe, so one engine serves concurrent pipeline calls.
-  All sessions share one process-wide intra-op thread pool, made on first use with the first backend's
-  ``threads`` (``shared_thread_pool``): with a pool per session, the idle workers of the graph that just ran
-  keep spinning on the cores the next graph needs (one image at the defaults: ~0.22 -> ~0.15 s on 2 cores;
-  bench/RESULTS.md). A backend asking for another thread count than the pool's, or a process whose pools
-  were made elsewhere, gets per-session pools; ``DALLE2_RT_ORT_SHARED_POOL=0`` forces those.
+  Threads: by default each session has its own intra-op pool whose idle workers do not spin (spinning
+  workers of the graph that just ran take the cores the next graph needs: one image at the defaults on 2
+  cores 0.22 -> 0.15 s). ``shared_pool=True`` (the CLI's choice) makes every session use one process-wide
+  pool (``make_shared_thread_pool``), faster still (~0.13 s), but ONNX Runtime then refuses any session in
+  the process that wants its own pool, so a library must not do it behind its host's back: it is opt-in.
+  Once the process has global pools (ours or anyone's), sessions use them. Figures: bench/RESULTS.md.
 - ``tensorrt``: native ``.plan`` engines through the TensorRT 10 Python API and cuda-python. The plan for
   this GPU and TensorRT version is chosen by ``trt_keys``; an execution context is not re-entrant, so
   each engine serialises its calls with a lock.
@@ -24,7 +25,6 @@ Nothing here imports onnxruntime, tensorrt or torch at module import time.
 """
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -83,31 +83,29 @@ class OrtEngine(Engine):
 
 
 _POOL_LOCK = threading.Lock()
-_SHARED_POOL: dict = {}  # {"threads": n} once made here (0 = ORT's default size); {"threads": None}: not ours
+_SHARED_POOL: dict = {}  # "threads": its size (0 = ORT's default) once this process has global pools
+PER_SESSION_REFUSED = "use_per_session_threads must be false"  # ORT's error once global pools exist
 
 
-def shared_thread_pool(ort, threads: int | None) -> bool:
-    """Whether sessions wanting ``threads`` intra-op threads (None: ORT's default) can use the process-wide
-    pool. The first call makes it with that size; later calls match against it."""
-    if os.environ.get("DALLE2_RT_ORT_SHARED_POOL", "1") == "0":
-        return False
-    want = int(threads or 0)
+def make_shared_thread_pool(ort, threads: int | None) -> int:
+    """Make (once per process) ONNX Runtime's global intra-op pool with ``threads`` threads (None: ORT's
+    default); returns the size of the process's pool (0: ORT's default, -1: made by other code, size unknown).
+    A later call with another size gets the existing pool: it cannot be replaced."""
     with _POOL_LOCK:
         if "threads" not in _SHARED_POOL:
             try:
-                ort.set_global_thread_pool_sizes(want, 1)
-                _SHARED_POOL["threads"] = want
-            except Exception:  # noqa: BLE001 - made by other code in this process: size unknown, not ours
-                _SHARED_POOL["threads"] = None
-        have = _SHARED_POOL["threads"]
-    return have is not None and (threads is None or want == have)
+                ort.set_global_thread_pool_sizes(int(threads or 0), 1)
+                _SHARED_POOL["threads"] = int(threads or 0)
+            except Exception:  # noqa: BLE001 - "already created": made elsewhere in this process
+                _SHARED_POOL["threads"] = -1
+        return _SHARED_POOL["threads"]
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, manifest: Manifest, *, providers: list[str] | None = None, threads: int | None = None,
-                 device_id: int = 0):
+                 device_id: int = 0, shared_pool: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -126,7 +124,10 @@ class OnnxRuntimeBackend:
             raise BackendUnavailableError(f"onnxruntime offers none of {ORT_PROVIDER_ORDER} (has {available})")
         self.version = ort.__version__
         self._used: set[str] = set()  # providers that actually run a graph (for metadata)
-        self.shared_pool = shared_thread_pool(ort, threads)
+        self.shared_pool = False  # True: sessions use the process-wide pool (asked for, or forced by ORT)
+        if shared_pool or "threads" in _SHARED_POOL:
+            make_shared_thread_pool(ort, threads)
+            self.shared_pool = True
 
     def _options(self):
         so = self.ort.SessionOptions()
@@ -138,7 +139,9 @@ class OnnxRuntimeBackend:
         so.enable_mem_pattern = False
         if self.shared_pool:
             so.use_per_session_threads = False
-        elif self.threads:
+            return so
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.threads:
             so.intra_op_num_threads = int(self.threads)
             so.inter_op_num_threads = 1
         return so
@@ -185,6 +188,12 @@ class OnnxRuntimeBackend:
 
     def _session(self, file: Path, chain: list[str], spec: GraphSpec):
         providers = [self._provider_entry(p, spec) for p in chain]
+        try:
+            return self.ort.InferenceSession(str(file), sess_options=self._options(), providers=providers)
+        except Exception as e:  # noqa: BLE001 - only the per-session-threads refusal is handled here
+            if self.shared_pool or PER_SESSION_REFUSED not in str(e):
+                raise
+        self.shared_pool = True  # other code in this process made global pools: use them too
         return self.ort.InferenceSession(str(file), sess_options=self._options(), providers=providers)
 
     def describe(self) -> str:

@@ -234,12 +234,15 @@ class Pipeline:
     @classmethod
     def load(cls, engines: str | os.PathLike | None = None, backend: str = "onnxruntime", *,
              providers: list[str] | None = None, threads: int | None = None, device_id: int = 0,
-             verify: bool = True, prefix_cache: bool = True) -> Pipeline:
+             verify: bool = True, prefix_cache: bool = True, shared_threads: bool = False) -> Pipeline:
         """Read ``engines`` (None: ``default_engines()``), check every file's sha256, open ``backend``.
 
         providers: onnxruntime execution providers to try, in order (default: TensorRT, CUDA, CPU as
         available). threads: intra-op threads per graph (default: the backend's choice). prefix_cache:
         use a stage's ``prefix_cache`` graphs where the folder has them (False: the full graph every step).
+        shared_threads: onnxruntime sessions share one process-wide thread pool (faster; but afterwards
+        onnxruntime refuses sessions with their own pools anywhere in the process, so only where you own
+        the process: the CLI does it; see ``backends.py``).
         """
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -260,6 +263,7 @@ class Pipeline:
         options = {"threads": threads, "device_id": device_id}
         if backend == "onnxruntime":
             options["providers"] = providers
+            options["shared_pool"] = shared_threads
         runner = open_backend(backend, manifest, **options)
         stages = manifest.stages
         graphs = {stages[s]["graph"] for s in ("text_encoder", "image_encoder") if s in stages}
