@@ -41,8 +41,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "dalle2-rt=dalle2_rt.cli:main",
-            "dream=dalle2_rt.cli:main",
+            "dalle2-rt=dalle2_rt.cli:entry",
+            "dream=dalle2_rt.cli:entry",
             "dalle2-train=dalle2_rt.training.cli:main",
         ]
     },

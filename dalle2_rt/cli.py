@@ -165,9 +165,16 @@ def check_output_dir(path: str) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> int:
+def entry() -> int:
+    """The console scripts (``dalle2-rt``, ``dream``): ``main`` in a process of its own, so onnxruntime's
+    sessions may share one process-wide thread pool (faster; ``Pipeline.load(shared_threads=True)``)."""
+    return main(shared_threads=True)
+
+
+def main(argv: list[str] | None = None, *, shared_threads: bool = False) -> int:
+    """The CLI as a function (tests, embedding): the same, on the library's default per-session pools."""
     try:
-        return _main(argv)
+        return _main(argv, shared_threads)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _main(argv) -> int:
+def _main(argv, shared_threads: bool) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         jobs = _plan(args)
@@ -186,7 +193,8 @@ def _main(argv) -> int:
     from .runtime.progress import ProgressBar
 
     try:
-        pipe = Pipeline.load(args.engines, backend=args.backend, threads=args.threads, shared_threads=True)
+        pipe = Pipeline.load(args.engines, backend=args.backend, threads=args.threads,
+                             shared_threads=shared_threads)
         if jobs["prompts"]:
             pipe.settings(args.prior_steps, args.decoder_steps, args.sr_steps, args.prior_guidance,
                           args.decoder_guidance, args.sampler, args.candidates)

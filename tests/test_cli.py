@@ -240,18 +240,32 @@ def test_dream_alias_is_the_same_main():
     if len(scripts) < 2:  # not installed: read setup.py
         text = (REPO / "setup.py").read_text()
         scripts = dict(re.findall(r'"(dalle2-rt|dream)=([\w.:]+)"', text))
-    assert scripts == {"dalle2-rt": "dalle2_rt.cli:main", "dream": "dalle2_rt.cli:main"}
+    assert scripts == {"dalle2-rt": "dalle2_rt.cli:entry", "dream": "dalle2_rt.cli:entry"}
 
 
 def test_console_script_end_to_end(work, tiny_engines):
     exe = Path(sys.executable).parent / "dream"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from dalle2_rt.cli import main; "
-                                                                 "sys.exit(main())"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from dalle2_rt.cli import entry; "
+                                                                 "sys.exit(entry())"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*cmd, "a red circle", "--seed", "2", "-n", "2", *FAST], cwd=work, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["a-red-circle-s2-0.png", "a-red-circle-s2-1.png"]
     assert done.stderr == ""
+    # its own process: onnxruntime's sessions share one thread pool (recorded in the PNG's metadata)
+    assert "shared thread pool" in Image.open(work / "a-red-circle-s2-0.png").info["backend"]
     bad = subprocess.run([*cmd, "-n", "0", "x"], cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stdout == ""
+
+
+def test_main_as_a_function_leaves_onnxruntime_usable(work, tiny_engines):
+    """``cli.main`` called in-process keeps per-session pools: afterwards the host process can still make
+    onnxruntime sessions with their own threads (a process-wide pool would make onnxruntime refuse them)."""
+    import onnxruntime as ort
+
+    assert cli.main(["a red circle", "--seed", "0", "-q", "--engines", str(tiny_engines), *FAST]) == 0
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(next(Path(tiny_engines).glob("*.onnx"))), so, providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()

@@ -197,7 +197,8 @@ class OnnxRuntimeBackend:
         return self.ort.InferenceSession(str(file), sess_options=self._options(), providers=providers)
 
     def describe(self) -> str:
-        return f"onnxruntime {self.version} [{', '.join(sorted(self._used) or self.providers)}]"
+        pool = ", shared thread pool" if self.shared_pool else ""
+        return f"onnxruntime {self.version} [{', '.join(sorted(self._used) or self.providers)}{pool}]"
 
 
 def _trt_ep_profile(spec: GraphSpec) -> dict:
