@@ -30,7 +30,10 @@ from . import machine, report
 PARTS = ("machine", "flops", "latency", "cold", "profile", "backends", "dalle2", "diffusers", "fidelity")
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, shared_threads: bool = False) -> int:
+    """``shared_threads``: the latency part runs the pipeline on onnxruntime's process-wide thread pool, as
+    the CLI does; only for ``python -m bench`` (its own process), since afterwards onnxruntime refuses
+    sessions with pools of their own anywhere in the process."""
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--engines", help="engine folder (default: engines/shapes-v1, else a random-weight stand-in)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
             from . import latency as lat
 
             counts = tuple(int(c) for c in args.counts.split(",")) if args.counts else ((1, 4) if q else (1, 4, 8))
-            pipe = Pipeline.load(folder, threads=args.threads, shared_threads=True)  # as the CLI runs
+            pipe = Pipeline.load(folder, threads=args.threads, shared_threads=shared_threads)
             steps = {}
             if args.latency_steps:
                 prior, decoder, sr = (int(x) for x in args.latency_steps.split(","))
@@ -188,4 +191,4 @@ def _flops(folder: Path) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(shared_threads=True))
