@@ -34,14 +34,14 @@ import torch
 from . import manifest as mf
 from . import trt as trt_build
 from .folder import (
+    ExportError,
     carry_graph,
     carry_trt,
     ensure_dir,
     fsync_tree,
     graph_files,
     intact_files,
-    is_ours,
-    recover_stale,
+    previous_manifest,
     swap_into_place,
     trt_satisfied,
 )
@@ -66,10 +66,6 @@ MIN_OPSET = 18
 OPSET_WHY = "torch's dynamo exporter writes opset-18 ops; its down-conversion to 17 leaves an invalid Split"
 DEFAULT_MAX_BATCH = 8
 VALIDATION_BATCHES = (1, 3)  # plus the graph's profile max
-
-
-class ExportError(RuntimeError):
-    """The export cannot proceed as asked (e.g. --out names a folder that is not an engine folder)."""
 
 
 @dataclass
@@ -115,20 +111,8 @@ def export_folder(checkpoints: str | Path = DEFAULT_CHECKPOINTS, out: str | Path
     options = {"opset": opset, "max_batch": max_batch}
     fingerprint = mf.folder_fingerprint(name, sources, tools, options)
 
-    trt_key, trt_message = None, None
-    if trt:
-        try:
-            trt_key = trt_build.machine_key(precision)
-        except trt_build.TrtUnavailable as e:
-            trt_message = str(e)
-            (log or print)(f"export: --trt: {trt_message}")
-
-    recover_stale(out)
-    old = mf.read_manifest(out) if out.is_dir() else None
-    if out.exists() and old is None and not is_ours(out):
-        # Never replace (and so delete) something that is not ours.
-        raise ExportError(f"{out} exists and is not an engine folder (no readable {mf.MANIFEST}); "
-                          "remove it or choose another --out")
+    trt_key, trt_message = trt_build.key_or_reason(trt, precision, log or print)
+    old = previous_manifest(out)
     intact = intact_files(out, old) if old else set()
     if not force and old and old.get("fingerprint") == fingerprint and intact == set(old["files"]) \
             and trt_satisfied(old, trt_key, precision):

@@ -51,17 +51,17 @@ from dalle2_rt.runtime.schedules import respace
 
 from . import manifest as mf
 from . import trt as trt_build
-from .all import ExportError, ExportResult
+from .all import ExportResult
 from .diffusers_wrappers import SR_RESIZE, DecoderGraph, PriorGraph, SuperResGraph, TextEncoderGraph
 from .folder import (
+    ExportError,
     carry_graph,
     carry_trt,
     ensure_dir,
     fsync_tree,
     graph_files,
     intact_files,
-    is_ours,
-    recover_stale,
+    previous_manifest,
     swap_into_place,
     trt_satisfied,
 )
@@ -366,19 +366,8 @@ def export_diffusers(folder: str | Path, out: str | Path | None = None, *, name:
     options = {"opset": opset, "max_batch": max_batch}
     fingerprint = mf.digest({"name": name, "tools": tools, "options": options, "defaults": DEFAULTS,
                              "sources": {c.stage: [c.sha256, c.meta_sha256] for c in pipe.all()}})
-    trt_key, trt_message = None, None
-    if trt:
-        try:
-            trt_key = trt_build.machine_key(precision)
-        except trt_build.TrtUnavailable as e:
-            trt_message = str(e)
-            (log or print)(f"export: --trt: {trt_message}")
-
-    recover_stale(out)
-    old = mf.read_manifest(out) if out.is_dir() else None
-    if out.exists() and old is None and not is_ours(out):
-        raise ExportError(f"{out} exists and is not an engine folder (no readable {mf.MANIFEST}); "
-                          "remove it or choose another --out")
+    trt_key, trt_message = trt_build.key_or_reason(trt, precision, log or print)
+    old = previous_manifest(out)
     same = not force and old is not None and old.get("fingerprint") == fingerprint
     intact = intact_files(out, old) if same else set()
     if same and intact == set(old["files"]) and trt_satisfied(old, trt_key, precision):

@@ -19,6 +19,22 @@ from . import manifest as mf
 from .sources import sha256_file
 
 
+class ExportError(RuntimeError):
+    """The export cannot proceed as asked (e.g. --out names a folder that is not an engine folder)."""
+
+
+def previous_manifest(out: Path) -> dict | None:
+    """The manifest of the engine folder ``out`` is about to replace (None: no folder, or an empty one), after
+    cleaning up what a killed export left; ExportError when ``out`` is something else, which is never replaced
+    (and so never deleted)."""
+    recover_stale(out)
+    old = mf.read_manifest(out) if out.is_dir() else None
+    if out.exists() and old is None and not is_ours(out):
+        raise ExportError(f"{out} exists and is not an engine folder (no readable {mf.MANIFEST}); "
+                          "remove it or choose another --out")
+    return old
+
+
 def is_ours(out: Path) -> bool:
     """An empty folder, or an engine folder of any schema version (one we may replace)."""
     if not out.is_dir():

@@ -297,6 +297,18 @@ def machine_key(precision: str) -> str:
     return trt_keys.engine_key(trt.__version__, cc)
 
 
+def key_or_reason(wanted: bool, precision: str, log: Callable[[str], None]) -> tuple[str | None, str | None]:
+    """For ``--trt``: (this machine's engine key, None), or (None, why there is none; also logged);
+    (None, None) when no plans are wanted."""
+    if not wanted:
+        return None, None
+    try:
+        return machine_key(precision), None
+    except TrtUnavailable as e:
+        log(f"export: --trt: {e}")
+        return None, str(e)
+
+
 def build_missing(folder: Path, key: str, precision: str, specs: list, graphs: dict, records: dict,
                   log: Callable[[str], None]) -> dict[str, str]:
     """Build into ``folder`` the plans for ``key`` that ``records[key]`` (carried over) does not already hold at
