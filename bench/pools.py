@@ -45,8 +45,11 @@ def _child(engines: str, threads: int, steps: list[int], images: int, variant: s
     return {"median": statistics.median(times), "shared_pool": pipe.backend.shared_pool}
 
 
-def measure(engines, threads: int = 2, steps_list=((5, 10, 3), (25, 25, 7)), rounds: int = 3, images: int = 10,
-            log=print) -> dict:
+def measure(engines, threads: int = 2, steps_list=None, rounds: int = 3, images: int = 10, log=print) -> dict:
+    """``steps_list``: (prior, decoder, SR) settings to time (None: the folder's defaults and 25/25/7)."""
+    from .compare import default_steps
+
+    steps_list = steps_list or (default_steps(engines), (25, 25, 7))
     out = {}
     for steps in steps_list:
         key = "/".join(map(str, steps))
