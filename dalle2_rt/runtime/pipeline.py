@@ -156,6 +156,14 @@ def _diffusion(manifest: Manifest, name: str, entry: dict, prefix_cache: bool = 
     )
 
 
+def _diffusions(manifest: Manifest, prefix_cache: bool) -> list[_Diffusion]:
+    """The sampling stages in pipeline order: prior, decoder, sr0, sr1, …"""
+    st = manifest.stages
+    named = [("prior", st["prior"]), ("decoder", st["decoder"]),
+             *((f"sr{m}", e) for m, e in enumerate(st.get("sr", [])))]
+    return [_diffusion(manifest, name, entry, prefix_cache) for name, entry in named]
+
+
 def _prefix_cache(manifest: Manifest, name: str, entry: dict) -> dict:
     """The checked ``prefix_cache`` of a stage entry as _Diffusion fields ({} when it has none)."""
     pc = entry.get("prefix_cache")
@@ -221,12 +229,13 @@ def _check_sampler(value) -> str | None:
 class Pipeline:
     """An engine folder loaded on one backend; call it with prompts to get ``PIL.Image`` s."""
 
-    def __init__(self, manifest: Manifest, backend, engines: dict, tokenizer: Tokenizer, prefix_cache: bool = True):
+    def __init__(self, manifest: Manifest, backend, engines: dict, tokenizer: Tokenizer,
+                 diffusions: list[_Diffusion]):
+        """Use ``Pipeline.load``. ``diffusions``: the prior, decoder and SR stages (``_diffusions``), whose
+        graphs ``engines`` holds."""
         self.manifest, self.backend, self.engines, self.tokenizer = manifest, backend, engines, tokenizer
         stages = manifest.stages
-        self.prior = _diffusion(manifest, "prior", stages["prior"], prefix_cache)
-        self.decoder = _diffusion(manifest, "decoder", stages["decoder"], prefix_cache)
-        self.sr = [_diffusion(manifest, f"sr{m}", e, prefix_cache) for m, e in enumerate(stages.get("sr", []))]
+        self.prior, self.decoder, *self.sr = diffusions
         self.embed_norm = embed_norm(stages["prior"])
         self.text_mask = stages["text_encoder"].get("text_mask")  # None | "tokens"
         self.pixel_range = tuple((manifest.data.get("output") or {}).get("pixel_range", (-1.0, 1.0)))
@@ -260,20 +269,18 @@ class Pipeline:
             tokenizer = Tokenizer.load(manifest.folder, manifest.tokenizer)
         except (ValueError, KeyError, OSError) as e:
             raise EngineFolderError(f"{manifest.folder}: tokenizer unusable ({e})") from None
+        diffusions = _diffusions(manifest, prefix_cache)
         options = {"threads": threads, "device_id": device_id}
         if backend == "onnxruntime":
             options["providers"] = providers
             options["shared_pool"] = shared_threads
         runner = open_backend(backend, manifest, **options)
-        stages = manifest.stages
-        graphs = {stages[s]["graph"] for s in ("text_encoder", "image_encoder") if s in stages}
-        for name, entry in [("prior", stages["prior"]), ("decoder", stages["decoder"]),
-                            *((f"sr{m}", e) for m, e in enumerate(stages.get("sr", [])))]:
-            pc = _prefix_cache(manifest, name, entry) if prefix_cache else {}
-            graphs |= {pc["prefix_graph"], pc["step_graph"]} if pc else {entry["graph"]}
-            graphs |= {entry["last_step_graph"]} if entry.get("last_step_graph") else set()
+        graphs = {manifest.stages[s]["graph"] for s in ("text_encoder", "image_encoder") if s in manifest.stages}
+        for st in diffusions:
+            graphs |= {st.prefix_graph, st.step_graph} if st.step_graph else {st.graph}
+            graphs |= {st.last_graph} if st.last_graph else set()
         engines_ = {g: runner.engine(g) for g in sorted(graphs)}
-        return cls(manifest, runner, engines_, tokenizer, prefix_cache)
+        return cls(manifest, runner, engines_, tokenizer, diffusions)
 
     # ----------------------------------------------------------------------------------------------------
     # public API
@@ -458,7 +465,7 @@ class Pipeline:
         unconditional half (the empty prompt's text). Returns the samples (N·rows, *x_shape).
         """
         rows, n_images = streams.rows, len(streams.generators)
-        prefix = self.engines.get(st.prefix_graph) if st.prefix_graph else None  # None: not loaded or none
+        prefix = self.engines[st.prefix_graph] if st.prefix_graph else None
         engine = self.engines[st.step_graph if prefix else st.graph]
         last_engine = self.engines[st.last_graph] if st.last_graph else engine
         names = {t.name for t in engine.spec.inputs}
