@@ -10,9 +10,9 @@ by the manifest's output names. The pipeline's loop is written once against this
   is the one it was optimised for (its fused nodes are provider specific), else the plain ``.onnx``.
   ``InferenceSession.run`` is thread-safe, so one engine serves concurrent pipeline calls.
   Threads: by default each session has its own intra-op pool whose idle workers do not spin (spinning
-  workers of the graph that just ran take the cores the next graph needs: one image at the defaults on 2
-  cores 0.22 -> 0.15 s). ``shared_pool=True`` (the CLI's choice) makes every session use one process-wide
-  pool (``make_shared_thread_pool``), faster still (~0.13 s), but ONNX Runtime then refuses any session in
+  workers of the graph that just ran take the cores the next graph needs: one image at 5/10/3 steps on 2
+  cores 233 -> 170 ms). ``shared_pool=True`` (the CLI's choice) makes every session use one process-wide
+  pool (``make_shared_thread_pool``), faster still (142 ms), but ONNX Runtime then refuses any session in
   the process that wants its own pool, so a library must not do it behind its host's back: it is opt-in.
   Once the process has global pools (ours or anyone's), sessions use them. Figures: bench/RESULTS.md.
 - ``tensorrt``: native ``.plan`` engines through the TensorRT 10 Python API and cuda-python. The plan for
@@ -134,7 +134,7 @@ class OnnxRuntimeBackend:
         so.log_severity_level = 3  # errors only: provider fallback warnings are handled here
         so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # No CPU arena and no memory-pattern planning: the arena keeps the largest batch's activations for the
-        # life of the session (peak RSS of 8 images 603 -> 305 MB with both off, no slower; bench/RESULTS.md).
+        # life of the session (peak RSS of 8 images 603 -> 295 MB with both off, no slower; bench/RESULTS.md).
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False
         if self.shared_pool:
