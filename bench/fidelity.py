@@ -49,6 +49,14 @@ def generate_and_score(pipe: Pipeline, captions: list[str], seeds=(0, 1), batch:
     return score_many(images, caps), images, time.perf_counter() - t0
 
 
+def paired_difference(right, reference) -> tuple[float, float]:
+    """Mean and standard error of the per-image differences of two 0/1 "fully right" lists scored on the
+    same (caption, seed) pairs: the noise of comparing two settings image by image."""
+    diff = np.asarray(right, float) - np.asarray(reference, float)
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return float(diff.mean()), se
+
+
 def clip_retrieval(pipe: Pipeline, n: int = 100, seed: int = 77) -> dict:
     """Top-1 image→caption retrieval among ``n`` distinct captions, with the exported CLIP graphs."""
     rng = np.random.default_rng(seed)

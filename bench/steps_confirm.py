@@ -21,7 +21,7 @@ import numpy as np
 from dalle2_rt.runtime.pipeline import Pipeline
 from dalle2_rt.world import parse_caption
 
-from .fidelity import eval_captions, generate_and_score
+from .fidelity import eval_captions, generate_and_score, paired_difference
 
 
 def _steps(text: str) -> tuple[int, int, int]:
@@ -47,9 +47,7 @@ def confirm(pipe: Pipeline, settings: list[tuple[int, int, int]], captions: int 
                      "two": float(np.mean([x for x, k in zip(right[s], kinds) if k == "two"]))})
     ref = settings[0]
     for row, s in zip(rows, settings):
-        diff = right[s] - right[ref]
-        row["diff_vs_first"] = float(diff.mean())
-        row["diff_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        row["diff_vs_first"], row["diff_se"] = paired_difference(right[s], right[ref])
     best = max(r["fully_right"] for r in rows)
     for r in rows:
         r["within_tolerance_of_best"] = bool(r["fully_right"] >= best - tolerance - 1e-12)

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from .chart import line_chart
-from .fidelity import eval_captions, generate_and_score
+from .fidelity import eval_captions, generate_and_score, paired_difference
 
 SWEEPS = {"decoder": (5, 10, 15, 25, 50), "prior": (5, 10, 25, 50), "sr": (3, 7, 15)}
 QUICK_SWEEPS = {"decoder": (5, 25), "prior": (5, 25), "sr": (3, 7)}
@@ -58,9 +56,7 @@ def sweep(pipe, captions: int = 200, seeds=(0,), sweeps: dict | None = None, tol
         top = max(points, key=lambda p: p["fully_right"])
         best = top["fully_right"]
         for p in points:
-            diff = np.array(p["right"], float) - np.array(top["right"], float)
-            p["diff_vs_best"] = float(diff.mean())
-            p["diff_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+            p["diff_vs_best"], p["diff_se"] = paired_difference(p["right"], top["right"])
         chosen = min(p["steps"] for p in points if p["fully_right"] >= best - tolerance - 1e-12)
         out["sweeps"][stage] = {"points": [{k: v for k, v in p.items() if k != "right"} for p in points],
                                 "best": best, "chosen": chosen}
