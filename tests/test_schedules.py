@@ -26,8 +26,14 @@ def test_cosine_matches_its_closed_form():
     np.testing.assert_allclose(abar[:-1], closed[:-1], rtol=1e-10)
     assert abar.dtype == np.float64 and abar.shape == (1000,)
     assert np.all(np.diff(abar) < 0) and 0 < abar[-1] < 1e-8 and abar[0] > 0.9999
-    assert alphas_cumprod_for("squaredcos_cap_v2", 1000) is not abar
-    np.testing.assert_array_equal(alphas_cumprod_for("squaredcos_cap_v2", 1000), abar)
+    # diffusers' name for the same schedule; each call builds its own array, so a caller that edits its copy
+    # leaves the next caller's schedule as the closed form says
+    mine = alphas_cumprod_for("squaredcos_cap_v2", 1000)
+    np.testing.assert_array_equal(mine, abar)
+    mine[:] = 0.5
+    abar[:] = 0.5
+    np.testing.assert_allclose(alphas_cumprod_for("squaredcos_cap_v2", 1000)[:-1], closed[:-1], rtol=1e-10)
+    np.testing.assert_allclose(cosine_alphas_cumprod(1000)[:-1], closed[:-1], rtol=1e-10)
 
 
 def test_linear_schedule():

@@ -265,13 +265,28 @@ def test_sample_grids_are_written_with_the_runtime_sampler(tmp_path):
     stages.train_clip(cfg)
     from dalle2_rt.training.loop import train_stage
 
+    from dalle2_rt.training.samples import fixed_batch
+
+    def strip(images, side):  # (8, h, w, 3) -> one (side, 8·side, 3) row, nearest-resized as a grid shows it
+        return np.concatenate([np.asarray(Image.fromarray(im).resize((side, side), Image.NEAREST))
+                               for im in images], axis=1)
+
     # decoder: [64x64 training images; samples upscaled to 64]; sr: [low-res, samples, truth] at the SR size
     for name, rows, side in (("decoder", 2, 64), ("sr", 3, TINY_MODEL["sr"]["image_size"])):
         train_stage(stages.SPECS[name](cfg), cfg)
         grid = Image.open(cfg.stage_dir(name) / "samples" / "0000002.png")
         assert grid.size == (8 * side, rows * side)
-        px = np.asarray(grid)
-        assert px.std() > 0  # not a blank image
+        px = np.asarray(grid.convert("RGB")).reshape(rows, side, 8 * side, 3)
+        truth, _ = fixed_batch(8, side)  # the same world images at every grid
+        if name == "decoder":
+            np.testing.assert_array_equal(px[0], strip(truth, side))
+        else:
+            low = TINY_MODEL["sr"]["low_res_size"]
+            np.testing.assert_array_equal(px[0], strip([np.asarray(Image.fromarray(im).resize((low, low), Image.BOX))
+                                                        for im in truth], side))
+            np.testing.assert_array_equal(px[2], strip(truth, side))
+        # the samples row is the model's output, not a copy of a reference row (2 training steps: noise)
+        assert not any(np.array_equal(px[1], px[r]) for r in range(rows) if r != 1)
         assert not list((cfg.stage_dir(name) / "samples").glob("*.tmp"))
 
 
