@@ -74,30 +74,6 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "code": os.waitstatus_to_
 """
 
 
-# Same generation with the ONNX Runtime session options patched (an experiment on the runtime's settings):
-# mode "default" | "no-arena" (enable_cpu_mem_arena off) | "no-arena-no-pattern" (and enable_mem_pattern off).
-OPTIONS_PROBE = r"""
-import sys, time
-from dalle2_rt.runtime import backends
-from dalle2_rt.runtime.pipeline import Pipeline
-engines, threads, n, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-make = backends.OnnxRuntimeBackend._options
-def patched(self):
-    so = make(self)
-    if mode.startswith("no-arena"):
-        so.enable_cpu_mem_arena = False
-    if mode == "no-arena-no-pattern":
-        so.enable_mem_pattern = False
-    return so
-backends.OnnxRuntimeBackend._options = patched
-pipe = Pipeline.load(engines, threads=threads or None, shared_threads=True)
-pipe("a large red circle on the left, black background", seed=0, num_images=n)
-t = time.perf_counter()
-pipe("a large red circle on the left, black background", seed=1, num_images=n)
-print(time.perf_counter() - t, file=sys.stderr)
-"""
-
-
 def run_cli(engines: Path, n: int = 1, threads: int | None = None, out_dir: Path | None = None) -> dict:
     """One CLI run: {"seconds" (fork+exec to exit, the PNGs written), "max_rss_mb", "pngs"}."""
     tmp = Path(out_dir or tempfile.mkdtemp(prefix="bench-cli-"))
@@ -115,23 +91,6 @@ def run_cli(engines: Path, n: int = 1, threads: int | None = None, out_dir: Path
     if out_dir is None:
         shutil.rmtree(tmp)
     return {"seconds": info["seconds"], "max_rss_mb": info["max_rss_kib"] / 1024, "pngs": len(pngs)}
-
-
-def memory_options(engines: Path, n: int = 8, threads: int | None = None, log=print) -> dict:
-    """Peak RSS and warm time of ``n`` images with the allocator options patched (see OPTIONS_PROBE)."""
-    out = {}
-    for mode in ("default", "no-arena", "no-arena-no-pattern"):
-        argv = [sys.executable, "-c", OPTIONS_PROBE, str(engines), str(threads or 0), str(n), mode]
-        res = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], capture_output=True, text=True, cwd=REPO)
-        info = json.loads(res.stdout.strip().splitlines()[-1])
-        if info.get("code") != 0:
-            raise RuntimeError(f"memory probe {mode} failed: {res.stderr.strip()[-500:]}")
-        warm = float(res.stderr.strip().splitlines()[-1])
-        out[mode] = {"max_rss_mb": info["max_rss_kib"] / 1024, "warm_s": warm}
-    if log:
-        log(f"  {n} images: " + ", ".join(f"{k}: {v['max_rss_mb']:.0f} MB, {v['warm_s']:.2f} s warm"
-                                        for k, v in out.items()))
-    return out
 
 
 def phases(engines: Path, threads: int | None = None) -> dict:
@@ -155,8 +114,7 @@ def python_start() -> float:
     return time.perf_counter() - t0
 
 
-def measure(engines: Path, repeats: int = 3, threads: int | None = None, counts=(1, 8), memory_probe: bool = True,
-            log=print) -> dict:
+def measure(engines: Path, repeats: int = 3, threads: int | None = None, counts=(1, 8), log=print) -> dict:
     first = run_cli(engines, 1, threads)  # warms the page cache; reported apart
     runs = [run_cli(engines, 1, threads) for _ in range(repeats)]
     out = {"first_run_s": first["seconds"], "cold_s": median([r["seconds"] for r in runs]),
@@ -164,8 +122,6 @@ def measure(engines: Path, repeats: int = 3, threads: int | None = None, counts=
            "phases": phases(engines, threads), "load": load_breakdown(engines, threads), "max_rss_mb": {}}
     for n in counts:
         out["max_rss_mb"][n] = (runs[0] if n == 1 else run_cli(engines, n, threads))["max_rss_mb"]
-    if memory_probe:
-        out["memory_options"] = memory_options(engines, max(counts), threads, log=log)
     if log:
         log(f"  cold CLI → first PNG: {out['cold_s']:.2f} s (median of {repeats}; first {out['first_run_s']:.2f} s); "
             f"phases {json.dumps({k: round(v, 3) for k, v in out['phases'].items()})}; sessions "

@@ -13,6 +13,7 @@ tensors, so its number excludes a text encoder).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -68,6 +69,15 @@ def backends(engines, rounds: int = 5, threads: int = 2, images: int = 1, steps=
         f"{out['ratio']:.2f}× (torch with the full prior {out['median'][FULL_PRIOR]:.3f} s: "
         f"{out['ratio_full_prior']:.2f}×)")
     return out
+
+
+def steps_arg(text: str) -> tuple[int, int, int]:
+    """An argparse type: "PRIOR,DECODER,SR" sampling steps."""
+    try:
+        prior, decoder, sr = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PRIOR,DECODER,SR step counts, got {text!r}") from None
+    return prior, decoder, sr
 
 
 def default_steps(engines) -> tuple[int, int, int]:

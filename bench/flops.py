@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .feeds import random_inputs
+
 COUNTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
@@ -89,23 +91,14 @@ def _static_shapes(model) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _sample_feeds(model, batch: int) -> dict[str, np.ndarray]:
-    """Plausible inputs for a shape probe: small floats, int64 token ids < 100 (end token at the last place)."""
+def _probe_feeds(model, batch: int) -> dict[str, np.ndarray]:
+    """``feeds.random_inputs`` for the graph inputs of ``model`` that are not initializers."""
     import onnx
 
-    rng = np.random.default_rng(0)
-    feeds = {}
     init = {i.name for i in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name in init:
-            continue
-        shape = [d.dim_value if d.HasField("dim_value") else batch for d in value.type.tensor_type.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        if np.issubdtype(dtype, np.integer):
-            feeds[value.name] = rng.integers(1, 100, size=shape).astype(dtype)
-        else:
-            feeds[value.name] = rng.uniform(0.0, 1.0, size=shape).astype(dtype)
-    return feeds
+    return random_inputs([(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type),
+                           [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim])
+                          for v in model.graph.input if v.name not in init], batch)
 
 
 def _probe_shapes(model, names: list[str], batch: int) -> dict[str, tuple[int, ...]]:
@@ -123,7 +116,7 @@ def _probe_shapes(model, names: list[str], batch: int) -> dict[str, tuple[int, .
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    outs = sess.run(names, _sample_feeds(m, batch))
+    outs = sess.run(names, _probe_feeds(m, batch))
     return {n: tuple(o.shape) for n, o in zip(names, outs)}
 
 

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from .feeds import random_inputs
+
 SGEMM_N = 2048
 
 
@@ -49,7 +51,7 @@ def describe() -> dict:
     return {
         "cpu": cpu_model(), "cores": os.cpu_count(), "flags": cpu_flags(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(), "numpy": np.__version__, "onnxruntime": ort.__version__,
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
@@ -67,8 +69,7 @@ def _best(fn, repeats: int) -> float:
 
 def numpy_sgemm(n: int = SGEMM_N, repeats: int = 5) -> float:
     """GFLOP/s of numpy's fp32 n×n @ n×n in this process (its BLAS thread count as set at import)."""
-    rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    a, b = _operands(n).values()
     return 2 * n**3 / _best(lambda: a @ b, repeats) / 1e9
 
 
@@ -89,9 +90,13 @@ def ort_sgemm(threads: int, n: int = SGEMM_N, repeats: int = 5) -> float:
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feeds = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
+    feeds = _operands(n)
     return 2 * n**3 / _best(lambda: sess.run(None, feeds), repeats) / 1e9
+
+
+def _operands(n: int) -> dict[str, np.ndarray]:
+    """{"a", "b"}: two random fp32 n×n matrices (the MatMul graph's inputs; numpy multiplies the same)."""
+    return random_inputs([("a", "float32", (n, n)), ("b", "float32", (n, n))])
 
 
 def sgemm_rates(threads=(1, 2)) -> dict:

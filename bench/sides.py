@@ -65,16 +65,14 @@ def build_ours(engines: str, backend: str = "onnxruntime", threads: int | None =
 def _our_torch_counts(pipe) -> dict:
     """Params and FLOPs at batch 1 of the torch modules behind the torch backend's prior/decoder/sr0 (the
     full prior: the network, whichever graphs of it the pipeline runs)."""
-    import numpy as np
     import torch
+
+    from .feeds import graph_inputs
 
     out = {}
     for g in ("prior", "decoder", "sr0"):
         engine = pipe.engines.get(g) or pipe.backend.engine(g)
-        feeds = {}
-        for t in engine.spec.inputs:
-            shape = [1 if d == "batch" else d for d in t.shape]
-            feeds[t.name] = torch.from_numpy(np.ones(shape, dtype=t.dtype))
+        feeds = {k: torch.from_numpy(v) for k, v in graph_inputs(engine.spec, 1).items()}
         params, flops = torch_count(engine.module, lambda e=engine, f=feeds: e.module(**f))
         out[g] = {"params": params, "flops": flops}
     return out

@@ -264,7 +264,6 @@ def test_sample_grids_are_written_with_the_runtime_sampler(tmp_path):
     cfg = config_from_dict(d)
     stages.train_clip(cfg)
     from dalle2_rt.training.loop import train_stage
-
     from dalle2_rt.training.samples import fixed_batch
 
     def strip(images, side):  # (8, h, w, 3) -> one (side, 8·side, 3) row, nearest-resized as a grid shows it

@@ -1,19 +1,21 @@
-"""Paired check of candidate default step counts: the same captions and seeds at each setting.
+"""Paired check of candidate default step counts. Decided: the defaults are 5/5/3 (prior/decoder/SR), the
+rule's pick (bench/RESULTS.md §D, 2026-11-28: 9.7 % fully right on 1,200 images, 1.8 points below the best
+setting measured, 25/10/3; decoder 10 is 1.5 ± 0.7 points better on the same images for ~45 ms more).
 
-The per-stage sweep (``steps_sweep.py``) moves one stage at a time, and at 200 captions its points are about
+The same captions and seeds at each setting.
+
+The per-stage sweep (``bench/steps_sweep.py``) moves one stage at a time, and at 200 captions its points are about
 one standard error apart. This draws many more images per setting and compares each setting with the first
 one image by image (same caption, same seed), so the standard error of the difference is that of the paired
 differences — much smaller than that of two independent rates.
 
-    python -m bench.steps_confirm 25,25,7 10,5,3 15,25,3 --captions 600 --seeds 0 1 --json out.json
+    python -m bench.experiments.steps_confirm 25,25,7 10,5,3 15,25,3 --captions 600 --seeds 0 1 --json out.json
 
 Settings are prior,decoder,sr steps; the first is the reference. A setting qualifies as a default when its
-fully-right rate is within ``--tolerance`` (2 points) of the best setting's.
+fully-right rate is within 2 points (``confirm(tolerance=)``) of the best setting's.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import numpy as np
@@ -21,15 +23,9 @@ import numpy as np
 from dalle2_rt.runtime.pipeline import Pipeline
 from dalle2_rt.world import parse_caption
 
-from .fidelity import eval_captions, generate_and_score, paired_difference
-
-
-def _steps(text: str) -> tuple[int, int, int]:
-    try:
-        prior, decoder, sr = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected PRIOR,DECODER,SR step counts, got {text!r}") from None
-    return prior, decoder, sr
+from ..compare import steps_arg
+from ..fidelity import eval_captions, generate_and_score, paired_difference
+from . import engine_folder, parser, write_json
 
 
 def confirm(pipe: Pipeline, settings: list[tuple[int, int, int]], captions: int = 600, seeds=(0, 1),
@@ -56,24 +52,19 @@ def confirm(pipe: Pipeline, settings: list[tuple[int, int, int]], captions: int 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.steps_confirm", description=__doc__.split("\n\n")[0])
-    p.add_argument("settings", nargs="+", type=_steps, help="PRIOR,DECODER,SR step counts; the first is the reference")
-    p.add_argument("--engines", help="engine folder (default: the bundled engines)")
+    p = parser("python -m bench.experiments.steps_confirm", __doc__)
+    p.add_argument("settings", nargs="+", type=steps_arg,
+                   help="PRIOR,DECODER,SR step counts; the first is the reference")
     p.add_argument("--captions", type=int, default=600, help="half single-, half two-object (default 600)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    pipe = Pipeline.load(args.engines, threads=args.threads)
-    res = confirm(pipe, args.settings, args.captions, args.seeds)
+    res = confirm(Pipeline.load(engine_folder(args), threads=args.threads), args.settings, args.captions, args.seeds)
     for r in res["settings"]:
         print(f"{r['steps']}: fully right {r['fully_right']:.1%} (single {r['single']:.1%}, two {r['two']:.1%}); "
               f"vs first {100 * r['diff_vs_first']:+.1f} ± {100 * r['diff_se']:.1f} points (paired SE); "
               f"{'within' if r['within_tolerance_of_best'] else 'NOT within'} 2 points of the best; "
               f"{r['seconds']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(res, args.json)
     return 0
 
 
