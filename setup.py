@@ -21,7 +21,7 @@ setup(
     description="DALL-E 2 (unCLIP) inference runtime over exported ONNX / TensorRT graphs",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib (the training config reader) is 3.11+
     packages=find_packages(include=["dalle2_rt", "dalle2_rt.*", "export", "export.*", "bench", "bench.*"]),
     package_data={"dalle2_rt": ["py.typed"]},
     install_requires=[

@@ -3,7 +3,9 @@
 The image embedding is projected and added to the timestep embedding, and projected into
 ``num_image_tokens`` extra context tokens concatenated with the projected CLIP text encodings; the U-Net's
 attention layers attend over that sequence. Both conditionings can be swapped for learned nulls through
-``image_keep`` / ``text_keep`` (training dropout, and the unconditional half of guidance). eps-prediction.
+``image_keep`` / ``text_keep`` (training dropout, and the unconditional half of guidance). The output is the
+prediction ``parameterization`` names: eps by default, v for the bundled shapes-v1 decoder
+(``configs/shapes-v1.toml``), stated again in the exported manifest.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class Decoder(nn.Module):
 
     def forward(self, x_t, t, image_embed, text_encodings, image_keep, text_keep):
         """x_t (B,3,S,S); t (B,); image_embed (B,D) unit-norm CLIP embedding; text_encodings (B,L,W);
-        image_keep/text_keep (B,) 1.0 or 0.0. Returns the eps prediction (B,3,S,S)."""
+        image_keep/text_keep (B,) 1.0 or 0.0. Returns the prediction (B,3,S,S) of ``cfg.parameterization``."""
         img = keep_or_null(image_embed, self.null_image_embed, image_keep)  # (B, D)
         txt = keep_or_null(text_encodings, self.null_text, text_keep)  # (B, L, W)
         emb = self.time_embed(t) + self.image_to_emb(img)
