@@ -5,7 +5,7 @@ ranges): at one image's guided batch the decoder ran 0.92× and SR 1.23× the fp
 scale, so it buys nothing for one-image latency; in batches of 16 the whole pipeline went 0.21 → 0.14 s per
 image at an equal fully-right rate (9.7 % vs 9.7 %, 600 captions), which is left for batch-throughput work.
 
-    python -m bench.experiments.int8                      # speed and error on random inputs (minutes)
+    python -m bench.experiments.int8                      # speed and error on random inputs
     python -m bench.experiments.int8 --fidelity 600       # and fidelity, calibrated on real trajectories
 
 ``speed``: each graph calibrated and tested on random inputs (``bench.feeds``), fp32 and int8 sessions
