@@ -8,7 +8,6 @@ one a line, so ``dalle2-rt ... | xargs`` works; the progress bar goes to stderr 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import secrets
 import sys
@@ -17,10 +16,11 @@ from pathlib import Path
 
 from .runtime.backends import BACKENDS
 from .runtime.errors import Dalle2RTError, InputError, PromptTruncatedWarning
+from .runtime.noise import new_seed
 from .runtime.samplers import SAMPLERS
+from .runtime.settings import MAX_IMAGES, check, check_int, check_prompts
 
 PROG = "dalle2-rt"
-MAX_IMAGES = 64  # = pipeline.MAX_IMAGES (kept here so --help needs no heavy import)
 
 EPILOG = """\
 examples:
@@ -46,41 +46,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def _typed(rule, parse=int):
+    """An argparse type: the text parsed by ``parse``, then checked by ``rule`` (the library's own check, so
+    the command line refuses a value with the library's words)."""
+    what = "an integer" if parse is int else "a number"
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        try:
+            return rule(value)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
-def _num_images(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_IMAGES:
-        raise argparse.ArgumentTypeError(f"at most {MAX_IMAGES} images per prompt, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"must be in 0 … 2^64-1, got {value}")
-    return value
-
-
-def _guidance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+def _setting(field: str, parse=int):
+    """The argparse type of the ``settings.Settings`` field ``field``."""
+    return _typed(lambda value: check(field, value), parse)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="*", help="the text to draw (quote it, or give it as several words)")
     what = p.add_argument_group("what to generate")
-    what.add_argument("-n", "--num-images", type=_num_images, default=1, metavar="N",
+    what.add_argument("-n", "--num-images", type=_setting("num_images"), default=1, metavar="N",
                       help=f"images per prompt, 1 … {MAX_IMAGES} (default 1)")
-    what.add_argument("--seed", type=_seed, metavar="S",
+    what.add_argument("--seed", type=_setting("seed"), metavar="S",
                       help="noise seed (default: random; it is in the file names and PNG metadata)")
     what.add_argument("--from-file", metavar="FILE",
                       help="read prompts from FILE (- = stdin), one a line; blank and # lines skipped")
@@ -101,14 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--grid", action="store_true", help="also write one grid PNG of all images")
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or warnings")
     samp = p.add_argument_group("sampling (defaults come from the engine manifest)")
-    samp.add_argument("--prior-steps", type=_positive_int, metavar="K", help="sampling steps of the prior")
-    samp.add_argument("--decoder-steps", type=_positive_int, metavar="K", help="sampling steps of the decoder")
-    samp.add_argument("--sr-steps", type=_positive_int, metavar="K", help="steps of every super-resolution stage")
-    samp.add_argument("--prior-guidance", type=_guidance, metavar="G",
+    samp.add_argument("--prior-steps", type=_setting("prior_steps"), metavar="K", help="sampling steps of the prior")
+    samp.add_argument("--decoder-steps", type=_setting("decoder_steps"), metavar="K",
+                      help="sampling steps of the decoder")
+    samp.add_argument("--sr-steps", type=_setting("sr_steps"), metavar="K",
+                      help="steps of every super-resolution stage")
+    samp.add_argument("--prior-guidance", type=_setting("prior_guidance", float), metavar="G",
                       help="classifier-free guidance scale of the prior (1 = unguided; higher follows the text more)")
-    samp.add_argument("--decoder-guidance", type=_guidance, metavar="G",
+    samp.add_argument("--decoder-guidance", type=_setting("decoder_guidance", float), metavar="G",
                       help="classifier-free guidance scale of the decoder")
-    samp.add_argument("--candidates", type=_positive_int, metavar="K",
+    samp.add_argument("--candidates", type=_setting("candidates"), metavar="K",
                       help="prior samples per image; the one closest to the text is kept")
     samp.add_argument("--sampler", choices=list(SAMPLERS), help="for every stage")
     run = p.add_argument_group("runtime")
@@ -116,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="onnxruntime (default: TensorRT or CUDA provider when available, else CPU), tensorrt "
                           "(native engines, needs a GPU), torch (reference, needs the train extra)")
     run.add_argument("--engines", metavar="DIR", help="engine folder (with manifest.json)")
-    run.add_argument("--threads", type=_positive_int, metavar="N",
+    run.add_argument("--threads", type=_typed(lambda v: check_int("threads", v, 1)), metavar="N",
                      help="CPU threads per graph (default: one per core). On a machine busy with other work, "
                           "--threads 1 is often faster: threads that wait for a core stall every step")
     return p
@@ -173,6 +161,11 @@ def entry() -> int:
 
 def main(argv: list[str] | None = None, *, shared_threads: bool = False) -> int:
     """The CLI as a function (tests, embedding): the same, on the library's default per-session pools."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["serve"]:  # the HTTP service parses its own options (dalle2_rt/serve/cli.py)
+        from .serve.cli import main as serve_main
+
+        return serve_main(args[1:])
     try:
         return _main(argv, shared_threads)
     except KeyboardInterrupt:
@@ -204,7 +197,7 @@ def _main(argv, shared_threads: bool) -> int:
         return _fail(str(e), 2)
     except Dalle2RTError as e:
         return _fail(str(e))
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    seed = args.seed if args.seed is not None else new_seed()
     bar = ProgressBar(sys.stderr, enabled=False if args.quiet else None)
     all_images = []
     try:
@@ -268,7 +261,5 @@ def _plan(args) -> dict:
     elif args.from_file is not None:
         prompts = read_prompt_file(args.from_file)
     else:
-        if not prompt.strip():
-            raise InputError("the prompt is empty")
-        prompts = [prompt]
+        prompts = check_prompts(prompt)
     return {"prompts": prompts, "folder": check_output_dir(args.output_dir)}

@@ -158,12 +158,15 @@ ERRORS = {
     "no prompt": ([], "no prompt"),
     "n zero": (["x", "-n", "0"], "num-images"),
     "n negative": (["x", "-n", "-3"], "num-images"),
-    "n too large": (["x", "-n", "65"], "at most 64"),
+    "n too large": (["x", "-n", "65"], "num_images must be between 1 and 64, got 65"),
     "n not a number": (["x", "-n", "two"], "not an integer"),
     "prior steps zero": (["x", "--prior-steps", "0"], "prior-steps"),
     "decoder steps negative": (["x", "--decoder-steps", "-1"], "decoder-steps"),
     "sr steps zero": (["x", "--sr-steps", "0"], "sr-steps"),
     "steps above T": (["x", "--decoder-steps", "5000"], "decoder steps must be between 1 and"),
+    "too many candidates": (["x", "--candidates", "17"], "candidates must be between 1 and 16, got 17"),
+    "guidance not a number": (["x", "--prior-guidance", "lots"], "'lots' is not a number"),
+    "threads zero": (["x", "--threads", "0"], "threads must be at least 1"),
     "guidance negative": (["x", "--decoder-guidance", "-1"], "decoder-guidance"),
     "guidance nan": (["x", "--prior-guidance", "nan"], "finite"),
     "guidance inf": (["x", "--decoder-guidance", "inf"], "finite"),
@@ -259,13 +262,50 @@ def test_console_script_end_to_end(work, tiny_engines):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stdout == ""
 
 
-def test_main_as_a_function_leaves_onnxruntime_usable(work, tiny_engines):
-    """``cli.main`` called in-process keeps per-session pools: afterwards the host process can still make
-    onnxruntime sessions with their own threads (a process-wide pool would make onnxruntime refuse them)."""
-    import onnxruntime as ort
+_OWN_POOL_SCRIPT = """
+import sys
+import onnxruntime as ort
+from dalle2_rt import cli
+from dalle2_rt.runtime.backends import PER_SESSION_REFUSED
+engines, out, shared = sys.argv[1], sys.argv[2], sys.argv[3] == "shared"
+argv = ["a red circle", "--seed", "0", "-q", "-o", out, "--engines", engines, "--prior-steps", "2",
+        "--decoder-steps", "2", "--sr-steps", "1", "--threads", "1"]
+assert cli.main(argv, shared_threads=shared) == 0
+so = ort.SessionOptions()
+so.intra_op_num_threads = 1  # a session with its own pool, as a host application might make
+try:
+    sess = ort.InferenceSession(sys.argv[4], so, providers=["CPUExecutionProvider"])
+except Exception as e:
+    print("refused" if PER_SESSION_REFUSED in str(e) else f"other error: {e}")
+else:
+    print("own pool", sess.get_session_options().intra_op_num_threads)
+"""
 
-    assert cli.main(["a red circle", "--seed", "0", "-q", "--engines", str(tiny_engines), *FAST]) == 0
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(next(Path(tiny_engines).glob("*.onnx"))), so, providers=["CPUExecutionProvider"])
-    assert sess.get_inputs()
+
+def test_main_as_a_function_leaves_onnxruntime_usable(tmp_path, tiny_engines):
+    """``cli.main`` called in-process keeps per-session pools: afterwards the host process can still make
+    onnxruntime sessions with their own threads; the console scripts' shared pool (``shared_threads=True``)
+    would make onnxruntime refuse them. Each case in a fresh interpreter: the pool is process-wide."""
+    graph = str(next(Path(tiny_engines).glob("*.onnx")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DALLE2_RT_CACHE": str(tmp_path / "cache")}
+    said = {}
+    for mode in ("own", "shared"):
+        done = subprocess.run([sys.executable, "-c", _OWN_POOL_SCRIPT, str(tiny_engines), str(tmp_path / mode), mode,
+                               graph], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        said[mode] = done.stdout.strip().splitlines()[-1]
+    assert said == {"own": "own pool 1", "shared": "refused"}
+
+
+@pytest.mark.parametrize("flag,text,field,value", [
+    ("-n", "65", "num_images", 65), ("--seed", "18446744073709551616", "seed", 2**64),
+    ("--prior-steps", "0", "prior_steps", 0), ("--decoder-guidance", "-2", "decoder_guidance", -2.0),
+    ("--candidates", "17", "candidates", 17)])
+def test_cli_refuses_a_setting_with_the_librarys_words(work, capsys, flag, text, field, value):
+    from dalle2_rt.runtime.errors import InputError
+    from dalle2_rt.runtime.settings import Settings
+
+    with pytest.raises(InputError) as library:
+        Settings(**{field: value})
+    rc, out, err = run(["x", flag, text], capsys)
+    assert rc == 2 and out == [] and str(library.value) in err

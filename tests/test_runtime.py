@@ -5,6 +5,7 @@ exporter), with ONNX Runtime on one thread and few sampling steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from dalle2_rt.runtime.errors import (
 )
 from dalle2_rt.runtime.manifest import load_manifest, verify_files
 from dalle2_rt.runtime.pipeline import NoiseStreams, Pipeline, select_candidates
+from dalle2_rt.runtime.settings import Settings
 
 FAST = {"prior_steps": 3, "decoder_steps": 3, "sr_steps": 2}
 
@@ -333,24 +335,30 @@ def test_guidance_is_one_batch_with_keep_one_then_zero(full, monkeypatch):
     assert len(rec["decoder"].calls[-1]["x_t"]) == 2
 
 
-def test_prefix_cache_runs_the_text_once_per_image_and_half(pipe, monkeypatch):
+def test_prefix_cache_runs_the_text_once_per_prompt_and_half(pipe, monkeypatch):
     rec = {g: _Recorder(pipe.engines[g], []) for g in ("prior_prefix", "prior_step")}
     for g, r in rec.items():
         monkeypatch.setitem(pipe.engines, g, r)
     assert "prior" not in pipe.engines  # the full graph is not even loaded
-    pipe(["a red circle", "two blue squares"], seed=0, num_images=2, candidates=3, **FAST)
+    prompts = ["a red circle", "two blue squares"]
+    pipe(prompts, seed=0, num_images=2, candidates=3, **FAST)
     (pre,) = rec["prior_prefix"].calls  # one call for the whole stage
-    np.testing.assert_array_equal(pre["cond_keep"], [1] * 4 + [0] * 4)  # 2 prompts × 2 images, cond then uncond
-    np.testing.assert_array_equal(pre["text_embed"][0], pre["text_embed"][1])  # images 0, 1 of prompt 0
-    assert not np.array_equal(pre["text_embed"][1], pre["text_embed"][2])  # prompt 0 vs prompt 1
+    np.testing.assert_array_equal(pre["cond_keep"], [1, 1, 0, 0])  # 2 prompts, cond then uncond
+    text_embed = pipe.engines["text_encoder"](tokens=pipe.tokenizer(prompts))["text_embed"]
+    np.testing.assert_allclose(pre["text_embed"], np.concatenate([text_embed, text_embed]), atol=1e-6)
     steps = rec["prior_step"].calls
     assert len(steps) == FAST["prior_steps"]
     rows = 2 * 4 * 3  # (cond, uncond) × images × candidates
     assert {k: v.shape[0] for k, v in steps[0].items()} == {"x_t": rows, "t": rows, "keys": rows, "values": rows}
-    # every candidate row carries its image's cache; the same arrays at every step
+    # row (half, image, candidate) carries the cache of (half, its prompt): images 0, 1 are prompt 0's
+    cache = pipe.engines["prior_prefix"](**pre)["keys"].reshape(2, 2, *steps[0]["keys"].shape[1:])
     keys = steps[0]["keys"].reshape(2, 4, 3, *steps[0]["keys"].shape[1:])
-    assert all(np.array_equal(keys[:, :, 0], keys[:, :, c]) for c in (1, 2))
-    assert all(np.array_equal(s["keys"], steps[0]["keys"]) for s in steps)
+    for half in (0, 1):
+        for image, prompt in enumerate([0, 0, 1, 1]):
+            for c in range(3):
+                np.testing.assert_array_equal(keys[half, image, c], cache[half, prompt])
+    assert not np.array_equal(cache[0, 0], cache[0, 1]) and not np.array_equal(cache[0, 0], cache[1, 0])
+    assert all(np.array_equal(s["keys"], steps[0]["keys"]) for s in steps)  # the same arrays at every step
 
 
 @pytest.mark.parametrize("options", [
@@ -377,11 +385,13 @@ def test_prefix_cache_chunks_within_both_graphs_profiles(pipe, monkeypatch):
     log = {"prior_prefix": [], "prior_step": []}
     for g in log:
         monkeypatch.setitem(pipe.engines, g, _Recorder(pipe.engines[g], log[g]))
-    n = pipe.engines["prior_prefix"].max_batch  # 1 candidate: the prefix (2 rows per image) limits the chunk
-    pipe("a red circle", seed=0, num_images=n, candidates=1, **FAST)
-    assert max(log["prior_prefix"]) <= pipe.engines["prior_prefix"].max_batch
+    most = pipe.engines["prior_prefix"].max_batch
+    pipe("a red circle", seed=0, num_images=most, candidates=1, **FAST)  # many images, one prompt
+    assert log["prior_prefix"] == [2]  # its cond and uncond rows, whatever the number of images
     assert max(log["prior_step"]) <= pipe.engines["prior_step"].max_batch
-    assert len(log["prior_prefix"]) == 2  # n images × 2 rows = twice the prefix graph's max batch
+    log["prior_prefix"].clear()
+    pipe(["a red circle"] * most, seed=0, num_images=1, candidates=1, **FAST)  # 2 × most rows of prompts
+    assert log["prior_prefix"] == [most, most]
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -532,12 +542,108 @@ def test_bad_arguments_raise_input_error(pipe, kwargs, message):
         pipe(kwargs.pop("prompt"), **kwargs)
 
 
-def test_long_and_unicode_prompts(pipe):
+def test_long_prompts_are_truncated_with_a_warning(pipe):
+    long = "red circle " * 60
+    with pytest.warns(PromptTruncatedWarning, match="truncated to 75 tokens"):
+        images = pipe(long, seed=0, **FAST)
+    assert pipe.truncated([long, "short"]) == [True, False]
+    assert images[0].info["prompt"] == long  # the metadata keeps what was asked, not the truncation
+    # what the text encoder reads is the first 75 tokens: a longer tail changes nothing
     with pytest.warns(PromptTruncatedWarning):
-        long = pipe("red circle " * 60, seed=0, **FAST)
-    assert pipe.truncated(["red circle " * 60, "short"]) == [True, False]
-    odd = pipe("日本語の赤い円 😀 — «ünïcödé»\u200b", seed=0, **FAST)
-    assert len(long) == len(odd) == 1
+        longer = pipe(long + "blue square " * 10, seed=0, **FAST)
+    assert np.array_equal(pixels(images), pixels(longer))
+
+
+def test_unicode_prompts_reach_the_text_encoder_and_the_metadata(pipe):
+    odd = "日本語の赤い円 😀 — «ünïcödé»\u200b"
+    filled = pipe.tokenizer.text_mask([odd, ""]).sum(axis=1)  # sot, the prompt's ids, eot
+    assert filled[0] > filled[1] == 2  # the characters became ids: they were not cleaned away
+    assert not pipe.truncated([odd])[0]
+    x0 = {}
+    for prompt in (odd, "a red circle"):
+        x0[prompt] = []
+        images = pipe(prompt, seed=0, callback=lambda s, i, n, x, p=prompt: s == "prior" and x0[p].append(x), **FAST)
+        assert images[0].info["prompt"] == prompt  # verbatim, the zero-width space included
+    assert not np.allclose(x0[odd][-1], x0["a red circle"][-1])  # another prompt, another prior sample
+    alone = pixels(pipe(odd, seed=0, **FAST))
+    mixed = pixels(pipe(["a red circle", odd], seed=0, **FAST))
+    assert np.array_equal(alone[0], mixed[1])
+
+
+def test_settings_fill_in_the_folders_defaults(pipe, engines):
+    stages = json.loads((engines / "manifest.json").read_text())["stages"]
+    prior, dec, sr = stages["prior"]["defaults"], stages["decoder"]["defaults"], stages["sr"][0]["defaults"]
+    run = pipe.settings()
+    assert run == {
+        "prior": {"steps": prior["steps"], "guidance": prior["guidance"], "sampler": prior["sampler"]},
+        "decoder": {"steps": dec["steps"], "guidance": dec["guidance"], "sampler": dec["sampler"]},
+        "sr0": {"steps": sr["steps"], "guidance": None, "sampler": sr["sampler"]},  # SR: nothing to guide
+        "candidates": prior["candidates"],
+    }
+    run = pipe.settings(prior_steps=2, sr_steps=1, decoder_guidance=1.5, sampler="dpm++", candidates=3)
+    assert run["prior"] == {"steps": 2, "guidance": prior["guidance"], "sampler": "dpm++"}
+    assert run["decoder"] == {"steps": dec["steps"], "guidance": 1.5, "sampler": "dpm++"}
+    assert run["sr0"] == {"steps": 1, "guidance": None, "sampler": "dpm++"} and run["candidates"] == 3
+    T = len(stages["prior"]["schedule"]["alphas_cumprod"])
+    assert pipe.settings(prior_steps=T)["prior"]["steps"] == T
+    with pytest.raises(InputError, match=f"prior steps must be between 1 and {T}, got {T + 1}"):
+        pipe.settings(prior_steps=T + 1)
+
+
+def test_settings_object_is_frozen_checked_and_spelled_like_the_call(pipe):
+    s = Settings(num_images=2, seed=9, sampler="ddpm", **FAST)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.seed = 1
+    by_object = pixels(pipe("a red circle", **dataclasses.asdict(s)))
+    by_keywords = pixels(pipe("a red circle", num_images=2, seed=9, sampler="ddpm", **FAST))
+    assert np.array_equal(by_object, by_keywords)
+    assert Settings(seed=np.uint64(2**64 - 1), candidates=np.int32(3)) == Settings(seed=2**64 - 1, candidates=3)
+    for kwargs, message in [({"num_images": 65}, "num_images must be between 1 and 64, got 65"),
+                            ({"num_images": None}, "num_images must be an integer"),
+                            ({"seed": 2**64}, "seed must be between 0 and"),
+                            ({"decoder_steps": 2.0}, "decoder steps must be an integer, got 2.0"),
+                            ({"sr_steps": True}, "sr steps must be an integer"),
+                            ({"prior_guidance": "4"}, None),
+                            ({"prior_guidance": "x"}, "prior guidance must be a number"),
+                            ({"candidates": 17}, "candidates must be between 1 and 16"),
+                            ({"sampler": "DDIM"}, "unknown sampler 'DDIM'")]:
+        if message is None:
+            assert Settings(**kwargs).prior_guidance == 4.0  # a number's text is a number
+            continue
+        with pytest.raises(InputError, match=message):
+            Settings(**kwargs)
+
+
+def test_more_candidates_than_the_graph_takes_are_refused(engines, tmp_path):
+    folder = copy_engines(engines, tmp_path / "e")
+    rewrite_manifest(folder, lambda d: d["graphs"]["prior_step"]["profile"]["batch"].update(max=4))
+    small = Pipeline.load(folder, threads=1)
+    small("a red circle", seed=0, candidates=2, **FAST)  # guided: 2 × 2 rows per image fit
+    with pytest.raises(InputError, match=r"prior: 6 rows per image exceed the graph's max batch 4 \(ask for fewer"):
+        small("a red circle", seed=0, candidates=3, **FAST)
+    small("a red circle", seed=0, candidates=3, prior_guidance=1.0, **FAST)  # unguided: 3 rows fit
+
+
+def test_stages_that_do_not_fit_together_refuse_the_folder_at_load(engines, tmp_path, monkeypatch):
+    folder = copy_engines(engines, tmp_path / "e")
+
+    def shrink(d):  # the decoder now claims to make 8×8 images; sr0 takes 16×16 low_res
+        x_t = next(t for t in d["graphs"]["decoder"]["inputs"] if t["name"] == "x_t")
+        x_t["shape"] = [x_t["shape"][0], 3, 8, 8]
+
+    rewrite_manifest(folder, shrink)
+    opened = []
+    monkeypatch.setattr(OnnxRuntimeBackend, "engine", lambda self, g: opened.append(g))
+    with pytest.raises(EngineFolderError, match=r"sr0 takes low_res \(3, 16, 16\) but the previous stage makes "
+                                                r"\(3, 8, 8\)"):
+        Pipeline.load(folder, threads=1)
+    assert opened == []  # refused before any graph was opened
+
+
+def test_load_takes_the_folder_under_its_former_keyword(engines):
+    assert Pipeline.load(engines=engines, threads=1).manifest.folder == engines
+    with pytest.raises(InputError, match="not both"):
+        Pipeline.load(engines, engines=engines)
 
 
 def test_default_engines_come_from_the_environment(engines, monkeypatch, tmp_path):

@@ -8,14 +8,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dalle2_rt.runtime.parameterization import make_denoiser, to_eps, to_v, to_x0
+from dalle2_rt.runtime.parameterization import (
+    make_denoiser,
+    make_step_denoiser,
+    split_halves,
+    stack_halves,
+    to_eps,
+    to_v,
+    to_x0,
+)
 from dalle2_rt.runtime.samplers import (
     SAMPLERS,
     ddpm_variances,
     sample,
     sample_ddim,
     sample_ddpm,
-    sample_dpmpp_2m,
 )
 from dalle2_rt.runtime.schedules import Schedule, alphas_cumprod_for, cosine_alphas_cumprod, q_sample, respace
 
@@ -222,8 +229,45 @@ def test_callback_once_per_step(name, options):
     np.testing.assert_array_equal(seen[3][2], golden_denoiser(seen[2][1], 3))
 
 
-def test_sample_dispatch():
-    assert SAMPLERS == {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++": sample_dpmpp_2m}
+class _CountingRng:
+    """A generator that counts its draws."""
+
+    def __init__(self, seed: int):
+        self.rng, self.draws = np.random.default_rng(seed), 0
+
+    def standard_normal(self, size, dtype=np.float32):
+        self.draws += 1
+        return self.rng.standard_normal(size, dtype=dtype)
+
+
+def test_sampler_names_run_their_algorithms():
+    """The names the CLI offers (--sampler ddpm | ddim | dpm++), each checked by what its algorithm does."""
+    assert sorted(SAMPLERS) == ["ddim", "ddpm", "dpm++"]
+    schedule = respace(ABAR, 3)
+    x = np.random.default_rng(0).standard_normal((2, 3), dtype=np.float32) * 3
+
+    def denoise(x_t, i):  # a non-linear x0 estimate, so first- and second-order updates differ
+        return (0.9 * np.tanh(x_t)).astype(np.float32)
+
+    out, draws = {}, {}
+    for name in ("ddpm", "ddim", "dpm++"):
+        rng = _CountingRng(1)
+        out[name], draws[name] = sample(name, denoise, x, schedule, rng=rng), rng.draws
+    assert draws == {"ddpm": 2, "ddim": 0, "dpm++": 0}  # DDPM: fresh noise every step but the last
+    # DDIM, η = 0 (Eq. 12 of Song et al. 2021): x' = √ᾱ' x0 + √(1 − ᾱ') (x − √ᾱ x0)/√(1 − ᾱ), written out here
+    abar, want = list(schedule.alphas_cumprod) + [1.0], x.astype(np.float64)
+    for i in range(3):
+        x0 = 0.9 * np.tanh(want.astype(np.float32)).astype(np.float64)
+        eps = (want - np.sqrt(abar[i]) * x0) / np.sqrt(1 - abar[i])
+        want = np.sqrt(abar[i + 1]) * x0 + np.sqrt(1 - abar[i + 1]) * eps
+    np.testing.assert_allclose(out["ddim"], want, rtol=1e-5, atol=1e-6)
+    # DPM-Solver++(2M): its second step is second order, so it leaves DDIM's path
+    assert np.abs(out["dpm++"] - out["ddim"]).max() > 1e-3
+    again = sample("ddpm", denoise, x, schedule, rng=_CountingRng(2))
+    assert not np.allclose(again, out["ddpm"])  # DDPM's result depends on its noise
+
+
+def test_sample_refuses_unknown_names_and_options():
     with pytest.raises(ValueError, match="unknown sampler 'euler'; known: ddpm, ddim, dpm\\+\\+"):
         sample("euler", golden_denoiser, np.zeros((1, 2), np.float32), respace(ABAR, 4), rng=None)
     with pytest.raises(ValueError, match="variance"):
@@ -315,6 +359,45 @@ def test_clip_applies_to_the_guided_x0():
     np.testing.assert_allclose(x0, [[-1.0 + t, -1.0, 1.0]], rtol=1e-6)
     with pytest.raises(ValueError, match="clip_x0"):
         make_denoiser(FakeEngine(1, False), kind="x0", schedule=schedule, clip_x0=(1.0, -1.0))
+
+
+def test_step_denoiser_stacks_the_halves_and_passes_the_step():
+    """make_step_denoiser owns the guidance batch: x_t twice, cond rows then uncond rows of every feed."""
+    schedule = respace(ABAR, 4)
+    calls = []
+
+    def model(i, x_t, t, keep, label):  # pred = 0.5 x + 2·keep: the halves differ by 2
+        calls.append({"i": i, "x_t": x_t.copy(), "t": t.copy(), "keep": keep.copy(), "label": label.copy()})
+        return (0.5 * x_t + 2 * keep[:, None]).astype(np.float32)
+
+    cond = {"keep": np.ones(2, np.float32), "label": np.array([10, 11])}
+    uncond = {"keep": np.zeros(2, np.float32), "label": np.array([20, 21])}
+    denoise = make_step_denoiser(model, kind="x0", schedule=schedule, cond=cond, uncond=uncond, guidance_scale=3.0)
+    x_t = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for i in range(4):
+        np.testing.assert_allclose(denoise(x_t, i), 0.5 * x_t + 3.0 * 2, rtol=1e-6)  # pred_u + 3 (pred_c − pred_u)
+    assert [c["i"] for c in calls] == [0, 1, 2, 3]
+    for c, ts in zip(calls, schedule.timesteps):
+        np.testing.assert_array_equal(c["x_t"], np.concatenate([x_t, x_t]))
+        np.testing.assert_array_equal(c["keep"], [1, 1, 0, 0])
+        np.testing.assert_array_equal(c["label"], [10, 11, 20, 21])
+        assert c["t"].dtype == np.float32 and np.all(c["t"] == ts)
+    calls.clear()
+    for unguided in (make_step_denoiser(model, kind="x0", schedule=schedule, cond=cond),
+                     make_step_denoiser(model, kind="x0", schedule=schedule, cond=cond, uncond=uncond)):
+        np.testing.assert_allclose(unguided(x_t, 1), 0.5 * x_t + 2, rtol=1e-6)  # the conditional half alone
+        assert calls.pop()["label"].tolist() == [10, 11]
+
+
+def test_stack_and_split_halves_are_inverse():
+    cond = {"a": np.arange(6).reshape(3, 2), "b": np.ones(3)}
+    uncond = {"a": -np.arange(6).reshape(3, 2), "b": np.zeros(3)}
+    stacked = stack_halves(cond, uncond)
+    assert stacked["a"].shape == (6, 2) and stacked["b"].tolist() == [1, 1, 1, 0, 0, 0]
+    back_c, back_u = split_halves(stacked)
+    for k in cond:
+        np.testing.assert_array_equal(back_c[k], cond[k])
+        np.testing.assert_array_equal(back_u[k], uncond[k])
 
 
 def test_make_denoiser_rejects_bad_kind_and_batch():

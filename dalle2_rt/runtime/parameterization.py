@@ -7,7 +7,8 @@ An exported graph predicts one of (its ``kind`` is stated once, in the manifest)
 - ``v``:   v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022, progressive distillation),
 
 for x_t = √ᾱ x0 + √(1−ᾱ) ε. Samplers only ever see ``denoise(x_t, i) -> x0``; this module builds that
-function from an engine call, and it is the only place that stacks the classifier-free-guidance batch.
+function from an engine call, and it is the only place that stacks the classifier-free-guidance batch
+(``stack_halves``: conditional rows first, unconditional second) and splits the prediction again.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from .schedules import Schedule
 KINDS = ("eps", "x0", "v")
 
 Model = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (x_batch (N, ...), t_batch (N,) float32) -> pred (N, ...)
+# model(i, x_t=(N, ...), t=(N,) float32, **feeds) -> pred (N, ...), for sampling step i; N = B or 2B (guided)
+StepModel = Callable[..., np.ndarray]
 
 
 def _check_kind(kind: str) -> None:
@@ -86,6 +89,18 @@ def to_v(pred: np.ndarray, x_t: np.ndarray, abar: float | np.ndarray, kind: str)
     return v.astype(dtype)
 
 
+def stack_halves(cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The classifier-free-guidance batch: every input as concat([conditional (B, ...), unconditional (B, ...)])
+    = (2B, ...). ``uncond`` has the same keys (the ``*_keep`` inputs at 0, or another prompt's text)."""
+    return {k: np.concatenate([v, uncond[k]]) for k, v in cond.items()}
+
+
+def split_halves(stacked: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The inverse of ``stack_halves``: (conditional, unconditional) halves of (2B, ...) arrays."""
+    half = {k: len(v) // 2 for k, v in stacked.items()}
+    return {k: v[:half[k]] for k, v in stacked.items()}, {k: v[half[k]:] for k, v in stacked.items()}
+
+
 def make_denoiser(
     model: Model,
     *,
@@ -95,16 +110,39 @@ def make_denoiser(
     clip_x0: tuple[float, float] | None = None,
     learned_variance: bool = False,
 ) -> Denoiser:
-    """Wrap an engine call into the sampler contract ``denoise(x_t, i) -> x0``.
+    """``make_step_denoiser`` for a model that closes over its conditioning: ``model(x_batch, t_batch)``.
 
-    model: ``model(x_batch, t_batch) -> pred``; the caller closes over the conditioning. ``t_batch`` is
-        float32 (N,) filled with ``schedule.timesteps[i]`` (the model's training timestep, not i).
-    kind: the engine's native prediction, ``eps``, ``x0`` or ``v`` (from the manifest).
-    guidance_scale: ``None`` = unguided, one call of batch B. A number g = classifier-free guidance, one
-        call of batch 2B on ``concat([x_t, x_t])``: the model closure must stack its conditioning the same
-        way, conditional half first, unconditional (``*_keep = 0``) second. The prediction is
-        ``pred_u + g (pred_c − pred_u)``. Guided-ness is a separate decision from the value (g = 1 still
-        runs 2B) because the caller builds the 2B conditioning for the closure before sampling starts.
+    Under guidance (a number ``guidance_scale``) the closure must already hold its conditioning stacked as
+    ``stack_halves`` does, conditional half first; prefer ``make_step_denoiser`` with ``cond`` / ``uncond``,
+    which stacks it here.
+    """
+    return make_step_denoiser(lambda i, x_t, t: model(x_t, t), kind=kind, schedule=schedule, cond={},
+                              uncond=None if guidance_scale is None else {}, guidance_scale=guidance_scale,
+                              clip_x0=clip_x0, learned_variance=learned_variance)
+
+
+def make_step_denoiser(
+    model: StepModel,
+    *,
+    kind: str,
+    schedule: Schedule,
+    cond: dict[str, np.ndarray],
+    uncond: dict[str, np.ndarray] | None = None,
+    guidance_scale: float | None = None,
+    clip_x0: tuple[float, float] | None = None,
+    learned_variance: bool = False,
+) -> Denoiser:
+    """Wrap a graph call into the sampler contract ``denoise(x_t, i) -> x0``.
+
+    model: ``model(i, x_t=x_batch, t=t_batch, **feeds) -> pred`` for sampling step i (so the caller can run
+        another graph for some step without mapping t back to i). ``t_batch`` is float32 (N,) filled with
+        ``schedule.timesteps[i]`` (the model's training timestep, not i).
+    kind: the graph's native prediction, ``eps``, ``x0`` or ``v`` (from the manifest).
+    cond: the conditioning inputs (B, ...) each, fed at every step.
+    uncond / guidance_scale: both given = classifier-free guidance with scale g: one call of batch 2B on
+        ``concat([x_t, x_t])`` with ``stack_halves(cond, uncond)`` (stacked once, here), and the
+        prediction ``pred_u + g (pred_c − pred_u)``. Either None = unguided, one call of batch B on
+        ``cond``. g = 1 still runs 2B; a caller that wants the conditional branch alone passes no uncond.
     clip_x0: None, or (lo, hi) clamp of the x0 estimate, applied after guidance (pixel stages: (−1, 1)).
     learned_variance: the model outputs 2C channels on axis 1, (native prediction, v) with v ∈ [−1, 1]
         the "learned_range" interpolation of Nichol & Dhariwal 2021 Eq. 15 (karlo / diffusers UnCLIP).
@@ -120,8 +158,9 @@ def make_denoiser(
     channels out of the combination.
     """
     _check_kind(kind)
-    guided = guidance_scale is not None
+    guided = guidance_scale is not None and uncond is not None
     g = float(guidance_scale) if guided else 1.0
+    feeds = stack_halves(cond, uncond) if guided else dict(cond)  # (2B, ...) or (B, ...)
     if clip_x0 is not None:
         lo, hi = (float(c) for c in clip_x0)
         if not lo < hi:
@@ -136,7 +175,7 @@ def make_denoiser(
         batch = x_t.shape[0]
         x_in = np.concatenate([x_t, x_t], axis=0) if guided else x_t  # (2B, ...) or (B, ...)
         t = np.full((x_in.shape[0],), schedule.timesteps[i], dtype=np.float32)
-        out = np.asarray(model(x_in, t))
+        out = np.asarray(model(i, x_t=x_in, t=t, **feeds))
         if out.shape[0] != x_in.shape[0]:
             raise ValueError(f"model returned batch {out.shape[0]} for an input batch of {x_in.shape[0]}")
         if learned_variance:
@@ -145,7 +184,7 @@ def make_denoiser(
             var_values = var_values[:batch]  # conditional half under guidance
         dtype = _out_dtype(out, x_t)
         if guided:
-            pred_c, pred_u = out[:batch], out[batch:]
+            pred_c, pred_u = out[:batch], out[batch:]  # the halves stack_halves made
             # float64 until x0 is formed: a float32 rounding of pred_c − pred_u would be magnified g× (g ~ 4-10).
             pred = pred_u.astype(np.float64) + g * (pred_c.astype(np.float64) - pred_u)
         else:

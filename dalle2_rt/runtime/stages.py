@@ -2,7 +2,9 @@
 
 The keys are specified in ARCHITECTURE.md ("Schema additions for imported families"); each has a default
 that is what a folder exported from our checkpoints does, so such folders need none of them. The pipeline
-reads them through this module and never looks at a model's name.
+reads them through this module and never looks at a model's name. It also holds what those keys feed: the
+prior's candidate choice (``select_candidates``, by ``embed_norm``) and an SR stage's low-res input
+(``low_res_inputs``, by ``noise_aug_t``).
 
   text_encoder.text_mask    absent | "tokens": graphs with a ``text_mask`` input get 1.0 on the positions
                             the tokenizer filled (sot, ids, eot), 0.0 on padding
@@ -21,6 +23,8 @@ reads them through this module and never looks at a model's name.
 from __future__ import annotations
 
 import numpy as np
+
+from .schedules import q_sample
 
 UNCOND_TEXT = ("null_input", "empty_prompt")
 VARIANCES = ("small", "large", "learned_range")
@@ -83,8 +87,42 @@ def image_embed_from_prior(pred: np.ndarray, norm: dict | float) -> np.ndarray:
     pred = np.asarray(pred, np.float64)
     if norm["kind"] == "mean_std":
         return pred * norm["std"] + norm["mean"]
-    x = pred / norm["scale"]
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return normalize(pred / norm["scale"])
+
+
+def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Unit vectors along ``axis``, float64."""
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def select_candidates(pred: np.ndarray, text_embed: np.ndarray, k: int, norm: float | dict):
+    """Pick, per image, the prior candidate most similar to its text.
+
+    pred (N·k, D) prior outputs (rows n·k … n·k+k-1 belong to image n), text_embed (N, D). Each candidate
+    becomes the decoder's image embedding (``norm``: the prior's embed_norm, or a float embed_scale; for our
+    models the unit CLIP embedding normalize(pred / embed_scale)); its score is its cosine with the text
+    embedding. Returns (image_embed (N, D) float32, chosen (N,) int, scores (N, k) float64).
+    """
+    n = text_embed.shape[0]
+    emb = image_embed_from_prior(np.asarray(pred).reshape(n, k, -1), norm)  # (N, k, D)
+    scores = np.einsum("nkd,nd->nk", normalize(emb), normalize(text_embed))
+    chosen = np.argmax(scores, axis=1)
+    return emb[np.arange(n), chosen].astype(np.float32), chosen, scores
+
+
+def low_res_inputs(x: np.ndarray, noise_aug_t: int | None, abar: np.ndarray, streams,
+                   pixel_range=(-1.0, 1.0)) -> dict[str, np.ndarray]:
+    """An SR stage's conditioning from the previous stage's samples x (N, C, h, w).
+
+    x is clamped to the pixel range; with ``noise_aug_t`` = t: low_res = q_sample(x, ᾱ[t], ε) and aug_t = t,
+    ε the first draw of the stage's ``streams`` (the seed contract, noise.py); with None: low_res = x, no draw.
+    """
+    x = np.clip(x, *pixel_range).astype(np.float32)
+    if noise_aug_t is None:
+        return {"low_res": x}
+    noise = streams.standard_normal(x.shape)
+    return {"low_res": q_sample(x, abar[noise_aug_t], noise), "aug_t": np.full(len(x), noise_aug_t, np.float32)}
 
 
 def sampler_options(sampler: str, variance: str) -> dict:

@@ -1,0 +1,147 @@
+"""The options of one generation, checked once: a frozen ``Settings`` and the checks behind it.
+
+    s = Settings(num_images=4, seed=7, decoder_steps=10)      # InputError on a bad value
+    pipe("a red circle", **dataclasses.asdict(s))              # the field names are the call's keywords
+    pipe.settings(decoder_steps=10)                            # per-stage values, folder defaults filled in
+
+A field left None takes the engine folder's default for the stage (``stages.*.defaults`` of the manifest)
+when ``resolve`` meets the folder. ``check`` is the one check per field; the CLI's argument types call it
+too, so a value is refused with the same words on the command line and in the library.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .errors import InputError
+from .samplers import SAMPLERS
+
+MAX_IMAGES = 64  # per prompt and call
+MAX_CANDIDATES = 16
+MAX_SEED = 2**64 - 1  # a seed is any unsigned 64-bit integer
+FALLBACK_STEPS = 25  # a stage whose folder states no default steps
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in lo … hi (hi None: no upper bound); bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    if hi is None and value < lo:
+        raise InputError(f"{name} must be at least {lo}, got {value}")
+    if hi is not None and not lo <= value <= hi:
+        raise InputError(f"{name} must be between {lo} and {hi}, got {value}")
+    return int(value)
+
+
+def check_guidance(name: str, value) -> float:
+    """A classifier-free guidance scale: a finite number ≥ 0 (1 = the conditional prediction alone)."""
+    try:
+        g = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(g) or g < 0:
+        raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
+    return g
+
+
+def check_sampler(value) -> str:
+    if value not in SAMPLERS:
+        raise InputError(f"unknown sampler {value!r}; choose from {', '.join(SAMPLERS)}")
+    return value
+
+
+def check_prompts(prompt: str | Sequence[str] | None) -> list[str]:
+    """One prompt or a sequence of them, as a non-empty list of non-blank strings."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+    if not prompts:
+        raise InputError("no prompt given")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise InputError(f"a prompt must be a string, got {type(p).__name__}")
+        if not p.strip():
+            raise InputError("the prompt is empty")
+    return prompts
+
+
+# field -> its check; None means "unset" for every field but num_images
+_CHECKS = {
+    "num_images": lambda v: check_int("num_images", v, 1, MAX_IMAGES),
+    "seed": lambda v: check_int("seed", v, 0, MAX_SEED),
+    "prior_steps": lambda v: check_int("prior steps", v, 1),  # the upper bound (T) is the folder's: resolve
+    "decoder_steps": lambda v: check_int("decoder steps", v, 1),
+    "sr_steps": lambda v: check_int("sr steps", v, 1),
+    "prior_guidance": lambda v: check_guidance("prior guidance", v),
+    "decoder_guidance": lambda v: check_guidance("decoder guidance", v),
+    "sampler": check_sampler,
+    "candidates": lambda v: check_int("candidates", v, 1, MAX_CANDIDATES),
+}
+
+
+def check(field: str, value):
+    """``value`` of the ``Settings`` field ``field``, checked and normalised (int, float, str); ``InputError``
+    names the field and the allowed range."""
+    if value is None and field != "num_images":
+        return None
+    return _CHECKS[field](value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to generate and how; every value is checked on construction (``InputError``)."""
+
+    num_images: int = 1  # per prompt
+    seed: int | None = None  # None: the pipeline draws one (noise.new_seed)
+    prior_steps: int | None = None
+    decoder_steps: int | None = None
+    sr_steps: int | None = None  # every SR stage
+    prior_guidance: float | None = None
+    decoder_guidance: float | None = None
+    sampler: str | None = None  # every stage
+    candidates: int | None = None  # prior samples per image; the one closest to the text is kept
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, check(f.name, getattr(self, f.name)))
+
+    def resolve(self, stages) -> dict:
+        """Per stage (``plan.StagePlan`` s, prior first) {"steps", "guidance", "sampler"}, and "candidates":
+        the values given here, else the folder's defaults, all checked (steps ≤ the stage's T).
+
+        SR stages have no conditioning to drop, so no guidance (None); a guidance of None elsewhere (a
+        folder without a default) also means unguided.
+        """
+        given = {"prior": (self.prior_steps, self.prior_guidance),
+                 "decoder": (self.decoder_steps, self.decoder_guidance)}
+        run = {}
+        for st in stages:
+            steps, guidance = given.get(st.name, (self.sr_steps, None))
+            d = st.defaults
+            steps = check_int(f"{st.name} steps", d.get("steps", FALLBACK_STEPS) if steps is None else steps,
+                              1, st.num_timesteps)
+            if guidance is None and st.name in given:
+                guidance = d.get("guidance")
+            run[st.name] = {
+                "steps": steps,
+                "guidance": None if guidance is None else check_guidance(f"{st.name} guidance", guidance),
+                "sampler": check_sampler(self.sampler or d.get("sampler", "ddim")),
+            }
+        prior = next(st for st in stages if st.name == "prior")
+        k = prior.defaults.get("candidates", 1) if self.candidates is None else self.candidates
+        run["candidates"] = check_int("candidates", k, 1, MAX_CANDIDATES)
+        return run
+
+
+def describe(run: dict, stages, *, candidates: bool) -> dict[str, str]:
+    """The PNG text chunks of resolved settings ``run`` for the stages that ran, e.g. {"sampler": "ddim",
+    "steps": "prior=5 decoder=5 sr0=3", "guidance": "prior=4.0 decoder=3.0", "candidates": "2"}."""
+    names = [st.name for st in stages]
+    samplers = {run[n]["sampler"] for n in names}
+    return {
+        "sampler": samplers.pop() if len(samplers) == 1 else " ".join(f"{n}={run[n]['sampler']}" for n in names),
+        "steps": " ".join(f"{n}={run[n]['steps']}" for n in names),
+        "guidance": " ".join(f"{n}={run[n]['guidance']}" for n in names if run[n]["guidance"] is not None),
+        **({"candidates": str(run["candidates"])} if candidates else {}),
+    }
