@@ -10,11 +10,13 @@ by the manifest's output names. The pipeline's loop is written once against this
   is the one it was optimised for (its fused nodes are provider specific), else the plain ``.onnx``.
   ``InferenceSession.run`` is thread-safe, so one engine serves concurrent pipeline calls.
   Threads: by default each session has its own intra-op pool whose idle workers do not spin (spinning
-  workers of the graph that just ran take the cores the next graph needs: one image at 5/10/3 steps on 2
-  cores 233 -> 170 ms). ``shared_pool=True`` (the CLI's choice) makes every session use one process-wide
-  pool (``make_shared_thread_pool``), faster still (142 ms), but ONNX Runtime then refuses any session in
-  the process that wants its own pool, so a library must not do it behind its host's back: it is opt-in.
-  Once the process has global pools (ours or anyone's), sessions use them. Figures: bench/RESULTS.md.
+  workers of the graph that just ran take the cores the next graph needs). ``shared_pool=True`` (the CLI's
+  choice) makes every session use one process-wide pool (``make_shared_thread_pool``), faster still, but
+  ONNX Runtime then refuses any session in the process that wants its own pool, so a library must not do
+  it behind its host's back: it is opt-in. Once the process has global pools (ours or anyone's), sessions
+  use them. Measured for one image on 2 cores (bench/RESULTS.md, "ORT threads", at 5/10/3 and 25/25/7
+  steps; the folder's defaults are now 5/5/3): spinning own pools 233 / 441 ms, non-spinning own pools
+  170 / 398 ms, shared pool 142 / 335 ms.
 - ``tensorrt``: native ``.plan`` engines through the TensorRT 10 Python API and cuda-python. The plan for
   this GPU and TensorRT version is chosen by ``trt_keys``; an execution context is not re-entrant, so
   each engine serialises its calls with a lock.
