@@ -7,14 +7,14 @@ ENGINES := engines/shapes-v1
 CHECKPOINTS := checkpoints/shapes-v1
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup engines demo test lint bench train clean
+.PHONY: setup engines demo test lint bench train clean test-browser
 
 setup: $(STAMP)
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,dev,diffusers]'
+	$(PY) -m pip install -q -e '.[train,dev,diffusers,serve]'
 	@touch $@
 
 engines: $(ENGINES)/manifest.json
@@ -33,6 +33,14 @@ lint: $(STAMP)
 
 test: lint engines
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+
+# The web page in a real headless browser (tests/test_serve_browser.py): Debian's chromium, installed here when
+# missing and run as root (CI), driven by Playwright's Python package; no browser is ever downloaded.
+test-browser: $(STAMP)
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| { echo "test-browser needs Debian's chromium: sudo apt-get install -y chromium"; exit 1; }
+	$(PY) -m pip install -q playwright
+	DALLE2_RT_REQUIRE_BROWSER=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_serve_browser.py
 
 bench: engines
 	$(PY) -m bench

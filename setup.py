@@ -15,6 +15,10 @@ TRAIN = [
     "tqdm>=4.60",
 ]
 
+# dalle2-rt serve: FastAPI (request validation and OpenAPI docs from type hints, streaming responses) on
+# uvicorn; prometheus-client for /metrics; httpx for the test client and bench/serve_load.py
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "prometheus-client>=0.20", "httpx>=0.27"]
+
 setup(
     name="dalle2-rt",
     version="0.1.0",
@@ -23,7 +27,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # tomllib (the training config reader) is 3.11+
     packages=find_packages(include=["dalle2_rt", "dalle2_rt.*", "export", "export.*", "bench", "bench.*"]),
-    package_data={"dalle2_rt": ["py.typed"]},
+    package_data={"dalle2_rt": ["py.typed", "serve/page.html"]},
     install_requires=[
         "numpy>=1.24",
         "onnxruntime>=1.17",
@@ -37,6 +41,8 @@ setup(
         "diffusers": ["diffusers>=0.42", "transformers>=5.0", "accelerate>=0.30"],
         "gpu": ["onnxruntime-gpu>=1.17"],
         "trt": ["tensorrt>=10.0"],
+        "serve": SERVE,
+        "ray": [*SERVE, "ray[serve]>=2.9"],  # dalle2-rt serve --ray / serve run dalle2_rt.serve.ray_app:app
         "dev": ["pytest>=7.0", "ruff>=0.4"],
     },
     entry_points={

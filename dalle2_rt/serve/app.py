@@ -1,0 +1,370 @@
+"""The HTTP API (FastAPI) over a ``Service``: images, variations, health, readiness, metrics, the web page.
+
+    POST /v1/images       JSON {prompt | [prompts], n, seed, prior_steps, decoder_steps, sr_steps,
+                          prior_guidance, decoder_guidance, sampler, candidates, response_format, stream}
+    POST /v1/variations   multipart: image file + the same form fields a variation takes
+    GET  /healthz         the process answers
+    GET  /readyz          engines loaded and not draining (503 otherwise)
+    GET  /metrics         Prometheus text (metrics.py)
+    GET  /                the web page (page.html);  /docs, /openapi.json: the API
+
+Every user mistake is a 4xx whose body is one line of JSON, ``{"error": "<what to fix>"}``; nothing a client
+sends produces a 500 or a traceback. Names and limits are the CLI's and ``Pipeline``'s (``n`` is also accepted
+as ``num_images``), checked by ``Pipeline.settings`` itself. Images come back as base64 PNGs in JSON
+(``response_format: "b64_json"``), as one ``image/png`` body (``"png"``, one image only), or streamed as
+NDJSON events with the stage progress (``stream: true``, what the page uses). Each PNG carries the CLI's
+text metadata (prompt, seed, index, sampler, steps, guidance, backend, manifest sha256).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import logging
+import secrets
+import time
+from importlib import resources
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..runtime.errors import Dalle2RTError, InputError
+from .service import Cancelled, Draining, Job, QueueFull, Service
+
+log = logging.getLogger("dalle2_rt.serve")
+MAX_SEED = 2**64 - 1
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        self.status, self.message, self.headers = status, message, headers
+        super().__init__(message)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
+
+
+class ImagesRequest(BaseModel):
+    """A text-to-image request. Unset sampling options take the engine folder's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr | list[StrictStr] = Field(validation_alias=AliasChoices("prompt", "prompts"),
+                                                description="a prompt, or a list of prompts (n images each)")
+    n: StrictInt = Field(1, validation_alias=AliasChoices("n", "num_images"), description="images per prompt")
+    seed: StrictInt | None = Field(None, description="noise seed, 0 … 2^64-1 (default: drawn, and returned)")
+    prior_steps: StrictInt | None = None
+    decoder_steps: StrictInt | None = None
+    sr_steps: StrictInt | None = None
+    prior_guidance: StrictFloat | None = None
+    decoder_guidance: StrictFloat | None = None
+    sampler: StrictStr | None = Field(None, description="ddpm | ddim | dpm++ (every stage)")
+    candidates: StrictInt | None = None
+    response_format: Literal["b64_json", "png"] = "b64_json"
+    stream: StrictBool = Field(False, description="NDJSON events: queued, progress, image…, done | error")
+
+
+class Guard:
+    """ASGI middleware: request-size limit (413, bodies buffered up to the limit) and request metrics."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), {"code": 500}
+        endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+        limit = self.service.limits.max_body_bytes
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                return await _error(413, f"request body over {limit} bytes")(scope, receive, send_status)
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body, more = [], True
+                size = 0
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body.append(message.get("body", b""))
+                    size += len(body[-1])
+                    more = message.get("more_body", False)
+                    if size > limit:
+                        return await _error(413, f"request body over {limit} bytes")(scope, receive, send_status)
+                replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+
+                async def buffered():
+                    return replay.pop() if replay else await receive()
+
+                return await self.app(scope, buffered, send_status)
+            return await self.app(scope, receive, send_status)
+        finally:
+            m = self.service.metrics
+            m.requests.labels(endpoint, str(status["code"])).inc()
+            m.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
+
+
+_ENDPOINTS = {"/v1/images", "/v1/variations", "/healthz", "/readyz", "/metrics", "/"}
+
+
+def _checked_prompts(prompt, limits) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise InputError("no prompt given")
+    if len(prompts) > limits.max_prompts:
+        raise InputError(f"at most {limits.max_prompts} prompts per request, got {len(prompts)}")
+    for p in prompts:
+        if not p.strip():
+            raise InputError("the prompt is empty")
+        if len(p) > limits.max_prompt_chars:
+            raise InputError(f"a prompt may have at most {limits.max_prompt_chars} characters, got {len(p)}")
+    return prompts
+
+
+def _checked_count(n: int, prompts: int, limits) -> int:
+    if not 1 <= n <= limits.max_images:
+        raise InputError(f"n must be between 1 and {limits.max_images}, got {n}")
+    if n * prompts > limits.max_images:
+        raise InputError(f"at most {limits.max_images} images per request, got {prompts} prompts × {n}")
+    return n
+
+
+def _checked_seed(seed) -> int:
+    if seed is None:
+        return secrets.randbelow(2**32)
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be between 0 and 2^64-1, got {seed}")
+    return seed
+
+
+def _item(result) -> dict:
+    info = result.info
+    return {"b64_json": base64.b64encode(result.png).decode("ascii"), "prompt": info.get("prompt", ""),
+            "seed": int(info["seed"]), "index": int(info["index"]), "metadata": info}
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI application over ``service``; closing the app (lifespan end) drains and stops it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, service.close)
+
+    app = FastAPI(title="dalle2-rt", version="0.1.0", lifespan=lifespan,
+                  description="DALL-E 2 (unCLIP) images from text over an exported engine folder.")
+    app.add_middleware(Guard, service=service)
+    pipe, limits, metrics = service.pipe, service.limits, service.metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body",)) or "body"
+        if first.get("type") == "json_invalid":
+            return _error(400, "the request body is not valid JSON")
+        if first.get("type") == "model_attributes_type":
+            return _error(422, "the request body must be a JSON object")
+        return _error(422, f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        return _error(exc.status_code, exc.detail if isinstance(exc.detail, str) else "error", exc.headers)
+
+    @app.exception_handler(ApiError)
+    async def _api(request, exc: ApiError):
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):  # a bug: logged with its traceback, answered in one line
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal error (see the server log)")
+
+    def _submit(job: Job) -> Job:
+        try:
+            return service.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, str(e), {"Retry-After": str(e.retry_after)}) from None
+        except Draining as e:
+            raise ApiError(503, str(e), {"Retry-After": "5"}) from None
+
+    async def _wait(request: Request, job: Job):
+        """The job's results; cancels it when the client leaves or the request's time runs out."""
+        fut = asyncio.wrap_future(job.future)
+        deadline = time.monotonic() + limits.timeout_s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    metrics.rejected.labels("timeout").inc()
+                    raise ApiError(504, f"not finished within the {limits.timeout_s:g} s request timeout")
+                done, _ = await asyncio.wait({fut}, timeout=min(0.1, left))
+                if done:
+                    return _outcome(fut)
+                if await request.is_disconnected():
+                    metrics.rejected.labels("client_gone").inc()
+                    raise ApiError(499, "client disconnected")
+        finally:
+            if not job.future.done():
+                job.cancel()
+
+    def _outcome(fut):
+        if fut.cancelled():
+            raise ApiError(503, "cancelled: the service is stopping")
+        try:
+            return fut.result()
+        except Cancelled:
+            raise ApiError(503, "cancelled: the service is stopping") from None
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+        except Dalle2RTError as e:  # a non-finite stage, a broken engine: not the client's fault, still one line
+            raise ApiError(500, str(e)) from None
+
+    def _respond(results, fmt: str, seed: int, warnings: list[str]):
+        if fmt == "png":
+            return Response(results[0].png, media_type="image/png", headers={"X-Seed": str(seed)})
+        return {"created": int(time.time()), "seed": seed, "data": [_item(r) for r in results],
+                "warnings": warnings}
+
+    def _stream(request: Request, job: Job, seed: int, warnings: list[str]) -> StreamingResponse:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.listener = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        _submit(job)
+
+        def line(obj) -> bytes:
+            return (json.dumps(obj) + "\n").encode()
+
+        async def body():
+            fut = asyncio.wrap_future(job.future)
+            deadline = time.monotonic() + limits.timeout_s
+            try:
+                yield line({"event": "queued", "seed": seed, "images": job.size, "warnings": warnings})
+                while not fut.done():
+                    get = asyncio.ensure_future(events.get())
+                    done, _ = await asyncio.wait({get, fut}, timeout=max(0.0, deadline - time.monotonic()),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if get in done:
+                        yield line(get.result())
+                    else:
+                        get.cancel()
+                    if not done:
+                        metrics.rejected.labels("timeout").inc()
+                        raise ApiError(504, f"not finished within the {limits.timeout_s:g} s request timeout")
+                for r in _outcome(fut):
+                    yield line({"event": "image", **_item(r)})
+                yield line({"event": "done", "seed": seed})
+            except ApiError as e:
+                yield line({"event": "error", "status": e.status, "error": e.message})
+            finally:  # also reached when the client disconnects (the generator is closed)
+                if not job.future.done():
+                    job.cancel()
+                    metrics.rejected.labels("client_gone").inc()
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    @app.post("/v1/images", summary="Images from text",
+              responses={200: {"content": {"image/png": {}, "application/x-ndjson": {}}}})
+    async def images(req: ImagesRequest, request: Request):
+        try:
+            prompts = _checked_prompts(req.prompt, limits)
+            n = _checked_count(req.n, len(prompts), limits)
+            seed = _checked_seed(req.seed)
+            options = {"prior_steps": req.prior_steps, "decoder_steps": req.decoder_steps, "sr_steps": req.sr_steps,
+                       "prior_guidance": req.prior_guidance, "decoder_guidance": req.decoder_guidance,
+                       "sampler": req.sampler, "candidates": req.candidates}
+            run = pipe.settings(**options)
+            cut = pipe.truncated(prompts)
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+        if req.response_format == "png" and n * len(prompts) != 1:
+            raise ApiError(400, "response_format png returns one image: ask for n = 1 and one prompt, or use b64_json")
+        warnings = [f"prompt truncated to {pipe.tokenizer.context_length - 2} tokens: {p[:60]!r}"
+                    for p, c in zip(prompts, cut) if c]
+        job = Job("images", run, options, seed, n, prompts=prompts)
+        if req.stream:
+            return _stream(request, job, seed, warnings)
+        _submit(job)
+        return _respond(await _wait(request, job), req.response_format, seed, warnings)
+
+    @app.post("/v1/variations", summary="Variations of an uploaded image")
+    async def variations(request: Request, image: Annotated[UploadFile, File(description="PNG, JPEG, …")],
+                         n: Annotated[int, Form()] = 1, seed: Annotated[int | None, Form()] = None,
+                         decoder_steps: Annotated[int | None, Form()] = None,
+                         sr_steps: Annotated[int | None, Form()] = None,
+                         decoder_guidance: Annotated[float | None, Form()] = None,
+                         sampler: Annotated[str | None, Form()] = None,
+                         response_format: Annotated[Literal["b64_json", "png"], Form()] = "b64_json"):
+        if "image_encoder" not in pipe.manifest.stages:
+            raise ApiError(400, f"engine folder {pipe.manifest.name} has no image_encoder; variations need one")
+        try:
+            n = _checked_count(n, 1, limits)
+            seed = _checked_seed(seed)
+            options = {"decoder_steps": decoder_steps, "sr_steps": sr_steps, "decoder_guidance": decoder_guidance,
+                       "sampler": sampler}
+            run = pipe.settings(None, decoder_steps, sr_steps, None, decoder_guidance, sampler)
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+        if response_format == "png" and n != 1:
+            raise ApiError(400, "response_format png returns one image: ask for n = 1, or use b64_json")
+        source = _open_upload(await image.read(), limits.max_image_pixels)
+        name = (image.filename or "").replace("\n", " ")[:200]
+        job = Job("variations", run, options, seed, n, source=source, source_name=name)
+        _submit(job)
+        return _respond(await _wait(request, job), response_format, seed, [])
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: engines loaded, not draining")
+    async def readyz():
+        if service.draining:
+            return _error(503, "draining: the service is shutting down")
+        return {"ready": True, "engines": pipe.manifest.name, "backend": pipe.backend.describe(),
+                "queued_images": service.queued_images(),
+                "limits": {"max_images": limits.max_images, "max_prompts": limits.max_prompts,
+                           "max_batch": limits.max_batch, "max_queue": limits.max_queue,
+                           "timeout_s": limits.timeout_s}}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus():
+        from .metrics import CONTENT_TYPE
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return page
+
+    return app
+
+
+def _open_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """The uploaded image, fully decoded; anything else is a 400 (a decompression bomb a 413)."""
+    if not data:
+        raise ApiError(400, "the uploaded image is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                raise ApiError(413, f"the uploaded image has {im.width}×{im.height} pixels, over {max_pixels}")
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise ApiError(400, "the upload is not an image PIL can read") from None

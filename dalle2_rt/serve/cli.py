@@ -1,0 +1,144 @@
+"""``dalle2-rt serve`` / ``python -m dalle2_rt.serve``: load the engines, then serve the HTTP API with uvicorn.
+
+A user mistake (a bad flag, a missing engine folder, a port in use, the serve extra not installed) is one line,
+``dalle2-rt serve: error: …``, and a non-zero exit. SIGTERM (or Ctrl-C) drains: the listening socket closes,
+/readyz turns 503, every request already accepted is answered, then the process exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+PROG = "dalle2-rt serve"
+
+EPILOG = """\
+examples:
+  dalle2-rt serve                                     # http://127.0.0.1:8000  (page at /, API docs at /docs)
+  dalle2-rt serve --host 0.0.0.0 --port 8080 --threads 2 --max-batch 8 --batch-window-ms 10
+  dalle2-rt serve --ray --replicas 2                  # Ray Serve (pip install 'dalle2-rt[ray]')
+  curl -s 127.0.0.1:8000/v1/images -H 'content-type: application/json' \\
+       -d '{"prompt": "a red circle", "n": 2, "seed": 7}'
+
+--host defaults to 127.0.0.1: the API has no authentication, so expose it on purpose (behind a proxy)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1e6:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1e6, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .service import Limits
+
+    d = Limits()
+    p = _Parser(prog=PROG, description="Serve the unCLIP engines over HTTP (JSON API, web page, metrics).",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--engines", metavar="DIR", help="engine folder (default: $DALLE2_RT_ENGINES or engines/shapes-v1)")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), tensorrt or torch")
+    p.add_argument("--threads", type=_int_at_least(1), metavar="N",
+                   help="CPU threads per graph (default: one per core)")
+    p.add_argument("--max-batch", type=_int_at_least(1), default=d.max_batch, metavar="N",
+                   help=f"images per pass through the stages, across requests (default {d.max_batch})")
+    p.add_argument("--batch-window-ms", type=_seconds, default=d.batch_window_s * 1000, metavar="MS",
+                   help=f"how long a request waits for others to share its pass (default {d.batch_window_s * 1000:g})")
+    p.add_argument("--max-queue", type=_int_at_least(1), default=d.max_queue, metavar="N",
+                   help=f"images queued or running before new requests get 429 (default {d.max_queue})")
+    p.add_argument("--max-images", type=_int_at_least(1), default=d.max_images, metavar="N",
+                   help=f"images per request, prompts × n (default {d.max_images}; at most 64)")
+    p.add_argument("--timeout", type=_seconds, default=d.timeout_s, metavar="S",
+                   help=f"per-request time limit, queueing included; 504 after it (default {d.timeout_s:g})")
+    p.add_argument("--ray", action="store_true", help="run on Ray Serve instead (see --replicas)")
+    p.add_argument("--replicas", type=_int_at_least(1), default=1, metavar="N", help="Ray Serve replicas (with --ray)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _fail(message: str, code: int = 1) -> int:
+    sys.stderr.write(f"{PROG}: error: {' '.join(str(message).split())}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_images > 64:
+        return _fail("--max-images is at most 64 (the pipeline's limit per prompt)", 2)
+    if args.replicas > 1 and not args.ray:
+        return _fail("--replicas needs --ray (one process serves one pipeline)", 2)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        return _fail(f"the serve extra is not installed ({e.name} is missing): pip install 'dalle2-rt[serve]'")
+    from ..runtime.errors import Dalle2RTError
+    from .service import Limits
+
+    limits = Limits(max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000, max_queue=args.max_queue,
+                    max_images=args.max_images, timeout_s=args.timeout)
+    if args.ray:
+        from .ray_app import run_ray
+
+        return run_ray(args, limits)
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
+    from .. import Pipeline
+    from .app import create_app
+    from .service import Service
+
+    try:  # the process is ours: one shared onnxruntime thread pool, as the CLI does
+        pipe = Pipeline.load(args.engines, backend=args.backend, threads=args.threads,
+                             shared_threads=args.backend == "onnxruntime")
+    except Dalle2RTError as e:
+        sock.close()
+        return _fail(str(e))
+    service = Service(pipe, limits)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = uvicorn.Config(create_app(service), log_level=args.log_level,
+                            timeout_graceful_shutdown=int(limits.timeout_s) + 5)
+    server = draining_server(config, service)
+    host, port = sock.getsockname()[:2]
+    print(f"{PROG}: listening on http://{host if ':' not in host else f'[{host}]'}:{port} "
+          f"(engines {pipe.manifest.name}, up to {limits.max_batch} images a pass)", flush=True)
+    server.run(sockets=[sock])
+    return 0
+
+
+def draining_server(config, service):
+    """uvicorn's Server, telling the service to drain when a stop signal arrives (/readyz turns 503 at once)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            service.draining = True
+            super().handle_exit(sig, frame)
+
+    return Server(config)

@@ -1,0 +1,289 @@
+"""The work queue behind the HTTP API: a bounded queue, one worker thread, cross-request batches.
+
+Requests become ``Job`` s. The worker takes the oldest job, waits up to ``batch_window`` for more, and runs
+every queued job with the same settings (up to ``max_batch`` images) as one pass through each stage
+(``batch.generate``); the seed contract keeps each image what it would be alone. Variations run one job at a
+time through ``Pipeline.variations`` (each has its own uploaded image; not batched across requests).
+
+One worker, because the graphs already use every core (intra-op threads): two passes side by side would
+only contend. The queue is bounded in images (``max_queue``): ``submit`` raises ``QueueFull`` with a retry
+hint instead of queueing work the service cannot finish in time.
+
+Cancellation: a job cancelled while queued (its client left, its timeout passed) is dropped unrun; a running
+pass stops at its next sampling step once every job in it is cancelled (a pass shared with live requests
+runs on, and the cancelled job's images are discarded).
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from ..runtime.errors import Dalle2RTError
+from ..runtime.images import png_info
+from .batch import Row, generate
+from .metrics import Metrics
+
+log = logging.getLogger("dalle2_rt.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int = 8  # images per pass through the stages
+    batch_window_s: float = 0.010  # how long the oldest job waits for company
+    max_queue: int = 64  # images queued or running; beyond it: 429
+    max_images: int = 16  # images per request (prompts × n)
+    max_prompts: int = 16  # prompts per request
+    max_prompt_chars: int = 2000  # longer is refused; within it, > 77 tokens is truncated with a warning
+    timeout_s: float = 120.0  # per request, queueing included: 504 after it
+    max_body_bytes: int = 8 * 2**20  # request bodies (an uploaded image for variations)
+    max_image_pixels: int = 4096 * 4096  # decoded size of an uploaded image
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        self.retry_after = retry_after
+        super().__init__(f"the queue is full; retry in {retry_after} s")
+
+
+class Draining(Exception):
+    def __init__(self):
+        super().__init__("the service is shutting down; retry elsewhere or later")
+
+
+class Cancelled(Exception):
+    """The job's client went away or its time ran out before it finished."""
+
+
+@dataclass
+class Result:
+    """One generated image: the PNG bytes (with the CLI's text metadata) and that metadata."""
+
+    png: bytes
+    info: dict[str, str]
+    image: Image.Image
+
+
+@dataclass(eq=False)
+class Job:
+    kind: str  # "images" | "variations"
+    run: dict  # checked settings (Pipeline.settings)
+    options: dict  # the request's sampling arguments as Pipeline takes them (None = the folder's default)
+    seed: int
+    n: int  # images per prompt
+    prompts: list[str] = field(default_factory=list)  # images: prompt-major, n each
+    source: Image.Image | None = None  # variations: the uploaded image
+    source_name: str = ""
+    listener: Callable[[dict], None] | None = None  # progress events, called on the worker thread
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def rows(self) -> list[Row]:
+        """One row per image, in Pipeline's order: [p0 image 0, …, p0 image n-1, p1 image 0, …]."""
+        return [Row(p, self.seed, j) for p in self.prompts for j in range(self.n)]
+
+    @property
+    def size(self) -> int:
+        return self.n * max(1, len(self.prompts))
+
+    @property
+    def key(self) -> str:
+        """Jobs with equal keys may share a pass."""
+        return json.dumps({"kind": self.kind, "run": self.run}, sort_keys=True)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.future.cancel()  # never marked running: succeeds unless a result is already set
+
+    def notify(self, event: dict) -> None:
+        if self.listener is not None and not self.cancelled.is_set():
+            try:
+                self.listener(event)
+            except Exception:  # a listener's failure (a closed event loop) must not stop the pass
+                log.debug("progress listener failed", exc_info=True)
+
+
+def _settle(fut: Future, *, result=None, error: BaseException | None = None) -> None:
+    try:
+        fut.set_exception(error) if error is not None else fut.set_result(result)
+    except InvalidStateError:  # cancelled meanwhile
+        pass
+
+
+def encode_png(image: Image.Image, info: dict) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(info))
+    return buf.getvalue()
+
+
+class Service:
+    """A loaded ``Pipeline`` behind a bounded queue and one batching worker thread."""
+
+    def __init__(self, pipe, limits: Limits | None = None, metrics: Metrics | None = None):
+        self.pipe, self.limits = pipe, limits or Limits()
+        self.metrics = metrics or Metrics()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._running = 0  # images in the pass now running
+        self._stopping = False
+        self.draining = False  # set on SIGTERM: /readyz says 503, new work is refused
+        self._rate = 0.0  # images/s of recent passes (exponential average), for Retry-After
+        self._thread = threading.Thread(target=self._loop, name="dalle2-rt-worker", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- submitting
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if self._stopping or self.draining:
+                self.metrics.rejected.labels("draining").inc()
+                raise Draining()
+            waiting = self._waiting()
+            if waiting + job.size > self.limits.max_queue:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise QueueFull(self._retry_after(waiting))
+            self._queue.append(job)
+            self._update_depth()
+            self._cond.notify_all()
+        return job
+
+    def _retry_after(self, waiting: int) -> int:
+        rate = self._rate or 1.0
+        return max(1, min(60, math.ceil(waiting / rate)))
+
+    def _waiting(self) -> int:
+        """Images queued (not cancelled) or in the running pass."""
+        return sum(j.size for j in self._queue if not j.cancelled.is_set()) + self._running
+
+    def _update_depth(self) -> None:
+        self.metrics.queue_images.set(sum(j.size for j in self._queue if not j.cancelled.is_set()))
+        self.metrics.queue_requests.set(sum(not j.cancelled.is_set() for j in self._queue))
+
+    def queued_images(self) -> int:
+        """Images queued or running now (cancelled jobs not counted)."""
+        with self._cond:
+            return self._waiting()
+
+    # ---------------------------------------------------------------- stopping
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the worker: after the queue is empty (drain) or at once, cancelling what is queued."""
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                for job in self._queue:
+                    job.cancel()
+                self._queue.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # ---------------------------------------------------------------- the worker
+
+    def _take(self) -> list[Job] | None:
+        """The next pass's jobs (blocking), or None when stopping with nothing left."""
+        with self._cond:
+            while True:
+                while self._queue and self._queue[0].cancelled.is_set():
+                    self._drop(self._queue.popleft())
+                if not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                first = self._queue[0]
+                shareable = first.kind == "images"
+                deadline = first.enqueued + self.limits.batch_window_s
+                while shareable and not self._stopping and not first.cancelled.is_set():
+                    room = sum(j.size for j in self._queue if j.key == first.key and not j.cancelled.is_set())
+                    left = deadline - time.monotonic()
+                    if room >= self.limits.max_batch or left <= 0:
+                        break
+                    self._cond.wait(left)
+                if first.cancelled.is_set():
+                    continue  # dropped at the top; look again
+                jobs, size = [], 0
+                for job in list(self._queue):
+                    if job.cancelled.is_set():
+                        self._queue.remove(job)
+                        self._drop(job)
+                    elif not jobs or (shareable and job.key == first.key
+                                      and size + job.size <= self.limits.max_batch):
+                        self._queue.remove(job)
+                        jobs.append(job)
+                        size += job.size
+                self._running = size
+                self._update_depth()
+                return jobs
+
+    def _drop(self, job: Job) -> None:
+        self.metrics.rejected.labels("cancelled").inc()
+        _settle(job.future, error=Cancelled())
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            try:
+                self._run(jobs)
+            except Exception as e:  # noqa: BLE001 - settled into the jobs' futures, never kills the worker
+                if not isinstance(e, Dalle2RTError | Cancelled):
+                    log.exception("pass failed")
+                for job in jobs:
+                    _settle(job.future, error=e)
+            finally:
+                with self._cond:
+                    self._running = 0
+
+    def _run(self, jobs: list[Job]) -> None:
+        size = sum(j.size for j in jobs)
+        self.metrics.batch_images.observe(size)
+        self.metrics.batch_requests.observe(len(jobs))
+        clock = {"stage": None, "t": time.perf_counter()}
+        start = clock["t"]
+
+        def progress(stage, step, total, x0=None):
+            if all(j.cancelled.is_set() for j in jobs):
+                raise Cancelled()
+            now = time.perf_counter()
+            if stage != clock["stage"]:
+                clock["stage"], clock["since"] = stage, clock["t"]
+            if step == total:  # a stage's last step: its time since the previous stage ended
+                self.metrics.stage_seconds.labels(stage).observe(now - clock["since"])
+            clock["t"] = now
+            event = {"event": "progress", "stage": stage, "step": step, "total": total}
+            for job in jobs:
+                job.notify(event)
+
+        head = jobs[0]
+        if head.kind == "variations":
+            opts = {k: head.options.get(k) for k in ("decoder_steps", "sr_steps", "decoder_guidance", "sampler")}
+            images = self.pipe.variations(head.source, num_images=head.n, seed=head.seed, callback=progress, **opts)
+            for im in images:
+                im.info["variation_of"] = head.source_name
+            per_job = [images]
+        else:
+            images = generate(self.pipe, [r for j in jobs for r in j.rows], head.run, callback=progress)
+            per_job, at = [], 0
+            for job in jobs:
+                per_job.append(images[at:at + job.size])
+                at += job.size
+        elapsed = time.perf_counter() - start
+        self._rate = size / elapsed if not self._rate else 0.7 * self._rate + 0.3 * size / elapsed
+        for job, images in zip(jobs, per_job):
+            if job.cancelled.is_set():
+                continue
+            results = [Result(encode_png(im, im.info), dict(im.info), im) for im in images]
+            self.metrics.images.inc(len(results))
+            _settle(job.future, result=results)

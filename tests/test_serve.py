@@ -1,0 +1,456 @@
+"""``dalle2-rt serve``: the HTTP API, cross-request batching, limits, cancellation and shutdown.
+
+Servers bind 127.0.0.1 on a free port, every request has a timeout, and each server is shut down by its
+fixture. The tiny random-weight engines (conftest) keep it fast; the bundled engines, where built, check that
+a served image equals the CLI's file pixel for pixel.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'dalle2-rt[serve]')")
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dalle2_rt.runtime.pipeline import Pipeline  # noqa: E402
+from dalle2_rt.serve.app import create_app  # noqa: E402
+from dalle2_rt.serve.batch import Row, generate  # noqa: E402
+from dalle2_rt.serve.service import Job, Limits, Service  # noqa: E402
+
+BUNDLED = Path(__file__).resolve().parents[1] / "engines" / "shapes-v1"
+FAST = {"prior_steps": 2, "decoder_steps": 2, "sr_steps": 1}
+TIMEOUT = httpx.Timeout(60.0)
+
+
+class LocalServer:
+    """The app on uvicorn in a thread of this process, on 127.0.0.1 and a free port."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.client = httpx.Client(base_url=self.url, timeout=TIMEOUT)
+        self.gates: list[threading.Event] = []
+
+    def close(self):
+        for release in self.gates:  # a failed test may have left the worker held
+            release.set()
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+
+def metric(service: Service, name: str, **labels) -> float:
+    return service.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def gate(srv: LocalServer, pipe) -> threading.Event:
+    """Occupy the worker with a job that waits for the returned event (its progress listener blocks)."""
+    service = srv.service
+    started, release = threading.Event(), threading.Event()
+    srv.gates.append(release)
+
+    def hold(event):
+        started.set()
+        release.wait(60)
+
+    job = Job("images", pipe.settings(**FAST), FAST, 0, 1, prompts=["gate"], listener=hold)
+    service.submit(job)
+    assert started.wait(30)
+    return release
+
+
+def decode(item: dict) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+    image.load()
+    return image
+
+
+def wait_for(condition, seconds: float = 30.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_engines):
+    return Pipeline.load(tiny_engines, threads=1)
+
+
+@pytest.fixture
+def served(tiny_pipe):
+    """A fresh service (own queue and metrics) and server per test, the same loaded pipeline."""
+    made = []
+
+    def make(**limits):
+        server = LocalServer(Service(tiny_pipe, Limits(**{"batch_window_s": 0.005, **limits})))
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+# ------------------------------------------------------------------------------------------------- batching
+
+
+def test_a_mixed_batch_equals_each_image_made_alone(tiny_pipe):
+    for settings in [FAST, {**FAST, "sampler": "ddpm", "candidates": 3, "decoder_guidance": 1.0},
+                     {**FAST, "sampler": "dpm++", "prior_guidance": 2.5}]:
+        run = tiny_pipe.settings(**settings)
+        rows = [Row("a red circle", 3, 2), Row("a blue star", 2**63 + 7, 0), Row("a red circle", 3, 0)]
+        rows += [Row("a green square", s, 1) for s in range(14)]  # 17 images: more than one graph batch
+        got = generate(tiny_pipe, rows, run)
+        for row, image in zip(rows, got):
+            alone = tiny_pipe(row.prompt, seed=row.seed, num_images=row.index + 1, **settings)[-1]
+            assert np.array_equal(np.asarray(image), np.asarray(alone)), (settings, row)
+            assert image.info == alone.info
+
+
+def test_concurrent_requests_share_one_pass_and_get_their_own_images(served, tiny_pipe):
+    srv = served(max_batch=16)
+    release = gate(srv, tiny_pipe)
+    bodies = [{"prompt": "a red circle", "seed": 1, "n": 2, **FAST},
+              {"prompt": ["a blue star", "a green square"], "seed": 9, **FAST},
+              {"prompt": "a yellow cross", "seed": 1, **FAST}]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(srv.client.post, "/v1/images", json=b) for b in bodies]
+        wait_for(lambda: srv.service.queued_images() == 1 + 5)  # the gate's image + 5 queued
+        release.set()
+        replies = [f.result() for f in futures]
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    # the three requests ran as one pass of 5 images (the gate's pass was the other)
+    assert metric(srv.service, "dalle2rt_batch_requests_count") == 2
+    assert metric(srv.service, "dalle2rt_batch_requests_bucket", le="2.0") == 1
+    assert metric(srv.service, "dalle2rt_batch_images_sum") == 1 + 5
+    for body, reply in zip(bodies, replies):
+        data = reply.json()["data"]
+        prompts = [body["prompt"]] if isinstance(body["prompt"], str) else body["prompt"]
+        settings = {k: v for k, v in body.items() if k in FAST}
+        alone = tiny_pipe(prompts, seed=body["seed"], num_images=body.get("n", 1), **settings)
+        assert len(data) == len(alone)
+        for item, image in zip(data, alone):
+            assert np.array_equal(np.asarray(decode(item).convert("RGB")), np.asarray(image))
+            assert (item["prompt"], item["seed"], item["index"]) == (image.info["prompt"], body["seed"],
+                                                                     int(image.info["index"]))
+
+
+@pytest.mark.skipif(not (BUNDLED / "manifest.json").exists(), reason="engines/shapes-v1 not built (make engines)")
+def test_served_png_equals_the_cli_file_pixels_and_metadata(tmp_path):
+    from dalle2_rt import cli
+
+    assert cli.main(["a yellow triangle above a purple cross", "-n", "2", "--seed", "11", "--decoder-steps", "4",
+                     "-o", str(tmp_path), "-q", "--engines", str(BUNDLED)]) == 0
+    files = sorted(tmp_path.glob("*.png"))
+    assert len(files) == 2
+    srv = LocalServer(Service(Pipeline.load(BUNDLED, threads=1), Limits(batch_window_s=0.005)))
+    try:
+        other = srv.client.post("/v1/images", json={"prompt": "a green star", "seed": 4, "decoder_steps": 4})
+        reply = srv.client.post("/v1/images", json={"prompt": "a yellow triangle above a purple cross", "n": 2,
+                                                    "seed": 11, "decoder_steps": 4})
+        single = srv.client.post("/v1/images", json={"prompt": "a yellow triangle above a purple cross",
+                                                     "seed": 11, "decoder_steps": 4, "response_format": "png"})
+    finally:
+        srv.close()
+    assert other.status_code == reply.status_code == single.status_code == 200
+    assert single.headers["content-type"] == "image/png"
+    for item, file in zip(reply.json()["data"], files):
+        with Image.open(file) as cli_image:
+            served_image = decode(item)
+            assert np.array_equal(np.asarray(served_image), np.asarray(cli_image))
+            assert served_image.text == cli_image.text  # prompt, seed, index, sampler, steps, … manifest sha256
+    assert Image.open(io.BytesIO(single.content)).tobytes() == Image.open(files[0]).tobytes()
+
+
+# ------------------------------------------------------------------------------------------------- the API
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"prompt": ""}, 400, "prompt is empty"),
+    ({"prompt": "   "}, 400, "prompt is empty"),
+    ({"prompt": []}, 400, "no prompt"),
+    ({}, 422, "prompt"),
+    ({"prompt": "x", "n": 0}, 400, "n must be between 1 and 16"),
+    ({"prompt": "x", "n": 17}, 400, "n must be between 1 and 16"),
+    ({"prompt": ["x"] * 4, "n": 5}, 400, "at most 16 images per request"),
+    ({"prompt": ["x"] * 17}, 400, "at most 16 prompts"),
+    ({"prompt": "x" * 2001}, 400, "at most 2000 characters"),
+    ({"prompt": "x", "n": "2"}, 422, "n: Input should be a valid integer"),
+    ({"prompt": "x", "n": 1.5}, 422, "n: Input should be a valid integer"),
+    ({"prompt": 5}, 422, "prompt"),
+    ({"prompt": "x", "seed": -1}, 400, "seed must be between 0 and 2^64-1"),
+    ({"prompt": "x", "seed": 2**64}, 400, "seed must be between 0 and 2^64-1"),
+    ({"prompt": "x", "sampler": "euler"}, 400, "unknown sampler 'euler'"),
+    ({"prompt": "x", "decoder_guidance": -1.0}, 400, "decoder guidance must be a finite number >= 0"),
+    ({"prompt": "x", "prior_steps": 0}, 400, "prior steps must be"),
+    ({"prompt": "x", "candidates": 99}, 400, "candidates must be between 1 and 16"),
+    ({"prompt": "x", "response_format": "jpeg"}, 422, "response_format"),
+    ({"prompt": "x", "n": 2, "response_format": "png"}, 400, "png returns one image"),
+    ({"prompt": "x", "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
+])
+def test_bad_requests_get_a_one_line_json_4xx(served, body, status, words):
+    srv = served()
+    reply = srv.client.post("/v1/images", json=body)
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"] == "application/json"
+    assert "\n" not in reply.text and "Traceback" not in reply.text
+    assert words in reply.json()["error"]
+
+
+def test_malformed_bodies_oversized_bodies_and_unknown_routes(served):
+    srv = served(max_body_bytes=4096)
+    c = srv.client
+    cases = [
+        (c.post("/v1/images", content=b"{not json", headers={"content-type": "application/json"}), 400,
+         "not valid JSON"),
+        (c.post("/v1/images", json=[1, 2]), 422, "must be a JSON object"),
+        (c.post("/v1/images", json={"prompt": "x" * 5000}), 413, "over 4096 bytes"),
+        (c.post("/v1/images", content=(b"x" for _ in range(10_000))), 413, "over 4096 bytes"),  # chunked, no length
+        (c.get("/v1/nothing"), 404, "Not Found"),
+        (c.get("/v1/images"), 405, "Method Not Allowed"),
+        (c.post("/v1/variations", files={"image": ("a.png", b"not an image", "image/png")}), 400, "not an image"),
+        (c.post("/v1/variations", data={"n": "2"}), 422, "image: Field required"),
+        (c.post("/v1/variations", files={"image": ("a.png", b"", "image/png")}), 400, "empty"),
+    ]
+    for reply, status, words in cases:
+        assert reply.status_code == status, reply.text
+        assert "\n" not in reply.text and words in reply.json()["error"], reply.text
+    assert c.get("/healthz").json() == {"status": "ok"}  # still alive
+
+
+def test_health_readiness_metrics_docs_and_page(served):
+    srv = served()
+    c = srv.client
+    ready = c.get("/readyz").json()
+    assert ready["ready"] is True and ready["engines"] == "tiny"
+    assert c.post("/v1/images", json={"prompt": "a red circle", "seed": 0, **FAST}).status_code == 200
+    text = c.get("/metrics").text
+    for name in ("dalle2rt_requests_total", "dalle2rt_queue_images", "dalle2rt_batch_images_bucket",
+                 'dalle2rt_stage_seconds_count{stage="decoder"}', 'dalle2rt_stage_seconds_count{stage="sr0"}'):
+        assert name in text
+    assert 'dalle2rt_requests_total{code="200",endpoint="/v1/images"} 1.0' in text
+    assert "/v1/images" in c.get("/openapi.json").json()["paths"]
+    assert c.get("/docs").status_code == 200
+    page = c.get("/")
+    assert page.headers["content-type"].startswith("text/html") and 'id="prompt"' in page.text
+
+
+def test_truncated_prompt_warns_and_stream_reports_progress(served, tiny_pipe):
+    srv = served()
+    long_prompt = " ".join(["red circle"] * 60)
+    lines = []
+    with srv.client.stream("POST", "/v1/images", json={"prompt": long_prompt, "n": 2, "seed": 5, "stream": True,
+                                                       **FAST}) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(line) for line in reply.iter_lines() if line]
+    events = [e["event"] for e in lines]
+    assert events[0] == "queued" and "truncated" in lines[0]["warnings"][0]
+    stages = [e["stage"] for e in lines if e["event"] == "progress"]
+    assert stages[0] == "text_encoder" and stages[-1] == "sr0" and "prior" in stages and "decoder" in stages
+    assert events[-3:] == ["image", "image", "done"]
+    alone = tiny_pipe(long_prompt, seed=5, num_images=2, **FAST)
+    for event, image in zip(lines[-3:-1], alone):
+        assert np.array_equal(np.asarray(decode(event).convert("RGB")), np.asarray(image))
+
+
+def test_variations_equal_the_pipeline_s(served, tiny_pipe):
+    srv = served()
+    source = tiny_pipe("a red circle", seed=1, **FAST)[0]
+    buf = io.BytesIO()
+    source.save(buf, format="PNG")
+    reply = srv.client.post("/v1/variations", files={"image": ("circle.png", buf.getvalue(), "image/png")},
+                            data={"n": "2", "seed": "3", "decoder_steps": "2", "sr_steps": "1"})
+    assert reply.status_code == 200, reply.text
+    alone = tiny_pipe.variations(source, num_images=2, seed=3, decoder_steps=2, sr_steps=1)
+    for item, image in zip(reply.json()["data"], alone):
+        assert np.array_equal(np.asarray(decode(item).convert("RGB")), np.asarray(image))
+        assert item["metadata"]["variation_of"] == "circle.png"
+
+
+# ------------------------------------------------------------------------------------------------- limits
+
+
+def test_full_queue_is_429_with_retry_after_and_frees_up(served, tiny_pipe):
+    srv = served(max_queue=3)
+    release = gate(srv, tiny_pipe)  # 1 image running
+    first = ThreadPoolExecutor(1).submit(srv.client.post, "/v1/images",
+                                         json={"prompt": "a red circle", "n": 2, "seed": 0, **FAST})
+    wait_for(lambda: srv.service.queued_images() == 3)
+    refused = srv.client.post("/v1/images", json={"prompt": "a blue star", "seed": 0, **FAST})
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) >= 1 and "queue is full" in refused.json()["error"]
+    release.set()
+    assert first.result().status_code == 200
+    assert srv.client.post("/v1/images", json={"prompt": "a blue star", "seed": 0, **FAST}).status_code == 200
+    assert metric(srv.service, "dalle2rt_rejected_total", reason="queue_full") == 1
+
+
+def test_request_timeout_is_504_and_its_work_is_dropped(served, tiny_pipe):
+    srv = served(timeout_s=0.3)
+    release = gate(srv, tiny_pipe)
+    reply = srv.client.post("/v1/images", json={"prompt": "a red circle", "seed": 0, **FAST})
+    assert reply.status_code == 504 and "timeout" in reply.json()["error"]
+    assert srv.service.queued_images() == 1  # only the gate: the timed-out job left the queue's count
+    release.set()
+    wait_for(lambda: srv.service.queued_images() == 0)
+    assert metric(srv.service, "dalle2rt_images_total") == 1  # the gate's image only
+
+
+def test_a_client_that_disconnects_while_queued_is_never_run(served, tiny_pipe):
+    srv = served()
+    release = gate(srv, tiny_pipe)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{srv.url}/v1/images", json={"prompt": "a red circle", "n": 4, "seed": 0, **FAST}, timeout=0.5)
+    wait_for(lambda: metric(srv.service, "dalle2rt_rejected_total", reason="client_gone") == 1)
+    release.set()
+    wait_for(lambda: srv.service.queued_images() == 0)
+    time.sleep(0.2)
+    assert metric(srv.service, "dalle2rt_images_total") == 1  # the gate's image; the 4 were never made
+    assert metric(srv.service, "dalle2rt_batch_requests_count") == 1  # no second pass ran
+
+
+def test_a_client_that_disconnects_mid_pass_stops_the_pass(served):
+    srv = served()
+    body = {"prompt": "a red circle", "seed": 0, "stream": True, "prior_steps": 2, "decoder_steps": 900,
+            "sr_steps": 900}
+    with srv.client.stream("POST", "/v1/images", json=body) as reply:
+        for line in reply.iter_lines():
+            if '"decoder"' in line:  # the pass is in its decoder: leave
+                break
+    wait_for(lambda: srv.service.queued_images() == 0, 20)  # the pass stopped, long before 1,800 steps
+    assert metric(srv.service, "dalle2rt_stage_seconds_count", stage="sr0") == 0
+    assert metric(srv.service, "dalle2rt_images_total") == 0
+
+
+# ------------------------------------------------------------------------------------------------- the process
+
+
+def _start(engines, *extra) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "dalle2_rt.serve", "--engines", str(engines), "--port", "0",
+                             "--threads", "1", "--log-level", "warning", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "listening on http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, line.split("listening on ")[1].split()[0]
+
+
+def test_sigterm_answers_every_accepted_request_then_exits(tiny_engines):
+    proc, url = _start(tiny_engines, "--batch-window-ms", "400")
+    try:
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c, ThreadPoolExecutor(4) as pool:
+            assert c.get("/readyz").status_code == 200
+            futures = [pool.submit(c.post, "/v1/images", json={"prompt": f"a red circle {i}", "seed": i, "n": 2,
+                                                               **FAST}) for i in range(4)]
+            time.sleep(0.2)  # accepted, waiting in the batch window
+            proc.send_signal(signal.SIGTERM)
+            replies = [f.result() for f in futures]
+        assert [r.status_code for r in replies] == [200] * 4
+        assert all(len(r.json()["data"]) == 2 for r in replies)
+        # uvicorn re-raises the signal once drained, so a supervisor sees "terminated by SIGTERM"
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stderr.read()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_serve_user_errors_are_one_line(tmp_path):
+    cases = [(["--port", "-3"], "must be >= 0"), (["--max-batch", "zero"], "is not an integer"),
+             (["--engines", str(tmp_path / "none"), "--port", "0"], str(tmp_path / "none")),
+             (["--replicas", "2"], "--replicas needs --ray")]
+    for argv, words in cases:
+        proc = subprocess.run([sys.executable, "-c", "import sys; from dalle2_rt.cli import entry; sys.exit(entry())",
+                               "serve", *argv], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "DALLE2_RT_ENGINES": str(tmp_path)})
+        assert proc.returncode != 0 and proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("dalle2-rt serve: error:") and words in lines[0], lines
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RSS is read from /proc")
+def test_500_mixed_requests_good_ones_right_bad_ones_4xx_memory_flat(served, tiny_pipe):
+    """500 requests from 16 clients, 10 % malformed, oversized or abandoned: every good one gets the right
+    images, every bad one a 4xx, and the service stays up with flat memory."""
+    srv = served(max_body_bytes=2048, max_queue=64)
+    distinct = [("a red circle", 1), ("a blue star", 2), ("two green squares", 3), ("a yellow cross", 4)]
+    reference = {(p, s): np.asarray(tiny_pipe(p, seed=s, **FAST)[0]) for p, s in distinct}
+    rng = np.random.default_rng(0)
+
+    def one(i: int):
+        kind = ("malformed", "oversized", "abandoned")[i // 10 % 3] if i % 10 == 0 else "good"  # 10 % bad
+        if kind == "malformed":
+            return kind, srv.client.post("/v1/images", content=b'{"prompt": "a red', headers={"content-type":
+                                                                                            "application/json"})
+        if kind == "oversized":
+            return kind, srv.client.post("/v1/images", json={"prompt": "red " * 1000, **FAST})
+        prompt, seed = distinct[int(rng.integers(len(distinct)))]
+        body = {"prompt": prompt, "seed": seed, **FAST}
+        if kind == "abandoned":
+            try:
+                return kind, httpx.post(f"{srv.url}/v1/images", json=body, timeout=0.02)
+            except httpx.TimeoutException:
+                return kind, None
+        for _ in range(50):  # a 429 is backpressure, not an error: honour Retry-After (capped for the test)
+            reply = srv.client.post("/v1/images", json=body)
+            if reply.status_code != 429:
+                break
+            time.sleep(0.05)
+        return (kind, prompt, seed), reply
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(50)))  # warm-up: arenas, sessions, thread pools
+        before = _rss_mb()
+        results = list(pool.map(one, range(500)))
+    after = _rss_mb()
+    print(f"RSS before {before:.0f} MB, after 500 requests {after:.0f} MB")
+    counts = {"good": 0, "malformed": 0, "oversized": 0, "abandoned": 0}
+    for kind, reply in results:
+        if isinstance(kind, tuple):
+            _, prompt, seed = kind
+            counts["good"] += 1
+            assert reply.status_code == 200, reply.text
+            assert np.array_equal(np.asarray(decode(reply.json()["data"][0]).convert("RGB")), reference[prompt, seed])
+        else:
+            counts[kind] += 1
+            if kind == "abandoned":
+                assert reply is None or reply.status_code == 200
+            else:
+                assert reply.status_code == {"malformed": 400, "oversized": 413}[kind], reply.text
+    assert counts == {"good": 450, "malformed": 17, "oversized": 17, "abandoned": 16}
+    assert srv.client.get("/healthz").status_code == 200 and srv.client.get("/readyz").status_code == 200
+    wait_for(lambda: srv.service.queued_images() == 0)
+    assert after - before < 64, f"RSS grew {after - before:.0f} MB over 500 requests"
