@@ -1,11 +1,15 @@
 """The checkpoints an export reads: one stage folder per network, found, hashed and rebuilt from its config.
 
-A checkpoint directory holds ``<stage>/model/`` folders written by ``dalle2_rt.training.checkpoint``
-(``model.safetensors`` + ``model.json`` = {"kind", "config", "step", ...}). Stages: ``clip``, ``prior``,
+A checkpoint directory holds ``<stage>/model/`` folders (``model.safetensors`` + ``model.json`` = {"kind",
+"config", "step", ...}; read through ``dalle2_rt.models.registry``). Stages: ``clip``, ``prior``,
 ``decoder`` (all required) and any number of super-resolution stages ``sr``, ``sr1``, ``sr2`` … (ordered by
 their number, ``sr`` being 0), which form a chain: each SR stage's ``low_res_size`` is the previous stage's
 ``image_size``. A stage's ``model.json`` may carry a ``defaults`` object (sampler, steps, guidance, …)
 that overrides the exporter's built-in sampling defaults for that stage in the manifest.
+
+``find_sources`` checks everything it can before a graph is exported: each config deserialises (no unknown
+key), each safetensors file is complete and holds exactly the tensors, at the shapes, of the network its
+config builds (read from the header; ``registry.check_weights``), and the stages fit together.
 """
 from __future__ import annotations
 
@@ -15,16 +19,9 @@ from pathlib import Path
 
 import torch
 
-from dalle2_rt.models.clip import ClipConfig, build_clip
-from dalle2_rt.models.decoder import Decoder, DecoderConfig
-from dalle2_rt.models.prior import DiffusionPrior, PriorConfig
-from dalle2_rt.models.sr import SRConfig, SuperRes
+from dalle2_rt.models import registry
 from dalle2_rt.runtime.manifest import sha256_file  # one hashing routine: the runtime checks what export writes
-from dalle2_rt.training import checkpoint
 
-# kind (model.json "kind") -> (config dataclass, network class); CLIP is built by open_clip.
-KINDS = {"clip": (ClipConfig, build_clip), "prior": (PriorConfig, DiffusionPrior),
-         "decoder": (DecoderConfig, Decoder), "sr": (SRConfig, SuperRes)}
 REQUIRED = ("clip", "prior", "decoder")
 _SR_STAGE = re.compile(r"^sr(\d*)$")
 
@@ -51,21 +48,20 @@ class Source:
 
     def build(self) -> torch.nn.Module:
         """The network with its weights, in eval mode, gradients off (CLIP: the open_clip model)."""
-        model = KINDS[self.kind][1](self.config)
-        model.load_state_dict(checkpoint.load_weights(self.folder), strict=True)
-        return model.eval().requires_grad_(False)
+        return registry.load(self.folder, self.kind).model
 
 
 def _load(ckpt_dir: Path, stage: str, kind: str) -> Source:
-    folder = checkpoint.resolve(ckpt_dir / stage / "model")
-    weights, meta_file = folder / "model.safetensors", folder / "model.json"
+    folder = registry.resolve(ckpt_dir / stage / "model")
+    weights, meta_file = folder / registry.WEIGHTS, folder / registry.META
     if not weights.exists() or not meta_file.exists():
-        raise SourceError(f"{ckpt_dir / stage / 'model'}: no model.safetensors + model.json "
+        raise SourceError(f"{ckpt_dir / stage / 'model'}: no {registry.WEIGHTS} + {registry.META} "
                           f"(train the {stage!r} stage, or point --checkpoints at a checkpoint directory)")
-    meta = checkpoint.read_model_meta(folder)
-    if meta.get("kind") != kind:
-        raise SourceError(f"{meta_file}: kind {meta.get('kind')!r}, expected {kind!r} for stage {stage!r}")
-    config = checkpoint.config_from_dict(KINDS[kind][0], meta["config"])
+    try:
+        _, config, meta = registry.read_config(folder, expect=kind)
+        registry.check_weights(folder, kind, config)
+    except registry.CheckpointError as e:
+        raise SourceError(f"stage {stage!r}: {e}") from None
     return Source(stage, kind, folder, meta, config, sha256_file(weights), sha256_file(meta_file))
 
 
@@ -88,8 +84,10 @@ def _sr_index(name: str) -> int:
 def find_sources(ckpt_dir: str | Path) -> Sources:
     """The stages of ``ckpt_dir``; raises SourceError when one is missing or the dimensions disagree."""
     ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
+    if not ckpt_dir.exists():
         raise SourceError(f"checkpoint directory {ckpt_dir} does not exist")
+    if not ckpt_dir.is_dir():
+        raise SourceError(f"{ckpt_dir} is not a directory (--checkpoints takes a checkpoint directory)")
     clip, prior, decoder = (_load(ckpt_dir, s, s) for s in REQUIRED)
     sr_names = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _SR_STAGE.match(p.name)), key=_sr_index)
     indices = [_sr_index(n) for n in sr_names]

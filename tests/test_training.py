@@ -211,9 +211,9 @@ def test_users_open_clip_checkpoint_is_imported(tmp_path):
     """A small model open_clip builds and saves here becomes our CLIP stage, outputs unchanged."""
     import open_clip
 
-    from dalle2_rt.models.clip import ClipTextEncoder
+    from dalle2_rt.models.clip import ClipConfig, ClipTextEncoder
 
-    oc = stages.MODEL_CLASSES["clip"](**TINY_MODEL["clip"]).open_clip_cfg()
+    oc = ClipConfig(**TINY_MODEL["clip"]).open_clip_cfg()
     torch.manual_seed(3)
     theirs = open_clip.CLIP(**oc).eval()
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}},

@@ -5,38 +5,26 @@ Layout of a stage folder ``<dir>/<stage>/``:
   state.safetensors + state.json   raw weights, EMA, optimizer moments, RNG, step (what resume loads)
 Each save writes a sibling temporary folder and renames it into place, so a kill at any moment leaves
 either the previous checkpoint or the new one, never half of one.
+
+This module writes; reading a model folder (``model.json`` -> config dataclass -> network + weights) is
+``dalle2_rt.models.registry``'s, shared with the exporter and the torch reference backend. Its readers are
+re-exported below under the names training has always used.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
-import typing
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from dalle2_rt.models.registry import config_from_dict, config_to_dict, load_weights, resolve
+from dalle2_rt.models.registry import read_meta as read_model_meta
 
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def config_from_dict(cls, data: dict):
-    """Rebuild a (possibly nested) config dataclass from its dict, ignoring unknown keys."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value, hint = data[f.name], hints[f.name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = config_from_dict(hint, value)
-        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
+__all__ = ["config_from_dict", "config_to_dict", "load_train_state", "load_weights", "read_model_meta", "resolve",
+           "save_model", "save_train_state"]
 
 
 def _write_atomic_dir(target: Path, write) -> None:
@@ -57,13 +45,6 @@ def _write_atomic_dir(target: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve(target: Path) -> Path:
-    """The checkpoint folder to read: ``target``, or ``target.old`` if a kill hit between the two renames."""
-    target = Path(target)
-    old = target.with_name(target.name + ".old")
-    return target if target.exists() or not old.exists() else old
-
-
 def save_model(folder: Path, kind: str, model: torch.nn.Module, cfg, *, half: bool = False, extra=None) -> None:
     """Write ``model.safetensors`` + ``model.json`` ({"kind", "config", ...extra}) atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -76,16 +57,6 @@ def save_model(folder: Path, kind: str, model: torch.nn.Module, cfg, *, half: bo
         (tmp / "model.json").write_text(json.dumps(meta, indent=2))
 
     _write_atomic_dir(Path(folder), write)
-
-
-def read_model_meta(folder: Path) -> dict:
-    return json.loads((resolve(folder) / "model.json").read_text())
-
-
-def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The saved weights, upcast to fp32."""
-    state = load_file(str(resolve(folder) / "model.safetensors"))
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def save_train_state(folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:

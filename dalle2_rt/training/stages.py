@@ -17,17 +17,16 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from dalle2_rt.models import registry
 from dalle2_rt.models.clip import ClipConfig, ClipImageEncoder, ClipTextEncoder, build_clip, load_open_clip_checkpoint
-from dalle2_rt.models.decoder import Decoder, DecoderConfig
-from dalle2_rt.models.prior import DiffusionPrior, PriorConfig
-from dalle2_rt.models.sr import SRConfig, SuperRes
-from dalle2_rt.training import checkpoint, samples
+from dalle2_rt.models.decoder import Decoder
+from dalle2_rt.models.prior import DiffusionPrior
+from dalle2_rt.models.sr import SuperRes
+from dalle2_rt.training import samples
 from dalle2_rt.training.config import TrainConfig
 from dalle2_rt.training.data import to_pixels
 from dalle2_rt.training.diffusion import Diffusion
 from dalle2_rt.training.loop import StageSpec, train_stage
-
-MODEL_CLASSES = {"clip": ClipConfig, "prior": PriorConfig, "decoder": DecoderConfig, "sr": SRConfig}
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -38,19 +37,17 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def model_config(cfg: TrainConfig, stage: str, **linked):
-    """The stage's model config: dataclass defaults, then the TOML's [model.<stage>], then ``linked``."""
-    cls = MODEL_CLASSES[stage]
+    """The stage's model config: dataclass defaults, then the TOML's [model.<stage>], then ``linked``.
+    A TOML key the stage's config has no field for is refused, named (``registry.ConfigError``)."""
+    cls = registry.kind(stage).config
     merged = _deep_merge(dataclasses.asdict(cls()), {**cfg.model.get(stage, {}), **linked})
-    return checkpoint.config_from_dict(cls, merged)
+    return registry.config_from_dict(cls, merged, where=f"[model.{stage}]")
 
 
 def load_clip(folder: Path) -> tuple[torch.nn.Module, ClipConfig]:
     """The trained CLIP of a stage folder (``<out_dir>/clip/model``), frozen, in eval mode."""
-    meta = checkpoint.read_model_meta(folder)
-    ccfg = checkpoint.config_from_dict(ClipConfig, meta["config"])
-    clip = build_clip(ccfg)
-    clip.load_state_dict(checkpoint.load_weights(folder))
-    return clip.eval().requires_grad_(False), ccfg
+    loaded = registry.load(folder, expect="clip")
+    return loaded.model, loaded.config
 
 
 def tokenize(captions: list[str]) -> torch.Tensor:

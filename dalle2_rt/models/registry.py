@@ -1,0 +1,208 @@
+"""The checkpoint kinds and their folders: one table from ``kind`` to config dataclass and network, one loader.
+
+A checkpoint folder (written by ``dalle2_rt.training.checkpoint.save_model``) holds
+  model.safetensors   the weights (fp32, or fp16 for the bundled model: upcast to fp32 on load)
+  model.json          {"kind": "clip" | "prior" | "decoder" | "sr", "config": {...}, "step", ...}
+The config is the network's dataclass as a dict (``config_to_dict``), so a folder rebuilds its network
+without the code that trained it (constructor arguments travel with the weights). Everything that loads
+weights goes through here: the torch reference backend (``dalle2_rt.runtime.torch_reference``), the
+exporter (``export/sources.py``) and training (``dalle2_rt.training.stages``).
+
+Deserialising a config refuses a key the dataclass does not have, naming it: a config written by a newer
+version (or a misspelt TOML override) would otherwise build a different network than the one it describes,
+silently. Keys the dict lacks take the dataclass default, so folders written before a field was added load.
+
+A save is atomic through a sibling ``<folder>.old`` (``checkpoint._write_atomic_dir``); ``resolve`` is its
+read side: the folder to read when a kill landed between the two renames.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from .clip import ClipConfig, ClipImageEncoder, ClipTextEncoder, build_clip
+from .decoder import Decoder, DecoderConfig
+from .prior import DiffusionPrior, PriorConfig, PriorPrefix, PriorStep
+from .sr import SRConfig, SuperRes
+
+WEIGHTS = "model.safetensors"
+META = "model.json"
+
+
+class ConfigError(ValueError):
+    """A config dict that does not describe its dataclass (a key it has no field for)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read as what it claims to be (missing file, unknown kind, a config
+    that does not deserialise, weights that do not fit the config)."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One checkpoint kind: its config dataclass, the network built from a config, and the extra graph
+    modules that wrap a built network (``views``: graph name -> wrapper class)."""
+
+    name: str
+    config: type
+    build: typing.Callable[[typing.Any], torch.nn.Module]
+    views: dict[str, type] = dataclasses.field(default_factory=dict)
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    # open_clip builds CLIP; the exported graphs are its two towers, never the whole model.
+    Kind("clip", ClipConfig, build_clip, {"text_encoder": ClipTextEncoder, "image_encoder": ClipImageEncoder}),
+    # the prior is a graph itself, and so is its split at the text prefix (a key/value cache).
+    Kind("prior", PriorConfig, DiffusionPrior, {"prior_prefix": PriorPrefix, "prior_step": PriorStep}),
+    Kind("decoder", DecoderConfig, Decoder),
+    Kind("sr", SRConfig, SuperRes),
+)}
+
+
+def kind(name: str) -> Kind:
+    if name not in KINDS:
+        raise CheckpointError(f"unknown checkpoint kind {name!r}; known: {', '.join(KINDS)}")
+    return KINDS[name]
+
+
+# --------------------------------------------------------------------------------------------------------
+# config dataclasses <-> dicts
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls, data: dict, *, where: str = ""):
+    """Rebuild the (possibly nested) config dataclass ``cls`` from its dict.
+
+    Refuses a key ``cls`` has no field for (ConfigError naming it, under ``where``); missing keys take
+    the field's default; JSON/TOML lists become tuples where the field is a tuple.
+    """
+    label = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected an object of {cls.__name__} fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{label}: unknown key{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(repr(k) for k in unknown)} (a {cls.__name__} has "
+                              f"{', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = config_from_dict(hint, value, where=f"{label}.{name}")
+        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# checkpoint folders
+
+
+def resolve(folder: str | Path) -> Path:
+    """The checkpoint folder to read: ``folder``, or ``folder.old`` if a kill hit between the two renames."""
+    folder = Path(folder)
+    old = folder.with_name(folder.name + ".old")
+    return folder if folder.exists() or not old.exists() else old
+
+
+def read_meta(folder: str | Path) -> dict:
+    """``model.json`` of a checkpoint folder."""
+    path = resolve(folder) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}: expected an object with 'kind' and 'config'")
+    return meta
+
+
+def read_config(folder: str | Path, expect: str | None = None) -> tuple[str, object, dict]:
+    """(kind, config dataclass, model.json) of a checkpoint folder; ``expect``: the kind it must be."""
+    meta = read_meta(folder)
+    name = meta.get("kind")
+    if expect is not None and name != expect:
+        raise CheckpointError(f"{resolve(folder) / META}: kind {name!r}, expected {expect!r}")
+    try:
+        config = config_from_dict(kind(name).config, meta["config"], where=f"{resolve(folder) / META}: config")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    return name, config, meta
+
+
+def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The saved weights, floating-point tensors upcast to fp32."""
+    state = load_file(str(resolve(folder) / WEIGHTS))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def build(name: str, config) -> torch.nn.Module:
+    """The untrained network of kind ``name`` for ``config``."""
+    return kind(name).build(config)
+
+
+def check_weights(folder: str | Path, name: str, config) -> None:
+    """Refuse weights that would not load into the network of ``config``, reading only the safetensors header:
+    a truncated file, or tensor names or shapes that differ from the network's (built on the meta device,
+    so no memory is spent on it). What an exporter calls on every source before it writes anything."""
+    path = resolve(folder) / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a complete safetensors file ({e})") from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build(name, config).state_dict().items()}
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    wrong = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+    problems = [f"{what} {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''} ({len(keys)})"
+                for what, keys in (("missing", missing), ("unexpected", extra)) if keys]
+    problems += [f"{k} has shape {list(saved[k])}, the config gives {list(expected[k])}" for k in wrong[:3]]
+    if problems:
+        raise CheckpointError(f"{path}: weights do not fit the {name} config in {META}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A checkpoint folder rebuilt: its kind, config dataclass, model.json and network (eval, no gradients)."""
+
+    kind: str
+    config: object
+    meta: dict
+    model: torch.nn.Module
+
+    def view(self, graph: str) -> torch.nn.Module:
+        """The module of graph ``graph`` over this network: a wrapper (CLIP's towers, the prior's split) or the
+        network itself when ``graph`` names no wrapper of its kind."""
+        views = KINDS[self.kind].views
+        if graph in views:
+            return views[graph](self.model).eval()
+        if self.kind == "clip":  # the whole open_clip model is never a graph
+            raise CheckpointError(f"graph {graph!r} cannot come from a CLIP checkpoint "
+                                  f"(its graphs: {', '.join(views)})")
+        return self.model
+
+
+def load(folder: str | Path, expect: str | None = None) -> Loaded:
+    """Rebuild the network of a checkpoint folder from its config and load its weights (strictly)."""
+    name, config, meta = read_config(folder, expect)
+    model = build(name, config)
+    model.load_state_dict(load_weights(folder), strict=True)
+    return Loaded(name, config, meta, model.eval().requires_grad_(False))
