@@ -1,7 +1,10 @@
 """dalle2-rt: DALL-E 2 (unCLIP) as an optimized inference runtime with exported graphs.
 
 The base install is the torch-free runtime. Training and export need the `train`
-extra; the benchmarks and tests need `dev`.
+extra; the benchmarks and tests need `dev`. Only the `dalle2_rt` package is installed: the
+exporter (`export/`) and the benchmarks (`bench/`) run from a clone of the repository
+(`python -m export.all`, `python -m bench` in its root); installed under those generic names they
+would collide with any other top-level `export` or `bench` in a user's environment.
 """
 from setuptools import find_packages, setup
 
@@ -26,8 +29,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # tomllib (the training config reader) is 3.11+
-    packages=find_packages(include=["dalle2_rt", "dalle2_rt.*", "export", "export.*", "bench", "bench.*"]),
-    package_data={"dalle2_rt": ["py.typed", "serve/page.html"]},
+    packages=find_packages(include=["dalle2_rt", "dalle2_rt.*"]),
+    # manifest.schema.json: the engine folder's contract for non-Python consumers, shipped with the runtime
+    package_data={"dalle2_rt": ["py.typed", "runtime/manifest.schema.json", "serve/page.html"]},
     install_requires=[
         "numpy>=1.24",
         "onnxruntime>=1.17",
@@ -43,7 +47,7 @@ setup(
         "trt": ["tensorrt>=10.0"],
         "serve": SERVE,
         "ray": [*SERVE, "ray[serve]>=2.9"],  # dalle2-rt serve --ray / serve run dalle2_rt.serve.ray_app:app
-        "dev": ["pytest>=7.0", "ruff>=0.4"],
+        "dev": ["pytest>=7.0", "ruff>=0.4", "jsonschema>=4.18"],  # jsonschema: the manifest schema tests
     },
     entry_points={
         "console_scripts": [

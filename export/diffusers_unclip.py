@@ -2,9 +2,11 @@
 
 Reads a folder written by ``UnCLIPPipeline.save_pretrained`` (or a karlo-v1-alpha snapshot), component by
 component, from disk only (``HF_HUB_OFFLINE``, ``local_files_only``): text_encoder + tokenizer, prior,
-text_proj + decoder, super_res_first, super_res_last and the three UnCLIPSchedulers. Writes one ONNX graph
-per network through the generic exporter (``onnx_export.py``: trace, ONNX Runtime check at several batch
-sizes, optimised copy), the tokenizer as ``clip-bpe/1`` (``hf_clip_tokenizer.py``) and a manifest whose
+text_proj + decoder, super_res_first, super_res_last and the three UnCLIPSchedulers. ``UnclipFolder`` is this
+family for the export driver (``driver.py``, shared with our own checkpoints): opening it checks every component
+(configs, whole weight files) before anything is exported. Writes one ONNX graph per network (``onnx_export.py``:
+trace, ONNX Runtime check at several batch sizes, optimised copy), the tokenizer as ``clip-bpe/1``
+(``hf_clip_tokenizer.py``) and a manifest whose
 stage entries describe everything this family does differently from ours; the runtime reads those keys
 and never the model's name. The keys are listed in ARCHITECTURE.md, "Schema additions for imported
 families"; the wrappers that give the networks our graph I/O are in ``diffusers_wrappers.py``.
@@ -35,38 +37,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import sys
-import tempfile
-import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dalle2_rt.runtime.schedules import respace
 
 from . import manifest as mf
-from . import trt as trt_build
-from .all import ExportResult
 from .diffusers_wrappers import SR_RESIZE, DecoderGraph, PriorGraph, SuperResGraph, TextEncoderGraph
-from .folder import (
-    ExportError,
-    carry_graph,
-    carry_trt,
-    ensure_dir,
-    fsync_tree,
-    graph_files,
-    intact_files,
-    previous_manifest,
-    swap_into_place,
-    trt_satisfied,
-)
+from .driver import DEFAULT_MAX_BATCH, DEFAULT_OPSET, ExportError, ExportResult, Options, build
 from .hf_clip_tokenizer import write_tokenizer
-from .onnx_export import EXPORTER, EXTERNAL_DATA_THRESHOLD, export_onnx, external_data_files, optimize_for_ort, validate
+from .onnx_export import EXPORTER, EXTERNAL_DATA_THRESHOLD
 from .sources import SourceError, sha256_file
 from .specs import BATCH, BatchProfile, GraphSpec, TensorSpec
 
@@ -76,6 +61,11 @@ KIND = "diffusers-unclip"
 EXPORT_REVISION = 3  # bump when this module changes what it writes
 COMPONENTS = ("text_encoder", "tokenizer", "prior", "text_proj", "decoder", "super_res_first", "super_res_last",
               "prior_scheduler", "decoder_scheduler", "super_res_scheduler")
+NETWORKS = ("text_encoder", "prior", "text_proj", "decoder", "super_res_first", "super_res_last")
+# The components whose files make each graph: its fingerprint covers their digests (text_proj is folded into
+# the decoder graph).
+GRAPH_COMPONENTS = {"text_encoder": ("text_encoder",), "prior": ("prior",), "decoder": ("text_proj", "decoder"),
+                    "super_res_first": ("super_res_first",), "super_res_last": ("super_res_last",)}
 # UnCLIPPipeline.__call__ defaults (diffusers 0.42); DDPM is what UnCLIPScheduler.step is.
 DEFAULTS = {
     "prior": {"sampler": "ddpm", "steps": 25, "guidance": 4.0, "candidates": 1},
@@ -83,7 +73,6 @@ DEFAULTS = {
     "sr": {"sampler": "ddpm", "steps": 7},
 }
 CANDIDATES_MAX = 2  # the prior graph's batch range allows this many candidates per guided image
-VALIDATION_BATCHES = (1, 3)  # plus the profile max, as export.all
 PREDICTION = {"epsilon": "eps", "sample": "x0"}  # UnCLIPScheduler prediction_type -> our parameterization
 VARIANCE = {"fixed_small_log": "small", "learned_range": "learned_range"}
 
@@ -97,10 +86,14 @@ def _text_proj_class():
 
 
 def _loaders() -> dict[str, Callable[[Path], object]]:
-    import diffusers
-    import transformers
-    from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    try:
+        import diffusers
+        import transformers
+        from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    except ImportError as e:
+        raise ExportError(f"--from-diffusers needs diffusers and transformers (pip install 'dalle2-rt[diffusers]'): "
+                          f"{e}") from None
 
     for lib in (diffusers, transformers):  # the export prints its own progress
         lib.utils.logging.set_verbosity_error()
@@ -137,45 +130,151 @@ class Component:
     meta_sha256: str  # of its config file
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError(f"{path}: not found") from None
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object")
+    return data
+
+
+def _check_weights(sub: Path) -> None:
+    """The weight files ``from_pretrained`` would read in ``sub`` are there and whole, read from their headers
+    only (karlo's are GBs): a safetensors file whose header does not cover the file (truncated), a torch zip
+    archive without its central directory (truncated), a shard an index names that is missing."""
+    from safetensors import SafetensorError, safe_open
+
+    plain = [p for p in sorted(sub.iterdir()) if p.is_file() and p.suffix in (".safetensors", ".bin")
+             and "." not in p.stem]  # name.fp16.safetensors is a variant, which from_pretrained skips
+    if not plain:
+        raise SourceError(f"{sub}: no weights (*.safetensors or *.bin)")
+    for index in sub.glob("*.index.json"):
+        shards = set(_read_json(index).get("weight_map", {}).values())
+        missing = sorted(s for s in shards if not (sub / s).is_file())
+        if missing:
+            raise SourceError(f"{index}: shard(s) {', '.join(missing)} not found")
+    for path in plain:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise SourceError(f"{path}: not a complete safetensors file ({e})") from None
+        else:
+            # torch.save writes a zip archive (since torch 1.6), whose central directory is at the end.
+            try:
+                zipfile.ZipFile(path).close()
+            except (zipfile.BadZipFile, OSError) as e:
+                raise SourceError(f"{path}: not a complete torch archive ({e})") from None
+
+
 class UnclipFolder:
-    """The folder's components, loaded on first use (karlo's networks are GBs: each graph loads only its own)."""
+    """The folder's components as the export driver's ``Family``, loaded on first use (karlo's networks are
+    GBs: each graph loads only its own). Opening it checks what can be checked without loading a network:
+    the folder and every component exist, each has its config, and each network's weight files are whole."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder).expanduser()
+        if not self.folder.exists():
+            raise SourceError(f"{self.folder} does not exist")
+        if not self.folder.is_dir():
+            raise SourceError(f"{self.folder} is not a directory (--from-diffusers takes a pipeline folder)")
         index = self.folder / "model_index.json"
         if not index.is_file():
             raise SourceError(f"{self.folder}: no model_index.json; not a diffusers pipeline folder")
-        self.index = json.loads(index.read_text(encoding="utf-8"))
+        self.index = _read_json(index)
         if self.index.get("_class_name") != "UnCLIPPipeline":
             raise SourceError(f"{index}: pipeline {self.index.get('_class_name')!r}; --from-diffusers reads an "
                               "UnCLIPPipeline (text-to-image unCLIP, e.g. karlo-v1-alpha)")
         missing = [c for c in COMPONENTS if not (self.folder / c).is_dir()]
         if missing:
             raise SourceError(f"{self.folder}: missing component folders {missing}")
+        for name in COMPONENTS:
+            self._check(name)
         self._loaders = _loaders()
         self._cache: dict[str, object] = {}
         self.components = [self._component(c) for c in COMPONENTS]
         self.configs = {c.stage: c.meta for c in self.components}
+
+    def _check(self, name: str) -> None:
+        sub = self.folder / name
+        if name in NETWORKS:
+            _read_json(sub / "config.json")
+            _check_weights(sub)
+        elif name.endswith("_scheduler"):
+            _read_json(sub / "scheduler_config.json")
+        elif not (sub / "tokenizer.json").is_file() and not all((sub / f).is_file() for f in ("vocab.json",
+                                                                                              "merges.txt")):
+            raise SourceError(f"{sub}: no tokenizer.json, nor vocab.json + merges.txt")
 
     def _component(self, name: str) -> Component:
         sub = self.folder / name
         files = {p.relative_to(sub).as_posix(): sha256_file(p) for p in sorted(sub.rglob("*")) if p.is_file()}
         config_name = next((f for f in ("config.json", "scheduler_config.json", "tokenizer_config.json")
                             if f in files), None)
-        meta = json.loads((sub / config_name).read_text(encoding="utf-8")) if config_name else {}
+        meta = _read_json(sub / config_name) if config_name else {}
         kind = ":".join(self.index.get(name, ["", ""])) or name
         return Component(name, kind, sub, meta, mf.digest(files), files.get(config_name, ""))
 
     def get(self, name: str, *, keep: bool = True):
         if name in self._cache:
             return self._cache[name]
-        obj = self._loaders[name](self.folder / name)
+        try:
+            obj = self._loaders[name](self.folder / name)
+        except SourceError:
+            raise
+        except Exception as e:
+            # from_pretrained reports a broken folder as OSError, ValueError, KeyError, RuntimeError or a
+            # SafetensorError (an Exception); whichever, the export says so in one line (the cause stays chained).
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise SourceError(f"{self.folder / name}: cannot load {name}: {type(e).__name__}: {first}") from e
         if keep:
             self._cache[name] = obj
         return obj
 
+    def config(self, component: str, key: str):
+        """``key`` of a component's config, or a SourceError naming the file and the key."""
+        cfg = self.configs[component]
+        if key not in cfg:
+            raise SourceError(f"{self.folder / component}: its config has no {key!r}")
+        return cfg[key]
+
+    # --- the driver's Family ---
+
     def all(self) -> list[Component]:  # what manifest.build_manifest reads of a Sources
         return list(self.components)
+
+    def tools(self, opset: int) -> dict:
+        return {**mf.tool_versions(opset, EXPORTER), "converter": f"{KIND}/{EXPORT_REVISION}",
+                **{n: version(n) for n in ("diffusers", "transformers", "tokenizers")}}
+
+    def _digests(self, names) -> dict:
+        by_name = {c.stage: c for c in self.components}
+        return {n: [by_name[n].sha256, by_name[n].meta_sha256] for n in names}
+
+    def fingerprint(self, name: str, tools: dict, options: dict) -> str:
+        return mf.digest({"name": name, "tools": tools, "options": options, "defaults": DEFAULTS,
+                          "sources": self._digests(COMPONENTS)})
+
+    def graph_fingerprint(self, spec: GraphSpec, tools: dict) -> str:
+        return mf.digest({"tools": tools, "io": spec.io_entry(), "name": spec.name,
+                          "sources": self._digests(GRAPH_COMPONENTS[spec.name])})
+
+    def graph_specs(self, max_batch: int) -> list[GraphSpec]:
+        return graph_specs(self, max_batch=max_batch)
+
+    def stage_entries(self, specs: list[GraphSpec]) -> dict:
+        return stage_entries(self)
+
+    def output_entry(self, stages: dict) -> dict:
+        return {"image_size": stages["sr"][-1]["image_size"], "pixel_range": [-1, 1]}
+
+    def write_tokenizer(self, folder: Path) -> dict:
+        return write_tokenizer(folder, self.get("tokenizer"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -184,31 +283,29 @@ class UnclipFolder:
 
 def _dims(pipe: UnclipFolder) -> dict:
     """The sizes the graphs are exported at, checked for agreement between components."""
-    te, prior, dec = pipe.configs["text_encoder"], pipe.configs["prior"], pipe.configs["decoder"]
-    sr_first, sr_last = pipe.configs["super_res_first"], pipe.configs["super_res_last"]
-    proj = pipe.configs["text_proj"]
+    c = pipe.config
     tok = pipe.get("tokenizer")
     d = {
-        "embed_dim": int(te["projection_dim"]), "text_width": int(te["hidden_size"]),
-        "context_length": int(tok.model_max_length), "vocab_size": int(te["vocab_size"]),
-        "channels": int(dec["in_channels"]), "decoder_size": int(dec["sample_size"]),
-        "decoder_out": int(dec["out_channels"]), "sr_size": int(sr_first["sample_size"]),
+        "embed_dim": int(c("text_encoder", "projection_dim")), "text_width": int(c("text_encoder", "hidden_size")),
+        "context_length": int(tok.model_max_length), "vocab_size": int(c("text_encoder", "vocab_size")),
+        "channels": int(c("decoder", "in_channels")), "decoder_size": int(c("decoder", "sample_size")),
+        "decoder_out": int(c("decoder", "out_channels")), "sr_size": int(c("super_res_first", "sample_size")),
     }
     problems = []
     checks = [
-        ("prior.embedding_dim", prior["embedding_dim"], d["embed_dim"]),
-        ("prior.num_embeddings", prior["num_embeddings"], d["context_length"]),
-        ("text_proj.clip_embeddings_dim", proj["clip_embeddings_dim"], d["embed_dim"]),
+        ("prior.embedding_dim", c("prior", "embedding_dim"), d["embed_dim"]),
+        ("prior.num_embeddings", c("prior", "num_embeddings"), d["context_length"]),
+        ("text_proj.clip_embeddings_dim", c("text_proj", "clip_embeddings_dim"), d["embed_dim"]),
         ("text_encoder.hidden_size (prior and text_proj project it as an embedding)", d["text_width"], d["embed_dim"]),
-        ("super_res_first.in_channels", sr_first["in_channels"], 2 * d["channels"]),
-        ("super_res_first.out_channels", sr_first["out_channels"], d["channels"]),
+        ("super_res_first.in_channels", c("super_res_first", "in_channels"), 2 * d["channels"]),
+        ("super_res_first.out_channels", c("super_res_first", "out_channels"), d["channels"]),
     ]
     for key in ("in_channels", "out_channels", "sample_size"):
-        checks.append((f"super_res_last.{key}", sr_last[key], sr_first[key]))
+        checks.append((f"super_res_last.{key}", c("super_res_last", key), c("super_res_first", key)))
     for what, got, want in checks:
         if int(got) != int(want):
             problems.append(f"{what} = {got}, expected {want}")
-    if d["context_length"] > int(te["max_position_embeddings"]):
+    if d["context_length"] > int(c("text_encoder", "max_position_embeddings")):
         problems.append(f"tokenizer model_max_length {d['context_length']} > text_encoder max_position_embeddings")
     if problems:
         raise SourceError(f"{pipe.folder}: components do not fit together: " + "; ".join(problems))
@@ -340,119 +437,22 @@ def stage_entries(pipe: UnclipFolder) -> dict:
 
 
 def export_diffusers(folder: str | Path, out: str | Path | None = None, *, name: str | None = None,
-                     opset: int = 18, max_batch: int = 8, force: bool = False, quiet: bool = False,
-                     precision: str = "fp16", trt: bool = False,
+                     opset: int = DEFAULT_OPSET, max_batch: int = DEFAULT_MAX_BATCH, force: bool = False,
+                     quiet: bool = False, precision: str = "fp16", trt: bool = False,
                      external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
                      log: Callable[[str], None] | None = None) -> ExportResult:
     """Convert the UnCLIPPipeline ``folder`` into the engine folder ``out`` (default ``engines/<folder name>``).
 
-    Atomic and idempotent like ``export.all.export_folder``: built as a hidden sibling and renamed into
-    place; a folder whose fingerprint (component digests, options, tool versions) matches is left alone,
-    unless ``trt`` asks for plans it lacks: then its graphs are carried over and only the plans are built
-    (``trt.build_missing``, the native exporter's path). Without TensorRT or a GPU, ``trt`` is reported in
-    ``result.trt_message`` and the ONNX folder is still written. ``external_data_threshold``: as
-    ``export_folder``'s (karlo's ~4 GB prior exceeds the 1 GiB default and gets ``prior.onnx.data``).
+    Through the export driver, as ``export.all.export_folder``: every component is checked before the first
+    graph is exported; built as a hidden sibling and renamed into place; a folder whose fingerprint (component
+    digests, options, tool versions) matches is left alone, unless ``trt`` asks for plans it lacks: then its
+    graphs are carried over and only the plans are built (``trt.build_missing``). Without TensorRT or a GPU,
+    ``trt`` is reported in ``result.trt_message`` and the ONNX folder is still written.
+    ``external_data_threshold``: as ``export_folder``'s (karlo's ~4 GB prior exceeds the 1 GiB default and gets
+    ``prior.onnx.data``).
     """
+    options = Options(opset=opset, max_batch=max_batch, precision=precision, trt=trt, force=force,
+                      external_data_threshold=external_data_threshold)
     pipe = UnclipFolder(folder)
     out = Path(out) if out is not None else Path("engines") / pipe.folder.name
-    name = name or out.name
-    say = (lambda _msg: None) if quiet else (log or print)
-    if precision not in trt_build.PRECISIONS:
-        raise ValueError(f"precision must be one of {trt_build.PRECISIONS}, got {precision!r}")
-    if external_data_threshold < 0:
-        raise ValueError(f"external_data_threshold must be >= 0 bytes, got {external_data_threshold}")
-    tools = {**mf.tool_versions(opset, EXPORTER), "converter": f"{KIND}/{EXPORT_REVISION}",
-             **_versions("diffusers", "transformers", "tokenizers")}
-    options = {"opset": opset, "max_batch": max_batch}
-    fingerprint = mf.digest({"name": name, "tools": tools, "options": options, "defaults": DEFAULTS,
-                             "sources": {c.stage: [c.sha256, c.meta_sha256] for c in pipe.all()}})
-    trt_key, trt_message = trt_build.key_or_reason(trt, precision, log or print)
-    old = previous_manifest(out)
-    same = not force and old is not None and old.get("fingerprint") == fingerprint
-    intact = intact_files(out, old) if same else set()
-    if same and intact == set(old["files"]) and trt_satisfied(old, trt_key, precision):
-        say(f"{out}: up to date")
-        return ExportResult(out, "up to date", old, reused=list(old["graphs"]), trt_message=trt_message)
-
-    specs = graph_specs(pipe, max_batch=max_batch)
-    result = ExportResult(out, "built", {}, trt_message=trt_message)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-{os.getpid()}-",
-                                dir=out.parent if out.parent.exists() else ensure_dir(out.parent)))
-    try:
-        started = time.perf_counter()
-        graphs = {}
-        for spec in specs:
-            previous = old.get("graphs", {}).get(spec.name) if same else None  # same fingerprint: same graphs
-            if previous and graph_files(previous) <= intact:
-                graphs[spec.name] = carry_graph(out, tmp, previous)
-                result.reused.append(spec.name)
-                say(f"  {spec.name}: unchanged, carried over")
-            else:
-                graphs[spec.name] = _export_graph(spec, tmp, opset, external_data_threshold, say)
-                result.exported.append(spec.name)
-        tokenizer = write_tokenizer(tmp, pipe.get("tokenizer"))
-        trt_records = carry_trt(out, tmp, old, graphs, result.reused) if same else {}
-        if trt_key is not None:
-            result.trt_failed = trt_build.build_missing(tmp, trt_key, precision, specs, graphs, trt_records, say)
-        stages = stage_entries(pipe)
-        output = {"image_size": stages["sr"][-1]["image_size"], "pixel_range": [-1, 1]}
-        manifest = mf.build_manifest(name=name, tools=tools, options=options, fingerprint=fingerprint,
-                                     sources=pipe, tokenizer=tokenizer, graphs=graphs, stages=stages,
-                                     output=output, trt=trt_records, files=mf.file_table(tmp))
-        mf.write_manifest(tmp, manifest)
-        fsync_tree(tmp)
-        swap_into_place(tmp, out)
-        result.manifest = manifest
-        say(f"{out}: built in {time.perf_counter() - started:.1f} s from {pipe.folder}")
-        return result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _versions(*names: str) -> dict:
-    from importlib.metadata import version
-    return {n: version(n) for n in names}
-
-
-def _export_graph(spec: GraphSpec, tmp: Path, opset: int, threshold: int, say) -> dict:
-    """Trace, optimise and validate one graph (the generic exporter); its manifest entry."""
-    started = time.perf_counter()
-    module = spec.factory()
-    file, opt_file = f"{spec.name}.onnx", f"{spec.name}.opt.onnx"
-    with torch.no_grad():
-        export_onnx(spec, module, tmp / file, opset=opset, external_data_threshold=threshold)
-        data = external_data_files(tmp / file)
-        optimized_for = optimize_for_ort(tmp / file, tmp / opt_file, external_data=bool(data))
-        batches = sorted({*VALIDATION_BATCHES, spec.batch.max})
-        check = validate(spec, module, {"plain": tmp / file, "optimized": tmp / opt_file}, batches)
-    say(f"  {spec.name}: max abs err {check['max_abs_err']:.2e} = {check['rel_err']:.2e} of output scale "
-        f"{check['output_scale']:.3g} at batch {batches}, {time.perf_counter() - started:.1f} s")
-    return {"file": file, "optimized_file": opt_file, "optimized_for": optimized_for, "source": spec.source,
-            "external_data": data, "optimized_external_data": external_data_files(tmp / opt_file),
-            **spec.io_entry(), "timestep_inputs": spec.timestep_inputs, "validation": check, "trt": {}}
-
-
-def run_cli(args) -> int:
-    """``python -m export.all --from-diffusers PATH`` (args parsed by export.all: out, name, opset, max_batch,
-    force, quiet, trt, precision, external_data_threshold); the exit status, as ``export.all.main``'s."""
-    from .onnx_export import ValidationError
-
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the old folder stays
-    try:
-        with torch.no_grad():
-            result = export_diffusers(args.from_diffusers, args.out, name=args.name, opset=args.opset,
-                                      max_batch=args.max_batch, force=args.force, quiet=args.quiet,
-                                      precision=args.precision, trt=args.trt,
-                                      external_data_threshold=args.external_data_threshold)
-    except (SourceError, ValidationError, ExportError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if args.quiet:
-        print(f"{result.folder}: {result.status}")
-    if result.trt_failed:
-        print(f"export: TensorRT failed for {', '.join(sorted(result.trt_failed))} (the ONNX graphs and the other "
-              "plans are in place; see the manifest's trt.<key>.failed)", file=sys.stderr)
-        return 1
-    return 0
+    return build(pipe, out, name=name or out.name, options=options, quiet=quiet, log=log)

@@ -129,7 +129,10 @@ def _sessions(folder: Path) -> dict:
 
 
 def test_folder_and_manifest(tiny):
+    from tests.test_manifest_schema import check_manifest_schema
+
     pipe, _, folder = tiny
+    check_manifest_schema(folder)
     m = load_manifest(folder)
     verify_files(m, use_cache=False)
     umask = os.umask(0)
@@ -198,6 +201,61 @@ def test_refuses_other_pipelines(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(SourceError, match="UnCLIPPipeline"):
         export_diffusers(tmp_path, tmp_path / "out", quiet=True)
+
+
+def _empty_prior(pipe_dir: Path) -> None:
+    for f in (pipe_dir / "prior").iterdir():
+        f.unlink()
+
+
+def _truncated_decoder(pipe_dir: Path) -> None:
+    weights = pipe_dir / "decoder" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+
+
+def _prior_config_without(key: str):
+    def breakage(pipe_dir: Path) -> None:
+        config = pipe_dir / "prior" / "config.json"
+        data = json.loads(config.read_text())
+        del data[key]
+        config.write_text(json.dumps(data))
+    return breakage
+
+
+def _missing(pipe_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(pipe_dir)
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (_empty_prior, "prior/config.json: not found"),
+    (_truncated_decoder, "decoder/diffusion_pytorch_model.safetensors: not a complete safetensors file"),
+    (_prior_config_without("embedding_dim"), "prior: its config has no 'embedding_dim'"),
+    (_missing, "pipe does not exist"),
+], ids=["empty-prior", "truncated-decoder", "config-key", "missing"])
+def test_source_problem_is_one_line_before_any_export(tiny, tmp_path, monkeypatch, capsys, breakage, message):
+    """What a new user meets with a damaged download: one ``export: error:`` line naming the file, exit 1, no
+    graph exported (every component is checked first), nothing left behind."""
+    import shutil
+
+    from export import all as export_all
+    from export import driver
+
+    _, pipe_dir, _ = tiny
+    broken = tmp_path / "pipe"
+    shutil.copytree(pipe_dir, broken)
+    breakage(broken)
+    exported = []
+    monkeypatch.setattr(driver, "export_onnx", lambda spec, *a, **k: exported.append(spec.name))
+    out = tmp_path / "engines" / "karlo"
+    status = export_all.main(["--from-diffusers", str(broken), "--out", str(out), "-q"])
+    captured = capsys.readouterr()
+    assert status == 1 and captured.out == ""
+    assert captured.err.startswith("export: error: ") and captured.err.count("\n") == 1, captured.err
+    assert message in captured.err
+    assert exported == [] and not out.parent.exists()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -614,6 +672,7 @@ def test_trt_plans_through_the_native_build_path(tiny, tiny_external, tmp_path, 
     import shutil
 
     from tests.test_external_data import check_external_folder
+    from tests.test_manifest_schema import check_manifest_schema
     from tests.test_trt_logic import check_plans, fake_tensorrt
 
     calls = fake_tensorrt(monkeypatch)
@@ -631,3 +690,4 @@ def test_trt_plans_through_the_native_build_path(tiny, tiny_external, tmp_path, 
     export_diffusers(pipe_dir, out, max_batch=2, trt=True, precision="fp32", quiet=True)
     assert [c["precision"] for c in calls] == ["fp16", "fp32"]
     check_plans(out, "fp32")
+    check_manifest_schema(out)  # with TensorRT records

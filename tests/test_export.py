@@ -14,14 +14,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from dalle2_rt.models.clip import ClipConfig, ClipImageEncoder, ClipTextEncoder, build_clip
-from dalle2_rt.models.decoder import Decoder, DecoderConfig
-from dalle2_rt.models.prior import DiffusionPrior, PriorConfig, PriorPrefix, PriorStep
-from dalle2_rt.models.sr import SRConfig, SuperRes
+from dalle2_rt.models import registry
+from dalle2_rt.models.clip import ClipImageEncoder, ClipTextEncoder
+from dalle2_rt.models.prior import PriorPrefix, PriorStep
+from dalle2_rt.models.sr import SRConfig
+from dalle2_rt.runtime import manifest as rt_manifest
+from dalle2_rt.runtime.samplers import SAMPLERS
 from dalle2_rt.runtime.schedules import alphas_cumprod_for
-from dalle2_rt.training import checkpoint
 from export import all as export_all
-from export.manifest import MANIFEST, SCHEMA
+from export import driver
+from export.manifest import MANIFEST, SCHEMA, stage_entries
 from export.onnx_export import REL_TOL
 from export.sources import SourceError, find_sources
 from export.specs import graph_specs
@@ -64,18 +66,15 @@ def test_recorded_validation_within_bound(tiny_engines):
 
 
 def _torch_modules(ckpt: Path) -> dict[str, torch.nn.Module]:
-    """The networks rebuilt straight from the checkpoints (not through export/), eval mode."""
-    def load(stage, cfg_cls, build):
-        meta = checkpoint.read_model_meta(ckpt / stage / "model")
-        net = build(checkpoint.config_from_dict(cfg_cls, meta["config"]))
-        net.load_state_dict(checkpoint.load_weights(ckpt / stage / "model"))
-        return net.eval()
+    """The networks rebuilt straight from the checkpoints (the models' registry, not export/), eval mode; the
+    graph wrappers named here, not through the registry's views."""
+    def load(stage):
+        return registry.load(ckpt / stage / "model", stage).model
 
-    clip = load("clip", ClipConfig, build_clip)
-    prior = load("prior", PriorConfig, DiffusionPrior)
+    clip, prior = load("clip"), load("prior")
     return {"text_encoder": ClipTextEncoder(clip).eval(), "image_encoder": ClipImageEncoder(clip).eval(),
             "prior": prior, "prior_prefix": PriorPrefix(prior).eval(), "prior_step": PriorStep(prior).eval(),
-            "decoder": load("decoder", DecoderConfig, Decoder), "sr0": load("sr", SRConfig, SuperRes)}
+            "decoder": load("decoder"), "sr0": load("sr")}
 
 
 def _random_feeds(graph: dict, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -126,8 +125,7 @@ def test_prior_step_over_prior_prefix_is_the_full_prior(tiny_engines, tiny_check
     m = _manifest(tiny_engines)
     assert m["stages"]["prior"]["prefix_cache"] == {"prefix_graph": "prior_prefix", "step_graph": "prior_step",
                                                     "cache": ["keys", "values"]}
-    cfg = checkpoint.config_from_dict(PriorConfig,
-                                      checkpoint.read_model_meta(tiny_checkpoints / "prior" / "model")["config"])
+    _, cfg, _ = registry.read_config(tiny_checkpoints / "prior" / "model", "prior")
     cpu = ["CPUExecutionProvider"]
     sess = {g: ort.InferenceSession(str(tiny_engines / m["graphs"][g]["optimized_file"]), providers=cpu)
             for g in ("prior", "prior_prefix", "prior_step")}
@@ -186,10 +184,14 @@ def test_manifest_stages(tiny_engines):
     prior, dec, (sr,) = s["prior"], s["decoder"], s["sr"]
     assert prior["parameterization"] == "x0" and dec["parameterization"] == "eps" == sr["parameterization"]
     assert prior["embed_scale"] == pytest.approx(clip["embed_dim"] ** 0.5)
-    assert prior["defaults"] == {"sampler": "ddim", "steps": 25, "guidance": 4.0, "candidates": 2}
     assert prior["clip_x0"] == [-10.0, 10.0] and dec["clip_x0"] == [-1.0, 1.0]
-    assert dec["defaults"] == {"sampler": "ddim", "steps": 25, "guidance": 5.0}
-    assert (sr["graph"], sr["noise_aug_t"], sr["defaults"]["steps"]) == ("sr0", 100, 7)
+    # no checkpoint defaults here: the exporter's own, which the runtime must be able to run as they are
+    for st, keys in ((prior, {"sampler", "steps", "guidance", "candidates"}), (dec, {"sampler", "steps", "guidance"}),
+                     (sr, {"sampler", "steps"})):
+        d = st["defaults"]
+        assert set(d) == keys and d["sampler"] in SAMPLERS and 1 <= d["steps"] <= st["schedule"]["num_timesteps"]
+        assert d.get("guidance", 1.0) >= 1.0 and d.get("candidates", 1) >= 1
+    assert (sr["graph"], sr["noise_aug_t"]) == ("sr0", TINY_MODEL["sr"].get("sample_aug_t", SRConfig().sample_aug_t))
     assert (dec["image_size"], sr["low_res_size"], sr["image_size"]) == (16, 16, 32)
     for st in (prior, dec, sr):
         abar = np.array(st["schedule"]["alphas_cumprod"], dtype=np.float64)
@@ -198,7 +200,6 @@ def test_manifest_stages(tiny_engines):
 
 
 def test_runtime_reads_the_folder(tiny_engines):
-    rt_manifest = pytest.importorskip("dalle2_rt.runtime.manifest")
     m = rt_manifest.load_manifest(tiny_engines)
     rt_manifest.verify_files(m, use_cache=False)
     assert set(m.graphs) == set(GRAPHS)
@@ -261,7 +262,7 @@ def test_failure_mid_export_leaves_no_folder(tiny_checkpoints, tmp_path, monkeyp
         path.write_bytes(b"half a graph")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(export_all, "export_onnx", explode)
+    monkeypatch.setattr(driver, "export_onnx", explode)
     out = tmp_path / "engines" / "tiny"
     with pytest.raises(RuntimeError, match="boom"):
         export_all.export_folder(tiny_checkpoints, out, quiet=True)
@@ -329,3 +330,83 @@ def test_refuses_to_replace_a_folder_that_is_not_an_engine_folder(tiny_checkpoin
     with pytest.raises(export_all.ExportError, match="not an engine folder"):
         export_all.export_folder(tiny_checkpoints, out, quiet=True)
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_checkpoint_defaults_override_the_exporters_key_by_key(tiny_checkpoints, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints, ckpt)
+    meta_file = ckpt / "decoder" / "model" / "model.json"
+    meta = json.loads(meta_file.read_text())
+    meta["defaults"] = {"steps": 7, "guidance": 2.5, "colour": "red"}
+    meta_file.write_text(json.dumps(meta))
+    sources = find_sources(ckpt)
+    before = stage_entries(find_sources(tiny_checkpoints), {})["decoder"]["defaults"]
+    after = stage_entries(sources, {})["decoder"]["defaults"]
+    assert after == {**before, "steps": 7, "guidance": 2.5}  # the sampler stays; a key no stage reads is dropped
+
+
+# --------------------------------------------------------------------------------------------------------
+# Source problems: found before the first graph is exported, reported in one line, nothing left behind
+
+
+def _truncate_sr_weights(ckpt: Path, tmp: Path) -> None:
+    weights = ckpt / "sr" / "model" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+
+
+def _misspelt_config_key(ckpt: Path, tmp: Path) -> None:
+    meta_file = ckpt / "decoder" / "model" / "model.json"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["unet"]["chanels"] = meta["config"]["unet"].pop("channels")
+    meta_file.write_text(json.dumps(meta))
+
+
+def _weights_of_another_config(ckpt: Path, tmp: Path) -> None:
+    wider = {**TINY_MODEL, "sr": {**TINY_MODEL["sr"], "unet": {**TINY_MODEL["sr"]["unet"], "channels": 24}}}
+    write_tiny_checkpoints(tmp / "wider", model=wider)
+    shutil.copy(tmp / "wider" / "sr" / "model" / "model.safetensors", ckpt / "sr" / "model" / "model.safetensors")
+
+
+def _a_file(ckpt: Path, tmp: Path) -> None:
+    shutil.rmtree(ckpt)
+    ckpt.write_text("not a folder")
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (lambda ckpt, tmp: shutil.rmtree(ckpt), "does not exist"),
+    (_a_file, "is not a directory"),
+    (_truncate_sr_weights, "sr/model/model.safetensors: not a complete safetensors file"),
+    (_misspelt_config_key, "config.unet: unknown key 'chanels'"),
+    (_weights_of_another_config, "weights do not fit the sr config"),
+], ids=["missing", "file", "truncated", "unknown-key", "foreign-weights"])
+def test_source_problem_is_one_line_before_any_export(tiny_checkpoints, tmp_path, monkeypatch, capsys, breakage,
+                                                      message):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints, ckpt)
+    breakage(ckpt, tmp_path)
+    exported = []
+    monkeypatch.setattr(driver, "export_onnx", lambda spec, *a, **k: exported.append(spec.name))
+    out = tmp_path / "engines" / "tiny"
+    status = export_all.main(["--checkpoints", str(ckpt), "--out", str(out), "-q"])
+    captured = capsys.readouterr()
+    assert status == 1 and captured.out == ""
+    assert captured.err.startswith("export: error: ") and captured.err.count("\n") == 1, captured.err
+    assert message in captured.err
+    assert exported == [] and not out.exists() and not out.parent.exists()
+
+
+def test_stage_entries_are_made_before_the_first_graph(tiny_checkpoints, tmp_path, monkeypatch):
+    """A problem only the stage entries find (imported schedulers are checked there) stops the export before
+    any graph is traced."""
+    exported = []
+    monkeypatch.setattr(driver, "export_onnx", lambda spec, *a, **k: exported.append(spec.name))
+
+    def refuse(self, specs):
+        raise export_all.SourceError("the stages do not fit")
+
+    monkeypatch.setattr(export_all.CheckpointFamily, "stage_entries", refuse)
+    out = tmp_path / "engines" / "tiny"
+    with pytest.raises(export_all.SourceError, match="do not fit"):
+        export_all.export_folder(tiny_checkpoints, out, quiet=True)
+    assert exported == [] and not out.parent.exists()  # not even the folder it would have been built in

@@ -20,6 +20,7 @@ from dalle2_rt.runtime.pipeline import Pipeline
 from export import all as export_all
 from export.manifest import MANIFEST
 from export.onnx_export import REL_TOL
+from tests.test_manifest_schema import check_manifest_schema
 
 INLINE_MAX = 1024  # bytes: the largest tensor a graph with external data may still hold inline
 
@@ -29,8 +30,9 @@ def _sha(path: Path) -> str:
 
 
 def check_external_folder(folder: Path) -> dict:
-    """Assert the external-data layout of ``folder`` (every graph) and its manifest; return the manifest."""
-    m = json.loads((folder / MANIFEST).read_text())
+    """Assert the external-data layout of ``folder`` (every graph) and its manifest (schema included); return
+    the manifest."""
+    m = check_manifest_schema(folder)
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert set(m["files"]) == on_disk - {MANIFEST}
     for name, g in m["graphs"].items():
