@@ -281,6 +281,32 @@ def test_noise_streams_follow_the_documented_seed_mapping():
         s.standard_normal((3, 3))
 
 
+def test_noise_streams_take_one_seed_per_image():
+    s = NoiseStreams([5, 2**64 - 1], [0, 3], stage=2)
+    want = np.concatenate([np.random.default_rng([seed, j, 2]).standard_normal((1, 4), dtype=np.float32)
+                           for seed, j in ((5, 0), (2**64 - 1, 3))])
+    assert np.array_equal(s.standard_normal((2, 4)), want)
+    with pytest.raises(ValueError, match="3 seeds for 2 images"):
+        NoiseStreams([1, 2, 3], [0, 1], stage=0)
+
+
+def test_generate_rows_equal_the_calls_they_come_from(pipe):
+    """Rows of three different calls (prompt, seed, index) in one pass: each equals its call's image."""
+    calls = {("a red circle", 4): 3, ("two blue squares", 9): 2}
+    want = {key: pipe(key[0], seed=key[1], num_images=n, **FAST) for key, n in calls.items()}
+    rows = [("two blue squares", 9, 1), ("a red circle", 4, 2), ("a red circle", 4, 0), ("two blue squares", 9, 0)]
+    got = pipe.generate([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], **FAST)
+    for (prompt, seed, j), image in zip(rows, got):
+        assert np.array_equal(np.asarray(image), np.asarray(want[prompt, seed][j])), (prompt, seed, j)
+        assert image.info == want[prompt, seed][j].info
+    with pytest.raises(InputError, match="one seed and one index per prompt"):
+        pipe.generate(["a", "b"], [1], [0, 0])
+    with pytest.raises(InputError, match="seed must be an integer"):
+        pipe.generate(["a"], [None], [0])
+    with pytest.raises(InputError, match="index must be between 0 and 63"):
+        pipe.generate(["a"], [1], [64])
+
+
 def test_batches_larger_than_the_graph_profile_are_chunked(pipe, monkeypatch):
     rows = []
     dec = pipe.engines["decoder"]
@@ -390,8 +416,12 @@ def test_prefix_cache_chunks_within_both_graphs_profiles(pipe, monkeypatch):
     assert log["prior_prefix"] == [2]  # its cond and uncond rows, whatever the number of images
     assert max(log["prior_step"]) <= pipe.engines["prior_step"].max_batch
     log["prior_prefix"].clear()
-    pipe(["a red circle"] * most, seed=0, num_images=1, candidates=1, **FAST)  # 2 × most rows of prompts
+    prompts = [f"{n} red circles" for n in range(most)]
+    pipe(prompts, seed=0, num_images=1, candidates=1, **FAST)  # 2 × most rows of distinct prompts
     assert log["prior_prefix"] == [most, most]
+    log["prior_prefix"].clear()
+    pipe(["a red circle"] * most, seed=0, num_images=1, candidates=1, **FAST)  # one prompt, given most times
+    assert log["prior_prefix"] == [2]
 
 
 @pytest.mark.parametrize("edit,message", [

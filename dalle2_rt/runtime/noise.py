@@ -36,11 +36,15 @@ class NoiseStreams:
     """Per-image generators, each owning ``rows`` consecutive batch rows (``rows`` = prior candidates).
 
     Stands in for a ``np.random.Generator`` in the samplers (they only call ``standard_normal``): a draw of
-    shape (n·rows, ...) is the concatenation of each image's own draw of (rows, ...).
+    shape (n·rows, ...) is the concatenation of each image's own draw of (rows, ...). ``seed``: one seed for
+    every image (a call), or one per image (``Pipeline.generate``: images of several calls in one batch).
     """
 
-    def __init__(self, seed: int, indices: Sequence[int], stage: int, rows: int = 1):
-        self.generators = [np.random.default_rng([seed, int(j), stage]) for j in indices]
+    def __init__(self, seed: int | Sequence[int], indices: Sequence[int], stage: int, rows: int = 1):
+        seeds = [seed] * len(indices) if isinstance(seed, int | np.integer) else list(seed)
+        if len(seeds) != len(indices):
+            raise ValueError(f"{len(seeds)} seeds for {len(indices)} images")
+        self.generators = [np.random.default_rng([int(s), int(j), stage]) for s, j in zip(seeds, indices)]
         self.rows = rows
 
     def subset(self, images: slice) -> NoiseStreams:

@@ -32,8 +32,8 @@ from .images import open_image, to_pixels, to_uint8
 from .manifest import Manifest, load_manifest, verify_files
 from .noise import DECODER, PRIOR, NoiseStreams, new_seed, sr_stream
 from .plan import StagePlan, graphs_to_open, resolve_stages
-from .settings import MAX_CANDIDATES, MAX_IMAGES, MAX_SEED, Settings, check_prompts, describe  # noqa: F401
-from .stage_runner import Callback, Conditioning, call_checked, call_chunked, run_stage
+from .settings import MAX_CANDIDATES, MAX_IMAGES, MAX_SEED, Settings, check_int, check_prompts, describe  # noqa: F401
+from .stage_runner import Callback, Conditioning, call_checked, call_chunked, guidance_halves, run_stage
 from .stages import embed_norm, low_res_inputs, normalize, select_candidates
 from .tokenizer import Tokenizer
 
@@ -50,9 +50,9 @@ def default_engines() -> Path:
 
 @dataclass(frozen=True)
 class _Call:
-    """What every stage of one call shares: the seed contract's (seed, j per image), settings, callback."""
+    """What every stage of one call shares: the seed contract's (seed, j) per image, settings, callback."""
 
-    seed: int
+    seed: int | list[int]  # one for every image, or one per image (generate)
     index: np.ndarray  # (N,) image -> j within its prompt
     run: dict  # Settings.resolve: per-stage {"steps", "guidance", "sampler"}, "candidates"
     callback: Callback | None
@@ -149,28 +149,30 @@ class Pipeline:
         s = Settings(num_images=num_images, seed=seed, prior_steps=prior_steps, decoder_steps=decoder_steps,
                      sr_steps=sr_steps, prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
                      sampler=sampler, candidates=candidates)
-        run = s.resolve(self.stages)
         seed = new_seed() if s.seed is None else s.seed
-        tokens, truncated = self.tokenizer.encode(prompts)
-        for p, cut in zip(prompts, truncated):
-            if cut:
-                warnings.warn(f"prompt truncated to {self.tokenizer.context_length - 2} tokens: {p[:60]!r}",
-                              PromptTruncatedWarning, stacklevel=2)
-        text = self._text(prompts, tokens, callback)  # text_embed (P, D), text_encodings (P, L, W), [text_mask]
-        empty = self._empty_text()  # the "" prompt's, when a stage's unconditional branch needs them
-        prompt_of = np.repeat(np.arange(len(prompts)), s.num_images)  # image -> its prompt
-        call = _Call(seed, np.tile(np.arange(s.num_images), len(prompts)), run, callback)  # j of each image
-        k = run["candidates"]
-        # prior: k candidates per image, conditioned by rows of prompts (its prefix runs once per prompt)
-        prior = self._halves(self.prior, text, {self.prior.cond_input: 1.0}, np.repeat(prompt_of, k), empty)
-        pred = self._sample(self.prior, prior, call, call.streams(PRIOR, rows=k))  # (N·k, D)
-        image_embed = select_candidates(pred, text["text_embed"][prompt_of], k, self.embed_norm)[0]  # (N, D)
-        cond = {"image_embed": image_embed, **{name: v[prompt_of] for name, v in text.items()}}
-        decoder = self._halves(self.decoder, cond, {"image_keep": 1.0, "text_keep": 1.0}, np.arange(len(prompt_of)),
-                               empty)
-        x = self._upsample(self._sample(self.decoder, decoder, call, call.streams(DECODER)), call)
-        meta = [{"prompt": prompts[r], "seed": str(seed), "index": str(j)} for r, j in zip(prompt_of, call.index)]
-        return self._images(x, meta, run, with_prior=True)
+        rows = [(p, j) for p in prompts for j in range(s.num_images)]
+        return self._generate([p for p, _ in rows], seed, [j for _, j in rows], s, callback)
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], indices: Sequence[int], *,
+                 prior_steps: int | None = None, decoder_steps: int | None = None, sr_steps: int | None = None,
+                 prior_guidance: float | None = None, decoder_guidance: float | None = None,
+                 sampler: str | None = None, candidates: int | None = None,
+                 callback: Callback | None = None) -> list[Image.Image]:
+        """One image per row r: image ``indices[r]`` of ``self(prompts[r], seed=seeds[r], num_images=n)`` (any n
+        > indices[r]), pixel for pixel and metadata alike, by the seed contract (noise.py). So images of
+        several calls (a server's requests with their own seeds) share one pass through every stage; the
+        text of each distinct prompt is encoded, and its prior prefix computed, once.
+        """
+        prompts = check_prompts(prompts)
+        seeds = [check_int("seed", v, 0, MAX_SEED) for v in seeds]
+        indices = [check_int("index", j, 0, MAX_IMAGES - 1) for j in indices]
+        if not len(prompts) == len(seeds) == len(indices):
+            raise InputError(f"one seed and one index per prompt: got {len(prompts)} prompts, {len(seeds)} seeds, "
+                             f"{len(indices)} indices")
+        s = Settings(prior_steps=prior_steps, decoder_steps=decoder_steps, sr_steps=sr_steps,
+                     prior_guidance=prior_guidance, decoder_guidance=decoder_guidance, sampler=sampler,
+                     candidates=candidates)
+        return self._generate(prompts, seeds, indices, s, callback)
 
     def variations(self, image, *, num_images: int = 1, seed: int | None = None,
                    decoder_steps: int | None = None, sr_steps: int | None = None,
@@ -195,7 +197,7 @@ class Pipeline:
         # one conditioning row for every image: the embedding, and no text (text_keep = 0: the learned null)
         cond = {"image_embed": normalize(embed).astype(np.float32),
                 "text_encodings": np.zeros((1, *self._text_width()), np.float32)}
-        decoder = self._halves(self.decoder, cond, {"image_keep": 1.0, "text_keep": 0.0}, np.zeros_like(call.index),
+        decoder = guidance_halves(self.decoder, cond, {"image_keep": 1.0, "text_keep": 0.0}, np.zeros_like(call.index),
                                self._empty_text())
         x = self._upsample(self._sample(self.decoder, decoder, call, call.streams(DECODER)), call)
         name = Path(image).name if isinstance(image, str | os.PathLike) else ""
@@ -204,6 +206,35 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------------------------
     # the stages
+
+    def _generate(self, prompts: list[str], seed: int | list[int], indices: list[int], s: Settings,
+                  callback) -> list[Image.Image]:
+        """Image r from prompt ``prompts[r]`` with noise (seed or seed[r], ``indices[r]``): text -> prior ->
+        decoder -> SR."""
+        run = s.resolve(self.stages)
+        distinct = list(dict.fromkeys(prompts))  # each prompt's text is encoded (and its prefix run) once
+        position = {p: i for i, p in enumerate(distinct)}
+        prompt_of = np.array([position[p] for p in prompts])  # image -> its prompt
+        tokens, truncated = self.tokenizer.encode(distinct)
+        for p, cut in zip(distinct, truncated):
+            if cut:
+                warnings.warn(f"prompt truncated to {self.tokenizer.context_length - 2} tokens: {p[:60]!r}",
+                              PromptTruncatedWarning, stacklevel=3)
+        text = self._text(distinct, tokens, callback)  # text_embed (P, D), text_encodings (P, L, W), [text_mask]
+        empty = self._empty_text()  # the "" prompt's, when a stage's unconditional branch needs them
+        call = _Call(seed, np.asarray(indices), run, callback)
+        k = run["candidates"]
+        # prior: k candidates per image, conditioned by rows of prompts (its prefix runs once per prompt)
+        prior = guidance_halves(self.prior, text, {self.prior.cond_input: 1.0}, np.repeat(prompt_of, k), empty)
+        pred = self._sample(self.prior, prior, call, call.streams(PRIOR, rows=k))  # (N·k, D)
+        image_embed = select_candidates(pred, text["text_embed"][prompt_of], k, self.embed_norm)[0]  # (N, D)
+        cond = {"image_embed": image_embed, **{name: v[prompt_of] for name, v in text.items()}}
+        decoder = guidance_halves(self.decoder, cond, {"image_keep": 1.0, "text_keep": 1.0}, np.arange(len(prompts)),
+                               empty)
+        x = self._upsample(self._sample(self.decoder, decoder, call, call.streams(DECODER)), call)
+        seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
+        meta = [{"prompt": p, "seed": str(v), "index": str(j)} for p, v, j in zip(prompts, seeds, indices)]
+        return self._images(x, meta, run, with_prior=True)
 
     def _text(self, prompts: list[str], tokens: np.ndarray, callback) -> dict[str, np.ndarray]:
         """The text conditioning of each prompt: text_embed (P, D), text_encodings (P, L, W) and, when the
@@ -227,18 +258,6 @@ class Pipeline:
         spec = self.manifest.graphs[self.decoder.graph]
         enc = next((t for t in spec.inputs if t.name == "text_encodings"), None)
         return tuple(enc.shape[1:]) if enc is not None else (0,)
-
-    @staticmethod
-    def _halves(plan: StagePlan, cond: dict, keep: dict, rows: np.ndarray, empty: dict | None) -> Conditioning:
-        """A guided stage's conditioning: ``cond`` (R rows) with the ``*_keep`` inputs ``keep`` (1 or 0 each) as
-        the conditional half; the unconditional half has every keep at 0 and, for ``uncond_text:
-        empty_prompt``, the empty prompt's text in place of the prompt's."""
-        r = len(next(iter(cond.values())))
-        cond = {**cond, **{name: np.full(r, value, np.float32) for name, value in keep.items()}}
-        uncond = {**cond, **{name: np.zeros(r, np.float32) for name in keep}}
-        if plan.uncond_text == "empty_prompt":
-            uncond.update({name: np.repeat(v, r, 0) for name, v in empty.items()})
-        return Conditioning(cond=cond, rows=rows, uncond=uncond)
 
     def _sample(self, plan: StagePlan, conditioning: Conditioning, call: _Call, streams) -> np.ndarray:
         return run_stage(plan, self.engines, call.run[plan.name], conditioning, streams, call.callback)

@@ -46,6 +46,19 @@ class Conditioning:
     uncond: dict[str, np.ndarray] | None = None  # (R, ...), same keys: the unconditional half; None: unguided
 
 
+def guidance_halves(plan: StagePlan, cond: dict[str, np.ndarray], keep: dict[str, float], rows: np.ndarray,
+                    empty: dict[str, np.ndarray] | None = None) -> Conditioning:
+    """A guided stage's conditioning: ``cond`` (R rows) with the ``*_keep`` inputs ``keep`` (1 or 0 each) as the
+    conditional half; the unconditional half has every keep at 0 and, for a stage with ``uncond_text:
+    empty_prompt``, the empty prompt's text ``empty`` (1 row each) in place of the prompt's."""
+    r = len(next(iter(cond.values())))
+    cond = {**cond, **{name: np.full(r, value, np.float32) for name, value in keep.items()}}
+    uncond = {**cond, **{name: np.zeros(r, np.float32) for name in keep}}
+    if plan.uncond_text == "empty_prompt":
+        uncond.update({name: np.repeat(v, r, 0) for name, v in empty.items()})
+    return Conditioning(cond=cond, rows=rows, uncond=uncond)
+
+
 def chunks(n: int, size: int | None) -> list[slice]:
     """0 … n−1 in slices of ``size`` (None: one slice)."""
     size = n if not size else size
