@@ -197,8 +197,8 @@ class Pipeline:
         # one conditioning row for every image: the embedding, and no text (text_keep = 0: the learned null)
         cond = {"image_embed": normalize(embed).astype(np.float32),
                 "text_encodings": np.zeros((1, *self._text_width()), np.float32)}
-        decoder = guidance_halves(self.decoder, cond, {"image_keep": 1.0, "text_keep": 0.0}, np.zeros_like(call.index),
-                               self._empty_text())
+        keep = {"image_keep": 1.0, "text_keep": 0.0}
+        decoder = guidance_halves(self.decoder, cond, keep, np.zeros_like(call.index), self._empty_text())
         x = self._upsample(self._sample(self.decoder, decoder, call, call.streams(DECODER)), call)
         name = Path(image).name if isinstance(image, str | os.PathLike) else ""
         meta = [{"prompt": "", "variation_of": name, "seed": str(seed), "index": str(j)} for j in call.index]
@@ -229,8 +229,8 @@ class Pipeline:
         pred = self._sample(self.prior, prior, call, call.streams(PRIOR, rows=k))  # (N·k, D)
         image_embed = select_candidates(pred, text["text_embed"][prompt_of], k, self.embed_norm)[0]  # (N, D)
         cond = {"image_embed": image_embed, **{name: v[prompt_of] for name, v in text.items()}}
-        decoder = guidance_halves(self.decoder, cond, {"image_keep": 1.0, "text_keep": 1.0}, np.arange(len(prompts)),
-                               empty)
+        keep = {"image_keep": 1.0, "text_keep": 1.0}
+        decoder = guidance_halves(self.decoder, cond, keep, np.arange(len(prompts)), empty)
         x = self._upsample(self._sample(self.decoder, decoder, call, call.streams(DECODER)), call)
         seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
         meta = [{"prompt": p, "seed": str(v), "index": str(j)} for p, v, j in zip(prompts, seeds, indices)]
