@@ -258,6 +258,20 @@ def test_source_problem_is_one_line_before_any_export(tiny, tmp_path, monkeypatc
     assert exported == [] and not out.parent.exists()
 
 
+def test_without_diffusers_installed_the_cli_says_which_extra(tiny, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from export import all as export_all
+
+    _, pipe_dir, _ = tiny
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    status = export_all.main(["--from-diffusers", str(pipe_dir), "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert status == 1 and err.count("\n") == 1
+    assert err.startswith("export: error: --from-diffusers needs diffusers and transformers") and "[diffusers]" in err
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------------
 # tokenizer
 
