@@ -1,5 +1,8 @@
 """``manifest.json`` of an engine folder (schema ``dalle2-rt/engine-manifest`` v1, ARCHITECTURE.md), built here.
 
+Its machine-readable contract is ``dalle2_rt/runtime/manifest.schema.json`` (JSON Schema, closed objects): a key
+added here is added there too, or tests/test_manifest_schema.py fails on every folder the exporter writes.
+
 Top-level keys (everything the runtime needs to run the folder without this code):
   schema, schema_version   "dalle2-rt/engine-manifest", 1
   name                     the folder's model name
