@@ -114,7 +114,7 @@ class Job:
                 log.debug("progress listener failed", exc_info=True)
 
 
-def _settle(fut: Future, *, result=None, error: BaseException | None = None) -> None:
+def settle(fut: Future, *, result=None, error: BaseException | None = None) -> None:
     try:
         fut.set_exception(error) if error is not None else fut.set_result(result)
     except InvalidStateError:  # cancelled meanwhile
@@ -130,7 +130,8 @@ def encode_png(image: Image.Image, info: dict) -> bytes:
 class Service:
     """A loaded ``Pipeline`` behind a bounded queue and one batching worker thread."""
 
-    def __init__(self, pipe, limits: Limits | None = None, metrics: Metrics | None = None):
+    def __init__(self, pipe, limits: Limits | None = None, metrics: Metrics | None = None, *, worker: bool = True):
+        """worker False: no queue thread; a subclass feeds ``run_pass`` itself (ray_app.py: Ray's @serve.batch)."""
         self.pipe, self.limits = pipe, limits or Limits()
         self.metrics = metrics or Metrics()
         self._queue: collections.deque[Job] = collections.deque()
@@ -139,8 +140,9 @@ class Service:
         self._stopping = False
         self.draining = False  # set on SIGTERM: /readyz says 503, new work is refused
         self._rate = 0.0  # images/s of recent passes (exponential average), for Retry-After
-        self._thread = threading.Thread(target=self._loop, name="dalle2-rt-worker", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._loop, name="dalle2-rt-worker", daemon=True) if worker else None
+        if self._thread is not None:
+            self._thread.start()
 
     # ---------------------------------------------------------------- submitting
 
@@ -186,7 +188,8 @@ class Service:
                     job.cancel()
                 self._queue.clear()
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     # ---------------------------------------------------------------- the worker
 
@@ -228,7 +231,7 @@ class Service:
 
     def _drop(self, job: Job) -> None:
         self.metrics.rejected.labels("cancelled").inc()
-        _settle(job.future, error=Cancelled())
+        settle(job.future, error=Cancelled())
 
     def _loop(self) -> None:
         while True:
@@ -236,15 +239,20 @@ class Service:
             if jobs is None:
                 return
             try:
-                self._run(jobs)
-            except Exception as e:  # noqa: BLE001 - settled into the jobs' futures, never kills the worker
-                if not isinstance(e, Dalle2RTError | Cancelled):
-                    log.exception("pass failed")
-                for job in jobs:
-                    _settle(job.future, error=e)
+                self.run_pass(jobs)
             finally:
                 with self._cond:
                     self._running = 0
+
+    def run_pass(self, jobs: list[Job]) -> None:
+        """Run jobs of one key as one pass and settle their futures (any error too: it never escapes)."""
+        try:
+            self._run(jobs)
+        except Exception as e:  # noqa: BLE001 - settled into the jobs' futures, never kills the worker
+            if not isinstance(e, Dalle2RTError | Cancelled):
+                log.exception("pass failed")
+            for job in jobs:
+                settle(job.future, error=e)
 
     def _run(self, jobs: list[Job]) -> None:
         size = sum(j.size for j in jobs)
@@ -286,4 +294,4 @@ class Service:
                 continue
             results = [Result(encode_png(im, im.info), dict(im.info), im) for im in images]
             self.metrics.images.inc(len(results))
-            _settle(job.future, result=results)
+            settle(job.future, result=results)
