@@ -34,6 +34,30 @@ lint: $(STAMP)
 test: lint engines
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests
 
+# Triton (README "Serving with Triton"). triton-env: where the Python-backend models of the tritonserver that
+# nvidia-pytriton bundles run (its stub needs numpy<2, so not in .venv); the client side is the triton extra.
+TRITON_ENV := $(VENV)/triton-env
+TRITON_REPO := out/triton-repo
+
+triton-env: $(TRITON_ENV)/.installed
+
+$(TRITON_ENV)/.installed: $(STAMP)
+	$(PY) -m pip install -q -e '.[triton]'
+	@test -x $(TRITON_ENV)/bin/python || $(PYTHON) -m venv $(TRITON_ENV)
+	$(TRITON_ENV)/bin/python -m pip install -q 'numpy<2' 'nvidia-pytriton==0.7.0' onnxruntime pillow regex ftfy
+	@touch $@
+
+# The bundled tritonserver on loopback, the bundled model (graphs served by the Python-backend stand-in), one image.
+triton-demo: engines triton-env
+	$(PY) -m export.triton $(ENGINES) --out $(TRITON_REPO) --platform python --force
+	$(PY) -m dalle2_rt.triton.server $(TRITON_REPO) --demo "$(PROMPT)" --seed 0 -o out
+
+# CUDA and TensorRT on a GPU machine (scripts/gpu_check.py, <= 10 minutes); not exercised yet.
+gpu-check: engines
+	$(PY) scripts/gpu_check.py
+
+.PHONY: triton-env triton-demo gpu-check
+
 # The web page in a real headless browser (tests/test_serve_browser.py): Debian's chromium, installed here when
 # missing and run as root (CI), driven by Playwright's Python package; no browser is ever downloaded.
 test-browser: $(STAMP)

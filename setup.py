@@ -47,6 +47,11 @@ setup(
         "trt": ["tensorrt>=10.0"],
         "serve": SERVE,
         "ray": [*SERVE, "ray[serve]>=2.9"],  # dalle2-rt serve --ray / serve run dalle2_rt.serve.ray_app:app
+        # --backend triton (HTTP and gRPC clients) and export/triton.py's config checks (model_config_pb2). Not
+        # tritonclient[grpc]: it pins protobuf<7 and would downgrade the protobuf 7 others here need; its gRPC
+        # client runs on grpcio + protobuf 7 (tested with 7.36).
+        # The server side (nvidia-pytriton, numpy<2) lives in .venv/triton-env: `make triton-env`.
+        "triton": ["tritonclient[http]>=2.40", "grpcio>=1.60", "protobuf>=6.30"],
         "dev": ["pytest>=7.0", "ruff>=0.4", "jsonschema>=4.18"],  # jsonschema: the manifest schema tests
     },
     entry_points={

@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("runtime")
     run.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime",
                      help="onnxruntime (default: TensorRT or CUDA provider when available, else CPU), tensorrt "
-                          "(native engines, needs a GPU), torch (reference, needs the train extra)")
+                          "(native engines, needs a GPU), torch (reference, needs the train extra), triton (each graph "
+                          "call on a Triton server, --url)")
+    run.add_argument("--url", metavar="URL",
+                     help="with --backend triton: the server, http://HOST:8000 or grpc://HOST:8001")
     run.add_argument("--engines", metavar="DIR", help="engine folder (with manifest.json)")
     run.add_argument("--threads", type=_typed(lambda v: check_int("threads", v, 1)), metavar="N",
                      help="CPU threads per graph (default: one per core). On a machine busy with other work, "
@@ -187,7 +190,7 @@ def _main(argv, shared_threads: bool) -> int:
 
     try:
         pipe = Pipeline.load(args.engines, backend=args.backend, threads=args.threads,
-                             shared_threads=shared_threads)
+                             shared_threads=shared_threads, url=args.url)
         if jobs["prompts"]:
             pipe.settings(args.prior_steps, args.decoder_steps, args.sr_steps, args.prior_guidance,
                           args.decoder_guidance, args.sampler, args.candidates)
@@ -253,6 +256,8 @@ def _plan(args) -> dict:
         raise InputError(f"give one of PROMPT, --from-file or --variations, not {' and '.join(given)}")
     if not given:
         raise InputError("no prompt given (try: dalle2-rt \"a red circle\")")
+    if args.url is not None and args.backend != "triton":
+        raise InputError("--url goes with --backend triton")
     if args.variations is not None:
         from .runtime.images import open_image
 

@@ -20,6 +20,8 @@ by the manifest's output names. The pipeline's loop is written once against this
 - ``tensorrt``: native ``.plan`` engines through the TensorRT 10 Python API and cuda-python. The plan for
   this GPU and TensorRT version is chosen by ``trt_keys``; an execution context is not re-entrant, so
   each engine serialises its calls with a lock.
+- ``triton``: each graph call an inference request to a Triton Inference Server (``url=`` http://, grpc://,
+  or ``bls`` inside a Triton Python-backend model); ``triton_backend.py``.
 - ``torch``: the reference. Rebuilds the PyTorch modules from the source checkpoints recorded in the
   manifest (``sources``) and runs the same loop on them; imports torch lazily and needs the train extra.
 
@@ -35,7 +37,7 @@ import numpy as np
 from .errors import BackendUnavailableError, EngineFolderError, InputError
 from .manifest import GraphSpec, Manifest, sha256_file, user_cache_dir
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "tensorrt", "torch", "triton")
 ORT_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 TRT_NEEDS = "TensorRT backend needs tensorrt and a CUDA GPU"
 
@@ -384,6 +386,10 @@ class TorchBackend:
 
 def open_backend(name: str, manifest: Manifest, **options):
     """The backend called ``name`` (one of ``BACKENDS``) over ``manifest``."""
+    if name == "triton":  # a Triton Inference Server's models (triton_backend.py), imported only when asked for
+        from .triton_backend import TritonBackend
+
+        return TritonBackend(manifest, **options)
     classes = {"onnxruntime": OnnxRuntimeBackend, "tensorrt": TensorRTBackend, "torch": TorchBackend}
     if name not in classes:
         raise InputError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")

@@ -78,7 +78,7 @@ class Pipeline:
     def load(cls, folder: str | os.PathLike | None = None, backend: str = "onnxruntime", *,
              providers: list[str] | None = None, threads: int | None = None, device_id: int = 0,
              verify: bool = True, prefix_cache: bool = True, shared_threads: bool = False,
-             engines: str | os.PathLike | None = None) -> Pipeline:
+             engines: str | os.PathLike | None = None, url: str | None = None) -> Pipeline:
         """Read the engine folder ``folder`` (None: ``default_engines()``), check every file's sha256, resolve
         the sampling stages, open ``backend`` on the graphs they run.
 
@@ -88,7 +88,8 @@ class Pipeline:
         shared_threads: onnxruntime sessions share one process-wide thread pool (faster; but afterwards
         onnxruntime refuses sessions with their own pools anywhere in the process, so only where you own
         the process: the CLI does it; see ``backends.py``). engines: the former name of ``folder``, still
-        accepted as a keyword (``self.engines`` is the dict of opened graphs).
+        accepted as a keyword (``self.engines`` is the dict of opened graphs). url: the server of the
+        ``triton`` backend (``http://HOST:8000``, ``grpc://HOST:8001``; ``triton_backend.py``).
         """
         if engines is not None:
             if folder is not None:
@@ -112,6 +113,8 @@ class Pipeline:
         options = {"threads": threads, "device_id": device_id}
         if backend == "onnxruntime":
             options.update(providers=providers, shared_pool=shared_threads)
+        if backend == "triton":
+            options["url"] = url
         runner = open_backend(backend, manifest, **options)
         opened = {g: runner.engine(g) for g in graphs_to_open(manifest, stages)}
         return cls(manifest, runner, opened, tokenizer, stages)
