@@ -128,3 +128,12 @@ def test_the_torch_backend_loads_without_training():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_deserialiser_is_torch_free():
+    """``config_dict`` can serve readers that must not import torch (a TOML config, the runtime)."""
+    code = "import sys, dalle2_rt.models.config_dict; print(sorted({m.split('.')[0] for m in sys.modules} & " \
+           "{'torch', 'open_clip', 'safetensors', 'numpy'}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -8,9 +8,8 @@ without the code that trained it (constructor arguments travel with the weights)
 weights goes through here: the torch reference backend (``dalle2_rt.runtime.torch_reference``), the
 exporter (``export/sources.py``) and training (``dalle2_rt.training.stages``).
 
-Deserialising a config refuses a key the dataclass does not have, naming it: a config written by a newer
-version (or a misspelt TOML override) would otherwise build a different network than the one it describes,
-silently. Keys the dict lacks take the dataclass default, so folders written before a field was added load.
+Configs are (de)serialised by ``config_dict.py`` (torch-free, so a TOML reader can use it too): an unknown key
+is refused by name, a missing one takes the dataclass default.
 
 A save is atomic through a sibling ``<folder>.old`` (``checkpoint._write_atomic_dir``); ``resolve`` is its
 read side: the folder to read when a kill landed between the two renames.
@@ -28,16 +27,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .clip import ClipConfig, ClipImageEncoder, ClipTextEncoder, build_clip
+from .config_dict import ConfigError, config_from_dict, config_to_dict
 from .decoder import Decoder, DecoderConfig
 from .prior import DiffusionPrior, PriorConfig, PriorPrefix, PriorStep
 from .sr import SRConfig, SuperRes
 
+__all__ = ["KINDS", "META", "WEIGHTS", "CheckpointError", "ConfigError", "Kind", "Loaded", "build", "check_weights",
+           "config_from_dict", "config_to_dict", "kind", "load", "load_weights", "read_config", "read_meta", "resolve"]
+
 WEIGHTS = "model.safetensors"
 META = "model.json"
-
-
-class ConfigError(ValueError):
-    """A config dict that does not describe its dataclass (a key it has no field for)."""
 
 
 class CheckpointError(ValueError):
@@ -70,41 +69,6 @@ def kind(name: str) -> Kind:
     if name not in KINDS:
         raise CheckpointError(f"unknown checkpoint kind {name!r}; known: {', '.join(KINDS)}")
     return KINDS[name]
-
-
-# --------------------------------------------------------------------------------------------------------
-# config dataclasses <-> dicts
-
-
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def config_from_dict(cls, data: dict, *, where: str = ""):
-    """Rebuild the (possibly nested) config dataclass ``cls`` from its dict.
-
-    Refuses a key ``cls`` has no field for (ConfigError naming it, under ``where``); missing keys take
-    the field's default; JSON/TOML lists become tuples where the field is a tuple.
-    """
-    label = where or cls.__name__
-    if not isinstance(data, dict):
-        raise ConfigError(f"{label}: expected an object of {cls.__name__} fields, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{label}: unknown key{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(repr(k) for k in unknown)} (a {cls.__name__} has "
-                              f"{', '.join(fields)})")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            value = config_from_dict(hint, value, where=f"{label}.{name}")
-        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------
