@@ -386,7 +386,8 @@ def test_sigterm_answers_every_accepted_request_then_exits(tiny_engines):
 def test_serve_user_errors_are_one_line(tmp_path):
     cases = [(["--port", "-3"], "must be >= 0"), (["--max-batch", "zero"], "is not an integer"),
              (["--engines", str(tmp_path / "none"), "--port", "0"], str(tmp_path / "none")),
-             (["--replicas", "2"], "--replicas needs --ray")]
+             (["--replicas", "2"], "--replicas needs --ray"), (["--timeout", "0"], "--timeout must be > 0"),
+             (["--max-images", "32", "--max-queue", "20"], "could never be queued")]
     for argv, words in cases:
         proc = subprocess.run([sys.executable, "-c", "import sys; from dalle2_rt.cli import entry; sys.exit(entry())",
                                "serve", *argv], capture_output=True,

@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_images > 64:
         return _fail("--max-images is at most 64 (the pipeline's limit per prompt)", 2)
+    if args.max_images > args.max_queue:
+        return _fail(f"--max-images {args.max_images} exceeds --max-queue {args.max_queue}: such requests could "
+                     "never be queued", 2)
+    if args.timeout <= 0:
+        return _fail("--timeout must be > 0 seconds", 2)
     if args.replicas > 1 and not args.ray:
         return _fail("--replicas needs --ray (one process serves one pipeline)", 2)
     try:
