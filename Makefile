@@ -7,7 +7,7 @@ ENGINES := engines/shapes-v1
 CHECKPOINTS := checkpoints/shapes-v1
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup engines demo test lint bench train clean test-browser
+.PHONY: setup engines demo test lint bench train train-gpu clean test-browser
 
 setup: $(STAMP)
 
@@ -70,7 +70,12 @@ bench: engines
 	$(PY) -m bench
 
 train: $(STAMP)
-	$(VENV)/bin/dalle2-train all --config configs/shapes-v1.toml
+	$(VENV)/bin/dalle2-train all --config configs/shapes-v2.toml
+
+# The same recipe on a CUDA GPU (README "Training on a GPU"): the networks on the GPU, the data on the CPU.
+# Resumes from runs/shapes-v2 like `make train`; copy runs/shapes-v2 back to continue on the CPU or bundle it.
+train-gpu: $(STAMP)
+	$(VENV)/bin/dalle2-train all --config configs/shapes-v2.toml --device cuda --threads $$(nproc)
 
 clean:
 	rm -rf $(VENV) engines/*/ out

@@ -101,7 +101,18 @@ def main(argv=None) -> int:
     for opt in ("prior-guidance", "decoder-guidance"):
         p.add_argument(f"--{opt}", type=float, help="override the manifest default")
     p.add_argument("--sampler", help="override the manifest default")
+    p.add_argument("--stages", action="store_true",
+                   help="fidelity by stage instead (CLIP, prior, decoder reconstruction, SR, end to end; "
+                        "bench/stages.py) at the manifest defaults")
+    p.add_argument("--groups", type=int, default=4,
+                   help="--stages: groups of 100 captions for CLIP, prior and end to end (default 4)")
+    p.add_argument("--recon", type=int, default=400,
+                   help="--stages: fully specified single-object renders for decoder and SR (default 400)")
     args = p.parse_args(argv)
+    if args.stages:
+        from bench.stages import main_stages
+
+        return main_stages(Pipeline.load(args.engines, threads=args.threads), args)
     settings = {k: getattr(args, k) for k in ("prior_steps", "decoder_steps", "sr_steps", "candidates",
                                                "prior_guidance", "decoder_guidance", "sampler")
                 if getattr(args, k) is not None}

@@ -9,6 +9,7 @@ EPILOG = """examples:
   dalle2-train all --config configs/shapes-v1.toml          # the bundled model's recipe
   dalle2-train decoder --config my.toml --max-steps 100     # resume/extend one stage, stop after 100 steps
   torchrun --nproc_per_node=2 -m dalle2_rt.training.cli prior --config my.toml   # data-parallel
+  dalle2-train all --config configs/shapes-v2.toml --device cuda   # on a GPU (make train-gpu)
 
 Checkpoints go to <out_dir>/<stage>/ (model.safetensors + model.json for export, state.* for resuming);
 rerunning the same command resumes from the last checkpoint."""
@@ -22,6 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", help="override [run] out_dir")
     p.add_argument("--max-steps", type=int, help="stop after this many steps of this run (checkpointed)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's, else torch's)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"],
+                   help="where the networks train (default: the config's [run] device, else cpu); the data "
+                        "and noise stay on the CPU, so a run draws the same batches on either")
     return p.parse_args(argv)
 
 
@@ -41,10 +45,13 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, out_dir=args.out_dir)
     if args.threads:
         cfg = dataclasses.replace(cfg, threads=args.threads)
+    if args.device:
+        cfg = dataclasses.replace(cfg, device=args.device)
     if args.max_steps is not None and args.max_steps <= 0:
         print("dalle2-train: --max-steps must be positive", file=sys.stderr)
         return 2
     from dalle2_rt.training import stages
+    from dalle2_rt.training.loop import WarmStartError
 
     fn = {"clip": stages.train_clip, "prior": stages.train_prior, "decoder": stages.train_decoder,
           "sr": stages.train_sr, "all": stages.train_all}[args.stage]
@@ -52,8 +59,18 @@ def main(argv=None) -> int:
         print(f"dalle2-train: {args.stage} needs a trained CLIP in {cfg.stage_dir('clip')}/model; "
               "run `dalle2-train clip` first", file=sys.stderr)
         return 2
+    from dalle2_rt.training.device import resolve_device
+
+    try:
+        resolve_device(cfg.device)
+    except ValueError as e:
+        print(f"dalle2-train: {e}", file=sys.stderr)
+        return 2
     try:
         folder = fn(cfg, max_steps=args.max_steps)
+    except WarmStartError as e:
+        print(f"dalle2-train: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("dalle2-train: interrupted; resume from the last checkpoint by rerunning", file=sys.stderr)
         return 130

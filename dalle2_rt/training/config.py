@@ -23,6 +23,8 @@ from pathlib import Path
 
 import tomllib
 
+from dalle2_rt.models import config_dict
+
 STAGES = ("clip", "prior", "decoder", "sr")
 
 
@@ -43,6 +45,12 @@ class StageRun:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     bf16: bool = False  # CPU/GPU autocast in bfloat16
+    schedule: str = "constant"  # learning rate after warm-up: constant | cosine (to lr * min_lr_ratio at `steps`)
+    min_lr_ratio: float = 0.1
+    # A finished model folder to start from when <out_dir>/<stage>/state does not exist (a new machine: the
+    # committed checkpoints/<name>/<stage>/model). Weights and EMA are loaded, the optimizer starts fresh.
+    init_from: str = ""
+    attribute_weight: float = 0.0  # CLIP only: weight of the attribute-head loss (training/attributes.py)
 
 
 @dataclass
@@ -50,6 +58,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: str = "cpu"  # cpu | cuda | auto (cuda when torch sees a GPU); see training/device.py
     log_every: int = 10
     ckpt_every: int = 200  # steps between checkpoints
     sample_every: int = 1000  # steps between sample grids (0 = never)
@@ -72,11 +81,11 @@ class ConfigError(ValueError):
 
 
 def _build(cls, data: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
-    return cls(**data)
+    """The project's one deserialiser (``models/config_dict.py``: an unknown key is refused by name)."""
+    try:
+        return config_dict.config_from_dict(cls, data, where=where)
+    except config_dict.ConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 def config_from_dict(data: dict) -> TrainConfig:
@@ -93,6 +102,8 @@ def config_from_dict(data: dict) -> TrainConfig:
         if name not in STAGES:
             raise ConfigError(f"[stages.{name}]: unknown stage; known: {', '.join(STAGES)}")
         stages[name] = _build(StageRun, overrides, f"[stages.{name}]")
+        if stages[name].schedule not in ("constant", "cosine"):
+            raise ConfigError(f"[stages.{name}]: schedule must be constant or cosine, got {stages[name].schedule!r}")
     model = data.pop("model", {})
     for name in model:
         if name not in STAGES:

@@ -16,7 +16,7 @@ from dalle2_rt.world import world_stream
 
 def source_stream(src: DataSource, seed: int, size: int, skips) -> Iterator[tuple[np.ndarray, str]]:
     if src.kind == "world":
-        return world_stream(seed, size=size)
+        return world_stream(seed, size=size, labels=True)
     from dalle2_rt.training.datasets import iter_image_folder, iter_tar_shards
 
     if src.kind == "folder":
@@ -26,8 +26,9 @@ def source_stream(src: DataSource, seed: int, size: int, skips) -> Iterator[tupl
 
 
 def batch_stream(sources: list[DataSource], batch_size: int, seed: int, size: int = 64,
-                 skips=None) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Endless batches: images uint8 (B, size, size, 3) and their captions.
+                 skips=None) -> Iterator[tuple[np.ndarray, list[str], list]]:
+    """Endless batches: images uint8 (B, size, size, 3), their captions, and their labels: ``(spec, scene)``
+    for a shapes-world item, ``None`` for a user's image (a folder or a shard knows only its caption).
 
     ``skips`` (a ``datasets.SkipCounter``) counts the broken items the file-based sources skipped."""
     # Factories, not generator objects: mixed_stream restarts a finite source (a folder, shards) when it
@@ -37,15 +38,16 @@ def batch_stream(sources: list[DataSource], batch_size: int, seed: int, size: in
 
     items = mixed_stream(openers, [s.weight for s in sources], seed)
     while True:
-        imgs, caps = [], []
-        for img, cap in items:
+        imgs, caps, labels = [], [], []
+        for img, cap, *label in items:
             imgs.append(img)
             caps.append(cap)
+            labels.append(label[0] if label else None)
             if len(imgs) == batch_size:
                 break
         if not imgs:
             raise RuntimeError("the training data yielded no usable item (every source empty or skipped)")
-        yield np.stack(imgs), caps
+        yield np.stack(imgs), caps, labels
 
 
 def to_pixels(images: np.ndarray, size: int | None = None):

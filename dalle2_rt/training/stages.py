@@ -23,8 +23,10 @@ from dalle2_rt.models.decoder import Decoder
 from dalle2_rt.models.prior import DiffusionPrior
 from dalle2_rt.models.sr import SuperRes
 from dalle2_rt.training import samples
+from dalle2_rt.training.attributes import AttributeHeads, image_targets, text_targets
 from dalle2_rt.training.config import TrainConfig
 from dalle2_rt.training.data import to_pixels
+from dalle2_rt.training.device import OnDevice, resolve_device
 from dalle2_rt.training.diffusion import Diffusion
 from dalle2_rt.training.loop import StageSpec, train_stage
 
@@ -70,7 +72,10 @@ def clip_spec(cfg: TrainConfig) -> StageSpec:
         ccfg = model_config(cfg, "clip")
         clip = build_clip(ccfg)
 
-    def loss(model, images, captions, gen):
+    weight = cfg.stage("clip").attribute_weight
+    heads = AttributeHeads(ccfg.embed_dim) if weight > 0 else None
+
+    def loss(model, images, captions, gen, labels=None):
         pixels = to_pixels(images, ccfg.image_size)
         mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).reshape(1, 3, 1, 1)
         std = torch.tensor(open_clip.OPENAI_DATASET_STD).reshape(1, 3, 1, 1)
@@ -79,11 +84,17 @@ def clip_spec(cfg: TrainConfig) -> StageSpec:
         same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
         target = same / same.sum(1, keepdim=True)
         logits = scale * img @ txt.t()  # (B, B)
-        return 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                      + torch.sum(-target * F.log_softmax(logits.t(), 1), 1).mean())
+        contrastive = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                             + torch.sum(-target * F.log_softmax(logits.t(), 1), 1).mean())
+        if heads is None:
+            return contrastive
+        specs = [lab[0] if lab else None for lab in labels]
+        scenes = [lab[1] if lab else None for lab in labels]
+        parts = heads.losses(img, txt, image_targets(scenes), text_targets(specs))
+        return contrastive + weight * sum(parts.values()) / len(parts)
 
     return StageSpec("clip", "clip", clip, ccfg, loss,
-                     extra_meta={"open_clip_cfg": ccfg.open_clip_cfg()})
+                     extra_meta={"open_clip_cfg": ccfg.open_clip_cfg()}, aux=heads)
 
 
 class _FrozenClip:
@@ -91,8 +102,9 @@ class _FrozenClip:
 
     def __init__(self, cfg: TrainConfig):
         self.clip, self.cfg = load_clip(cfg.stage_dir("clip") / "model")
-        self.text = ClipTextEncoder(self.clip)
-        self.image = ClipImageEncoder(self.clip)
+        device = resolve_device(cfg.device)
+        self.text = OnDevice(ClipTextEncoder(self.clip).to(device), device)
+        self.image = OnDevice(ClipImageEncoder(self.clip).to(device), device)
 
     @torch.no_grad()
     def __call__(self, images, captions):
@@ -166,7 +178,8 @@ def train_prior(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
 
 
 def train_decoder(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
-    """Train the decoder U-Net (eps-MSE; image embedding dropped 10 %, text 50 %) on the frozen CLIP."""
+    """Train the decoder U-Net (MSE on its parameterization's target, v for shapes-v1; image embedding dropped
+    10 %, text 50 %) on the frozen CLIP."""
     return train_stage(decoder_spec(cfg), cfg, max_steps=max_steps)
 
 

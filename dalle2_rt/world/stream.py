@@ -12,8 +12,11 @@ from .sampling import random_caption_spec, sample_scene
 
 
 def world_stream(seed: int, size: int = 64, two_object_prob: float = 0.4,
-                 paraphrase_prob: float = 0.3) -> Iterator[tuple[np.ndarray, str]]:
+                 paraphrase_prob: float = 0.3, labels: bool = False) -> Iterator[tuple]:
     """Yield (uint8 (size, size, 3) image, caption) forever; the same seed gives the same sequence.
+
+    With ``labels`` each item also carries ``(spec, scene)``: what the caption names and what was drawn (the
+    attribute heads of CLIP training read them). The images and captions are the same either way.
 
     Captions are canonical with probability 1 - paraphrase_prob, which must stay >= 0.5 so that the canonical
     grammar (what evaluation prompts use) dominates training.
@@ -27,4 +30,5 @@ def world_stream(seed: int, size: int = 64, two_object_prob: float = 0.4,
     while True:
         spec = random_caption_spec(rng, two_object_prob)
         scene = sample_scene(spec, rng)
-        yield render(scene, size), canonical_or_paraphrase(spec, rng, paraphrase_prob)
+        item = render(scene, size), canonical_or_paraphrase(spec, rng, paraphrase_prob)
+        yield (*item, (spec, scene)) if labels else item

@@ -1,0 +1,179 @@
+"""The shapes-v2 recipe's training pieces: attribute targets and heads, warm starts, the cosine schedule, devices."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from dalle2_rt.training import loop, stages  # noqa: E402
+from dalle2_rt.training.attributes import IGNORE, AttributeHeads, image_targets, text_targets  # noqa: E402
+from dalle2_rt.training.config import ConfigError, StageRun, config_from_dict  # noqa: E402
+from dalle2_rt.training.data import batch_stream  # noqa: E402
+from dalle2_rt.training.device import OnDevice, resolve_device  # noqa: E402
+from dalle2_rt.world import CaptionSpec, Scene, SceneObject, score_spec, world_stream  # noqa: E402
+from tests.conftest import tiny_config_dict  # noqa: E402
+
+# Indices in the world's vocabulary order (WORLD.md tables): colours red orange yellow green cyan blue purple
+# pink; backgrounds white gray black; shapes circle square triangle star cross.
+RED, BLUE, PINK = 0, 5, 7
+GRAY = 1
+SQUARE, STAR = 1, 3
+
+
+def test_image_targets_read_the_scene():
+    scene = Scene("gray", (SceneObject("blue", "star", 0.3, 0.2, 0.7), SceneObject("pink", "square", 0.28, 0.8, 0.3)))
+    t = image_targets([scene, None])
+    assert t["bg"].tolist() == [GRAY, IGNORE]
+    assert t["known"].tolist() == [1.0, 0.0]
+    assert t["present"][0].nonzero().flatten().tolist() == [BLUE, PINK]
+    assert t["shape"][0, BLUE] == STAR and t["shape"][0, PINK] == SQUARE and t["shape"][0, RED] == IGNORE
+    assert torch.allclose(t["box"][0, BLUE], torch.tensor([0.2, 0.7, 0.3]))
+    assert t["box_mask"][0].sum() == 2 and t["box_mask"][1].sum() == 0
+
+
+def test_text_targets_only_what_the_caption_names():
+    single = CaptionSpec("single", ("red",), ("star",), position="at the top")  # no size, no background
+    two = CaptionSpec("two", ("blue", "pink"), ("square", "star"), relation="above", background="gray")
+    t = text_targets([single, two])
+    assert t["bg"].tolist() == [IGNORE, GRAY]
+    assert t["size"][0].tolist() == [IGNORE] * 8  # "a red star at the top" names no size
+    assert t["position"][0, RED] == 2  # POSITIONS: left right top bottom center
+    assert t["relation"][1, BLUE] == 2 and t["relation"][1, PINK] == 3  # blue above pink = pink below blue
+    assert t["relation"][0].tolist() == [IGNORE] * 8
+    assert t["shape"][1, BLUE] == SQUARE and t["shape"][1, PINK] == STAR
+
+
+def test_attribute_heads_learn_position_from_the_embedding():
+    """Given embeddings that carry cx linearly, the box head's loss falls; given noise it cannot."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    scenes = [Scene("black", (SceneObject("red", "circle", 0.3, float(x), 0.5),)) for x in rng.uniform(0.2, 0.8, 64)]
+    t = image_targets(scenes)
+    cx = t["box"][:, RED, 0:1]
+    informative = torch.nn.functional.normalize(torch.cat([cx - 0.5, torch.ones(64, 1), torch.zeros(64, 6)], 1), dim=1)
+    noise = torch.nn.functional.normalize(torch.randn(64, 8), dim=1)
+    txt = text_targets([None] * 64)
+    final = {}
+    for name, emb in (("informative", informative), ("noise", noise)):
+        heads = AttributeHeads(8)
+        opt = torch.optim.Adam(heads.parameters(), lr=0.05)
+        for _ in range(300):
+            loss = heads.losses(emb, emb, t, txt)["image.box"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        final[name] = loss.item()
+    assert final["informative"] < 0.2 * final["noise"], final
+
+
+def test_world_batches_carry_labels_that_match_their_images():
+    cfg = config_from_dict(tiny_config_dict("unused"))
+    images, captions, labels = next(batch_stream(cfg.data, 6, seed=3))
+    assert len(labels) == 6
+    for img, (spec, scene) in zip(images, labels):
+        assert score_spec(img, spec)["fully_right"]  # the render shows what the spec names
+        assert len(scene.objects) == spec.n_objects
+    # labels do not change the stream: the same seed without labels gives the same images and captions
+    plain = list(itertools.islice(world_stream(3, size=64), 2))
+    with_labels = list(itertools.islice(world_stream(3, size=64, labels=True), 2))
+    for a, b in zip(plain, with_labels):
+        assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_cosine_schedule_endpoints():
+    run = StageRun(steps=110, lr=1e-3, warmup=10, schedule="cosine", min_lr_ratio=0.1)
+    assert loop._lr(4, run) == pytest.approx(1e-3 * 5 / 10)  # warm-up: linear in (step + 1)
+    assert loop._lr(10, run) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert loop._lr(60, run) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # halfway: cos(π/2) = 0
+    assert loop._lr(110, run) == pytest.approx(1e-4)  # the end: lr · min_lr_ratio
+    assert loop._lr(60, StageRun(steps=110, lr=1e-3, warmup=10)) == pytest.approx(1e-3)  # constant
+
+
+def test_config_rejects_an_unknown_schedule(tmp_path):
+    d = tiny_config_dict(tmp_path)
+    d["stages"]["clip"]["schedule"] = "linear"
+    with pytest.raises(ConfigError, match="schedule must be constant or cosine"):
+        config_from_dict(d)
+
+
+def test_clip_with_attribute_heads_trains_saves_heads_only_in_state_and_resumes(tmp_path):
+    d = tiny_config_dict(tmp_path / "run", steps=4)
+    d["stages"]["clip"]["attribute_weight"] = 1.0
+    cfg = config_from_dict(d)
+    stages.train_clip(cfg, max_steps=2)
+    folder = cfg.stage_dir("clip")
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "state" / "state.safetensors"))
+    model = load_file(str(folder / "model" / "model.safetensors"))
+    assert any(k.startswith("aux.") for k in state)  # the heads are trained and kept for resuming
+    assert not any(k.startswith(("aux.", "image.", "text.")) for k in model)  # ... and never exported
+    spec = stages.clip_spec(cfg)
+    before = {k: v.clone() for k, v in spec.aux.state_dict().items()}
+    stages.train_clip(cfg)  # resumes at step 2, restores the heads, runs to 4
+    assert json.loads((folder / "state" / "state.json").read_text())["step"] == 4
+    restored = load_file(str(folder / "state" / "state.safetensors"))
+    assert any(not torch.equal(before[k], restored[f"aux.{k}"]) for k in before)  # trained further, not reset
+
+
+def test_warm_start_loads_model_and_ema_and_refuses_a_mismatch(tmp_path):
+    src = config_from_dict(tiny_config_dict(tmp_path / "a", steps=2))
+    stages.train_sr(src)
+    origin = src.stage_dir("sr") / "model"
+    d = tiny_config_dict(tmp_path / "b", steps=2)
+    d["stages"]["sr"]["init_from"] = str(origin)
+    spec = stages.sr_spec(config_from_dict(d))
+    ema = loop.EMA(spec.model)
+    loop.warm_start(spec.model, ema, spec, str(origin))
+    from dalle2_rt.training import checkpoint
+
+    want = checkpoint.load_weights(origin)
+    for k, v in spec.model.state_dict().items():
+        assert torch.equal(v, want[k].float()) and torch.equal(ema.model.state_dict()[k], want[k].float())
+    other = stages.clip_spec(config_from_dict(tiny_config_dict(tmp_path / "c")))
+    with pytest.raises(loop.WarmStartError, match="'sr' model, this stage trains 'clip'"):
+        loop.warm_start(other.model, loop.EMA(other.model), other, str(origin))
+    with pytest.raises(loop.WarmStartError, match="no model.json"):
+        loop.warm_start(spec.model, ema, spec, str(tmp_path))
+
+
+def test_warm_start_config_mismatch_names_the_field(tmp_path):
+    src = config_from_dict(tiny_config_dict(tmp_path / "a", steps=1))
+    stages.train_sr(src)
+    d = tiny_config_dict(tmp_path / "b")
+    d["model"] = json.loads(json.dumps(d["model"]))
+    d["model"].setdefault("sr", {})["num_timesteps"] = 500
+    spec = stages.sr_spec(config_from_dict(d))
+    with pytest.raises(loop.WarmStartError, match="num_timesteps"):
+        loop.warm_start(spec.model, loop.EMA(spec.model), spec, str(src.stage_dir("sr") / "model"))
+
+
+def test_training_cli_reports_a_bad_init_from_in_one_line(tmp_path, capsys):
+    from dalle2_rt.training import cli
+
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[run]\nout_dir = "{tmp_path / "run"}"\nthreads = 1\n'
+                    f'[stages.sr]\nsteps = 1\nbatch_size = 2\ninit_from = "{tmp_path}"\n')
+    assert cli.main(["sr", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dalle2-train: init_from") and "no model.json" in err and len(err.splitlines()) == 1
+
+
+def test_devices():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="cpu, cuda or auto"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    lin = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3, requires_grad=True)
+    out = OnDevice(lin, torch.device("cpu"))(x)
+    out.sum().backward()  # gradients cross the boundary
+    assert torch.allclose(out, lin(x)) and x.grad is not None and math.isfinite(float(x.grad.sum()))
