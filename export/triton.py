@@ -23,8 +23,8 @@ What it writes (Triton's layout: ``<model>/config.pbtxt`` + ``<model>/1/<file>``
   unclip/1/dalle2_rt/       the runtime and ``dalle2_rt.triton``, vendored (the server's Python needs only
                             numpy, pillow, regex, ftfy; onnxruntime too for the stand-ins)
 
-A graph's external-data files (``<graph>.onnx.data``) are copied beside ``model.onnx`` under their own names,
-which the .onnx references. Every config records the manifest's sha256 (parameter
+Files are copied (``--link``: hard-linked). A graph's external-data files (``<graph>.onnx.data``) go beside
+``model.onnx`` under their own names, which the .onnx references. Every config records the manifest's sha256 (parameter
 ``dalle2_rt.manifest_sha256``), which the client backend checks. The folder is built aside and renamed into
 place; an existing ``--out`` is replaced only with ``--force``.
 
@@ -212,13 +212,17 @@ def check_config(text: str, spec: GraphSpec, manifest_sha256: str) -> list[str]:
 # the repository
 
 
-def _place(src: Path, dst: Path) -> None:
-    """Hard link when the filesystem allows (engine files are large and never modified in place), else copy."""
+def _place(src: Path, dst: Path, link: bool = False) -> None:
+    """Copy ``src`` to ``dst``; ``link``: a hard link where the filesystem allows (no second copy of a large
+    graph, but a write to either path then changes both: the engine folder's hashes would no longer match)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
 
 
 def _plan_key(manifest: Manifest, trt_key: str | None, platform: str) -> str | None:
@@ -251,8 +255,9 @@ def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, plat
                      trt_key: str | None = None, instances: int = 1, kind: str = "auto",
                      gpus: list[int] | None = None, queue_delay_us: int | None = 100, threads: int = 1,
                      orchestrator: str | None = ORCHESTRATOR, orchestrator_instances: int = 1, force: bool = False,
-                     verify: bool = True) -> dict:
-    """Write the model repository of ``engines`` to ``out``; returns {model: platform} of what was written."""
+                     verify: bool = True, link: bool = False) -> dict:
+    """Write the model repository of ``engines`` to ``out``; returns {model: platform} of what was written.
+    link: hard-link the graph and plan files instead of copying them (see ``_place``)."""
     if platform not in PLATFORMS:
         raise RepositoryError(f"unknown platform {platform!r}; choose from {', '.join(PLATFORMS)}")
     if kind not in KINDS:
@@ -278,11 +283,11 @@ def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, plat
                 raise RepositoryError(f"graph {name!r} has no TensorRT plan for {key}")
             version = tmp / name / "1"
             if plat == "tensorrt":
-                _place(spec.trt[key], version / "model.plan")
+                _place(spec.trt[key], version / "model.plan", link)
             else:
-                _place(spec.file, version / "model.onnx")
+                _place(spec.file, version / "model.onnx", link)
                 for data in spec.raw.get("external_data", []):
-                    _place(manifest.path(data), version / Path(data).name)
+                    _place(manifest.path(data), version / Path(data).name, link)
                 if plat == "python":
                     shutil.copy2(GRAPH_MODEL, version / "model.py")
             config = graph_config(spec, platform=plat, manifest_sha256=manifest.sha256, instances=instances,
@@ -334,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="instances of the orchestrator (each runs one request's loop at a time; default 1)")
     p.add_argument("--no-orchestrator", action="store_true", help="graph models only")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--link", action="store_true",
+                   help="hard-link the graph files instead of copying them (same filesystem; never edit them in place)")
     args = p.parse_args(argv)
     try:
         gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
@@ -341,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             args.engines, args.out, platform=args.platform, trt_key=args.trt_key, instances=args.instances,
             kind=args.kind, gpus=gpus, queue_delay_us=None if args.no_dynamic_batching else args.queue_delay_us,
             threads=args.threads, orchestrator=None if args.no_orchestrator else args.orchestrator,
-            orchestrator_instances=args.orchestrator_instances, force=args.force)
+            orchestrator_instances=args.orchestrator_instances, force=args.force, link=args.link)
     except (Dalle2RTError, ValueError) as e:
         print(f"export.triton: error: {e}", file=sys.stderr)
         return 1

@@ -181,6 +181,13 @@ def test_served_config_problems(tiny_engines):
     assert config_problems(bad, spec, m.sha256)
 
 
+def test_graph_files_are_copies_unless_linked(tiny_engines, ort_repo, tmp_path):
+    src = tiny_engines / "decoder.onnx"
+    assert not (ort_repo / "decoder" / "1" / "model.onnx").samefile(src)  # editing the repository spares the folder
+    writer.write_repository(tiny_engines, tmp_path / "linked", platform="onnxruntime", link=True)
+    assert (tmp_path / "linked" / "decoder" / "1" / "model.onnx").samefile(src)
+
+
 def test_existing_output_needs_force_and_the_cli_says_so(tiny_engines, tmp_path, capsys):
     out = tmp_path / "repo"
     assert writer.main([str(tiny_engines), "--out", str(out), "--no-orchestrator"]) == 0

@@ -194,7 +194,9 @@ def test_server_start_failure_names_the_model(tiny_engines, tmp_path):
     for model in repo.iterdir():  # one model is enough (each starts a stub process)
         if model.name != "decoder":
             shutil.rmtree(model)
-    (repo / "decoder" / "1" / "model.onnx").write_bytes(b"not onnx")
+    broken = repo / "decoder" / "1" / "model.onnx"
+    broken.unlink()  # a new file, whatever the writer made (a copy, or a link to the engine folder's graph)
+    broken.write_bytes(b"not onnx")
     with pytest.raises(triton_server.ServerError, match="decoder"):
         triton_server.LocalServer(repo, startup_timeout=120).start()
 
