@@ -112,10 +112,10 @@ def test_bench_quick_on_tiny_engines(tiny_engines, tmp_path):
         assert math.isclose(sum(v["stages"].values()), v["total"], rel_tol=1e-6)
         assert 0 < v["in_graphs"] <= v["total"]
         graphs = v["graphs"]
-        # the prior's text prefix once (cond + uncond row per image), then 25 guided steps × (2 candidates ×
-        # 2 branches) rows per image; 25 guided decoder steps, 7 SR
+        # the prior's text prefix once for the one prompt (a cond and an uncond row, whatever n is), then 25
+        # guided steps × (2 candidates × 2 branches) rows per image; 25 guided decoder steps, 7 SR
         assert "prior" not in graphs
-        assert graphs["prior_prefix"]["calls"] == 1 and graphs["prior_prefix"]["rows_per_call"] == 2 * int(n)
+        assert graphs["prior_prefix"]["calls"] == 1 and graphs["prior_prefix"]["rows_per_call"] == 2
         assert graphs["prior_step"]["calls"] == 25 and graphs["prior_step"]["rows_per_call"] == 4 * int(n)
         assert graphs["decoder"]["calls"] == 25 and graphs["decoder"]["rows_per_call"] == 2 * int(n)
         assert graphs["sr0"]["calls"] == 7 and graphs["sr0"]["rows_per_call"] == int(n)
