@@ -31,7 +31,8 @@ demo: engines
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint engines
+# triton-env: the Triton server tests (tests/test_triton_server.py) run a real tritonserver; without it they skip
+test: lint engines triton-env
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests
 
 # Triton (README "Serving with Triton"). triton-env: where the Python-backend models of the tritonserver that
