@@ -282,7 +282,7 @@ class Service:
                 im.info["variation_of"] = head.source_name
             per_job = [images]
         else:
-            images = generate(self.pipe, [r for j in jobs for r in j.rows], head.run, callback=progress)
+            images = generate(self.pipe, [r for j in jobs for r in j.rows], head.options, callback=progress)
             per_job, at = [], 0
             for job in jobs:
                 per_job.append(images[at:at + job.size])
