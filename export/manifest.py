@@ -166,7 +166,7 @@ def build_manifest(*, name: str, tools: dict, options: dict, fingerprint: str, s
                    tokenizer: dict, graphs: dict[str, dict], stages: dict, output: dict, trt: dict,
                    files: dict[str, str]) -> dict:
     """The manifest object; every key is documented in this module's docstring."""
-    created = {**tools, "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    created = {**tools, "utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

@@ -18,10 +18,9 @@ Example (see ``configs/shapes-v1.toml`` for the bundled model's recipe)::
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from dalle2_rt.models import config_dict
 
