@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 from dalle2_rt.models.clip import ClipImageEncoder, ClipTextEncoder
 from dalle2_rt.models.prior import PriorPrefix, PriorStep
+from dalle2_rt.runtime.manifest import BATCH_AXIS
 
 from .sources import Source, Sources
 
-BATCH = "batch"  # the name of the dynamic axis, in the ONNX graph and in the manifest
+BATCH = BATCH_AXIS  # the name of the dynamic axis, in the ONNX graph and in the manifest
 
 # How a random input is drawn (``fill``): float normal N(0,1); "unit": normal, L2-normalised over the last
 # axis (CLIP embeddings); "uniform": [0, 1) (pixels); "signed": [-1, 1) (images in diffusion space);

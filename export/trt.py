@@ -39,8 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dalle2_rt.runtime import trt_keys
-
-from .specs import BATCH
+from dalle2_rt.runtime.manifest import BATCH_AXIS as BATCH  # not export.specs: this module stays torch-free
 
 PRECISIONS = ("fp32", "fp16")
 FP32_LAYER_TYPES = {

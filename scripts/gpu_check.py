@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,9 +127,6 @@ def graphs_run(data: dict) -> list[str]:
 def build_plans(folder: Path, precision: str) -> str:
     """TensorRT plans of the graphs the pipeline runs (``graphs_run``) in ``folder`` (a copy), recorded in its
     manifest; returns the key."""
-    # export.trt's builder is torch-free, but its module imports export.specs (torch) for one constant, the
-    # name of the batch axis; this env has no torch, so that constant is provided instead of the module.
-    sys.modules.setdefault("export.specs", types.SimpleNamespace(BATCH="batch"))
     import tensorrt as trt
 
     from dalle2_rt.runtime import trt_keys

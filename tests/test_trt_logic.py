@@ -262,3 +262,15 @@ def test_native_export_builds_plans_through_build_missing(tiny_engines, tiny_che
     export_all.export_folder(tiny_checkpoints, out, name="tiny", quiet=True, trt=True, precision="fp32")
     assert len(calls) == 2 and calls[1]["precision"] == "fp32"
     check_plans(out, "fp32")
+
+
+def test_the_trt_builder_module_imports_no_torch():
+    """scripts/gpu_check.py builds plans with export.trt in an environment without torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, export.trt; print(sorted(m for m in ('torch', 'open_clip', 'onnx') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"

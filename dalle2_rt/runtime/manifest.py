@@ -34,6 +34,7 @@ SCHEMA = "dalle2-rt/engine-manifest"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("eps", "x0", "v")
+BATCH_AXIS = "batch"  # the name of the dynamic batch axis in every graph's shapes and batch profile
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
