@@ -1,6 +1,7 @@
 """The shapes-v2 recipe's training pieces: attribute targets and heads, warm starts, the cosine schedule, devices."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -177,3 +178,21 @@ def test_devices():
     out = OnDevice(lin, torch.device("cpu"))(x)
     out.sum().backward()  # gradients cross the boundary
     assert torch.allclose(out, lin(x)) and x.grad is not None and math.isfinite(float(x.grad.sum()))
+
+
+def test_the_v2_recipe_warm_starts_from_committed_folders_of_the_right_kind():
+    """A machine without runs/ continues shapes-v2 from what the repository holds (issue 11)."""
+    from pathlib import Path
+
+    from dalle2_rt.training.config import STAGES, load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "shapes-v2.toml")
+    for stage in STAGES:
+        folder = repo / cfg.stage(stage).init_from
+        meta = json.loads((folder / "model.json").read_text())
+        assert meta["kind"] == stage, folder
+        assert (folder / "model.safetensors").stat().st_size > 0
+    clip = stages.model_config(cfg, "clip")  # the recipe's CLIP is the committed one's shape
+    committed = json.loads((repo / cfg.stage("clip").init_from / "model.json").read_text())["config"]
+    assert json.loads(json.dumps(dataclasses.asdict(clip))) == committed
