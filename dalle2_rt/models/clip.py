@@ -5,6 +5,11 @@
 ``ClipTextEncoder`` returns both the pooled, projected, L2-normalised text embedding and the per-token
 encodings (the transformer output after ``ln_final``) that the prior and the decoder attend to;
 ``ClipImageEncoder`` applies CLIP's mean/std to pixels in [0, 1] and returns the normalised image embedding.
+
+The image tower is open_clip's ViT (``vision_tower = "vit"``, what open_clip checkpoints hold) or ours,
+``ConvImageTower`` (``"conv"``): a small convolutional tower whose head flattens its 8x8 feature grid instead of
+pooling it, so where a thing is stays in the embedding. The shapes world needs that: a ViT of the bundled size,
+pooled through its class token, learned shape but never position (README "Fidelity by stage").
 """
 from __future__ import annotations
 
@@ -30,6 +35,14 @@ class ClipConfig:
     text_layers: int = 4
     text_width: int = 128
     text_heads: int = 4
+    vision_tower: str = "vit"  # vit (open_clip's) | conv (ConvImageTower: keeps the spatial layout)
+    conv_width: int = 32  # conv tower: channels at the first resolution (doubled at each of 3 downsamplings)
+
+    def __post_init__(self):
+        if self.vision_tower not in ("vit", "conv"):
+            raise ValueError(f"vision_tower must be 'vit' or 'conv', not {self.vision_tower!r}")
+        if self.vision_tower == "conv" and self.image_size % 16:
+            raise ValueError(f"the conv tower needs image_size divisible by 16, not {self.image_size}")
 
     @classmethod
     def from_open_clip_cfg(cls, oc: dict) -> ClipConfig:
@@ -48,6 +61,8 @@ class ClipConfig:
                    text_width=t.get("width", 512), text_heads=t.get("heads", 8))
 
     def open_clip_cfg(self) -> dict:
+        """open_clip's model-config dict. With the conv tower its vision_cfg describes the ViT that
+        ``build_clip`` builds and then replaces, so it alone does not rebuild this model."""
         return {
             "embed_dim": self.embed_dim,
             "vision_cfg": {
@@ -67,10 +82,52 @@ class ClipConfig:
         }
 
 
+class _ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ConvImageTower(nn.Module):
+    """normalised pixels (B, 3, S, S) -> image features (B, D), not normalised (open_clip's ``visual`` contract).
+
+    A stride-2 stem, then a residual block and a stride-2 convolution per level (width, 2 width, 4 width), down to
+    an (S/16)x(S/16) grid; the head squeezes the grid to 32 channels, flattens it (each cell keeps its own
+    weights: position survives) and maps it through a two-layer MLP to D.
+    """
+
+    def __init__(self, image_size: int, width: int, embed_dim: int):
+        super().__init__()
+        w = width
+        self.image_size = image_size
+        self.stem = nn.Conv2d(3, w, 3, stride=2, padding=1)
+        self.levels = nn.Sequential(
+            _ResBlock(w), nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+            _ResBlock(2 * w), nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
+            _ResBlock(4 * w), nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1),
+            _ResBlock(4 * w),
+        )
+        grid = image_size // 16
+        self.squeeze = nn.Sequential(nn.GroupNorm(8, 4 * w), nn.SiLU(), nn.Conv2d(4 * w, 32, 1))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * grid * grid, 512), nn.GELU(), nn.LayerNorm(512),
+                                  nn.Linear(512, embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.squeeze(self.levels(self.stem(x))))
+
+
 def build_clip(cfg: ClipConfig | dict) -> open_clip.CLIP:
-    """An untrained open_clip CLIP from our dataclass or from an open_clip model-config dict."""
+    """An untrained open_clip CLIP from our dataclass or from an open_clip model-config dict; with
+    ``vision_tower = "conv"`` its ``visual`` is a ``ConvImageTower``."""
     oc = cfg.open_clip_cfg() if isinstance(cfg, ClipConfig) else cfg
-    return open_clip.CLIP(**oc)
+    clip = open_clip.CLIP(**oc)
+    if isinstance(cfg, ClipConfig) and cfg.vision_tower == "conv":
+        clip.visual = ConvImageTower(cfg.image_size, cfg.conv_width, cfg.embed_dim)
+    return clip
 
 
 def load_open_clip_checkpoint(path: str, model_cfg: dict) -> tuple[open_clip.CLIP, ClipConfig]:

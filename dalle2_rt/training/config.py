@@ -49,6 +49,9 @@ class StageRun:
     # A finished model folder to start from when <out_dir>/<stage>/state does not exist (a new machine: the
     # committed checkpoints/<name>/<stage>/model). Weights and EMA are loaded, the optimizer starts fresh.
     init_from: str = ""
+    # Parameter-name prefixes that init_from does not load (they start fresh), e.g. ["visual."] for a new image
+    # tower on a trained text tower. With it the configs may differ; every loaded tensor must match in shape.
+    init_fresh: list[str] = field(default_factory=list)
     attribute_weight: float = 0.0  # CLIP only: weight of the attribute-head loss (training/attributes.py)
 
 

@@ -111,10 +111,14 @@ class WarmStartError(ValueError):
     """``init_from`` names a folder this stage cannot start from."""
 
 
-def warm_start(model, ema: EMA, spec: StageSpec, source: str) -> None:
+def warm_start(model, ema: EMA, spec: StageSpec, source: str, fresh: list[str] = ()) -> None:
     """Start from a finished model folder (``checkpoints/<name>/<stage>/model``: weights = the EMA weights
     it was exported from) when ``runs/`` holds no state: model and EMA both take its weights, the optimizer
-    starts fresh. Its kind and config must match this stage's, so that no shape is silently reinterpreted."""
+    starts fresh. Its kind and config must match this stage's, so that no shape is silently reinterpreted.
+
+    ``fresh`` lists parameter-name prefixes that are not loaded (a new image tower on a trained text tower):
+    then the configs may differ (the differences are printed), every other parameter of the model must be in
+    the folder with the same shape, and the folder's parameters under ``fresh`` are ignored."""
     folder = Path(source)
     if not (folder / "model.json").is_file():
         raise WarmStartError(f"init_from {folder}: not a model folder (no model.json)")
@@ -122,10 +126,30 @@ def warm_start(model, ema: EMA, spec: StageSpec, source: str) -> None:
     if meta.get("kind") != spec.kind:
         raise WarmStartError(f"init_from {folder}: a {meta.get('kind')!r} model, this stage trains {spec.kind!r}")
     ours = json.loads(json.dumps(dataclasses.asdict(spec.model_cfg)))  # tuples -> lists, as model.json has them
-    diff = sorted(k for k in set(ours) | set(meta["config"]) if ours.get(k) != meta["config"].get(k))
-    if diff:
+    # a field added after the folder was written holds its default there
+    theirs = {**json.loads(json.dumps(dataclasses.asdict(type(spec.model_cfg)()))), **meta["config"]}
+    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if diff and not fresh:
         raise WarmStartError(f"init_from {folder}: config differs from this stage's in {', '.join(diff)}")
     weights = {k: v.float() for k, v in checkpoint.load_weights(folder).items()}
+    if fresh:
+        def is_fresh(name):
+            return any(name.startswith(prefix) for prefix in fresh)
+        weights = {k: v for k, v in weights.items() if not is_fresh(k)}
+        expected = {k: v.shape for k, v in model.state_dict().items() if not is_fresh(k)}
+        missing = sorted(set(expected) - set(weights))
+        extra = sorted(set(weights) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])
+        for what, names in (("lacks", missing), ("has unknown", extra), ("has a different shape for", wrong)):
+            if names:
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                raise WarmStartError(f"init_from {folder}: {what} {shown} (outside init_fresh {list(fresh)})")
+        model.load_state_dict(weights, strict=False)
+        ema.model.load_state_dict(weights, strict=False)
+        ema.model.load_state_dict({k: v for k, v in model.state_dict().items() if is_fresh(k)}, strict=False)
+        print(f"{spec.name}: warm start from {folder} except {', '.join(fresh)} (fresh); config differs in "
+              f"{', '.join(diff) or 'nothing'}", file=sys.stderr, flush=True)
+        return
     model.load_state_dict(weights)
     ema.model.load_state_dict(weights)
     print(f"{spec.name}: warm start from {folder} (its step {meta.get('step', '?')}; fresh optimizer)",
@@ -164,7 +188,7 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, *, max_steps: int | None = No
         step = meta["step"]
         torch.manual_seed(cfg.seed + 1000 * ddp.rank + step)
     elif run.init_from:
-        warm_start(model, ema, spec, run.init_from)
+        warm_start(model, ema, spec, run.init_from, run.init_fresh)
     net = model
     if ddp.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(

@@ -94,7 +94,8 @@ def clip_spec(cfg: TrainConfig) -> StageSpec:
         return contrastive + weight * sum(parts.values()) / len(parts)
 
     return StageSpec("clip", "clip", clip, ccfg, loss,
-                     extra_meta={"open_clip_cfg": ccfg.open_clip_cfg()}, aux=heads)
+                     extra_meta={"open_clip_cfg": ccfg.open_clip_cfg()} if ccfg.vision_tower == "vit" else {},
+                     aux=heads)
 
 
 class _FrozenClip:
