@@ -72,20 +72,31 @@ def test_page_makes_the_api_s_images(server, page):
     page.fill("#prompt", "a red circle on the left")
     for field, value in {"n": "3", "seed": "7", "prior_steps": "2", "decoder_steps": "2", "sr_steps": "1"}.items():
         page.fill(f"#{field}", value)
-    statuses = []
-    page.expose_function("recordStatus", lambda text: statuses.append(text))  # every status line shown, in order
-    page.evaluate("""() => new MutationObserver(() => window.recordStatus(document.getElementById('status')
-        .textContent)).observe(document.getElementById('status'), {childList: true, characterData: true,
-        subtree: true})""")
+    # every status line shown, in order, logged inside the page. Not by reading #status when the observer's
+    # callback runs: that is batched and asynchronous, and by then a short stage's line ("sr0 1/1") may already be
+    # replaced by the next one. Each mutation record instead holds the text node it added; the page sets
+    # textContent, which puts in a fresh node each time, so that node's text is the line as it was shown.
+    page.evaluate("""() => {
+        const status = document.getElementById('status');
+        window.statusLog = [];
+        window.logStatus = (records) => {
+            for (const r of records) for (const node of r.addedNodes) window.statusLog.push(node.textContent);
+        };
+        window.statusObserver = new MutationObserver(window.logStatus);
+        window.statusObserver.observe(status, {childList: true});
+    }""")
     page.click("#go")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+    statuses = page.evaluate("""() => { window.logStatus(window.statusObserver.takeRecords());  // any not yet delivered
+        window.statusObserver.disconnect(); return window.statusLog; }""")
     images = page.locator("#images img.result")
     assert images.count() == 3
     # decoded by the browser itself: natural size is the engine's output size
     sizes = page.eval_on_selector_all("#images img.result", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
     assert sizes == [[32, 32]] * 3
     assert page.eval_on_selector("#bar", "e => e.value") == 1
-    assert any(s.startswith("decoder ") for s in statuses) and any(s.startswith("sr0 ") for s in statuses)
+    assert statuses[0] == "sending…" and statuses[-1] == "done: seed 7", statuses  # the log is complete
+    assert any(s.startswith("decoder ") for s in statuses) and any(s.startswith("sr0 ") for s in statuses), statuses
 
     api = server.client.post("/v1/images", json={"prompt": "a red circle on the left", "n": 3, "seed": 7,
                                                  "prior_steps": 2, "decoder_steps": 2, "sr_steps": 1}).json()["data"]
