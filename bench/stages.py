@@ -25,12 +25,10 @@ from PIL import Image
 
 from dalle2_rt.runtime.images import to_uint8
 from dalle2_rt.world import (
-    BACKGROUNDS,
-    POSITIONS,
-    SIZES,
     CaptionSpec,
     caption_text,
     random_caption_spec,
+    random_full_single_spec,
     render,
     sample_scene,
     score_many,
@@ -92,10 +90,7 @@ def full_single_specs(n: int, seed: int) -> list[tuple[CaptionSpec, np.ndarray]]
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        base = random_caption_spec(rng, two_object_prob=0.0)
-        spec = CaptionSpec("single", base.colours, base.shapes, size=tuple(SIZES)[int(rng.integers(len(SIZES)))],
-                           position=POSITIONS[int(rng.integers(len(POSITIONS)))],
-                           background=tuple(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))])
+        spec = random_full_single_spec(rng)
         out.append((spec, render(sample_scene(spec, rng), 64)))
     return out
 

@@ -24,9 +24,9 @@ from dalle2_rt.world import (
     POSITIONS,
     SHAPES,
     SIZES,
-    CaptionSpec,
     caption_text,
     random_caption_spec,
+    random_full_single_spec,
     render,
     sample_scene,
 )
@@ -82,10 +82,7 @@ def _embed_singles(folder: Path, n: int, seed: int):
     labels = {a: [] for a in ("colour", "background", "size", "shape", "position")}
     imgs = []
     for _ in range(n):
-        base = random_caption_spec(rng, two_object_prob=0.0)
-        spec = CaptionSpec("single", base.colours, base.shapes, size=tuple(SIZES)[int(rng.integers(2))],
-                           position=POSITIONS[int(rng.integers(5))],
-                           background=tuple(BACKGROUNDS)[int(rng.integers(3))])
+        spec = random_full_single_spec(rng)
         imgs.append(render(sample_scene(spec, rng), 64))
         labels["colour"].append(tuple(COLOURS).index(spec.colours[0]))
         labels["background"].append(tuple(BACKGROUNDS).index(spec.background))

@@ -61,6 +61,14 @@ def random_caption_spec(rng: np.random.Generator, two_object_prob: float = 0.4) 
                        background=_maybe(rng, P_NO_BACKGROUND, _BACKGROUND_WORDS))
 
 
+def random_full_single_spec(rng: np.random.Generator) -> CaptionSpec:
+    """A single-object spec that names every attribute (size, position and background too): the strictest case
+    to score or probe, since every attribute the scorer knows is judged. Colour and shape as random_caption_spec."""
+    base = random_caption_spec(rng, two_object_prob=0.0)
+    return CaptionSpec("single", base.colours, base.shapes, size=_pick(rng, _SIZE_WORDS),
+                       position=_pick(rng, POSITIONS), background=_pick(rng, _BACKGROUND_WORDS))
+
+
 def _box_side(rng: np.random.Generator, size_word: str) -> float:
     return SIZES[size_word] + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
 
