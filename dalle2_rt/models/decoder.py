@@ -3,7 +3,12 @@
 The image embedding is projected and added to the timestep embedding, and projected into
 ``num_image_tokens`` extra context tokens concatenated with the projected CLIP text encodings; the U-Net's
 attention layers attend over that sequence. Both conditionings can be swapped for learned nulls through
-``image_keep`` / ``text_keep`` (training dropout, and the unconditional half of guidance). The output is the
+``image_keep`` / ``text_keep`` (training dropout, and the unconditional half of guidance).
+
+``spatial_map = g > 0`` adds a third path (ours, not the paper's): the embedding is projected to a g×g map of the
+U-Net's first width, upsampled (nearest) and added to its first feature map, so that where the embedding says a
+thing is becomes a bias at that place (shapes-v2: the tokens and the timestep add carried CLIP's position to the
+pixels too slowly). It starts at zero, so adding it to a trained decoder changes nothing until it trains. The output is the
 prediction ``parameterization`` names: eps by default, v for the bundled shapes-v1 decoder
 (``configs/shapes-v1.toml``), stated again in the exported manifest.
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import TimestepMLP, keep_or_null
@@ -30,6 +36,7 @@ class DecoderConfig:
     num_timesteps: int = 1000
     schedule: str = "cosine"
     parameterization: str = "eps"
+    spatial_map: int = 0  # side of the embedding's spatial map added after the U-Net's input conv; 0 = none
 
 
 class Decoder(nn.Module):
@@ -47,6 +54,12 @@ class Decoder(nn.Module):
         self.null_image_embed = nn.Parameter(torch.zeros(cfg.embed_dim))
         self.null_text = nn.Parameter(torch.randn(cfg.context_length, cfg.text_width) * 0.02)
         self.unet = UNet(u)
+        if cfg.spatial_map:
+            if cfg.image_size % cfg.spatial_map:
+                raise ValueError(f"spatial_map {cfg.spatial_map} must divide image_size {cfg.image_size}")
+            self.image_to_map = nn.Linear(cfg.embed_dim, u.channels * u.channel_mults[0] * cfg.spatial_map ** 2)
+            nn.init.zeros_(self.image_to_map.weight)
+            nn.init.zeros_(self.image_to_map.bias)
 
     def forward(self, x_t, t, image_embed, text_encodings, image_keep, text_keep):
         """x_t (B,3,S,S); t (B,); image_embed (B,D) unit-norm CLIP embedding; text_encodings (B,L,W);
@@ -57,4 +70,9 @@ class Decoder(nn.Module):
         b = x_t.shape[0]
         img_tokens = self.image_to_tokens(img).reshape(b, self.cfg.num_image_tokens, self.cfg.context_dim)
         context = self.context_norm(torch.cat([img_tokens, self.text_to_tokens(txt)], dim=1))  # (B, 4+L, C)
-        return self.unet(x_t, emb, context)
+        in_bias = None
+        if self.cfg.spatial_map:
+            g = self.cfg.spatial_map
+            in_bias = F.interpolate(self.image_to_map(img).reshape(b, -1, g, g), scale_factor=self.cfg.image_size // g,
+                                    mode="nearest")
+        return self.unet(x_t, emb, context, in_bias)

@@ -128,8 +128,12 @@ class UNet(nn.Module):
             return h
         return layer(h)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                in_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``in_bias`` (B, channels·mults[0], H, W), if given, is added to the input convolution's output."""
         h = self.conv_in(x)
+        if in_bias is not None:
+            h = h + in_bias
         hs = [h]
         for layer in self.down:
             h = self._run(layer, h, emb, context)
