@@ -8,8 +8,9 @@ attention layers attend over that sequence. Both conditionings can be swapped fo
 ``spatial_map = g > 0`` adds a third path (ours, not the paper's): the embedding is projected to a g×g map of the
 U-Net's first width, upsampled (nearest) and added to its first feature map, so that where the embedding says a
 thing is becomes a bias at that place (shapes-v2: the tokens and the timestep add carried CLIP's position to the
-pixels too slowly). It starts at zero, so adding it to a trained decoder changes nothing until it trains. The output is the
-prediction ``parameterization`` names: eps by default, v for the bundled shapes-v1 decoder
+pixels too slowly). It starts at zero, so adding it to a trained decoder changes nothing until it trains.
+
+The output is the prediction ``parameterization`` names: eps by default, v for the bundled shapes-v1 decoder
 (``configs/shapes-v1.toml``), stated again in the exported manifest.
 """
 from __future__ import annotations
