@@ -61,7 +61,7 @@ def write_tiny_checkpoints(ckpt_dir, model: dict | None = None, seed: int = 0):
     from dalle2_rt.models.sr import SuperRes
     from dalle2_rt.training import checkpoint
     from dalle2_rt.training.config import TrainConfig
-    from dalle2_rt.training.stages import model_config
+    from dalle2_rt.training.stages import clip_links, model_config
 
     ckpt_dir = Path(ckpt_dir)
     cfg = TrainConfig(model=model or TINY_MODEL)
@@ -69,7 +69,7 @@ def write_tiny_checkpoints(ckpt_dir, model: dict | None = None, seed: int = 0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         ccfg = model_config(cfg, "clip")
-        linked = {"embed_dim": ccfg.embed_dim, "text_width": ccfg.text_width, "context_length": ccfg.context_length}
+        linked = clip_links(ccfg)
         stages = {
             "clip": (build_clip, ccfg, {"open_clip_cfg": ccfg.open_clip_cfg()}),
             "prior": (DiffusionPrior, model_config(cfg, "prior", **linked), {}),

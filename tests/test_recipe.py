@@ -196,15 +196,9 @@ def test_the_v2_recipe_warm_starts_from_committed_folders_of_the_right_kind():
         assert (folder / "model.safetensors").stat().st_size > 0
     for stage in STAGES:  # and each committed folder is one the recipe's stage can warm-start from
         kind = registry.kind(stage)
-        model_cfg = stages.model_config(cfg, stage, **_linked(cfg, stage))
+        linked = stages.clip_links(stages.model_config(cfg, "clip")) if stage in ("prior", "decoder") else {}
+        model_cfg = stages.model_config(cfg, stage, **linked)
         model = kind.build(model_cfg)
         spec = types.SimpleNamespace(name=stage, kind=stage, model_cfg=model_cfg)
         loop.warm_start(model, loop.EMA(model), spec, str(repo / cfg.stage(stage).init_from),
                         cfg.stage(stage).init_fresh)
-
-
-def _linked(cfg, stage):
-    if stage not in ("prior", "decoder"):
-        return {}
-    clip = stages.model_config(cfg, "clip")
-    return {"embed_dim": clip.embed_dim, "text_width": clip.text_width, "context_length": clip.context_length}

@@ -7,9 +7,10 @@ encodings (the transformer output after ``ln_final``) that the prior and the dec
 ``ClipImageEncoder`` applies CLIP's mean/std to pixels in [0, 1] and returns the normalised image embedding.
 
 The image tower is open_clip's ViT (``vision_tower = "vit"``, what open_clip checkpoints hold) or ours,
-``ConvImageTower`` (``"conv"``): a small convolutional tower whose head flattens its 8x8 feature grid instead of
-pooling it, so where a thing is stays in the embedding. The shapes world needs that: a ViT of the bundled size,
-pooled through its class token, learned shape but never position (README "Fidelity by stage").
+``ConvImageTower`` (``"conv"``): a small convolutional tower whose head flattens its (S/16)x(S/16) feature grid
+(4x4 at 64x64) instead of pooling it, so where a thing is stays in the embedding. The shapes world needs that: a
+ViT of the bundled size, pooled through its class token, learned shape but never position (README "Fidelity by
+stage").
 """
 from __future__ import annotations
 

@@ -131,28 +131,25 @@ def warm_start(model, ema: EMA, spec: StageSpec, source: str, fresh: list[str] =
     diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     if diff and not fresh:
         raise WarmStartError(f"init_from {folder}: config differs from this stage's in {', '.join(diff)}")
-    weights = {k: v.float() for k, v in checkpoint.load_weights(folder).items()}
-    if fresh:
-        def is_fresh(name):
-            return any(name.startswith(prefix) for prefix in fresh)
-        weights = {k: v for k, v in weights.items() if not is_fresh(k)}
-        expected = {k: v.shape for k, v in model.state_dict().items() if not is_fresh(k)}
-        missing = sorted(set(expected) - set(weights))
-        extra = sorted(set(weights) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])
-        for what, names in (("lacks", missing), ("has unknown", extra), ("has a different shape for", wrong)):
-            if names:
-                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-                raise WarmStartError(f"init_from {folder}: {what} {shown} (outside init_fresh {list(fresh)})")
-        model.load_state_dict(weights, strict=False)
-        ema.model.load_state_dict(weights, strict=False)
-        ema.model.load_state_dict({k: v for k, v in model.state_dict().items() if is_fresh(k)}, strict=False)
-        print(f"{spec.name}: warm start from {folder} except {', '.join(fresh)} (fresh); config differs in "
-              f"{', '.join(diff) or 'nothing'}", file=sys.stderr, flush=True)
-        return
-    model.load_state_dict(weights)
-    ema.model.load_state_dict(weights)
-    print(f"{spec.name}: warm start from {folder} (its step {meta.get('step', '?')}; fresh optimizer)",
+
+    def is_fresh(name: str) -> bool:
+        return name.startswith(tuple(fresh))  # no prefixes: nothing is fresh
+
+    weights = {k: v.float() for k, v in checkpoint.load_weights(folder).items() if not is_fresh(k)}
+    expected = {k: v.shape for k, v in model.state_dict().items() if not is_fresh(k)}
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])
+    for what, names in (("lacks", missing), ("has unknown", extra), ("has a different shape for", wrong)):
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            outside = f" (outside init_fresh {list(fresh)})" if fresh else ""
+            raise WarmStartError(f"init_from {folder}: {what} {shown}{outside}")
+    # the EMA is a copy of the model made before this call, so the fresh parameters already agree in both
+    model.load_state_dict(weights, strict=not fresh)
+    ema.model.load_state_dict(weights, strict=not fresh)
+    fresh_note = f"; fresh: {', '.join(fresh)}, config differs in {', '.join(diff) or 'nothing'}" if fresh else ""
+    print(f"{spec.name}: warm start from {folder} (its step {meta.get('step', '?')}; fresh optimizer{fresh_note})",
           file=sys.stderr, flush=True)
 
 

@@ -46,6 +46,11 @@ def model_config(cfg: TrainConfig, stage: str, **linked):
     return registry.config_from_dict(cls, merged, where=f"[model.{stage}]")
 
 
+def clip_links(c: ClipConfig) -> dict:
+    """The prior's and the decoder's config fields that must equal their CLIP's (``model_config``'s ``linked``)."""
+    return {"embed_dim": c.embed_dim, "text_width": c.text_width, "context_length": c.context_length}
+
+
 def load_clip(folder: Path) -> tuple[torch.nn.Module, ClipConfig]:
     """The trained CLIP of a stage folder (``<out_dir>/clip/model``), frozen, in eval mode."""
     loaded = registry.load(folder, expect="clip")
@@ -117,8 +122,7 @@ class _FrozenClip:
 def prior_spec(cfg: TrainConfig) -> StageSpec:
     frozen = _FrozenClip(cfg)
     c = frozen.cfg
-    pcfg = model_config(cfg, "prior", embed_dim=c.embed_dim, text_width=c.text_width,
-                        context_length=c.context_length)
+    pcfg = model_config(cfg, "prior", **clip_links(c))
     diffusion = Diffusion(pcfg.schedule, pcfg.num_timesteps)
 
     def loss(model, images, captions, gen):
@@ -133,8 +137,7 @@ def prior_spec(cfg: TrainConfig) -> StageSpec:
 def decoder_spec(cfg: TrainConfig) -> StageSpec:
     frozen = _FrozenClip(cfg)
     c = frozen.cfg
-    dcfg = model_config(cfg, "decoder", embed_dim=c.embed_dim, text_width=c.text_width,
-                        context_length=c.context_length)
+    dcfg = model_config(cfg, "decoder", **clip_links(c))
     diffusion = Diffusion(dcfg.schedule, dcfg.num_timesteps)
 
     def loss(model, images, captions, gen):
