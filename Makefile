@@ -7,7 +7,7 @@ ENGINES := engines/shapes-v1
 CHECKPOINTS := checkpoints/shapes-v1
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup engines demo test lint bench train train-gpu clean test-browser
+.PHONY: setup engines demo test lint bench train train-gpu clean test-browser test-ray
 
 setup: $(STAMP)
 
@@ -66,6 +66,11 @@ test-browser: $(STAMP)
 		|| { echo "test-browser needs Debian's chromium: sudo apt-get install -y chromium"; exit 1; }
 	$(PY) -m pip install -q playwright
 	DALLE2_RT_REQUIRE_BROWSER=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_serve_browser.py
+
+# Ray Serve on a local loopback instance (tests/test_serve_ray.py): installs the ray extra into the venv; CI runs it.
+test-ray: $(STAMP)
+	$(PY) -m pip install -q -e '.[ray]'
+	DALLE2_RT_REQUIRE_RAY=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_serve_ray.py
 
 bench: engines
 	$(PY) -m bench

@@ -2,16 +2,20 @@
 
     python -m bench.serve_load                       # engines/shapes-v1, 1 / 4 / 16 clients, 64 images each
     python -m bench.serve_load --clients 1 4 16 --images 64 --threads 2 --max-batch 8 --window-ms 10
+    python -m bench.serve_load --workers 2 --server-threads 1 --max-batch 2   # two passes at once, 1 thread each
     python -m bench.serve_load --screenshot bench/serve_page.png     # also: the web page after a generation
 
 One run measures both sides on the same images (the same prompts and seeds, one image a request):
-1. baseline: ``Pipeline`` in this process, called once per image, one after the other;
-   and, as the ceiling of what batching can give on the machine, the same number of images as calls of 8;
+1. baseline: ``Pipeline`` (in a fresh process per configuration: onnxruntime's shared pool has one size per
+   process) called once per image, one after the other, with --threads threads and with 1 thread; the better
+   of the two is what the service is measured against. Also, as the ceiling of what batching alone can give
+   on the machine, the same number of images as calls of 8 (with --threads);
 2. the service in a subprocess on 127.0.0.1 (``python -m dalle2_rt.serve``), with N closed-loop clients (each
    sends its next request when the previous one is answered) until the images are made;
-3. the baseline again (the machine may be shared: the two baselines show how much it drifted).
+3. the baselines again (the machine may be shared: the two rounds show how much it drifted).
 Every served image is compared with the baseline's: the pixels must be identical (the seed contract).
-Both sides use the same threads (--threads) and onnxruntime's shared thread pool, as the CLI does.
+Both sides use onnxruntime's shared thread pool, as the CLI does; the service runs --workers passes at once
+with --server-threads threads (default: --threads / --workers).
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def baseline(engines, jobs, threads) -> tuple[dict, dict]:
+def baseline(engines, jobs, threads, batched: bool = True) -> tuple[dict, dict]:
     from dalle2_rt import Pipeline
 
     pipe = Pipeline.load(engines, threads=threads, shared_threads=True)
@@ -68,6 +72,8 @@ def baseline(engines, jobs, threads) -> tuple[dict, dict]:
         lat.append(time.perf_counter() - t)
     wall = time.perf_counter() - start
     stats = {"images_per_s": len(jobs) / wall, "p50_s": pct(lat, 50), "p99_s": pct(lat, 99)}
+    if not batched:
+        return stats, pixels
     # the ceiling of batching on this machine: the same images as calls of 8 (one prompt, seeds s … s+7 become
     # indices 0 … 7 of one seed, so other pixels, the same work)
     start = time.perf_counter()
@@ -77,11 +83,20 @@ def baseline(engines, jobs, threads) -> tuple[dict, dict]:
     return stats, pixels
 
 
+def baseline_apart(engines, jobs, threads, batched: bool = True) -> tuple[dict, dict]:
+    """``baseline`` in a fresh process (its own onnxruntime thread pool)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(baseline, (engines, jobs, threads, batched))
+
+
 def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "dalle2_rt.serve", "--port", "0", "--log-level", "warning",
            "--max-batch", str(args.max_batch), "--batch-window-ms", str(args.window_ms), "--max-queue", "256"]
     cmd += ["--engines", str(args.engines)] if args.engines else []
-    cmd += ["--threads", str(args.threads)] if args.threads else []
+    threads = args.server_threads or max(1, args.threads // args.workers)
+    cmd += ["--threads", str(threads), "--workers", str(args.workers)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if "listening on " not in line:
@@ -157,7 +172,9 @@ def main(argv=None) -> int:
     p.add_argument("--engines", type=Path, default=None, help="engine folder (default: engines/shapes-v1)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--images", type=int, default=64, help="images per measurement (one a request)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="baseline threads (default: one a core)")
+    p.add_argument("--workers", type=int, default=1, help="the service's passes at once (serve --workers)")
+    p.add_argument("--server-threads", type=int, help="the service's threads (default: --threads / --workers)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--window-ms", type=float, default=10.0)
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -167,8 +184,15 @@ def main(argv=None) -> int:
     jobs = prompts(args.images)
     engines = args.engines or REPO / "engines" / "shapes-v1"
 
-    base1, reference = baseline(engines, jobs, args.threads)
-    rows, identical = [], True
+    def baselines():
+        return {f"{args.threads} threads": baseline_apart(engines, jobs, args.threads),
+                "1 thread": baseline_apart(engines, jobs, 1, batched=False)} if args.threads > 1 else {
+                "1 thread": baseline_apart(engines, jobs, 1)}
+
+    before = baselines()
+    reference = next(iter(before.values()))[1]
+    identical = all(np.array_equal(b[1][k], reference[k]) for b in before.values() for k in reference)
+    rows = []
     proc, url = start_server(args)
     try:
         for clients in args.clients:
@@ -181,26 +205,34 @@ def main(argv=None) -> int:
     finally:
         proc.terminate()
         proc.wait(60)
-    base2, _ = baseline(engines, jobs, args.threads)
-    base_rate = statistics.mean([base1["images_per_s"], base2["images_per_s"]])
+    after = baselines()
+    rates = {name: statistics.mean([before[name][0]["images_per_s"], after[name][0]["images_per_s"]])
+             for name in before}
+    best = max(rates, key=rates.get)
+    base_rate = rates[best]
 
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores (shared with other work); python {platform.python_version()}")
-    print(f"engines {engines.name}, manifest defaults, {args.images} images a measurement, one a request; threads "
-          f"{args.threads}; --max-batch {args.max_batch} --batch-window-ms {args.window_ms:g}")
-    print(f"served pixels identical to the one-at-a-time Pipeline's: {'yes' if identical else 'NO'}; "
-          f"mean images per pass over the run: {mean_batch:.1f}\n")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}")
+    print(f"engines {engines.name}, manifest defaults, {args.images} images a measurement, one a request; service "
+          f"--workers {args.workers} --threads {args.server_threads or max(1, args.threads // args.workers)} "
+          f"--max-batch {args.max_batch} --batch-window-ms {args.window_ms:g}")
+    print(f"pixels identical (served, and every baseline, to the first baseline's): {'yes' if identical else 'NO'}; "
+          f"mean images per pass over the run: {mean_batch:.1f}; measured against: one at a time, {best}\n")
     print("| | images/s | p50 latency | p99 latency | vs one-at-a-time |")
     print("|---|---|---|---|---|")
-    for name, b in (("Pipeline one at a time (before)", base1), ("Pipeline one at a time (after)", base2)):
-        print(f"| {name} | {b['images_per_s']:.2f} | {b['p50_s'] * 1000:.0f} ms | {b['p99_s'] * 1000:.0f} ms | — |")
-    batched = statistics.mean([base1["batched_8_images_per_s"], base2["batched_8_images_per_s"]])
-    print(f"| Pipeline, 8 images a call (no server; the ceiling of batching here) | {batched:.2f} | — | — | "
+    for name in before:
+        for when, b in (("before", before[name][0]), ("after", after[name][0])):
+            print(f"| Pipeline one at a time, {name} ({when}) | {b['images_per_s']:.2f} | {b['p50_s'] * 1000:.0f} ms | "
+                  f"{b['p99_s'] * 1000:.0f} ms | {b['images_per_s'] / base_rate:.2f}× |")
+    first = next(iter(before))
+    batched = statistics.mean([before[first][0]["batched_8_images_per_s"], after[first][0]["batched_8_images_per_s"]])
+    print(f"| Pipeline, 8 images a call, {first} (no server: what batching alone gives here) | {batched:.2f} | — | — | "
           f"{batched / base_rate:.2f}× |")
     for clients, s in rows:
         print(f"| served, {clients} client{'s' if clients > 1 else ''} | {s['images_per_s']:.2f} | "
               f"{s['p50_s'] * 1000:.0f} ms | {s['p99_s'] * 1000:.0f} ms | {s['images_per_s'] / base_rate:.2f}× |")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_name(), "baseline": [base1, base2], "identical": identical,
+        args.json.write_text(json.dumps({"cpu": cpu_name(), "identical": identical, "measured_against": best,
+                                         "baseline": {n: [before[n][0], after[n][0]] for n in before},
                                          "served": {str(c): s for c, s in rows}, "mean_batch": mean_batch}, indent=1))
     return 0 if identical else 1
 

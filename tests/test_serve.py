@@ -107,8 +107,8 @@ def served(tiny_pipe):
     """A fresh service (own queue and metrics) and server per test, the same loaded pipeline."""
     made = []
 
-    def make(**limits):
-        server = LocalServer(Service(tiny_pipe, Limits(**{"batch_window_s": 0.005, **limits})))
+    def make(workers=1, **limits):
+        server = LocalServer(Service(tiny_pipe, Limits(**{"batch_window_s": 0.005, **limits}), workers=workers))
         made.append(server)
         return server
 
@@ -158,6 +158,42 @@ def test_concurrent_requests_share_one_pass_and_get_their_own_images(served, tin
             assert np.array_equal(np.asarray(decode(item).convert("RGB")), np.asarray(image))
             assert (item["prompt"], item["seed"], item["index"]) == (image.info["prompt"], body["seed"],
                                                                      int(image.info["index"]))
+
+
+def test_two_workers_run_a_second_pass_while_the_first_is_held(served, tiny_pipe):
+    srv = served(workers=2, max_batch=4)
+    release = gate(srv, tiny_pipe)  # worker 1 is inside a pass until released
+    bodies = [{"prompt": "a blue star", "seed": 5, "n": 3, **FAST}, {"prompt": "a red circle", "seed": 2, **FAST}]
+    replies = [srv.client.post("/v1/images", json=b) for b in bodies]  # answered by worker 2, one after the other
+    assert [r.status_code for r in replies] == [200, 200]
+    assert srv.service.queued_images() == 1  # only the held gate's image
+    for body, reply in zip(bodies, replies):
+        alone = tiny_pipe(body["prompt"], seed=body["seed"], num_images=body.get("n", 1), **FAST)
+        got = [np.asarray(decode(item).convert("RGB")) for item in reply.json()["data"]]
+        assert len(got) == len(alone) and all(np.array_equal(g, np.asarray(a)) for g, a in zip(got, alone))
+    release.set()
+    wait_for(lambda: srv.service.queued_images() == 0)
+    assert metric(srv.service, "dalle2rt_batch_requests_count") == 3
+
+
+def test_many_clients_on_two_workers_each_get_their_own_images(served, tiny_pipe):
+    srv = served(workers=2, max_batch=3)
+    bodies = [{"prompt": f"a {c} square", "seed": s, "n": 1 + s % 2, **FAST}
+              for s, c in enumerate(["red", "green", "blue", "cyan", "pink", "orange", "purple", "yellow"] * 2)]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda b: srv.client.post("/v1/images", json=b), bodies))
+    assert all(r.status_code == 200 for r in replies)
+    for body, reply in zip(bodies, replies):
+        alone = tiny_pipe(body["prompt"], seed=body["seed"], num_images=body["n"], **FAST)
+        got = [np.asarray(decode(item).convert("RGB")) for item in reply.json()["data"]]
+        assert len(got) == len(alone) and all(np.array_equal(g, np.asarray(a)) for g, a in zip(got, alone))
+    assert srv.service.queued_images() == 0
+    assert metric(srv.service, "dalle2rt_images_total") == sum(b["n"] for b in bodies)
+
+
+def test_workers_must_be_at_least_one(tiny_pipe):
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        Service(tiny_pipe, workers=0)
 
 
 @pytest.mark.skipif(not (BUNDLED / "manifest.json").exists(), reason="engines/shapes-v1 not built (make engines)")
@@ -386,7 +422,8 @@ def test_serve_user_errors_are_one_line(tmp_path):
     cases = [(["--port", "-3"], "must be >= 0"), (["--max-batch", "zero"], "is not an integer"),
              (["--engines", str(tmp_path / "none"), "--port", "0"], str(tmp_path / "none")),
              (["--replicas", "2"], "--replicas needs --ray"), (["--timeout", "0"], "--timeout must be > 0"),
-             (["--max-images", "32", "--max-queue", "20"], "could never be queued")]
+             (["--max-images", "32", "--max-queue", "20"], "could never be queued"),
+             (["--workers", "0"], "must be >= 1"), (["--workers", "2", "--ray"], "with --ray, scale with --replicas")]
     for argv, words in cases:
         proc = subprocess.run([sys.executable, "-c", "import sys; from dalle2_rt.cli import entry; sys.exit(entry())",
                                "serve", *argv], capture_output=True,

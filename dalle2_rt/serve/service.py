@@ -5,9 +5,12 @@ every queued job with the same settings (up to ``max_batch`` images) as one pass
 (``batch.generate``); the seed contract keeps each image what it would be alone. Variations run one job at a
 time through ``Pipeline.variations`` (each has its own uploaded image; not batched across requests).
 
-One worker, because the graphs already use every core (intra-op threads): two passes side by side would
-only contend. The queue is bounded in images (``max_queue``): ``submit`` raises ``QueueFull`` with a retry
-hint instead of queueing work the service cannot finish in time.
+One worker by default: the graphs already use every core (intra-op threads). ``workers=N`` runs N passes
+side by side, each on its own thread (onnxruntime releases the GIL while a graph runs); give the pipeline
+cores / N threads then. On small CPUs that is where throughput comes from: a batch costs about what its images
+cost one by one (the U-Nets' activations outgrow the cache), but two 1-thread passes on 2 cores run about 1.5x
+the images of one 2-thread pass (bench/RESULTS.md F). The queue is bounded in images (``max_queue``):
+``submit`` raises ``QueueFull`` with a retry hint instead of queueing work the service cannot finish in time.
 
 Cancellation: a job cancelled while queued (its client left, its timeout passed) is dropped unrun; a running
 pass stops at its next sampling step once every job in it is cancelled (a pass shared with live requests
@@ -128,21 +131,27 @@ def encode_png(image: Image.Image, info: dict) -> bytes:
 
 
 class Service:
-    """A loaded ``Pipeline`` behind a bounded queue and one batching worker thread."""
+    """A loaded ``Pipeline`` behind a bounded queue and ``workers`` batching worker threads."""
 
-    def __init__(self, pipe, limits: Limits | None = None, metrics: Metrics | None = None, *, worker: bool = True):
-        """worker False: no queue thread; a subclass feeds ``run_pass`` itself (ray_app.py: Ray's @serve.batch)."""
+    def __init__(self, pipe, limits: Limits | None = None, metrics: Metrics | None = None, *, worker: bool = True,
+                 workers: int = 1):
+        """worker False: no queue thread; a subclass feeds ``run_pass`` itself (ray_app.py: Ray's @serve.batch).
+        workers: passes that may run at once (threads sharing ``pipe``; each pass is one thread's)."""
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, not {workers}")
         self.pipe, self.limits = pipe, limits or Limits()
         self.metrics = metrics or Metrics()
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
-        self._running = 0  # images in the pass now running
+        self._running = 0  # images in the passes now running
         self._stopping = False
         self.draining = False  # set on SIGTERM: /readyz says 503, new work is refused
-        self._rate = 0.0  # images/s of recent passes (exponential average), for Retry-After
-        self._thread = threading.Thread(target=self._loop, name="dalle2-rt-worker", daemon=True) if worker else None
-        if self._thread is not None:
-            self._thread.start()
+        self._rate = 0.0  # images/s of one worker's recent passes (exponential average), for Retry-After
+        self.workers = workers if worker else 0
+        self._threads = [threading.Thread(target=self._loop, name=f"dalle2-rt-worker-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
 
     # ---------------------------------------------------------------- submitting
 
@@ -161,11 +170,11 @@ class Service:
         return job
 
     def _retry_after(self, waiting: int) -> int:
-        rate = self._rate or 1.0
+        rate = (self._rate or 1.0) * max(1, self.workers)
         return max(1, min(60, math.ceil(waiting / rate)))
 
     def _waiting(self) -> int:
-        """Images queued (not cancelled) or in the running pass."""
+        """Images queued (not cancelled) or in the running passes."""
         return sum(j.size for j in self._queue if not j.cancelled.is_set()) + self._running
 
     def _update_depth(self) -> None:
@@ -188,8 +197,9 @@ class Service:
                     job.cancel()
                 self._queue.clear()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # ---------------------------------------------------------------- the worker
 
@@ -213,8 +223,8 @@ class Service:
                     if room >= self.limits.max_batch or left <= 0:
                         break
                     self._cond.wait(left)
-                if first.cancelled.is_set():
-                    continue  # dropped at the top; look again
+                if first.cancelled.is_set() or not self._queue or self._queue[0] is not first:
+                    continue  # dropped at the top, or another worker took it while this one waited; look again
                 jobs, size = [], 0
                 for job in list(self._queue):
                     if job.cancelled.is_set():
@@ -225,7 +235,7 @@ class Service:
                         self._queue.remove(job)
                         jobs.append(job)
                         size += job.size
-                self._running = size
+                self._running += size
                 self._update_depth()
                 return jobs
 
@@ -242,7 +252,7 @@ class Service:
                 self.run_pass(jobs)
             finally:
                 with self._cond:
-                    self._running = 0
+                    self._running -= sum(j.size for j in jobs)
 
     def run_pass(self, jobs: list[Job]) -> None:
         """Run jobs of one key as one pass and settle their futures (any error too: it never escapes)."""
