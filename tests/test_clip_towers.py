@@ -41,16 +41,20 @@ def test_config_refuses_an_unknown_tower_and_a_size_the_grid_cannot_take():
     assert emb.shape == (2, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-def test_a_conv_tower_clip_exports_and_the_runtime_encodes_images_as_torch_does(tmp_path):
+@pytest.mark.parametrize("pooled", [False, True], ids=["grid", "grid+pooled"])
+def test_a_conv_tower_clip_exports_and_the_runtime_encodes_images_as_torch_does(tmp_path, pooled):
     from dalle2_rt.runtime.pipeline import Pipeline
     from dalle2_rt.training import checkpoint
     from export.all import export_folder
 
-    ckpt = write_tiny_checkpoints(tmp_path / "ckpt", model={**TINY_MODEL, "clip": CONV})
+    clip_model = {**CONV, "conv_pooled": pooled}
+    ckpt = write_tiny_checkpoints(tmp_path / "ckpt", model={**TINY_MODEL, "clip": clip_model})
     export_folder(ckpt, tmp_path / "engines", quiet=True)  # validates every graph against PyTorch
     meta = json.loads((ckpt / "clip" / "model" / "model.json").read_text())
-    assert meta["config"]["vision_tower"] == "conv"
+    assert meta["config"]["vision_tower"] == "conv" and meta["config"]["conv_pooled"] == pooled
     clip = build_clip(ClipConfig(**meta["config"]))
+    if pooled:  # a real path, not the silent one it starts as: the export must carry it
+        torch.nn.init.normal_(clip.visual.what.weight, std=0.5)
     clip.load_state_dict({k: v.float() for k, v in checkpoint.load_weights(ckpt / "clip" / "model").items()})
     pixels = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
     want = ClipImageEncoder(clip.eval())(torch.from_numpy(pixels)).detach().numpy()
@@ -93,3 +97,32 @@ def test_init_fresh_warm_starts_the_text_tower_and_leaves_the_new_image_tower_fr
     _, wider = _clip_spec(tmp_path, "wide", {**CONV, "text_width": 64}, init_fresh=["visual."])
     with pytest.raises(loop.WarmStartError, match="different shape for .*token_embedding"):
         loop.warm_start(wider.model, loop.EMA(wider.model), wider, str(origin), ["visual."])
+
+
+def test_the_pooled_path_starts_silent_and_is_used_once_trained():
+    torch.manual_seed(0)
+    grid_only, pooled = ConvImageTower(32, 8, 16).eval(), ConvImageTower(32, 8, 16, pooled=True).eval()
+    missing = pooled.load_state_dict(grid_only.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["what.bias", "what.weight"]
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(pooled(x), grid_only(x))  # zero-initialised: a warm start computes what it did
+    torch.nn.init.normal_(pooled.what.weight, std=0.5)
+    assert not torch.allclose(pooled(x), grid_only(x), atol=1e-3)  # and once trained, the path is used
+
+
+def test_init_fresh_adds_the_pooled_path_to_a_trained_conv_clip(tmp_path):
+    conv_cfg, _ = _clip_spec(tmp_path, "conv", CONV)
+    stages.train_clip(conv_cfg)
+    origin = conv_cfg.stage_dir("clip") / "model"
+    from dalle2_rt.training import checkpoint
+
+    trained = checkpoint.load_weights(origin)
+    _, spec = _clip_spec(tmp_path, "pooled", {**CONV, "conv_pooled": True}, init_fresh=["visual.what."])
+    loop.warm_start(spec.model, loop.EMA(spec.model), spec, str(origin), ["visual.what."])
+    state = spec.model.state_dict()
+    assert set(state) - set(trained) == {"visual.what.weight", "visual.what.bias"}
+    assert all(torch.equal(state[k], v.float()) for k, v in trained.items())
+    pixels = torch.rand(2, 3, 32, 32)
+    before = build_clip(ClipConfig(**CONV))
+    before.load_state_dict({k: v.float() for k, v in trained.items()})
+    assert torch.allclose(ClipImageEncoder(spec.model.eval())(pixels), ClipImageEncoder(before.eval())(pixels))

@@ -38,6 +38,7 @@ class ClipConfig:
     text_heads: int = 4
     vision_tower: str = "vit"  # vit (open_clip's) | conv (ConvImageTower: keeps the spatial layout)
     conv_width: int = 32  # conv tower: channels at the first resolution (doubled at each of 3 downsamplings)
+    conv_pooled: bool = False  # conv tower: also a pooled (mean, max) "what" path beside the flattened grid
 
     def __post_init__(self):
         if self.vision_tower not in ("vit", "conv"):
@@ -99,9 +100,13 @@ class ConvImageTower(nn.Module):
     A stride-2 stem, then a residual block and a stride-2 convolution per level (width, 2 width, 4 width), down to
     an (S/16)x(S/16) grid; the head squeezes the grid to 32 channels, flattens it (each cell keeps its own
     weights: position survives) and maps it through a two-layer MLP to D.
+
+    ``pooled`` adds a "what" path: the grid's mean and max over positions (all 4 width channels, the same
+    whichever cell the object lies in) projected into the MLP's hidden layer. Its projection starts at zero, so a
+    tower warm-started from one without it computes exactly what it did.
     """
 
-    def __init__(self, image_size: int, width: int, embed_dim: int):
+    def __init__(self, image_size: int, width: int, embed_dim: int, pooled: bool = False):
         super().__init__()
         w = width
         self.image_size = image_size
@@ -116,9 +121,20 @@ class ConvImageTower(nn.Module):
         self.squeeze = nn.Sequential(nn.GroupNorm(8, 4 * w), nn.SiLU(), nn.Conv2d(4 * w, 32, 1))
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * grid * grid, 512), nn.GELU(), nn.LayerNorm(512),
                                   nn.Linear(512, embed_dim))
+        self.what = None
+        if pooled:
+            self.what = nn.Linear(2 * 4 * w, 512)
+            nn.init.zeros_(self.what.weight)
+            nn.init.zeros_(self.what.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.squeeze(self.levels(self.stem(x))))
+        f = self.levels(self.stem(x))
+        if self.what is None:
+            return self.head(self.squeeze(f))
+        a = self.squeeze[1](self.squeeze[0](f))  # the squeeze's norm and activation
+        hidden = self.head[1](self.head[0](self.squeeze[2](a)))
+        hidden = hidden + self.what(torch.cat([a.mean(dim=(2, 3)), a.amax(dim=(2, 3))], dim=1))
+        return self.head[2:](hidden)
 
 
 def build_clip(cfg: ClipConfig | dict) -> open_clip.CLIP:
@@ -127,7 +143,7 @@ def build_clip(cfg: ClipConfig | dict) -> open_clip.CLIP:
     oc = cfg.open_clip_cfg() if isinstance(cfg, ClipConfig) else cfg
     clip = open_clip.CLIP(**oc)
     if isinstance(cfg, ClipConfig) and cfg.vision_tower == "conv":
-        clip.visual = ConvImageTower(cfg.image_size, cfg.conv_width, cfg.embed_dim)
+        clip.visual = ConvImageTower(cfg.image_size, cfg.conv_width, cfg.embed_dim, cfg.conv_pooled)
     return clip
 
 
