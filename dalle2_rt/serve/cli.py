@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads per graph (default: one per core, shared among the --workers)")
     p.add_argument("--workers", type=_int_at_least(1), default=1, metavar="N",
                    help="passes through the stages that run at once, each on cores/N threads (default 1: the "
-                        "lowest latency; 2 on a 2-core CPU: about 1.5x the images/s under load, bench/RESULTS.md F)")
+                        "lowest latency; 2 on a 2-core CPU: 1.1-1.3x the images/s under load, bench/RESULTS.md F1)")
     p.add_argument("--max-batch", type=_int_at_least(1), default=d.max_batch, metavar="N",
                    help=f"images per pass through the stages, across requests (default {d.max_batch})")
     p.add_argument("--batch-window-ms", type=_seconds, default=d.batch_window_s * 1000, metavar="MS",

@@ -8,8 +8,8 @@ time through ``Pipeline.variations`` (each has its own uploaded image; not batch
 One worker by default: the graphs already use every core (intra-op threads). ``workers=N`` runs N passes
 side by side, each on its own thread (onnxruntime releases the GIL while a graph runs); give the pipeline
 cores / N threads then. On small CPUs that is where throughput comes from: a batch costs about what its images
-cost one by one (the U-Nets' activations outgrow the cache), but two 1-thread passes on 2 cores run about 1.5x
-the images of one 2-thread pass (bench/RESULTS.md F). The queue is bounded in images (``max_queue``):
+cost one by one (the U-Nets' activations outgrow the cache), but two 1-thread passes on 2 cores serve 1.1-1.3x
+the images of one 2-thread pass under load (bench/RESULTS.md F1). The queue is bounded in images (``max_queue``):
 ``submit`` raises ``QueueFull`` with a retry hint instead of queueing work the service cannot finish in time.
 
 Cancellation: a job cancelled while queued (its client left, its timeout passed) is dropped unrun; a running
