@@ -108,6 +108,8 @@ def main(argv=None) -> int:
                    help="--stages: groups of 100 captions for CLIP, prior and end to end (default 4)")
     p.add_argument("--recon", type=int, default=400,
                    help="--stages: fully specified single-object renders for decoder and SR (default 400)")
+    p.add_argument("--recon-two", type=int, default=200,
+                   help="--stages: two-object renders for decoder reconstruction (default 200; 0 skips them)")
     args = p.parse_args(argv)
     if args.stages:
         from bench.stages import main_stages

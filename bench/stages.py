@@ -6,10 +6,12 @@ Every row is measured on fresh random captions and renders of the shapes world, 
   render; consistent: one the scorer says is true of the pair), and, for the strict image→caption misses, which
   attribute the retrieved caption got wrong.
 - **decoder reconstruction**: a ground-truth render of a fully specified single-object caption → image encoder →
-  decoder (no text, as `variations`) → scorer at 32×32, then → SR → scorer at 64×64.
+  decoder (no text, as `variations`) → scorer at 32×32, then → SR → scorer at 64×64; the same for renders of
+  random two-object captions (whether the embedding and the decoder keep two objects, their colours and relation).
 - **SR alone**: the ground-truth render box-filtered to 32×32 (as training makes it) → SR → scorer.
 - **prior**: caption → text encoder → prior (manifest defaults, candidates included) → predicted image embedding;
-  retrieval of the caption's render among the group's 100 renders, and cosine to that render's embedding.
+  retrieval of the caption's render among the group's 100 renders (all, and single- / two-object), and cosine
+  to that render's embedding.
 - **end to end** at the manifest defaults.
 
 Rates come with their binomial standard error; cosines with the standard error of the mean.
@@ -91,6 +93,16 @@ def full_single_specs(n: int, seed: int) -> list[tuple[CaptionSpec, np.ndarray]]
     out = []
     for _ in range(n):
         spec = random_full_single_spec(rng)
+        out.append((spec, render(sample_scene(spec, rng), 64)))
+    return out
+
+
+def two_object_specs(n: int, seed: int) -> list[tuple[CaptionSpec, np.ndarray]]:
+    """Random canonical two-object specs (background named or not, as in training), with a render each."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        spec = random_caption_spec(rng, two_object_prob=1.0)
         out.append((spec, render(sample_scene(spec, rng), 64)))
     return out
 
@@ -209,15 +221,18 @@ def clip_rows(pipe, groups) -> dict:
 
 
 def prior_rows(pipe, groups, seed: int) -> dict:
-    strict, cosines = [], []
+    strict, cosines, kinds = [], [], []
     for items in groups:
         specs = [s for s, _ in items]
         true = encode_images(pipe, np.stack([im for _, im in items]))  # (N, D)
         pred = pipe.prior_embeddings([caption_text(s) for s in specs], seed=seed)  # (N, D) unit norm
         strict += list((pred @ true.T).argmax(1) == np.arange(len(items)))
         cosines += list((pred * true).sum(1))
+        kinds += [s.kind for s in specs]
     c = np.asarray(cosines)
+    by_kind = {k: _rate([ok for ok, kind in zip(strict, kinds) if kind == k]) for k in ("single", "two")}
     return {"render_retrieval_strict": _rate(strict),
+            "render_retrieval_strict_single": by_kind["single"], "render_retrieval_strict_two": by_kind["two"],
             "cosine_to_render": {"mean": float(c.mean()), "se": float(c.std(ddof=1) / np.sqrt(len(c))),
                                  "n": len(c)}}
 
@@ -269,10 +284,11 @@ def _summary_row(name: str, summary, kind: str = "all") -> dict:
     return row
 
 
-def diagnose(pipe, *, groups: int = 4, recon: int = 400, seed: int = 2027, gen_seed: int = 0,
-             log=print) -> dict:
-    """Every row of the diagnosis; ``groups`` of 100 captions for CLIP, prior and end to end (each half
-    single-object on average), ``recon`` fully specified single-object renders for decoder and SR."""
+def diagnose(pipe, *, groups: int = 4, recon: int = 400, recon_two: int = 200, seed: int = 2027,
+             gen_seed: int = 0, log=print) -> dict:
+    """Every row of the diagnosis; ``groups`` of 100 captions for CLIP, prior and end to end (60 % single-object
+    on average, as in training), ``recon`` fully specified single-object renders for decoder and SR, and
+    ``recon_two`` two-object renders for the decoder (0 skips them)."""
     t0 = time.perf_counter()
     cap_groups = caption_groups(groups, seed)
     e2e_groups = caption_groups(groups, seed + 1)
@@ -282,6 +298,9 @@ def diagnose(pipe, *, groups: int = 4, recon: int = 400, seed: int = 2027, gen_s
     out["prior"] = prior_rows(pipe, cap_groups, gen_seed)
     log(f"  prior done ({time.perf_counter() - t0:.0f} s)")
     out.update(reconstruction_rows(pipe, singles, gen_seed))
+    if recon_two:
+        two = reconstruction_rows(pipe, two_object_specs(recon_two, seed + 3), gen_seed)
+        out.update({"two_at_32": two["at_32"], "two_at_64": two["at_64"]})
     log(f"  decoder reconstruction done ({time.perf_counter() - t0:.0f} s)")
     out.update(sr_rows(pipe, singles, gen_seed))
     log(f"  SR done ({time.perf_counter() - t0:.0f} s)")
@@ -308,6 +327,8 @@ def render_table(d: dict) -> str:
     cos = p["cosine_to_render"]
     lines += ["", "| prior | value |", "|---|---|",
               f"| render retrieval top-1 among 100 | {p['render_retrieval_strict']} |",
+              f"| … single-object / two-object captions | {p['render_retrieval_strict_single']} / "
+              f"{p['render_retrieval_strict_two']} |",
               f"| cosine to the render's embedding | {cos['mean']:.3f} ± {cos['se']:.3f} (n={cos['n']}) |"]
     lines += ["", "| pixels: fully right and per attribute | " + " | ".join(ATTRS) + " |",
               "|---|" + "---|" * len(ATTRS)]
@@ -315,9 +336,13 @@ def render_table(d: dict) -> str:
             ("decoder reconstruction 32×32", d["at_32"], "single"),
             ("decoder reconstruction + SR 64×64", d["at_64"], "single"),
             ("SR alone (ground truth 32→64)", d["sr"], "single"),
+            ("decoder reconstruction, two-object 32×32", d.get("two_at_32"), "two"),
+            ("decoder reconstruction + SR, two-object 64×64", d.get("two_at_64"), "two"),
             ("end to end, single-object", d["end_to_end"], "single"),
             ("end to end, two-object", d["end_to_end"], "two")]
     for name, summary, kind in rows:
+        if summary is None:  # a row the run skipped
+            continue
         t = summary.tallies[kind]
         cells = [str(Rate(t[a].right, t[a].named)) if t[a].named else "-" for a in ATTRS]
         lines.append(f"| {name} (n={summary.count(kind)}) | " + " | ".join(cells) + " |")
@@ -338,7 +363,7 @@ def to_json(d: dict) -> dict:
 
 def main_stages(pipe, args) -> int:
     print(f"fidelity by stage: {pipe.manifest.folder}", flush=True)
-    d = diagnose(StageCalls(pipe), groups=args.groups, recon=args.recon)
+    d = diagnose(StageCalls(pipe), groups=args.groups, recon=args.recon, recon_two=args.recon_two)
     print(render_table(d))
     print(f"({d['seconds']:.0f} s)")
     if args.json:

@@ -56,17 +56,23 @@ def test_rate_and_its_standard_error():
 
 
 def test_diagnose_counts_every_row(calls):
-    d = S.diagnose(calls, groups=1, recon=4, log=lambda *_: None)
+    d = S.diagnose(calls, groups=1, recon=4, recon_two=3, log=lambda *_: None)
     clip = d["clip"]
     assert clip["image_to_caption_strict"].n == 100 and clip["caption_to_image_strict"].n == 100
     assert clip["image_to_caption_strict_single"].n + clip["image_to_caption_strict_two"].n == 100
     assert clip["confusions"]["misses"] == 100 - clip["image_to_caption_strict"].right
     assert d["prior"]["render_retrieval_strict"].n == 100 and d["prior"]["cosine_to_render"]["n"] == 100
+    prior = d["prior"]
+    assert prior["render_retrieval_strict_single"].n == clip["image_to_caption_strict_single"].n
+    assert (prior["render_retrieval_strict_single"].right + prior["render_retrieval_strict_two"].right
+            == prior["render_retrieval_strict"].right)
+    for row in ("two_at_32", "two_at_64"):
+        assert d[row].count("two") == 3 and d[row].count("single") == 0
     assert d["ground_truth"].count("single") == 4 and d["ground_truth"].rate("fully_right", "single") == 1.0
     for row in ("at_32", "at_64", "sr"):
         assert d[row].count("single") == 4
     assert d["end_to_end"].count("all") == 100
     table = S.render_table(d)
     for label in ("image to caption strict", "render retrieval", "decoder reconstruction 32×32", "SR alone",
-                  "end to end, two-object"):
+                  "decoder reconstruction + SR, two-object 64×64", "end to end, two-object"):
         assert label in table

@@ -5,7 +5,8 @@
 Prints (1) image→caption retrieval top-1 among groups of 100 fresh random canonical captions (strict: the
 exact caption), and (2) a linear probe (multinomial logistic regression, 80/20 split) per attribute on the image
 embedding of fresh fully specified single-object renders — the measurement of ../shared/FINDINGS.md, where
-shapes-v1 read position at 21.5 % (chance 20 %). Runs on the torch checkpoint, so no export is needed.
+shapes-v1 read position at 21.5 % (chance 20 %), and (3) how much of a two-object render reads back from its
+embedding (`two_object_probe`). Runs on the torch checkpoint, so no export is needed.
 """
 from __future__ import annotations
 
@@ -61,17 +62,7 @@ def retrieval(folder: Path, groups: int = 3, seed: int = 11) -> tuple[float, int
 def _probe(x: torch.Tensor, y: torch.Tensor, classes: int, split: float = 0.8) -> float:
     """Test accuracy of a multinomial logistic regression (L2 1e-4, LBFGS) trained on the first 80 %."""
     k = int(len(x) * split)
-    w = torch.zeros(x.shape[1], classes, requires_grad=True)
-    b = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x[:k] @ w + b, y[:k]) + 1e-4 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    w, b = _fit_logistic(x[:k], y[:k], classes)
     return float(((x[k:] @ w + b).argmax(1) == y[k:]).float().mean())
 
 
@@ -101,6 +92,85 @@ def linear_probe(folder: Path, n: int = 3000, seed: int = 5) -> dict[str, float]
         return {a: _probe(emb, labels[a], sizes[a]) for a in sizes}
 
 
+def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-3) -> torch.Tensor:
+    """Least-squares weights (with a bias column) of y on x, L2 ``lam``."""
+    xb = torch.cat([x, torch.ones(len(x), 1)], 1)
+    return torch.linalg.solve(xb.T @ xb + lam * torch.eye(xb.shape[1]), xb.T @ y)
+
+
+def two_object_scenes(n: int, seed: int = 7) -> tuple[list, np.ndarray]:
+    """``n`` random two-object (spec, scene) pairs and their 64×64 renders."""
+    rng = np.random.default_rng(seed)
+    scenes, imgs = [], []
+    for _ in range(n):
+        spec = random_caption_spec(rng, two_object_prob=1.0)
+        scene = sample_scene(spec, rng)
+        scenes.append((spec, scene))
+        imgs.append(render(scene, 64))
+    return scenes, np.stack(imgs)
+
+
+def read_back(emb: torch.Tensor, scenes: list, split: float = 0.8) -> dict[str, float]:
+    """Whether embeddings ``emb`` (N, D) of two-object ``scenes`` read back into the scene the way the attribute
+    heads ask for it: per colour, a linear classifier of that object's shape and a linear regression of its
+    centre, each fitted on the first 80 % of the renders that hold the colour. On the held-out rest (colours
+    given: colour reads at 100 %): the fraction whose both shapes read right, whose relation (from the read
+    centres, along the caption's axis) reads right, and both."""
+    k = int(len(scenes) * split)
+    shape_w, centre_w = {}, {}
+    for c in COLOURS:
+        pairs = [(i, o) for i in range(k) for o in scenes[i][1].objects if o.colour == c]
+        if not pairs:
+            continue
+        x = emb[[i for i, _ in pairs]]
+        with torch.enable_grad():
+            shape_w[c] = _fit_logistic(x, torch.tensor([SHAPES.index(o.shape) for _, o in pairs]), len(SHAPES))
+        centre_w[c] = _ridge(x, torch.tensor([[o.cx, o.cy] for _, o in pairs], dtype=torch.float32))
+    shapes_ok, relation_ok = [], []
+    for i in range(k, len(scenes)):
+        spec, scene = scenes[i]
+        if any(c not in shape_w for c in spec.colours):
+            continue
+        e = emb[i:i + 1]
+        truth = {o.colour: o for o in scene.objects}
+        read = {}
+        for c in spec.colours:
+            w, b = shape_w[c]
+            centre = (torch.cat([e, torch.ones(1, 1)], 1) @ centre_w[c])[0].tolist()
+            read[c] = (SHAPES[int((e @ w + b).argmax())], centre)
+        shapes_ok.append(all(read[c][0] == truth[c].shape for c in spec.colours))
+        (ax, ay), (bx, by) = read[spec.colours[0]][1], read[spec.colours[1]][1]
+        ahead = {"to the left of": bx - ax, "to the right of": ax - bx, "above": by - ay, "below": ay - by}
+        relation_ok.append(ahead[spec.relation] > 0)
+    s, r = np.asarray(shapes_ok), np.asarray(relation_ok)
+    return {"both shapes": float(s.mean()), "relation": float(r.mean()),
+            "shapes and relation": float((s & r).mean())}
+
+
+@torch.no_grad()
+def two_object_probe(folder: Path, n: int = 3000, seed: int = 7) -> dict[str, float]:
+    """``read_back`` of a CLIP checkpoint's image embeddings of ``n`` fresh two-object renders."""
+    _, image_enc, cfg, _ = _load(folder)
+    scenes, imgs = two_object_scenes(n, seed)
+    emb = torch.cat([image_enc(to_pixels(imgs[i:i + 256], cfg.image_size)) for i in range(0, n, 256)])
+    return read_back(emb, scenes)
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-4):
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dalle2_rt.training.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("clip", help="a CLIP model folder (model.json + model.safetensors)")
@@ -115,6 +185,8 @@ def main(argv=None) -> int:
     print(f"image→caption strict top-1 among 100: {top1:.1%} (n={n})")
     for attr, acc in linear_probe(folder, args.n).items():
         print(f"linear probe {attr:10s} {acc:.1%}")
+    for what, acc in two_object_probe(folder, args.n).items():
+        print(f"two-object read-back, {what}: {acc:.1%}")
     return 0
 
 
