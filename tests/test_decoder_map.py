@@ -46,18 +46,47 @@ def test_the_map_starts_at_zero_so_a_warm_start_is_the_old_decoder_exactly():
     plain.unet.conv_out.load_state_dict(mapped.unet.conv_out.state_dict())
     assert not torch.allclose(changed, plain(*x))  # and it reaches the prediction
 
+def test_the_hidden_map_path_starts_at_zero_then_places_what_a_linear_map_cannot():
+    torch.manual_seed(0)
+    cfg = dict(image_size=16, embed_dim=16, text_width=32, context_dim=32, unet=UNET, spatial_map=4)
+    mapped = Decoder(DecoderConfig(**cfg))
+    deep = Decoder(DecoderConfig(**cfg, spatial_hidden=8))
+    missing, unexpected = deep.load_state_dict(mapped.state_dict(), strict=False)
+    assert sorted(missing) == ["map_hidden.bias", "map_hidden.weight", "map_out.bias", "map_out.weight"]
+    assert not unexpected
+    x = _inputs()
+    with torch.no_grad():
+        torch.nn.init.normal_(mapped.unet.conv_out.weight, std=0.1)
+        deep.unet.conv_out.load_state_dict(mapped.unet.conv_out.state_dict())
+        assert torch.equal(mapped(*x), deep(*x))  # a warm start computes what the linear map did
+        torch.nn.init.normal_(deep.map_out.weight, std=0.1)
+        assert not torch.allclose(mapped(*x), deep(*x))  # once trained, the hidden path reaches the prediction
+    seen = {}
+    deep.unet.register_forward_pre_hook(lambda m, args: seen.update(bias=args[3]))
+    with torch.no_grad():
+        a = deep(*x)
+        first = seen["bias"]
+        x2 = (x[0], x[1], -x[2], *x[3:])  # the map is not odd in the embedding, as a linear one would be
+        deep(*x2)
+    assert a.shape == (2, 3, 16, 16) and not torch.allclose(seen["bias"], -first, atol=1e-4)
+
+
 def test_a_map_size_that_does_not_divide_the_image_is_refused():
     with pytest.raises(ValueError, match="must divide image_size"):
         Decoder(DecoderConfig(image_size=16, embed_dim=16, text_width=32, context_dim=32, unet=UNET, spatial_map=5))
+    with pytest.raises(ValueError, match="spatial_hidden needs spatial_map"):
+        Decoder(DecoderConfig(image_size=16, embed_dim=16, text_width=32, context_dim=32, unet=UNET,
+                              spatial_hidden=8))
 
 
-def test_a_decoder_with_a_map_exports_and_validates(tmp_path):
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_a_decoder_with_a_map_exports_and_validates(tmp_path, hidden):
     from export.all import export_folder
 
-    model = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "spatial_map": 4}}
+    model = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "spatial_map": 4, "spatial_hidden": hidden}}
     ckpt = write_tiny_checkpoints(tmp_path / "ckpt", model=model)
     meta = json.loads((ckpt / "decoder" / "model" / "model.json").read_text())
-    assert meta["config"]["spatial_map"] == 4
+    assert meta["config"]["spatial_map"] == 4 and meta["config"]["spatial_hidden"] == hidden
     export_folder(ckpt, tmp_path / "engines", quiet=True)  # raises if any graph disagrees with PyTorch
     from dalle2_rt.runtime.pipeline import Pipeline
 

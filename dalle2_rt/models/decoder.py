@@ -9,6 +9,11 @@ attention layers attend over that sequence. Both conditionings can be swapped fo
 U-Net's first width, upsampled (nearest) and added to its first feature map, so that where the embedding says a
 thing is becomes a bias at that place (shapes-v2: the tokens and the timestep add carried CLIP's position to the
 pixels too slowly). It starts at zero, so adding it to a trained decoder changes nothing until it trains.
+``spatial_hidden = h > 0`` adds a GELU MLP of width h beside that linear projection (its output summed into the
+same map, its last layer zero at the start): a linear map can only turn "the red object is at x" into a ramp
+scaled by x, where a hidden layer can place a bump at x, one per object (shapes-v2 drew single objects in the
+right place but two-object scenes with the relation right only 28 % of the time, from embeddings whose relation
+reads back linearly every time: bench/RESULTS.md G, session 6).
 
 The output is the prediction ``parameterization`` names: eps by default, v for the bundled shapes-v1 decoder
 (``configs/shapes-v1.toml``), stated again in the exported manifest.
@@ -38,6 +43,7 @@ class DecoderConfig:
     schedule: str = "cosine"
     parameterization: str = "eps"
     spatial_map: int = 0  # side of the embedding's spatial map added after the U-Net's input conv; 0 = none
+    spatial_hidden: int = 0  # width of a GELU MLP beside the map's linear projection; 0 = none (needs spatial_map)
 
 
 class Decoder(nn.Module):
@@ -61,6 +67,13 @@ class Decoder(nn.Module):
             self.image_to_map = nn.Linear(cfg.embed_dim, u.channels * u.channel_mults[0] * cfg.spatial_map ** 2)
             nn.init.zeros_(self.image_to_map.weight)
             nn.init.zeros_(self.image_to_map.bias)
+        if cfg.spatial_hidden:
+            if not cfg.spatial_map:
+                raise ValueError("spatial_hidden needs spatial_map > 0 (the map it adds to)")
+            self.map_hidden = nn.Linear(cfg.embed_dim, cfg.spatial_hidden)
+            self.map_out = nn.Linear(cfg.spatial_hidden, self.image_to_map.out_features)
+            nn.init.zeros_(self.map_out.weight)
+            nn.init.zeros_(self.map_out.bias)
 
     def forward(self, x_t, t, image_embed, text_encodings, image_keep, text_keep):
         """x_t (B,3,S,S); t (B,); image_embed (B,D) unit-norm CLIP embedding; text_encodings (B,L,W);
@@ -74,6 +87,8 @@ class Decoder(nn.Module):
         in_bias = None
         if self.cfg.spatial_map:
             g = self.cfg.spatial_map
-            in_bias = F.interpolate(self.image_to_map(img).reshape(b, -1, g, g), scale_factor=self.cfg.image_size // g,
-                                    mode="nearest")
+            cells = self.image_to_map(img)  # (B, C·g·g)
+            if self.cfg.spatial_hidden:
+                cells = cells + self.map_out(F.gelu(self.map_hidden(img)))
+            in_bias = F.interpolate(cells.reshape(b, -1, g, g), scale_factor=self.cfg.image_size // g, mode="nearest")
         return self.unet(x_t, emb, context, in_bias)
