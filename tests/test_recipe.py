@@ -87,6 +87,18 @@ def test_world_batches_carry_labels_that_match_their_images():
         assert np.array_equal(a[0], b[0]) and a[1] == b[1]
 
 
+def test_the_world_sources_share_of_two_object_scenes_is_a_setting():
+    for share, kinds in ((0.0, {"single"}), (1.0, {"two"})):
+        cfg = config_from_dict({"data": [{"kind": "world", "two_object_prob": share}]})
+        _, _, labels = next(batch_stream(cfg.data, 12, seed=5))
+        assert {spec.kind for spec, _ in labels} == kinds
+    default = config_from_dict({"data": [{"kind": "world"}]})
+    _, _, labels = next(batch_stream(default.data, 200, seed=5))
+    assert 0.25 < np.mean([spec.kind == "two" for spec, _ in labels]) < 0.55  # 0.4, as before the setting
+    with pytest.raises(ConfigError, match="two_object_prob must be in"):
+        config_from_dict({"data": [{"kind": "world", "two_object_prob": 1.5}]})
+
+
 def test_cosine_schedule_endpoints():
     run = StageRun(steps=110, lr=1e-3, warmup=10, schedule="cosine", min_lr_ratio=0.1)
     assert loop._lr(4, run) == pytest.approx(1e-3 * 5 / 10)  # warm-up: linear in (step + 1)

@@ -32,6 +32,7 @@ class DataSource:
     kind: str = "world"  # world | folder | shards
     path: str = ""  # folder, or a glob of .tar shards
     weight: float = 1.0
+    two_object_prob: float = 0.4  # world only: the share of two-object scenes (a stage that lacks them can ask more)
 
 
 @dataclass
@@ -99,6 +100,8 @@ def config_from_dict(data: dict) -> TrainConfig:
             raise ConfigError(f"[[data]]: kind must be world, folder or shards, got {s.kind!r}")
         if s.kind != "world" and not s.path:
             raise ConfigError(f"[[data]]: kind {s.kind!r} needs a path")
+        if not 0.0 <= s.two_object_prob <= 1.0:
+            raise ConfigError(f"[[data]]: two_object_prob must be in [0, 1], got {s.two_object_prob}")
     stages = {}
     for name, overrides in data.pop("stages", {}).items():
         if name not in STAGES:

@@ -16,7 +16,7 @@ from dalle2_rt.world import world_stream
 
 def source_stream(src: DataSource, seed: int, size: int, skips) -> Iterator[tuple[np.ndarray, str]]:
     if src.kind == "world":
-        return world_stream(seed, size=size, labels=True)
+        return world_stream(seed, size=size, two_object_prob=src.two_object_prob, labels=True)
     from dalle2_rt.training.datasets import iter_image_folder, iter_tar_shards
 
     if src.kind == "folder":
