@@ -35,6 +35,7 @@ from dalle2_rt.world import (
     sample_scene,
     score_many,
     score_spec,
+    two_object_scenes,
 )
 
 SPEC_FIELDS = ("kind", "colours", "shapes", "size", "position", "relation", "background")
@@ -99,12 +100,7 @@ def full_single_specs(n: int, seed: int) -> list[tuple[CaptionSpec, np.ndarray]]
 
 def two_object_specs(n: int, seed: int) -> list[tuple[CaptionSpec, np.ndarray]]:
     """Random canonical two-object specs (background named or not, as in training), with a render each."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        spec = random_caption_spec(rng, two_object_prob=1.0)
-        out.append((spec, render(sample_scene(spec, rng), 64)))
-    return out
+    return [(spec, render(scene, 64)) for spec, scene in two_object_scenes(n, seed)]
 
 
 def box_down(images: np.ndarray, factor: int = 2) -> np.ndarray:

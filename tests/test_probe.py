@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dalle2_rt.training import probe
-from dalle2_rt.world import COLOURS, SHAPES
+from dalle2_rt.world import COLOURS, SHAPES, two_object_scenes
 
 
 def test_ridge_recovers_a_linear_map():
@@ -13,8 +13,8 @@ def test_ridge_recovers_a_linear_map():
     x = torch.randn(200, 6, generator=gen)
     w = torch.randn(6, 2, generator=gen)
     y = x @ w + torch.tensor([0.5, -1.0])
-    got = probe._ridge(x, y, lam=1e-8)
-    assert torch.allclose(got[:6], w, atol=1e-3) and torch.allclose(got[6], torch.tensor([0.5, -1.0]), atol=1e-3)
+    got_w, got_b = probe._ridge(x, y, lam=1e-8)
+    assert torch.allclose(got_w, w, atol=1e-3) and torch.allclose(got_b, torch.tensor([0.5, -1.0]), atol=1e-3)
 
 
 def test_logistic_fit_separates_separable_classes():
@@ -41,7 +41,7 @@ def _oracle(scenes) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def scenes():
-    return probe.two_object_scenes(600, seed=3)[0]
+    return two_object_scenes(600, seed=3)
 
 
 def test_read_back_is_complete_when_the_embedding_holds_the_scene(scenes):

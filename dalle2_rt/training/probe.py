@@ -30,6 +30,7 @@ from dalle2_rt.world import (
     random_full_single_spec,
     render,
     sample_scene,
+    two_object_scenes,
 )
 
 
@@ -57,6 +58,22 @@ def retrieval(folder: Path, groups: int = 3, seed: int = 11) -> tuple[float, int
         hits += int(((i @ t.T).argmax(1) == torch.arange(100)).sum())
         n += 100
     return hits / n, n
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-4):
+    """Weights and bias of a multinomial logistic regression of y on x (L2 ``l2`` on the weights, LBFGS)."""
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
 
 
 def _probe(x: torch.Tensor, y: torch.Tensor, classes: int, split: float = 0.8) -> float:
@@ -92,22 +109,11 @@ def linear_probe(folder: Path, n: int = 3000, seed: int = 5) -> dict[str, float]
         return {a: _probe(emb, labels[a], sizes[a]) for a in sizes}
 
 
-def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-3) -> torch.Tensor:
-    """Least-squares weights (with a bias column) of y on x, L2 ``lam``."""
+def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares weights and bias of y on x, L2 ``lam`` (on both)."""
     xb = torch.cat([x, torch.ones(len(x), 1)], 1)
-    return torch.linalg.solve(xb.T @ xb + lam * torch.eye(xb.shape[1]), xb.T @ y)
-
-
-def two_object_scenes(n: int, seed: int = 7) -> tuple[list, np.ndarray]:
-    """``n`` random two-object (spec, scene) pairs and their 64×64 renders."""
-    rng = np.random.default_rng(seed)
-    scenes, imgs = [], []
-    for _ in range(n):
-        spec = random_caption_spec(rng, two_object_prob=1.0)
-        scene = sample_scene(spec, rng)
-        scenes.append((spec, scene))
-        imgs.append(render(scene, 64))
-    return scenes, np.stack(imgs)
+    sol = torch.linalg.solve(xb.T @ xb + lam * torch.eye(xb.shape[1]), xb.T @ y)
+    return sol[:-1], sol[-1]
 
 
 def read_back(emb: torch.Tensor, scenes: list, split: float = 0.8) -> dict[str, float]:
@@ -135,9 +141,8 @@ def read_back(emb: torch.Tensor, scenes: list, split: float = 0.8) -> dict[str, 
         truth = {o.colour: o for o in scene.objects}
         read = {}
         for c in spec.colours:
-            w, b = shape_w[c]
-            centre = (torch.cat([e, torch.ones(1, 1)], 1) @ centre_w[c])[0].tolist()
-            read[c] = (SHAPES[int((e @ w + b).argmax())], centre)
+            (w, b), (cw, cb) = shape_w[c], centre_w[c]
+            read[c] = (SHAPES[int((e @ w + b).argmax())], (e @ cw + cb)[0].tolist())
         shapes_ok.append(all(read[c][0] == truth[c].shape for c in spec.colours))
         (ax, ay), (bx, by) = read[spec.colours[0]][1], read[spec.colours[1]][1]
         ahead = {"to the left of": bx - ax, "to the right of": ax - bx, "above": by - ay, "below": ay - by}
@@ -151,24 +156,10 @@ def read_back(emb: torch.Tensor, scenes: list, split: float = 0.8) -> dict[str, 
 def two_object_probe(folder: Path, n: int = 3000, seed: int = 7) -> dict[str, float]:
     """``read_back`` of a CLIP checkpoint's image embeddings of ``n`` fresh two-object renders."""
     _, image_enc, cfg, _ = _load(folder)
-    scenes, imgs = two_object_scenes(n, seed)
+    scenes = two_object_scenes(n, seed)
+    imgs = np.stack([render(scene, 64) for _, scene in scenes])
     emb = torch.cat([image_enc(to_pixels(imgs[i:i + 256], cfg.image_size)) for i in range(0, n, 256)])
     return read_back(emb, scenes)
-
-
-def _fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-4):
-    w = torch.zeros(x.shape[1], classes, requires_grad=True)
-    b = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), b.detach()
 
 
 def main(argv=None) -> int:

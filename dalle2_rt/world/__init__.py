@@ -4,7 +4,7 @@ from .captions import CaptionError, CaptionSpec, caption_text, parse_caption
 from .palette import BACKGROUNDS, COLOURS, POSITIONS, RELATIONS, SHAPES, SIZES
 from .paraphrase import paraphrase
 from .render import render, render_pil
-from .sampling import random_caption_spec, random_full_single_spec, sample_scene
+from .sampling import random_caption_spec, random_full_single_spec, sample_scene, two_object_scenes
 from .scene import Scene, SceneObject
 from .score_summary import ScoreSummary, Tally, score_many
 from .scorer import ATTRIBUTES, DetectedObject, Detection, detect, score, score_spec
@@ -14,7 +14,7 @@ __all__ = [
     # vocabulary
     "BACKGROUNDS", "COLOURS", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
     # scenes and rendering
-    "Scene", "SceneObject", "render", "render_pil", "sample_scene",
+    "Scene", "SceneObject", "render", "render_pil", "sample_scene", "two_object_scenes",
     # captions
     "CaptionError", "CaptionSpec", "caption_text", "paraphrase", "parse_caption", "random_caption_spec",
     "random_full_single_spec",

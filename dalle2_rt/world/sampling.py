@@ -128,3 +128,14 @@ def sample_scene(spec: CaptionSpec, rng: np.random.Generator) -> Scene:
     if spec.kind == "single":
         return Scene(background, (_place_single(spec, rng),))
     return Scene(background, _place_pair(spec, rng))
+
+
+def two_object_scenes(n: int, seed: int) -> list[tuple[CaptionSpec, Scene]]:
+    """``n`` random canonical two-object specs (background named or not, as in training), each with a scene
+    that satisfies it: the fixed sample the diagnoses measure two-object scenes on."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        spec = random_caption_spec(rng, two_object_prob=1.0)
+        out.append((spec, sample_scene(spec, rng)))
+    return out
