@@ -15,7 +15,7 @@ from dalle2_rt.models import registry  # noqa: E402
 from dalle2_rt.training import loop, stages  # noqa: E402
 from dalle2_rt.training.attributes import IGNORE, AttributeHeads, image_targets, text_targets  # noqa: E402
 from dalle2_rt.training.config import ConfigError, StageRun, config_from_dict  # noqa: E402
-from dalle2_rt.training.data import batch_stream  # noqa: E402
+from dalle2_rt.training.data import batch_stream, stage_sources  # noqa: E402
 from dalle2_rt.training.device import OnDevice, resolve_device  # noqa: E402
 from dalle2_rt.world import CaptionSpec, Scene, SceneObject, score_spec, world_stream  # noqa: E402
 from tests.conftest import tiny_config_dict  # noqa: E402
@@ -97,6 +97,20 @@ def test_the_world_sources_share_of_two_object_scenes_is_a_setting():
     assert 0.25 < np.mean([spec.kind == "two" for spec, _ in labels]) < 0.55  # 0.4, as before the setting
     with pytest.raises(ConfigError, match="two_object_prob must be in"):
         config_from_dict({"data": [{"kind": "world", "two_object_prob": 1.5}]})
+
+
+def test_a_stage_can_ask_its_own_share_of_two_object_scenes():
+    cfg = config_from_dict({"data": [{"kind": "world"}, {"kind": "folder", "path": "imgs"}],
+                            "stages": {"decoder": {"two_object_prob": 1.0}}})
+    decoder, prior = cfg.stages["decoder"], cfg.stages.get("prior")
+    world, folder = stage_sources(cfg.data, decoder.two_object_prob)
+    assert world.two_object_prob == 1.0 and folder == cfg.data[1]
+    assert cfg.data[0].two_object_prob == 0.4  # the shared [[data]] entry is left as it was
+    assert stage_sources(cfg.data, prior.two_object_prob if prior else None) == cfg.data
+    _, _, labels = next(batch_stream(stage_sources(cfg.data[:1], decoder.two_object_prob), 12, seed=5))
+    assert {spec.kind for spec, _ in labels} == {"two"}
+    with pytest.raises(ConfigError, match=r"\[stages.decoder\]: two_object_prob must be in"):
+        config_from_dict({"stages": {"decoder": {"two_object_prob": -0.1}}})
 
 
 def test_cosine_schedule_endpoints():

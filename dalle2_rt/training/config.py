@@ -1,9 +1,9 @@
 """Training configuration: one dataclass per run, read from a TOML file by ``dalle2-train --config``.
 
-Example (see ``configs/shapes-v1.toml`` for the bundled model's recipe)::
+Example (see ``configs/shapes-v2.toml`` for the bundled model's recipe)::
 
     [run]
-    out_dir = "runs/shapes-v1"
+    out_dir = "runs/shapes-v2"
     steps = 4000
     batch_size = 32
     lr = 3e-4
@@ -54,6 +54,8 @@ class StageRun:
     # tower on a trained text tower. With it the configs may differ; every loaded tensor must match in shape.
     init_fresh: list[str] = field(default_factory=list)
     attribute_weight: float = 0.0  # CLIP only: weight of the attribute-head loss (training/attributes.py)
+    # This stage's share of two-object scenes in every world source, overriding [[data]]'s (None: as [[data]] says)
+    two_object_prob: float | None = None
 
 
 @dataclass
@@ -109,6 +111,9 @@ def config_from_dict(data: dict) -> TrainConfig:
         stages[name] = _build(StageRun, overrides, f"[stages.{name}]")
         if stages[name].schedule not in ("constant", "cosine"):
             raise ConfigError(f"[stages.{name}]: schedule must be constant or cosine, got {stages[name].schedule!r}")
+        share = stages[name].two_object_prob
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise ConfigError(f"[stages.{name}]: two_object_prob must be in [0, 1], got {share}")
     model = data.pop("model", {})
     for name in model:
         if name not in STAGES:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
@@ -23,6 +24,13 @@ def source_stream(src: DataSource, seed: int, size: int, skips) -> Iterator[tupl
         return iter_image_folder(src.path, size=size, skips=skips)
     paths = sorted(glob.glob(src.path)) or [src.path]
     return iter_tar_shards(paths, size=size, skips=skips)
+
+
+def stage_sources(sources: list[DataSource], two_object_prob: float | None) -> list[DataSource]:
+    """The sources one stage draws from: a stage's ``two_object_prob`` replaces every world source's share."""
+    if two_object_prob is None:
+        return list(sources)
+    return [replace(s, two_object_prob=two_object_prob) if s.kind == "world" else s for s in sources]
 
 
 def batch_stream(sources: list[DataSource], batch_size: int, seed: int, size: int = 64,

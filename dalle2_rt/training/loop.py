@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dalle2_rt.training import checkpoint
 from dalle2_rt.training.config import StageRun, TrainConfig
-from dalle2_rt.training.data import batch_stream
+from dalle2_rt.training.data import batch_stream, stage_sources
 from dalle2_rt.training.device import OnDevice, resolve_device
 from dalle2_rt.training.ema import EMA
 
@@ -206,8 +206,8 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, *, max_steps: int | None = No
         from dalle2_rt.training.datasets import SkipCounter
 
         skips = SkipCounter()
-    data = batch_stream(cfg.data, run.batch_size, seed=cfg.seed * 1_000_003 + 7 * step + ddp.rank,
-                        size=64, skips=skips)
+    data = batch_stream(stage_sources(cfg.data, run.two_object_prob), run.batch_size,
+                        seed=cfg.seed * 1_000_003 + 7 * step + ddp.rank, size=64, skips=skips)
     gen = torch.Generator().manual_seed(cfg.seed + 31 * ddp.rank + step)
     end = run.steps if max_steps is None else min(run.steps, step + max_steps)
     log_path = folder / "train.log.jsonl"
