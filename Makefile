@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
-ENGINES := engines/shapes-v1
-CHECKPOINTS := checkpoints/shapes-v1
+ENGINES := engines/shapes-v2
+CHECKPOINTS := checkpoints/shapes-v2
 PROMPT ?= a large red circle on the left, black background
 
 .PHONY: setup engines demo test lint bench train train-gpu clean test-browser test-ray

@@ -1,6 +1,6 @@
 """``python -m bench`` (``make bench``): latency, cold start, memory, GFLOP/s, side-by-sides and fidelity.
 
-    python -m bench                                  # everything, on engines/shapes-v1 (~20 min on 2 cores)
+    python -m bench                                  # everything, on engines/shapes-v2 (~20 min on 2 cores)
     python -m bench --quick                          # fewer repeats and rounds, no 1000-step run, small sweep
     python -m bench --parts latency,cold,profile     # some parts only
     python -m bench --engines DIR --out DIR
@@ -35,7 +35,7 @@ PARTS = ("machine", "flops", "latency", "cold", "profile", "backends", "dalle2",
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--engines", help="engine folder (default: engines/shapes-v1, else a random-weight stand-in)")
+    p.add_argument("--engines", help="engine folder (default: engines/shapes-v2, else a random-weight stand-in)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
     p.add_argument("--quick", action="store_true", help="fewer repeats/rounds, skip the 1000-step run")
     p.add_argument("--threads", type=int, default=2, help="threads per contender (default 2)")

@@ -1,8 +1,8 @@
 """Which engine folder the benchmarks measure, and a stand-in for it before the bundled model exists.
 
-Latency depends on the graphs' shapes, not on what their weights learned, so until ``engines/shapes-v1``
+Latency depends on the graphs' shapes, not on what their weights learned, so until ``engines/shapes-v2``
 is built (``make engines``) the timing parts run on an export of *random-weight* checkpoints with the
-bundled model's configs (``configs/shapes-v1.toml``): the same graph sizes with untrained weights.
+bundled model's configs (``configs/shapes-v2.toml``): the same graph sizes with untrained weights.
 Fidelity needs the trained model and is skipped on such a folder.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = REPO / "engines" / "shapes-v1"
+BUNDLED = REPO / "engines" / "shapes-v2"
 OUT = REPO / "bench" / "out"
 RANDOM_FULL = OUT / "engines" / "random-full"
-RECIPE = REPO / "configs" / "shapes-v1.toml"
+RECIPE = REPO / "configs" / "shapes-v2.toml"
 
 
 def is_trained(folder: Path) -> bool:

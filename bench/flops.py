@@ -6,7 +6,7 @@ work, and not what a sgemm rate can be compared with). Shapes come from ``onnx.s
 dynamic batch axis fixed; a node whose input shapes inference cannot resolve (a Reshape fed by computed
 data) is counted from one ONNX Runtime run that exposes those tensors as outputs instead.
 
-    python -m bench.flops engines/shapes-v1 --batch 2
+    python -m bench.flops engines/shapes-v2 --batch 2
 """
 from __future__ import annotations
 

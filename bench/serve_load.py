@@ -1,6 +1,6 @@
 """Throughput and latency of ``dalle2-rt serve`` under concurrent clients, against one-at-a-time ``Pipeline``.
 
-    python -m bench.serve_load                       # engines/shapes-v1, 1 / 4 / 16 clients, 64 images each
+    python -m bench.serve_load                       # engines/shapes-v2, 1 / 4 / 16 clients, 64 images each
     python -m bench.serve_load --clients 1 4 16 --images 64 --threads 2 --max-batch 8 --window-ms 10
     python -m bench.serve_load --workers 2 --server-threads 1 --max-batch 2   # two passes at once, 1 thread each
     python -m bench.serve_load --screenshot bench/serve_page.png     # also: the web page after a generation
@@ -169,7 +169,7 @@ def screenshot(url: str, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__.split("\n")[0])
-    p.add_argument("--engines", type=Path, default=None, help="engine folder (default: engines/shapes-v1)")
+    p.add_argument("--engines", type=Path, default=None, help="engine folder (default: engines/shapes-v2)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--images", type=int, default=64, help="images per measurement (one a request)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="baseline threads (default: one a core)")
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     jobs = prompts(args.images)
-    engines = args.engines or REPO / "engines" / "shapes-v1"
+    engines = args.engines or REPO / "engines" / "shapes-v2"
 
     def baselines():
         return {f"{args.threads} threads": baseline_apart(engines, jobs, args.threads),

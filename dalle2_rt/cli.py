@@ -36,7 +36,7 @@ file is never replaced (a -1, -2, ... suffix is added). Each PNG carries its pro
 steps, guidance, backend and the engine manifest's sha256 as text chunks. The same prompt, seed and
 settings give the same pixels on the same backend; image i does not depend on -n.
 
-engines: --engines DIR, else $DALLE2_RT_ENGINES, else engines/shapes-v1 of the repository
+engines: --engines DIR, else $DALLE2_RT_ENGINES, else engines/shapes-v2 of the repository
 (build it with `make engines`).
 """
 

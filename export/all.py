@@ -1,6 +1,6 @@
 """``python -m export.all``: checkpoints -> a validated, self-describing engine folder.
 
-    python -m export.all                                  # checkpoints/shapes-v1 -> engines/shapes-v1
+    python -m export.all                                  # checkpoints/shapes-v2 -> engines/shapes-v2
     python -m export.all --checkpoints runs/x --out engines/x --trt --precision fp16
 
 One ONNX graph per network (text_encoder, image_encoder, prior, decoder, sr0, sr1, …; ``specs.py``), each
@@ -48,7 +48,7 @@ from .tokenizer import write_tokenizer
 __all__ = ["DEFAULT_CHECKPOINTS", "CheckpointFamily", "ExportError", "ExportResult", "SourceError", "export_folder",
            "main"]
 
-DEFAULT_CHECKPOINTS = Path("checkpoints/shapes-v1")
+DEFAULT_CHECKPOINTS = Path("checkpoints/shapes-v2")
 
 
 class CheckpointFamily:

@@ -1,8 +1,8 @@
 """A Triton Inference Server model repository from an engine folder and its manifest alone (torch-free).
 
-    python -m export.triton engines/shapes-v1 --out out/triton-repo                  # onnxruntime_onnx models
-    python -m export.triton engines/shapes-v1 --out REPO --platform tensorrt --trt-key 10.7.0-sm90
-    python -m export.triton engines/shapes-v1 --out REPO --platform python           # Python-backend stand-ins
+    python -m export.triton engines/shapes-v2 --out out/triton-repo                  # onnxruntime_onnx models
+    python -m export.triton engines/shapes-v2 --out REPO --platform tensorrt --trt-key 10.7.0-sm90
+    python -m export.triton engines/shapes-v2 --out REPO --platform python           # Python-backend stand-ins
 
 What it writes (Triton's layout: ``<model>/config.pbtxt`` + ``<model>/1/<file>``):
 

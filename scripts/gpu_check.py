@@ -9,7 +9,7 @@ onnxruntime-gpu >= 1.21, TensorRT 10 and cuda-python. What it does, in one go:
 2. Makes ``.venv/gpu-env`` (a venv of its own: ``onnxruntime-gpu`` and ``onnxruntime`` must not share one)
    with onnxruntime-gpu[cuda,cudnn] (CUDA 12 and cuDNN 9 from PyPI), tensorrt-cu12, cuda-python 12, numpy,
    pillow, regex, ftfy; no torch. ``GPU_CHECK_PIP`` replaces that package list (e.g. for CUDA 13 wheels).
-3. In that env (``measure``, this same file): copies ``engines/shapes-v1`` and builds a TensorRT plan of each
+3. In that env (``measure``, this same file): copies ``engines/shapes-v2`` and builds a TensorRT plan of each
    graph the pipeline runs into the copy with ``export.trt.build_plan`` (the exporter's own builder:
    optimisation profile from the manifest's batch range, fp16 with normalisation, softmax, reductions and the
    timestep embedding pinned to fp32, timing cache), records them in the copy's manifest
@@ -257,7 +257,7 @@ def measure(args) -> int:
 def markdown(results: dict) -> str:
     gpu = results["gpu"]
     lines = [f"GPU check on {gpu['name']} (driver {gpu['driver']}), onnxruntime {results['onnxruntime']}, "
-             f"TensorRT key {results.get('trt_key', 'none')}; engines/shapes-v1 at its default steps; "
+             f"TensorRT key {results.get('trt_key', 'none')}; engines/shapes-v2 at its default steps; "
              f"`make gpu-check`, {time.strftime('%Y-%m-%d')}", "",
              "| path | batch | text enc | prior | decoder | SR | end to end | per image | vs CPU (mean / max of 255) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command")
     m = sub.add_parser("measure", help="(inside .venv/gpu-env) build plans, run the paths, print the table")
     for q in (p, m):
-        q.add_argument("--engines", type=Path, default=ROOT / "engines" / "shapes-v1")
+        q.add_argument("--engines", type=Path, default=ROOT / "engines" / "shapes-v2")
         q.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
         q.add_argument("--ort-trt-ep", action="store_true", help="also onnxruntime's TensorRT EP (slow first run)")
     m.add_argument("--gpu", required=True, help="JSON of gpu_facts()")

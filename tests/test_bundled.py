@@ -1,6 +1,6 @@
 """The bundled default model, as `make engines` builds it: loads, generates, agrees across backends.
 
-`make test` builds engines/shapes-v1 before the suite, so these run in CI; they skip only where the engine
+`make test` builds engines/shapes-v2 before the suite, so these run in CI; they skip only where the engine
 folder was not built (a bare `pytest` on a checkout without engines).
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 from dalle2_rt.runtime.pipeline import Pipeline
 from dalle2_rt.world import parse_caption, score
 
-ENGINES = Path(__file__).resolve().parents[1] / "engines" / "shapes-v1"
+ENGINES = Path(__file__).resolve().parents[1] / "engines" / "shapes-v2"
 FEW_STEPS = dict(prior_steps=8, decoder_steps=8, sr_steps=3)
 
 pytestmark = pytest.mark.skipif(not (ENGINES / "manifest.json").exists(),
-                                reason="engines/shapes-v1 not built (run `make engines`)")
+                                reason="engines/shapes-v2 not built (run `make engines`)")
 
 
 @pytest.fixture(scope="module")

@@ -202,7 +202,7 @@ def test_user_errors_are_one_line_nonzero_and_write_nothing(inputs, capsys, argv
 
 def test_missing_default_engines_say_make_engines(work, capsys, monkeypatch):
     monkeypatch.delenv("DALLE2_RT_ENGINES")
-    monkeypatch.setattr(pipeline_mod, "default_engines", lambda: work / "engines" / "shapes-v1")
+    monkeypatch.setattr(pipeline_mod, "default_engines", lambda: work / "engines" / "shapes-v2")
     rc, out, err = run(["x"], capsys)
     assert rc == 1 and out == [] and "make engines" in err and err.count("\n") == 1
 

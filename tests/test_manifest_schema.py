@@ -19,7 +19,7 @@ from dalle2_rt.runtime.errors import EngineFolderError
 from dalle2_rt.runtime.manifest import MANIFEST, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = REPO / "engines" / "shapes-v1"
+BUNDLED = REPO / "engines" / "shapes-v2"
 
 
 def schema() -> dict:
@@ -52,7 +52,7 @@ def test_tiny_engines_conform(tiny_engines):
 
 def test_bundled_engines_conform():
     if not (BUNDLED / MANIFEST).is_file():
-        pytest.skip("engines/shapes-v1 is not built (make engines)")
+        pytest.skip("engines/shapes-v2 is not built (make engines)")
     check_manifest_schema(BUNDLED)
 
 

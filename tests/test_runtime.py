@@ -681,8 +681,8 @@ def test_default_engines_come_from_the_environment(engines, monkeypatch, tmp_pat
     assert pipeline_mod.default_engines() == engines
     assert Pipeline.load(threads=1).manifest.folder == engines
     monkeypatch.delenv("DALLE2_RT_ENGINES")
-    assert pipeline_mod.default_engines().parts[-2:] == ("engines", "shapes-v1")
-    monkeypatch.setattr(pipeline_mod, "default_engines", lambda: tmp_path / "engines" / "shapes-v1")
+    assert pipeline_mod.default_engines().parts[-2:] == ("engines", "shapes-v2")
+    monkeypatch.setattr(pipeline_mod, "default_engines", lambda: tmp_path / "engines" / "shapes-v2")
     with pytest.raises(EngineFolderError, match="make engines"):
         Pipeline.load()
 

@@ -32,7 +32,7 @@ from dalle2_rt.serve.app import create_app  # noqa: E402
 from dalle2_rt.serve.batch import Row, generate  # noqa: E402
 from dalle2_rt.serve.service import Job, Limits, Service  # noqa: E402
 
-BUNDLED = Path(__file__).resolve().parents[1] / "engines" / "shapes-v1"
+BUNDLED = Path(__file__).resolve().parents[1] / "engines" / "shapes-v2"
 FAST = {"prior_steps": 2, "decoder_steps": 2, "sr_steps": 1}
 TIMEOUT = httpx.Timeout(60.0)
 
@@ -196,7 +196,7 @@ def test_workers_must_be_at_least_one(tiny_pipe):
         Service(tiny_pipe, workers=0)
 
 
-@pytest.mark.skipif(not (BUNDLED / "manifest.json").exists(), reason="engines/shapes-v1 not built (make engines)")
+@pytest.mark.skipif(not (BUNDLED / "manifest.json").exists(), reason="engines/shapes-v2 not built (make engines)")
 def test_served_png_equals_the_cli_file_pixels_and_metadata(tmp_path):
     from dalle2_rt import cli
 

@@ -25,7 +25,7 @@ from pathlib import Path
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The options every experiment takes: --engines, --threads, --json."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
-    p.add_argument("--engines", help="engine folder (default: the bundled engines/shapes-v1)")
+    p.add_argument("--engines", help="engine folder (default: the bundled engines/shapes-v2)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p

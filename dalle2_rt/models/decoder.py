@@ -15,8 +15,8 @@ scaled by x, where a hidden layer can place a bump at x, one per object (shapes-
 right place but two-object scenes with the relation right only 28 % of the time, from embeddings whose relation
 reads back linearly every time: bench/RESULTS.md G, session 6).
 
-The output is the prediction ``parameterization`` names: eps by default, v for the bundled shapes-v1 decoder
-(``configs/shapes-v1.toml``), stated again in the exported manifest.
+The output is the prediction ``parameterization`` names: eps by default, v for the bundled decoder
+(``configs/shapes-v2.toml``), stated again in the exported manifest.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The low-resolution image, noise-augmented to level ``aug_t`` by the caller (training: random level;
 sampling: a small fixed one), is upsampled bilinearly inside the graph and concatenated with x_t as
 channels; the augmentation level is embedded and added to the timestep embedding. No text, no CLIP
-embedding. The output is the prediction ``parameterization`` names: eps by default, v for shapes-v1.
+embedding. The output is the prediction ``parameterization`` names: eps by default, v for the bundled model.
 """
 from __future__ import annotations
 

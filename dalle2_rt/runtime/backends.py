@@ -15,7 +15,7 @@ by the manifest's output names. The pipeline's loop is written once against this
   ONNX Runtime then refuses any session in the process that wants its own pool, so a library must not do
   it behind its host's back: it is opt-in. Once the process has global pools (ours or anyone's), sessions
   use them. Measured for one image on 2 cores (bench/RESULTS.md, "ORT threads", at 5/10/3 and 25/25/7
-  steps; the folder's defaults are now 5/5/3): spinning own pools 233 / 441 ms, non-spinning own pools
+  steps; shapes-v1's defaults were 5/5/3): spinning own pools 233 / 441 ms, non-spinning own pools
   170 / 398 ms, shared pool 142 / 335 ms.
 - ``tensorrt``: native ``.plan`` engines through the TensorRT 10 Python API and cuda-python. The plan for
   this GPU and TensorRT version is chosen by ``trt_keys``; an execution context is not re-entrant, so

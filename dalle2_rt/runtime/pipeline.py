@@ -1,6 +1,6 @@
 """The unCLIP loop over an engine folder: prompt -> text encoder -> prior -> decoder -> SR stages -> images.
 
-    pipe = Pipeline.load()                      # engines/shapes-v1 (or $DALLE2_RT_ENGINES), onnxruntime
+    pipe = Pipeline.load()                      # engines/shapes-v2 (or $DALLE2_RT_ENGINES), onnxruntime
     images = pipe("a red circle", seed=7, num_images=4)
     more = pipe.variations(images[0], num_images=2, seed=1)
 
@@ -37,11 +37,11 @@ from .stage_runner import Callback, Conditioning, call_checked, call_chunked, gu
 from .stages import embed_norm, low_res_inputs, normalize, select_candidates
 from .tokenizer import Tokenizer
 
-DEFAULT_ENGINES = "shapes-v1"
+DEFAULT_ENGINES = "shapes-v2"
 
 
 def default_engines() -> Path:
-    """``$DALLE2_RT_ENGINES`` if set, else ``<repo>/engines/shapes-v1`` next to the package."""
+    """``$DALLE2_RT_ENGINES`` if set, else ``<repo>/engines/shapes-v2`` next to the package."""
     env = os.environ.get("DALLE2_RT_ENGINES")
     if env:
         return Path(env).expanduser()

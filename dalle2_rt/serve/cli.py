@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default 8000; 0 = any free port)")
-    p.add_argument("--engines", metavar="DIR", help="engine folder (default: $DALLE2_RT_ENGINES or engines/shapes-v1)")
+    p.add_argument("--engines", metavar="DIR", help="engine folder (default: $DALLE2_RT_ENGINES or engines/shapes-v2)")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), tensorrt or torch")
     p.add_argument("--threads", type=_int_at_least(1), metavar="N",
                    help="CPU threads per graph (default: one per core, shared among the --workers)")

@@ -1,7 +1,7 @@
 """The same HTTP API on Ray Serve: replicas of the pipeline behind Ray's HTTP proxy, batched by ``@serve.batch``.
 
     serve run dalle2_rt.serve.ray_app:app                                # Ray's CLI, default engines, 1 replica
-    serve run dalle2_rt.serve.ray_app:build engines=engines/shapes-v1 replicas=2 threads=1
+    serve run dalle2_rt.serve.ray_app:build engines=engines/shapes-v2 replicas=2 threads=1
     dalle2-rt serve --ray --replicas 2 --port 8000                       # the same, started by our CLI
 
 Each replica loads the engine folder and serves ``app.create_app`` (every route, limit and error of the

@@ -1,6 +1,6 @@
 """Copy a training run's EMA weights into a small, committed checkpoint folder (the bundled model).
 
-    python -m dalle2_rt.training.bundle runs/shapes-v1 checkpoints/shapes-v1 [--defaults defaults.json]
+    python -m dalle2_rt.training.bundle runs/shapes-v2 checkpoints/shapes-v2 [--defaults defaults.json]
 
 For every stage of the run, ``<run>/<stage>/model`` becomes ``<out>/<stage>/model`` with the weights stored
 in fp16 (half the bytes; they are upcast to fp32 on load, and the exporter validates the graphs against
@@ -44,7 +44,7 @@ def bundle(run: Path, out: Path, defaults: dict | None = None) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dalle2_rt.training.bundle", description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="training run folder (<out_dir> of the config)")
-    p.add_argument("out", help="checkpoint folder to write, e.g. checkpoints/shapes-v1")
+    p.add_argument("out", help="checkpoint folder to write, e.g. checkpoints/shapes-v2")
     p.add_argument("--defaults", help="JSON file of per-stage sampling defaults")
     args = p.parse_args(argv)
     defaults = json.loads(Path(args.defaults).read_text()) if args.defaults else None

@@ -6,7 +6,7 @@ import dataclasses
 import sys
 
 EPILOG = """examples:
-  dalle2-train all --config configs/shapes-v1.toml          # the bundled model's recipe
+  dalle2-train all --config configs/shapes-v2.toml          # the bundled model's recipe
   dalle2-train decoder --config my.toml --max-steps 100     # resume/extend one stage, stop after 100 steps
   torchrun --nproc_per_node=2 -m dalle2_rt.training.cli prior --config my.toml   # data-parallel
   dalle2-train all --config configs/shapes-v2.toml --device cuda   # on a GPU (make train-gpu)

@@ -1,7 +1,7 @@
 """One documented Python function per unCLIP stage; ``dalle2-train`` calls exactly these.
 
     from dalle2_rt.training import load_config, train_clip, train_prior, train_decoder, train_sr
-    cfg = load_config("configs/shapes-v1.toml")
+    cfg = load_config("configs/shapes-v2.toml")
     train_clip(cfg); train_prior(cfg); train_decoder(cfg); train_sr(cfg)
 
 Each trains (or resumes) its stage into ``<out_dir>/<stage>/`` and returns that folder. The prior and the
@@ -182,7 +182,7 @@ def train_prior(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
 
 
 def train_decoder(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
-    """Train the decoder U-Net (MSE on its parameterization's target, v for shapes-v1; image embedding dropped
+    """Train the decoder U-Net (MSE on its parameterization's target, v for the bundled model; image embedding dropped
     10 %, text 50 %) on the frozen CLIP."""
     return train_stage(decoder_spec(cfg), cfg, max_steps=max_steps)
 
