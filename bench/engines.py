@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dalle2_rt.runtime.pipeline import DEFAULT_ENGINES
+
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = REPO / "engines" / "shapes-v2"
+BUNDLED = REPO / "engines" / DEFAULT_ENGINES
 OUT = REPO / "bench" / "out"
 RANDOM_FULL = OUT / "engines" / "random-full"
 RECIPE = REPO / "configs" / "shapes-v2.toml"

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .engines import BUNDLED
+
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "cyan"]
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     jobs = prompts(args.images)
-    engines = args.engines or REPO / "engines" / "shapes-v2"
+    engines = args.engines or BUNDLED
 
     def baselines():
         return {f"{args.threads} threads": baseline_apart(engines, jobs, args.threads),

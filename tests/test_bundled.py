@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dalle2_rt.runtime.pipeline import Pipeline
+from dalle2_rt.runtime.pipeline import DEFAULT_ENGINES, Pipeline
 from dalle2_rt.world import parse_caption, score
 
-ENGINES = Path(__file__).resolve().parents[1] / "engines" / "shapes-v2"
+ENGINES = Path(__file__).resolve().parents[1] / "engines" / DEFAULT_ENGINES
 FEW_STEPS = dict(prior_steps=8, decoder_steps=8, sr_steps=3)
 
 pytestmark = pytest.mark.skipif(not (ENGINES / "manifest.json").exists(),

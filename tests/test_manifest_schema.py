@@ -17,9 +17,10 @@ import pytest
 
 from dalle2_rt.runtime.errors import EngineFolderError
 from dalle2_rt.runtime.manifest import MANIFEST, load_manifest
+from dalle2_rt.runtime.pipeline import DEFAULT_ENGINES
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = REPO / "engines" / "shapes-v2"
+BUNDLED = REPO / "engines" / DEFAULT_ENGINES
 
 
 def schema() -> dict:

@@ -27,12 +27,12 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dalle2_rt.runtime.pipeline import Pipeline  # noqa: E402
+from dalle2_rt.runtime.pipeline import DEFAULT_ENGINES, Pipeline  # noqa: E402
 from dalle2_rt.serve.app import create_app  # noqa: E402
 from dalle2_rt.serve.batch import Row, generate  # noqa: E402
 from dalle2_rt.serve.service import Job, Limits, Service  # noqa: E402
 
-BUNDLED = Path(__file__).resolve().parents[1] / "engines" / "shapes-v2"
+BUNDLED = Path(__file__).resolve().parents[1] / "engines" / DEFAULT_ENGINES
 FAST = {"prior_steps": 2, "decoder_steps": 2, "sr_steps": 1}
 TIMEOUT = httpx.Timeout(60.0)
 

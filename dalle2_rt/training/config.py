@@ -93,6 +93,11 @@ def _build(cls, data: dict, where: str):
         raise ConfigError(str(e)) from None
 
 
+def _check_share(share: float, where: str) -> None:
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"{where}: two_object_prob must be in [0, 1], got {share}")
+
+
 def config_from_dict(data: dict) -> TrainConfig:
     data = dict(data)
     run = data.pop("run", {})
@@ -102,8 +107,7 @@ def config_from_dict(data: dict) -> TrainConfig:
             raise ConfigError(f"[[data]]: kind must be world, folder or shards, got {s.kind!r}")
         if s.kind != "world" and not s.path:
             raise ConfigError(f"[[data]]: kind {s.kind!r} needs a path")
-        if not 0.0 <= s.two_object_prob <= 1.0:
-            raise ConfigError(f"[[data]]: two_object_prob must be in [0, 1], got {s.two_object_prob}")
+        _check_share(s.two_object_prob, "[[data]]")
     stages = {}
     for name, overrides in data.pop("stages", {}).items():
         if name not in STAGES:
@@ -111,9 +115,8 @@ def config_from_dict(data: dict) -> TrainConfig:
         stages[name] = _build(StageRun, overrides, f"[stages.{name}]")
         if stages[name].schedule not in ("constant", "cosine"):
             raise ConfigError(f"[stages.{name}]: schedule must be constant or cosine, got {stages[name].schedule!r}")
-        share = stages[name].two_object_prob
-        if share is not None and not 0.0 <= share <= 1.0:
-            raise ConfigError(f"[stages.{name}]: two_object_prob must be in [0, 1], got {share}")
+        if stages[name].two_object_prob is not None:
+            _check_share(stages[name].two_object_prob, f"[stages.{name}]")
     model = data.pop("model", {})
     for name in model:
         if name not in STAGES:
