@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", help="override the manifest default")
     p.add_argument("--stages", action="store_true",
                    help="fidelity by stage instead (CLIP, prior, decoder reconstruction, SR, end to end; "
-                        "bench/stages.py) at the manifest defaults")
+                        "bench/stages.py) at the manifest defaults or the overrides above")
     p.add_argument("--groups", type=int, default=4,
                    help="--stages: groups of 100 captions for CLIP, prior and end to end (default 4)")
     p.add_argument("--recon", type=int, default=400,
@@ -111,14 +111,14 @@ def main(argv=None) -> int:
     p.add_argument("--recon-two", type=int, default=200,
                    help="--stages: two-object renders for decoder reconstruction (default 200; 0 skips them)")
     args = p.parse_args(argv)
-    if args.stages:
-        from bench.stages import main_stages
-
-        return main_stages(Pipeline.load(args.engines, threads=args.threads), args)
     settings = {k: getattr(args, k) for k in ("prior_steps", "decoder_steps", "sr_steps", "candidates",
                                                "prior_guidance", "decoder_guidance", "sampler")
                 if getattr(args, k) is not None}
     pipe = Pipeline.load(args.engines, threads=args.threads)
+    if args.stages:
+        from bench.stages import main_stages
+
+        return main_stages(pipe, args, settings)
     captions = eval_captions(args.single, args.two)
     summary, _, secs = generate_and_score(pipe, captions, args.seeds, **settings)
     print(summary)

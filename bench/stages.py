@@ -114,14 +114,16 @@ def box_down(images: np.ndarray, factor: int = 2) -> np.ndarray:
 
 class StageCalls:
     """One stage at a time over a loaded ``Pipeline``, with the pipeline's own pieces and seed contract (row n
-    of a call is image j = 0 of its own prompt), at the manifest's default settings."""
+    of a call is image j = 0 of its own prompt), at the manifest's default settings or the ``Pipeline.settings``
+    overrides given (steps, guidance, sampler, candidates: every stage and the end-to-end row use them)."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, **overrides):
         from dalle2_rt.runtime import pipeline as P
 
         self.pipe, self._P = pipe, P
         self.manifest, self.pixel_range = pipe.manifest, pipe.pixel_range
-        self.run = pipe.settings()
+        self.overrides = overrides
+        self.run = pipe.settings(**overrides)
 
     def _call(self, seed: int, n: int):
         return self._P._Call(seed, np.zeros(n, np.int64), self.run, None)
@@ -170,7 +172,7 @@ class StageCalls:
         return self.pipe._upsample(x.astype(np.float32), self._call(seed, len(x)))
 
     def __call__(self, captions, seed: int):
-        return self.pipe(captions, seed=seed)
+        return self.pipe(captions, seed=seed, **self.overrides)
 
 
 def encode_text(pipe, captions: list[str]) -> np.ndarray:
@@ -357,9 +359,11 @@ def to_json(d: dict) -> dict:
     return conv(d)
 
 
-def main_stages(pipe, args) -> int:
-    print(f"fidelity by stage: {pipe.manifest.folder}", flush=True)
-    d = diagnose(StageCalls(pipe), groups=args.groups, recon=args.recon, recon_two=args.recon_two)
+def main_stages(pipe, args, overrides: dict) -> int:
+    calls = StageCalls(pipe, **overrides)
+    shown = {stage: calls.run[stage] for stage in calls.run if isinstance(calls.run[stage], dict)}
+    print(f"fidelity by stage: {pipe.manifest.folder} {json.dumps(shown)}", flush=True)
+    d = diagnose(calls, groups=args.groups, recon=args.recon, recon_two=args.recon_two)
     print(render_table(d))
     print(f"({d['seconds']:.0f} s)")
     if args.json:

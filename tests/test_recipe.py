@@ -170,6 +170,30 @@ def test_warm_start_loads_model_and_ema_and_refuses_a_mismatch(tmp_path):
         loop.warm_start(spec.model, ema, spec, str(tmp_path))
 
 
+def test_model_json_counts_the_warm_start_s_steps_across_runs_and_resumes(tmp_path):
+    """step is this run's; trained_steps adds the warm start's (a steps = 0 stage keeps its source's count)."""
+    src = config_from_dict(tiny_config_dict(tmp_path / "a", steps=2))
+    stages.train_sr(src)
+    origin = src.stage_dir("sr") / "model"
+
+    def meta(cfg):
+        return json.loads((cfg.stage_dir("sr") / "model" / "model.json").read_text())
+
+    assert (meta(src)["step"], meta(src)["trained_steps"]) == (2, 2)
+    d = tiny_config_dict(tmp_path / "b", steps=3)
+    d["stages"]["sr"]["init_from"] = str(origin)
+    warm = config_from_dict(d)
+    stages.train_sr(warm, max_steps=1)  # stops at step 1; a rerun resumes from the state
+    assert (meta(warm)["step"], meta(warm)["trained_steps"]) == (1, 3)
+    stages.train_sr(warm)
+    assert (meta(warm)["step"], meta(warm)["trained_steps"]) == (3, 5)
+    d0 = tiny_config_dict(tmp_path / "c", steps=0)
+    d0["stages"]["sr"]["init_from"] = str(warm.stage_dir("sr") / "model")
+    carried = config_from_dict(d0)
+    stages.train_sr(carried)
+    assert (meta(carried)["step"], meta(carried)["trained_steps"]) == (0, 5)
+
+
 def test_warm_start_config_mismatch_names_the_field(tmp_path):
     src = config_from_dict(tiny_config_dict(tmp_path / "a", steps=1))
     stages.train_sr(src)

@@ -76,3 +76,30 @@ def test_diagnose_counts_every_row(calls):
     for label in ("image to caption strict", "render retrieval", "decoder reconstruction 32×32", "SR alone",
                   "decoder reconstruction + SR, two-object 64×64", "end to end, two-object"):
         assert label in table
+
+
+def test_overrides_reach_every_stage_and_the_end_to_end_call(calls):
+    """`python -m bench.fidelity --stages --decoder-steps 2 ...`: the stage rows and the end-to-end row run at the
+    overrides, pixel for pixel what the pipeline draws with them, not at the manifest defaults."""
+    over = S.StageCalls(calls.pipe, decoder_steps=2, sr_steps=1, decoder_guidance=1.0)
+    assert over.run["decoder"]["steps"] == 2 and over.run["decoder"]["guidance"] == 1.0
+    assert over.run["sr0"]["steps"] == 1
+    assert calls.run["decoder"]["steps"] != 2  # the fixture's defaults differ, so the check below can fail
+    spec, render = S.full_single_specs(1, seed=4)[0]
+    embed = over.encode_images(render[None])
+    x = over.upsample(over.decode(embed, seed=9), seed=9)
+    ours = S.to_uint8(np.clip(x, *over.pixel_range), over.pixel_range)[0]
+    theirs = np.asarray(calls.pipe.variations(Image.fromarray(render), seed=9, decoder_steps=2, sr_steps=1,
+                                              decoder_guidance=1.0)[0])
+    default = np.asarray(calls.pipe.variations(Image.fromarray(render), seed=9)[0])
+    assert np.array_equal(ours, theirs) and not np.array_equal(ours, default)
+    e2e = np.asarray(over(["a red circle"], seed=3)[0])
+    assert np.array_equal(e2e, np.asarray(calls.pipe("a red circle", seed=3, decoder_steps=2, sr_steps=1,
+                                                     decoder_guidance=1.0)[0]))
+
+
+def test_bad_override_is_refused_before_any_work(calls):
+    from dalle2_rt.runtime.errors import InputError
+
+    with pytest.raises(InputError, match="decoder steps"):
+        S.StageCalls(calls.pipe, decoder_steps=0)

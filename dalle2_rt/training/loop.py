@@ -111,14 +111,17 @@ class WarmStartError(ValueError):
     """``init_from`` names a folder this stage cannot start from."""
 
 
-def warm_start(model, ema: EMA, spec: StageSpec, source: str, fresh: list[str] = ()) -> None:
+def warm_start(model, ema: EMA, spec: StageSpec, source: str, fresh: list[str] = ()) -> int:
     """Start from a finished model folder (``checkpoints/<name>/<stage>/model``: weights = the EMA weights
     it was exported from) when ``runs/`` holds no state: model and EMA both take its weights, the optimizer
     starts fresh. Its kind and config must match this stage's, so that no shape is silently reinterpreted.
 
     ``fresh`` lists parameter-name prefixes that are not loaded (a new image tower on a trained text tower):
     then the configs may differ (the differences are printed), every other parameter of the model must be in
-    the folder with the same shape, and the folder's parameters under ``fresh`` are ignored."""
+    the folder with the same shape, and the folder's parameters under ``fresh`` are ignored.
+
+    Returns the steps the folder's weights had trained (``trained_steps`` for earlier runs' warm starts; a
+    folder written before that field read ``step``, which counts its own run only, a lower bound)."""
     folder = Path(source)
     if not (folder / "model.json").is_file():
         raise WarmStartError(f"init_from {folder}: not a model folder (no model.json)")
@@ -149,8 +152,10 @@ def warm_start(model, ema: EMA, spec: StageSpec, source: str, fresh: list[str] =
     model.load_state_dict(weights, strict=not fresh)
     ema.model.load_state_dict(weights, strict=not fresh)
     fresh_note = f"; fresh: {', '.join(fresh)}, config differs in {', '.join(diff) or 'nothing'}" if fresh else ""
-    print(f"{spec.name}: warm start from {folder} (its step {meta.get('step', '?')}; fresh optimizer{fresh_note})",
+    before = int(meta.get("trained_steps", meta.get("step", 0)))
+    print(f"{spec.name}: warm start from {folder} (trained {before} steps; fresh optimizer{fresh_note})",
           file=sys.stderr, flush=True)
+    return before
 
 
 def train_stage(spec: StageSpec, cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
@@ -178,14 +183,15 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, *, max_steps: int | None = No
         groups.append({"params": list(spec.aux.parameters()), "lr_scale": AUX_LR_SCALE})
     opt = torch.optim.AdamW(groups, lr=run.lr, weight_decay=run.weight_decay)
     step = 0
+    before = 0  # steps the weights had trained before this run (a warm start's), so model.json counts them all
     saved = checkpoint.load_train_state(folder / "state")
     if saved is not None:
         tensors, meta = saved
         _restore(model, ema, opt, tensors, meta, spec.aux)
-        step = meta["step"]
+        step, before = meta["step"], meta.get("steps_before", 0)
         torch.manual_seed(cfg.seed + 1000 * ddp.rank + step)
     elif run.init_from:
-        warm_start(model, ema, spec, run.init_from, run.init_fresh)
+        before = warm_start(model, ema, spec, run.init_from, run.init_fresh)
     net = model
     if ddp.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -197,9 +203,11 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, *, max_steps: int | None = No
         if not ddp.main:
             return
         tensors, meta_opt = _state_tensors(model, ema, opt, spec.aux)
-        checkpoint.save_train_state(folder / "state", tensors, {"step": step, "optimizer": meta_opt})
+        checkpoint.save_train_state(folder / "state", tensors,
+                                    {"step": step, "steps_before": before, "optimizer": meta_opt})
+        # step: this run's; trained_steps: all the weights have seen, warm starts included
         checkpoint.save_model(folder / "model", spec.kind, ema.model, spec.model_cfg, half=cfg.half_weights,
-                              extra={"step": step, **(spec.extra_meta or {})})
+                              extra={"step": step, "trained_steps": before + step, **(spec.extra_meta or {})})
 
     skips = None
     if any(src.kind != "world" for src in cfg.data):
