@@ -191,9 +191,19 @@ def test_many_clients_on_two_workers_each_get_their_own_images(served, tiny_pipe
     assert metric(srv.service, "dalle2rt_images_total") == sum(b["n"] for b in bodies)
 
 
-def test_workers_must_be_at_least_one(tiny_pipe):
-    with pytest.raises(ValueError, match="workers must be >= 1"):
-        Service(tiny_pipe, workers=0)
+def test_workers_count_threads_and_zero_starts_none(tiny_pipe):
+    """workers=0 is the Ray replica's service (Ray's batcher feeds run_pass): no queue thread; a negative count
+    is refused."""
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        Service(tiny_pipe, workers=-1)
+    for n in (0, 2):
+        service = Service(tiny_pipe, workers=n)
+        try:
+            assert service.workers == n and len(service._threads) == n
+            assert all(t.is_alive() for t in service._threads)
+        finally:
+            service.close(drain=False, timeout=5)
+        assert not any(t.is_alive() for t in service._threads)
 
 
 @pytest.mark.skipif(not (BUNDLED / "manifest.json").exists(), reason="engines/shapes-v2 not built (make engines)")

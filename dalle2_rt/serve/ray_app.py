@@ -42,7 +42,7 @@ class RayBatchedService(Service):
     """
 
     def __init__(self, pipe, limits: Limits):
-        super().__init__(pipe, limits, worker=False)
+        super().__init__(pipe, limits, workers=0)
         self._in_flight = 0
         self._batched.set_max_batch_size(limits.max_batch)
         self._batched.set_batch_wait_timeout_s(limits.batch_window_s)

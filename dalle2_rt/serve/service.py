@@ -133,12 +133,11 @@ def encode_png(image: Image.Image, info: dict) -> bytes:
 class Service:
     """A loaded ``Pipeline`` behind a bounded queue and ``workers`` batching worker threads."""
 
-    def __init__(self, pipe, limits: Limits | None = None, metrics: Metrics | None = None, *, worker: bool = True,
-                 workers: int = 1):
-        """worker False: no queue thread; a subclass feeds ``run_pass`` itself (ray_app.py: Ray's @serve.batch).
-        workers: passes that may run at once (threads sharing ``pipe``; each pass is one thread's)."""
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, not {workers}")
+    def __init__(self, pipe, limits: Limits | None = None, metrics: Metrics | None = None, *, workers: int = 1):
+        """workers: passes that may run at once (threads sharing ``pipe``; each pass is one thread's); 0 starts no
+        queue thread, for a subclass that feeds ``run_pass`` itself (ray_app.py: Ray's @serve.batch)."""
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, not {workers}")
         self.pipe, self.limits = pipe, limits or Limits()
         self.metrics = metrics or Metrics()
         self._queue: collections.deque[Job] = collections.deque()
@@ -147,7 +146,7 @@ class Service:
         self._stopping = False
         self.draining = False  # set on SIGTERM: /readyz says 503, new work is refused
         self._rate = 0.0  # images/s of one worker's recent passes (exponential average), for Retry-After
-        self.workers = workers if worker else 0
+        self.workers = workers
         self._threads = [threading.Thread(target=self._loop, name=f"dalle2-rt-worker-{i}", daemon=True)
                          for i in range(self.workers)]
         for thread in self._threads:
