@@ -61,3 +61,21 @@ def test_two_object_probe_runs_on_a_checkpoint(tiny_checkpoints):
     got = probe.two_object_probe(tiny_checkpoints / "clip" / "model", n=60)
     assert set(got) == {"both shapes", "relation", "shapes and relation"}
     assert all(0.0 <= v <= 1.0 for v in got.values())
+
+
+def test_the_cli_s_measurements_share_one_load_until_the_weights_change(tmp_path):
+    import os
+
+    from dalle2_rt.training import stages
+    from dalle2_rt.training.config import config_from_dict
+    from tests.conftest import tiny_config_dict
+
+    cfg = config_from_dict(tiny_config_dict(tmp_path, steps=1))
+    stages.train_clip(cfg)
+    folder = cfg.stage_dir("clip") / "model"
+    first = probe._load(folder)
+    assert probe._load(folder) is first  # retrieval, linear probe and read-back: one load
+    weights = folder / "model.safetensors"
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the folder rewritten
+    assert probe._load(folder) is not first

@@ -11,6 +11,7 @@ embedding (`two_object_probe`). Runs on the torch checkpoint, so no export is ne
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -35,6 +36,14 @@ from dalle2_rt.world import (
 
 
 def _load(folder: Path):
+    """The folder's encoders, loaded once per process for each version of its weights (the CLI's three
+    measurements share one load; a folder rewritten since, e.g. by a training step, loads again)."""
+    weights = Path(folder).resolve() / "model.safetensors"
+    return _load_version(weights.parent, weights.stat().st_mtime_ns if weights.exists() else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_version(folder: Path, _mtime_ns):
     from dalle2_rt.training.stages import load_clip, tokenize
 
     clip, cfg = load_clip(folder)
