@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--no-retrieval", action="store_true", help="skip the CLIP retrieval measurement")
-    for opt in ("prior-steps", "decoder-steps", "sr-steps", "candidates"):
+    for opt in ("prior-steps", "decoder-steps", "sr-steps", "candidates", "decoder-candidates"):
         p.add_argument(f"--{opt}", type=int, help="override the manifest default")
     for opt in ("prior-guidance", "decoder-guidance"):
         p.add_argument(f"--{opt}", type=float, help="override the manifest default")
@@ -112,7 +112,8 @@ def main(argv=None) -> int:
                    help="--stages: two-object renders for decoder reconstruction (default 200; 0 skips them)")
     args = p.parse_args(argv)
     settings = {k: getattr(args, k) for k in ("prior_steps", "decoder_steps", "sr_steps", "candidates",
-                                               "prior_guidance", "decoder_guidance", "sampler")
+                                               "decoder_candidates", "prior_guidance", "decoder_guidance",
+                                               "sampler")
                 if getattr(args, k) is not None}
     pipe = Pipeline.load(args.engines, threads=args.threads)
     if args.stages:

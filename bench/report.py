@@ -64,7 +64,8 @@ def _latency(lat: dict, parts: dict) -> list[str]:
     rows = [[n, _ms(v["total"]), _ms(v["per_image"]), *[_ms(v["stages"][s]) for s in stages]] for n, v in lat.items()]
     steps = (f", steps prior/decoder/SR {run['prior']['steps']}/{run['decoder']['steps']}/"
              f"{run.get('sr0', {}).get('steps', '-')}, guidance {run['prior']['guidance']}/"
-             f"{run['decoder']['guidance']}, {run['candidates']} prior candidates") if run else ""
+             f"{run['decoder']['guidance']}, {run['candidates']} prior candidates, "
+             f"{run.get('decoder_candidates', 1)} decoder candidates") if run else ""
     out = [f"## Warm latency (median of repeats; per stage = its share of the call, host work included{steps})", "",
            _t(["images", "end to end", "per image", *stages], rows), ""]
     for n, v in lat.items():

@@ -56,6 +56,8 @@ def build_ours(engines: str, backend: str = "onnxruntime", threads: int | None =
         t0 = time.perf_counter()
         images = pipe(req.get("prompt", PROMPT), seed=int(req.get("seed", 0)), num_images=int(req.get("images", 1)),
                       prior_steps=prior, decoder_steps=decoder, sr_steps=sr, candidates=req.get("candidates"),
+                      # one decoder sample per image, as every contender draws (ranked candidates are ours alone)
+                      decoder_candidates=req.get("decoder_candidates", 1),
                       prior_guidance=req.get("prior_guidance"), decoder_guidance=req.get("decoder_guidance"))
         return {"seconds": time.perf_counter() - t0, "images": len(images)}
 

@@ -29,6 +29,7 @@ examples:
   dalle2-rt --from-file prompts.txt -n 2 --seed 1 -o out/      # one prompt a line; '#' comments
   dalle2-rt --variations out/two-blue-squares-s7-0.png -n 4 -o out/
   dalle2-rt "a green triangle" --sampler dpm++ --decoder-steps 15 --decoder-guidance 3
+  dalle2-rt "a red star above a blue circle" --decoder-candidates 8   # more tries, CLIP keeps the best
   dream "a small yellow star" --backend torch                  # same program, shorter name
 
 files: <prompt-slug>-s<seed>-<index>.png in the output folder (default: the current one); an existing
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="classifier-free guidance scale of the decoder")
     samp.add_argument("--candidates", type=_setting("candidates"), metavar="K",
                       help="prior samples per image; the one closest to the text is kept")
+    samp.add_argument("--decoder-candidates", type=_setting("decoder_candidates"), metavar="K",
+                      help="decoder samples per image; the one CLIP finds closest to the text is kept (K times "
+                           "the decoder's work; 1 = off)")
     samp.add_argument("--sampler", choices=list(SAMPLERS), help="for every stage")
     run = p.add_argument_group("runtime")
     run.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime",
@@ -193,7 +197,7 @@ def _main(argv, shared_threads: bool) -> int:
                              shared_threads=shared_threads, url=args.url)
         if jobs["prompts"]:
             pipe.settings(args.prior_steps, args.decoder_steps, args.sr_steps, args.prior_guidance,
-                          args.decoder_guidance, args.sampler, args.candidates)
+                          args.decoder_guidance, args.sampler, args.candidates, args.decoder_candidates)
         else:
             pipe.settings(None, args.decoder_steps, args.sr_steps, None, args.decoder_guidance, args.sampler)
     except InputError as e:
@@ -226,7 +230,8 @@ def _main(argv, shared_threads: bool) -> int:
                     images = pipe(prompt, seed=seed, num_images=args.num_images, prior_steps=args.prior_steps,
                                   decoder_steps=args.decoder_steps, sr_steps=args.sr_steps,
                                   prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
-                                  sampler=args.sampler, candidates=args.candidates, callback=bar)
+                                  sampler=args.sampler, candidates=args.candidates,
+                                  decoder_candidates=args.decoder_candidates, callback=bar)
                     slug = slugify(prompt)
                 bar.close()
                 for j, image in enumerate(images):

@@ -69,7 +69,9 @@ class CheckpointFamily:
 
     def graph_specs(self, max_batch: int) -> list[GraphSpec]:
         candidates = int(mf.stage_defaults("prior", self.sources.prior)["candidates"])
-        return graph_specs(self.sources, max_batch=max_batch, candidates=candidates)
+        decoder_candidates = int(mf.stage_defaults("decoder", self.sources.decoder)["candidates"])
+        return graph_specs(self.sources, max_batch=max_batch, candidates=candidates,
+                           decoder_candidates=decoder_candidates)
 
     def graph_fingerprint(self, spec: GraphSpec, tools: dict) -> str:
         return mf.graph_fingerprint(spec, next(s for s in self.sources.all() if s.stage == spec.source), tools)

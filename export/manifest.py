@@ -54,7 +54,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Sampling defaults per stage; a stage checkpoint's model.json "defaults" overrides them key by key.
 DEFAULTS = {
     "prior": {"sampler": "ddim", "steps": 25, "guidance": 4.0, "candidates": 2},
-    "decoder": {"sampler": "ddim", "steps": 25, "guidance": 5.0},
+    "decoder": {"sampler": "ddim", "steps": 25, "guidance": 5.0, "candidates": 1},
     "sr": {"sampler": "ddim", "steps": 7},
 }
 # x0 clipping bounds. Prior: its space is the unit-norm embedding × √D, so each coordinate is ~N(0, 1)

@@ -8,7 +8,8 @@ are the contract of ARCHITECTURE.md ("Graph I/O"); the module's ``forward`` take
 
 Batch ranges (``max_batch`` = most images per call, default 8):
   text_encoder, image_encoder   1 … max_batch                  (one row per prompt / image)
-  decoder, sr<i>                1 … 2·max_batch                (conditional + unconditional halves)
+  decoder                       1 … 2·max_batch·decoder_candidates (k samples per image, guided; CLIP keeps one)
+  sr<i>                         1 … 2·max_batch                (conditional + unconditional halves)
   prior, prior_step             1 … 2·max_batch·candidates     (k candidate embeddings per image, guided)
   prior_prefix                  1 … 2·max_batch                (one text row per image and guidance half)
 ``opt`` is the batch of one guided image (what a TensorRT profile tunes its kernels for).
@@ -171,7 +172,7 @@ def _prior_graphs(src: Source, max_batch: int, candidates: int) -> list[GraphSpe
     ]
 
 
-def _decoder_graph(src: Source, max_batch: int) -> GraphSpec:
+def _decoder_graph(src: Source, max_batch: int, candidates: int = 1) -> GraphSpec:
     c = src.config
     img = (BATCH, c.unet.out_channels, c.image_size, c.image_size)
     return GraphSpec(
@@ -181,7 +182,7 @@ def _decoder_graph(src: Source, max_batch: int) -> GraphSpec:
                 TensorSpec("text_encodings", (BATCH, c.context_length, c.text_width)),
                 TensorSpec("image_keep", (BATCH,), fill="keep"), TensorSpec("text_keep", (BATCH,), fill="keep")),
         outputs=(TensorSpec("pred", img),),
-        batch=BatchProfile(1, 2, 2 * max_batch), factory=src.build)
+        batch=BatchProfile(1, 2 * candidates, 2 * max_batch * candidates), factory=src.build)
 
 
 def _sr_graph(src: Source, index: int, max_batch: int) -> GraphSpec:
@@ -197,13 +198,16 @@ def _sr_graph(src: Source, index: int, max_batch: int) -> GraphSpec:
         batch=BatchProfile(1, 1, 2 * max_batch), factory=src.build)
 
 
-def graph_specs(sources: Sources, *, max_batch: int = 8, candidates: int = 2) -> list[GraphSpec]:
-    """The graphs of a checkpoint set, in pipeline order: encoders, prior, decoder, sr0, sr1, …"""
-    if max_batch < 1 or candidates < 1:
-        raise ValueError(f"max_batch and candidates must be >= 1, got {max_batch}, {candidates}")
+def graph_specs(sources: Sources, *, max_batch: int = 8, candidates: int = 2,
+                decoder_candidates: int = 1) -> list[GraphSpec]:
+    """The graphs of a checkpoint set, in pipeline order: encoders, prior, decoder, sr0, sr1, …
+    ``candidates`` / ``decoder_candidates``: the prior's and the decoder's samples per image (batch ranges)."""
+    if max_batch < 1 or candidates < 1 or decoder_candidates < 1:
+        raise ValueError(f"max_batch and the candidates must be >= 1, got {max_batch}, {candidates}, "
+                         f"{decoder_candidates}")
     return [
         *_clip_graphs(sources.clip, max_batch),
         *_prior_graphs(sources.prior, max_batch, candidates),
-        _decoder_graph(sources.decoder, max_batch),
+        _decoder_graph(sources.decoder, max_batch, decoder_candidates),
         *(_sr_graph(src, i, max_batch) for i, src in enumerate(sources.sr)),
     ]

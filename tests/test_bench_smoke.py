@@ -168,3 +168,21 @@ def test_prefix_experiment_compares_the_cache_with_the_full_graph(tiny_engines):
         "prefix cache, 2 threads": {"prior_prefix": 1, "prior_step": steps},
         "prefix cache, 1 thread": {"prior_prefix": 1, "prior_step": steps}}
     assert all(0 < v["prior_ms"] < v["image_ms"] for v in res["variants"].values())
+
+
+def test_decoder_ranking_experiment_ranks_what_the_runtime_keeps(tiny_engines):
+    """bench/experiments/decoder_ranking.py scores every one of the k samples; the one its scores rank first is,
+    pixel for pixel, the image the runtime returns with decoder_candidates = k."""
+    from bench.experiments import decoder_ranking
+    from dalle2_rt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(tiny_engines, threads=1)
+    images, scores = decoder_ranking.samples_of(pipe, "a red circle", 3, 2, 2.0)
+    assert images.shape[0] == 3 and scores.shape == (3,)
+    kept = pipe("a red circle", seed=0, decoder_steps=2, decoder_guidance=2.0, decoder_candidates=3)[0]
+    assert np.array_equal(np.asarray(kept), images[int(np.argmax(scores))])
+    res = decoder_ranking.measure(pipe, [(2, 2.0)], single=1, two=1, k=2, log=None)
+    (row,) = res["settings"]
+    for kind in ("single", "two"):
+        r = row[kind]
+        assert r["n"] == 1 and r["first"] <= r["oracle@2"] and r["ranked@2"] <= r["oracle@2"]

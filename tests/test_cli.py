@@ -165,6 +165,7 @@ ERRORS = {
     "sr steps zero": (["x", "--sr-steps", "0"], "sr-steps"),
     "steps above T": (["x", "--decoder-steps", "5000"], "decoder steps must be between 1 and"),
     "too many candidates": (["x", "--candidates", "17"], "candidates must be between 1 and 16, got 17"),
+    "decoder candidates zero": (["x", "--decoder-candidates", "0"], "decoder-candidates"),
     "guidance not a number": (["x", "--prior-guidance", "lots"], "'lots' is not a number"),
     "threads zero": (["x", "--threads", "0"], "threads must be at least 1"),
     "guidance negative": (["x", "--decoder-guidance", "-1"], "decoder-guidance"),
@@ -300,7 +301,7 @@ def test_main_as_a_function_leaves_onnxruntime_usable(tmp_path, tiny_engines):
 @pytest.mark.parametrize("flag,text,field,value", [
     ("-n", "65", "num_images", 65), ("--seed", "18446744073709551616", "seed", 2**64),
     ("--prior-steps", "0", "prior_steps", 0), ("--decoder-guidance", "-2", "decoder_guidance", -2.0),
-    ("--candidates", "17", "candidates", 17)])
+    ("--candidates", "17", "candidates", 17), ("--decoder-candidates", "17", "decoder_candidates", 17)])
 def test_cli_refuses_a_setting_with_the_librarys_words(work, capsys, flag, text, field, value):
     from dalle2_rt.runtime.errors import InputError
     from dalle2_rt.runtime.settings import Settings

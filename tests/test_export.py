@@ -186,8 +186,8 @@ def test_manifest_stages(tiny_engines):
     assert prior["embed_scale"] == pytest.approx(clip["embed_dim"] ** 0.5)
     assert prior["clip_x0"] == [-10.0, 10.0] and dec["clip_x0"] == [-1.0, 1.0]
     # no checkpoint defaults here: the exporter's own, which the runtime must be able to run as they are
-    for st, keys in ((prior, {"sampler", "steps", "guidance", "candidates"}), (dec, {"sampler", "steps", "guidance"}),
-                     (sr, {"sampler", "steps"})):
+    for st, keys in ((prior, {"sampler", "steps", "guidance", "candidates"}),
+                     (dec, {"sampler", "steps", "guidance", "candidates"}), (sr, {"sampler", "steps"})):
         d = st["defaults"]
         assert set(d) == keys and d["sampler"] in SAMPLERS and 1 <= d["steps"] <= st["schedule"]["num_timesteps"]
         assert d.get("guidance", 1.0) >= 1.0 and d.get("candidates", 1) >= 1
@@ -313,6 +313,25 @@ def test_sr_chain_is_list_based(tiny_checkpoints, tmp_path):
     shutil.rmtree(ckpt / "sr")  # now sr1 (32 -> 64) follows the 16x16 decoder directly
     with pytest.raises(SourceError, match="low_res_size"):
         find_sources(ckpt)
+
+
+def test_decoder_candidates_default_widens_the_decoder_batch_range(tiny_checkpoints, tmp_path):
+    """model.json "defaults": {"candidates": k} of the decoder reaches the manifest, and the decoder graph's batch
+    range holds k guided samples per image (as the prior's holds its candidates)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints, ckpt)
+    meta_path = ckpt / "decoder" / "model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["defaults"] = {**meta.get("defaults", {}), "candidates": 3}
+    meta_path.write_text(json.dumps(meta))
+    family = export_all.CheckpointFamily(ckpt)
+    decoder = next(s for s in family.graph_specs(4) if s.name == "decoder")
+    assert (decoder.batch.min, decoder.batch.opt, decoder.batch.max) == (1, 6, 24)
+    specs = family.graph_specs(4)
+    stages = family.stage_entries(specs)
+    assert stages["decoder"]["defaults"]["candidates"] == 3
+    plain = next(s for s in export_all.CheckpointFamily(tiny_checkpoints).graph_specs(4) if s.name == "decoder")
+    assert (plain.batch.opt, plain.batch.max) == (2, 8)
 
 
 def test_missing_stage_is_a_clear_error(tmp_path):

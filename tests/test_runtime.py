@@ -471,6 +471,95 @@ def test_pipeline_feeds_the_chosen_candidate_to_the_decoder(pipe, monkeypatch):
     np.testing.assert_allclose(dec.calls[0]["image_embed"][:2], emb[np.arange(2), best], atol=1e-6)
 
 
+def test_sample_selection_keeps_the_sample_closest_to_the_text():
+    from dalle2_rt.runtime.stages import select_samples
+
+    text = np.array([[1.0, 0.0], [0.0, 1.0]])
+    embed = np.array([[0.0, 1.0], [3.0, 0.1], [1.0, 1.0],  # image 0: sample 1 (unnormalised) is closest
+                      [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # image 1: sample 2
+    x = np.arange(6)[:, None, None, None] * np.ones((6, 3, 2, 2))
+    chosen_x, chosen, scores = select_samples(x, embed, text, 3)
+    assert chosen.tolist() == [1, 2] and chosen_x[:, 0, 0, 0].tolist() == [1.0, 5.0]
+    assert scores.shape == (2, 3)
+    one, idx, _ = select_samples(x[:2], embed[:2], text, 1)  # k = 1: every sample is its image's
+    assert idx.tolist() == [0, 0] and np.array_equal(one, x[:2])
+
+
+def test_rank_pixels_repeat_each_pixel_into_the_encoder_s_range():
+    from dalle2_rt.runtime.stages import rank_pixels
+
+    x = np.array([[[[-1.0, 0.0], [1.0, 3.0]]]])  # (1, 1, 2, 2) in [-1, 1], one value out of range
+    out = rank_pixels(x, (-1.0, 1.0), 4, (0.0, 1.0))
+    assert out.shape == (1, 1, 4, 4) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[0, 0], [[0, 0, .5, .5], [0, 0, .5, .5], [1, 1, 1, 1], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="not a multiple"):
+        rank_pixels(x, (-1.0, 1.0), 5)
+
+
+def test_decoder_candidates_draw_k_samples_and_keep_the_one_clip_ranks_first(pipe, monkeypatch):
+    """k decoder samples per image in one guided batch, from the image's own decoder stream (rows n·k …); the
+    image encoder scores each against the prompt's text embedding and the best one goes on to SR."""
+    rec = {g: _Recorder(pipe.engines[g], []) for g in ("decoder", "image_encoder", "sr0")}
+    for g, r in rec.items():
+        monkeypatch.setitem(pipe.engines, g, r)
+    picked = {}
+    real = pipeline_mod.select_samples
+
+    def spy(x, image_embed, text_embed, k):
+        out = real(x, image_embed, text_embed, k)
+        picked.update(x=x, embed=image_embed, text=text_embed, k=k, out=out)
+        return out
+
+    monkeypatch.setattr(pipeline_mod, "select_samples", spy)
+    events = []
+    pipe("a red circle", seed=3, num_images=2, decoder_candidates=3, callback=lambda *e: events.append(e[0]),
+         **FAST)
+    dec = rec["decoder"].calls[0]
+    assert len(dec["x_t"]) == 2 * 2 * 3  # (cond, uncond) × images × candidates, one call
+    np.testing.assert_array_equal(dec["image_keep"], [1] * 6 + [0] * 6)
+    # x_T: image j's decoder stream draws its 3 rows at once
+    for j in range(2):
+        want = np.random.default_rng([3, j, 1]).standard_normal((3, *dec["x_t"].shape[1:]), dtype=np.float32)
+        np.testing.assert_array_equal(dec["x_t"][3 * j:3 * j + 3], want)
+    assert picked["k"] == 3 and picked["x"].shape[0] == 6 and len(rec["image_encoder"].calls[0]["pixels"]) == 6
+    text = pipe.engines["text_encoder"](tokens=pipe.tokenizer(["a red circle"]))["text_embed"]
+    np.testing.assert_allclose(picked["text"], np.repeat(text, 2, 0), atol=1e-6)
+    chosen_x, chosen, scores = picked["out"]
+    assert chosen_x.shape == (2, *dec["x_t"].shape[1:])
+    np.testing.assert_array_equal(chosen_x, picked["x"][np.arange(2) * 3 + np.argmax(scores, axis=1)])
+    # SR's input is the chosen samples, noised from SR's own stream as always
+    from dalle2_rt.runtime.stages import low_res_inputs
+
+    sr = pipe.sr[0]
+    want = low_res_inputs(chosen_x, sr.noise_aug_t, sr.abar, NoiseStreams(3, [0, 1], 2), pipe.pixel_range)
+    np.testing.assert_array_equal(rec["sr0"].calls[0]["low_res"], want["low_res"])
+    assert events.count("image_encoder") == 1 and events.index("image_encoder") > events.index("decoder")
+    # k = 1 draws exactly what a call without the option draws (the seed contract is unchanged)
+    assert np.array_equal(pixels(pipe("a red circle", seed=3, decoder_candidates=1, **FAST)),
+                          pixels(pipe("a red circle", seed=3, **FAST)))
+
+
+def test_a_folder_whose_decoder_ranks_by_default_needs_an_image_encoder(engines, tmp_path):
+    folder = copy_engines(engines, tmp_path / "e")
+
+    def edit(d):
+        d["stages"]["decoder"]["defaults"]["candidates"] = 2
+        del d["stages"]["image_encoder"]
+
+    rewrite_manifest(folder, edit)
+    with pytest.raises(EngineFolderError, match="default candidates 2 need an image_encoder"):
+        Pipeline.load(folder, threads=1)
+
+
+def test_decoder_candidates_images_do_not_depend_on_the_batch(pipe):
+    alone = pixels(pipe("a blue star", seed=4, num_images=2, decoder_candidates=2, **FAST))
+    together = pixels(pipe(["a red circle", "a blue star"], seed=4, num_images=3, decoder_candidates=2, **FAST))
+    assert np.array_equal(alone, together[3:5])
+    meta = pipe("a blue star", seed=4, decoder_candidates=2, **FAST)[0].info
+    assert meta["decoder_candidates"] == "2" and "decoder_candidates" not in pipe("a blue star", seed=4,
+                                                                                  **FAST)[0].info
+
+
 def test_callback_reports_every_stage_and_step(pipe):
     events = []
     pipe("a red circle", seed=0, num_images=1, callback=lambda *e: events.append(e), **FAST)
@@ -563,6 +652,8 @@ def test_variations_feed_no_text_to_the_decoder(pipe, monkeypatch):
     ({"decoder_guidance": float("inf")}, "guidance"),
     ({"sampler": "euler"}, "unknown sampler"),
     ({"candidates": 0}, "candidates"),
+    ({"decoder_candidates": 0}, "decoder candidates"),
+    ({"decoder_candidates": 17}, "decoder candidates must be between 1 and 16"),
     ({"seed": -1}, "seed"),
     ({"seed": 1.5}, "seed"),
 ])
@@ -608,7 +699,7 @@ def test_settings_fill_in_the_folders_defaults(pipe, engines):
         "prior": {"steps": prior["steps"], "guidance": prior["guidance"], "sampler": prior["sampler"]},
         "decoder": {"steps": dec["steps"], "guidance": dec["guidance"], "sampler": dec["sampler"]},
         "sr0": {"steps": sr["steps"], "guidance": None, "sampler": sr["sampler"]},  # SR: nothing to guide
-        "candidates": prior["candidates"],
+        "candidates": prior["candidates"], "decoder_candidates": dec["candidates"],
     }
     run = pipe.settings(prior_steps=2, sr_steps=1, decoder_guidance=1.5, sampler="dpm++", candidates=3)
     assert run["prior"] == {"steps": 2, "guidance": prior["guidance"], "sampler": "dpm++"}

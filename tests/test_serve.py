@@ -122,6 +122,7 @@ def served(tiny_pipe):
 
 def test_a_mixed_batch_equals_each_image_made_alone(tiny_pipe):
     for settings in [FAST, {**FAST, "sampler": "ddpm", "candidates": 3, "decoder_guidance": 1.0},
+                     {**FAST, "decoder_candidates": 2},
                      {**FAST, "sampler": "dpm++", "prior_guidance": 2.5}]:
         rows = [Row("a red circle", 3, 2), Row("a blue star", 2**63 + 7, 0), Row("a red circle", 3, 0)]
         rows += [Row("a green square", s, 1) for s in range(14)]  # 17 images: more than one graph batch
@@ -255,6 +256,7 @@ def test_served_png_equals_the_cli_file_pixels_and_metadata(tmp_path):
     ({"prompt": "x", "decoder_guidance": -1.0}, 400, "decoder guidance must be a finite number >= 0"),
     ({"prompt": "x", "prior_steps": 0}, 400, "prior steps must be"),
     ({"prompt": "x", "candidates": 99}, 400, "candidates must be between 1 and 16"),
+    ({"prompt": "x", "decoder_candidates": 0}, 400, "decoder candidates must be between 1 and 16"),
     ({"prompt": "x", "response_format": "jpeg"}, 422, "response_format"),
     ({"prompt": "x", "n": 2, "response_format": "png"}, 400, "png returns one image"),
     ({"prompt": "x", "colour": "red"}, 422, "colour: Extra inputs are not permitted"),

@@ -108,7 +108,7 @@ def _infer(url: str, prompts: list[str], **values):
     client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=300.0)
     dtypes = {"num_images": np.int32, "seed": np.uint64, "prior_steps": np.int32, "decoder_steps": np.int32,
               "sr_steps": np.int32, "prior_guidance": np.float64, "decoder_guidance": np.float64,
-              "candidates": np.int32}
+              "candidates": np.int32, "decoder_candidates": np.int32}
     arrays = {"prompt": np.array([p.encode() for p in prompts], dtype=object)}
     for name, value in values.items():
         arrays[name] = np.array([value.encode()], dtype=object) if isinstance(value, str) else \

@@ -4,8 +4,8 @@ Every random draw is made on the host with numpy. The draws for image j (0-based
 with seed s in stage k come from ``np.random.default_rng([s, j, k])``, with k = 0 for the prior
 (``PRIOR``), 1 for the decoder (``DECODER``) and 2 + m for SR stage m (``sr_stream(m)``). Within a stage the
 order is: (SR stages with a ``noise_aug_t`` only: the noise augmenting the low-res input, shape of low_res),
-the starting noise x_T (prior: the k candidates' rows, in order), then whatever the sampler draws, step by
-step. Each draw is float32 ``standard_normal`` of that image's rows.
+the starting noise x_T (prior and decoder: the k candidates' rows, in order), then whatever the sampler
+draws, step by step. Each draw is float32 ``standard_normal`` of that image's rows.
 
 So an image's pixels are a function of (prompt, s, j, settings, backend) alone: they do not depend on
 num_images, on the other prompts of the call, on how the batch is chunked, or on other threads. Two

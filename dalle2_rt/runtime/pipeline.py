@@ -34,7 +34,7 @@ from .noise import DECODER, PRIOR, NoiseStreams, new_seed, sr_stream
 from .plan import StagePlan, graphs_to_open, resolve_stages
 from .settings import MAX_CANDIDATES, MAX_IMAGES, MAX_SEED, Settings, check_int, check_prompts, describe  # noqa: F401
 from .stage_runner import Callback, Conditioning, call_checked, call_chunked, guidance_halves, run_stage
-from .stages import embed_norm, low_res_inputs, normalize, select_candidates
+from .stages import embed_norm, low_res_inputs, normalize, rank_pixels, select_candidates, select_samples
 from .tokenizer import Tokenizer
 
 DEFAULT_ENGINES = "shapes-v2"
@@ -110,6 +110,9 @@ class Pipeline:
         except (ValueError, KeyError, OSError) as e:
             raise EngineFolderError(f"{manifest.folder}: tokenizer unusable ({e})") from None
         stages = resolve_stages(manifest, prefix_cache)  # refuses a bad folder before any graph is opened
+        if stages[1].defaults.get("candidates", 1) > 1 and "image_encoder" not in manifest.stages:
+            raise EngineFolderError(f"{manifest.folder}: the decoder's default candidates "
+                                    f"{stages[1].defaults['candidates']} need an image_encoder stage to rank them")
         options = {"threads": threads, "device_id": device_id}
         if backend == "onnxruntime":
             options.update(providers=providers, shared_pool=shared_threads)
@@ -123,14 +126,15 @@ class Pipeline:
     # public API
 
     def settings(self, prior_steps=None, decoder_steps=None, sr_steps=None, prior_guidance=None,
-                 decoder_guidance=None, sampler=None, candidates=None) -> dict:
-        """Per-stage {"steps", "guidance", "sampler"} (and "candidates"), checked, manifest defaults filled in.
+                 decoder_guidance=None, sampler=None, candidates=None, decoder_candidates=None) -> dict:
+        """Per-stage {"steps", "guidance", "sampler"} (and "candidates", "decoder_candidates"), checked, manifest
+        defaults filled in.
 
         Raises ``InputError`` for a bad value; the CLI calls it to reject arguments before writing anything.
         """
         return Settings(prior_steps=prior_steps, decoder_steps=decoder_steps, sr_steps=sr_steps,
                         prior_guidance=prior_guidance, decoder_guidance=decoder_guidance, sampler=sampler,
-                        candidates=candidates).resolve(self.stages)
+                        candidates=candidates, decoder_candidates=decoder_candidates).resolve(self.stages)
 
     def truncated(self, prompts: str | Sequence[str]) -> list[bool]:
         """Per prompt, whether it has more tokens than the text encoder reads (the tail would be dropped)."""
@@ -139,19 +143,21 @@ class Pipeline:
     def __call__(self, prompt: str | Sequence[str], *, seed: int | None = None, num_images: int = 1,
                  prior_steps: int | None = None, decoder_steps: int | None = None, sr_steps: int | None = None,
                  prior_guidance: float | None = None, decoder_guidance: float | None = None,
-                 sampler: str | None = None, candidates: int | None = None,
+                 sampler: str | None = None, candidates: int | None = None, decoder_candidates: int | None = None,
                  callback: Callback | None = None) -> list[Image.Image]:
         """Images for each prompt, prompt-major: [p0 image 0, …, p0 image n-1, p1 image 0, …].
 
         The options are ``settings.Settings`` 's fields: unset ones take the manifest's per-stage defaults;
         ``sampler`` applies to every stage; ``sr_steps`` to every SR stage. ``seed`` None draws one (it is in
         each image's ``info["seed"]``). Guidance 1.0 runs the conditional branch only (the same prediction,
-        half the work).
+        half the work). ``decoder_candidates`` k > 1 draws k decoder samples per image and keeps the one whose
+        CLIP image embedding (the folder's image_encoder) is closest to the prompt's text embedding: k times
+        the decoder's work, for images that follow the prompt more often (README, "Fidelity").
         """
         prompts = check_prompts(prompt)
         s = Settings(num_images=num_images, seed=seed, prior_steps=prior_steps, decoder_steps=decoder_steps,
                      sr_steps=sr_steps, prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
-                     sampler=sampler, candidates=candidates)
+                     sampler=sampler, candidates=candidates, decoder_candidates=decoder_candidates)
         seed = new_seed() if s.seed is None else s.seed
         rows = [(p, j) for p in prompts for j in range(s.num_images)]
         return self._generate([p for p, _ in rows], seed, [j for _, j in rows], s, callback)
@@ -159,7 +165,7 @@ class Pipeline:
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], indices: Sequence[int], *,
                  prior_steps: int | None = None, decoder_steps: int | None = None, sr_steps: int | None = None,
                  prior_guidance: float | None = None, decoder_guidance: float | None = None,
-                 sampler: str | None = None, candidates: int | None = None,
+                 sampler: str | None = None, candidates: int | None = None, decoder_candidates: int | None = None,
                  callback: Callback | None = None) -> list[Image.Image]:
         """One image per row r: image ``indices[r]`` of ``self(prompts[r], seed=seeds[r], num_images=n)`` (any n
         > indices[r]), pixel for pixel and metadata alike, by the seed contract (noise.py). So images of
@@ -174,7 +180,7 @@ class Pipeline:
                              f"{len(indices)} indices")
         s = Settings(prior_steps=prior_steps, decoder_steps=decoder_steps, sr_steps=sr_steps,
                      prior_guidance=prior_guidance, decoder_guidance=decoder_guidance, sampler=sampler,
-                     candidates=candidates)
+                     candidates=candidates, decoder_candidates=decoder_candidates)
         return self._generate(prompts, seeds, indices, s, callback)
 
     def variations(self, image, *, num_images: int = 1, seed: int | None = None,
@@ -233,8 +239,13 @@ class Pipeline:
         image_embed = select_candidates(pred, text["text_embed"][prompt_of], k, self.embed_norm)[0]  # (N, D)
         cond = {"image_embed": image_embed, **{name: v[prompt_of] for name, v in text.items()}}
         keep = {"image_keep": 1.0, "text_keep": 1.0}
-        decoder = guidance_halves(self.decoder, cond, keep, np.arange(len(prompts)), empty)
-        x = self._upsample(self._sample(self.decoder, decoder, call, call.streams(DECODER)), call)
+        # decoder: kd samples per image (one conditioning row each); CLIP keeps the one closest to the text
+        kd = run["decoder_candidates"]
+        decoder = guidance_halves(self.decoder, cond, keep, np.repeat(np.arange(len(prompts)), kd), empty)
+        x = self._sample(self.decoder, decoder, call, call.streams(DECODER, rows=kd))  # (N·kd, C, h, w)
+        if kd > 1:
+            x = self._rank(x, text["text_embed"][prompt_of], kd, callback)
+        x = self._upsample(x, call)
         seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
         meta = [{"prompt": p, "seed": str(v), "index": str(j)} for p, v, j in zip(prompts, seeds, indices)]
         return self._images(x, meta, run, with_prior=True)
@@ -264,6 +275,21 @@ class Pipeline:
 
     def _sample(self, plan: StagePlan, conditioning: Conditioning, call: _Call, streams) -> np.ndarray:
         return run_stage(plan, self.engines, call.run[plan.name], conditioning, streams, call.callback)
+
+    def _rank(self, x: np.ndarray, text_embed: np.ndarray, k: int, callback) -> np.ndarray:
+        """The decoder sample per image (of its k, rows n·k …) whose CLIP image embedding is closest to its text
+        embedding (N, D): the image encoder on each sample (``stages.rank_pixels``) -> (N, C, h, w)."""
+        stage = self.manifest.stages.get("image_encoder")
+        if stage is None:
+            raise InputError(f"engine folder {self.manifest.folder} has no image_encoder; decoder candidates > 1 "
+                             "need one to rank them")
+        engine = self.engines[stage["graph"]]
+        size = int(stage.get("image_size") or engine.spec.inputs[0].shape[-1])
+        pixels = rank_pixels(x, self.pixel_range, size, stage.get("input_range", (0.0, 1.0)))
+        embed = next(iter(call_chunked(engine, "image_encoder", {"pixels": pixels}).values()))  # (N·k, D)
+        if callback is not None:
+            callback("image_encoder", 1, 1, None)
+        return select_samples(x, embed, text_embed, k)[0]
 
     def _upsample(self, x: np.ndarray, call: _Call) -> np.ndarray:
         """Each SR stage on the previous stage's samples x (N, C, h, w), one conditioning row per image."""

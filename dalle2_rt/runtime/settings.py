@@ -77,6 +77,7 @@ _CHECKS = {
     "decoder_guidance": lambda v: check_guidance("decoder guidance", v),
     "sampler": check_sampler,
     "candidates": lambda v: check_int("candidates", v, 1, MAX_CANDIDATES),
+    "decoder_candidates": lambda v: check_int("decoder candidates", v, 1, MAX_CANDIDATES),
 }
 
 
@@ -101,14 +102,16 @@ class Settings:
     decoder_guidance: float | None = None
     sampler: str | None = None  # every stage
     candidates: int | None = None  # prior samples per image; the one closest to the text is kept
+    decoder_candidates: int | None = None  # decoder samples per image; the one CLIP ranks closest to the text
 
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, check(f.name, getattr(self, f.name)))
 
     def resolve(self, stages) -> dict:
-        """Per stage (``plan.StagePlan`` s, prior first) {"steps", "guidance", "sampler"}, and "candidates":
-        the values given here, else the folder's defaults, all checked (steps ≤ the stage's T).
+        """Per stage (``plan.StagePlan`` s, prior first) {"steps", "guidance", "sampler"}, "candidates" (the
+        prior's) and "decoder_candidates": the values given here, else the folder's defaults, all checked
+        (steps ≤ the stage's T).
 
         SR stages have no conditioning to drop, so no guidance (None); a guidance of None elsewhere (a
         folder without a default) also means unguided.
@@ -131,12 +134,17 @@ class Settings:
         prior = next(st for st in stages if st.name == "prior")
         k = prior.defaults.get("candidates", 1) if self.candidates is None else self.candidates
         run["candidates"] = check_int("candidates", k, 1, MAX_CANDIDATES)
+        decoder = next(st for st in stages if st.name == "decoder")
+        k = decoder.defaults.get("candidates", 1) if self.decoder_candidates is None else self.decoder_candidates
+        run["decoder_candidates"] = check_int("decoder candidates", k, 1, MAX_CANDIDATES)
         return run
 
 
 def describe(run: dict, stages, *, candidates: bool) -> dict[str, str]:
     """The PNG text chunks of resolved settings ``run`` for the stages that ran, e.g. {"sampler": "ddim",
-    "steps": "prior=5 decoder=5 sr0=3", "guidance": "prior=4.0 decoder=3.0", "candidates": "2"}."""
+    "steps": "prior=5 decoder=5 sr0=3", "guidance": "prior=4.0 decoder=3.0", "candidates": "2",
+    "decoder_candidates": "4"} (``candidates``: a text-to-image call, whose prior and decoder candidates count;
+    the decoder's are written only when more than one was drawn)."""
     names = [st.name for st in stages]
     samplers = {run[n]["sampler"] for n in names}
     return {
@@ -144,4 +152,6 @@ def describe(run: dict, stages, *, candidates: bool) -> dict[str, str]:
         "steps": " ".join(f"{n}={run[n]['steps']}" for n in names),
         "guidance": " ".join(f"{n}={run[n]['guidance']}" for n in names if run[n]["guidance"] is not None),
         **({"candidates": str(run["candidates"])} if candidates else {}),
+        **({"decoder_candidates": str(run["decoder_candidates"])}
+           if candidates and run.get("decoder_candidates", 1) > 1 else {}),
     }

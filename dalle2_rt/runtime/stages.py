@@ -3,8 +3,9 @@
 The keys are specified in ARCHITECTURE.md ("Schema additions for imported families"); each has a default
 that is what a folder exported from our checkpoints does, so such folders need none of them. The pipeline
 reads them through this module and never looks at a model's name. It also holds what those keys feed: the
-prior's candidate choice (``select_candidates``, by ``embed_norm``) and an SR stage's low-res input
-(``low_res_inputs``, by ``noise_aug_t``).
+prior's candidate choice (``select_candidates``, by ``embed_norm``), the decoder's (``rank_pixels`` +
+``select_samples``: CLIP's image encoder on each sample, the one closest to the text kept) and an SR stage's
+low-res input (``low_res_inputs``, by ``noise_aug_t``).
 
   text_encoder.text_mask    absent | "tokens": graphs with a ``text_mask`` input get 1.0 on the positions
                             the tokenizer filled (sot, ids, eot), 0.0 on padding
@@ -109,6 +110,34 @@ def select_candidates(pred: np.ndarray, text_embed: np.ndarray, k: int, norm: fl
     scores = np.einsum("nkd,nd->nk", normalize(emb), normalize(text_embed))
     chosen = np.argmax(scores, axis=1)
     return emb[np.arange(n), chosen].astype(np.float32), chosen, scores
+
+
+def rank_pixels(x: np.ndarray, pixel_range, size: int, input_range=(0.0, 1.0)) -> np.ndarray:
+    """Decoder samples x (M, C, h, w) as the image encoder's input (M, C, size, size), float32: clamped to the
+    pixel range, mapped linearly onto ``input_range``, each pixel repeated size/h times along both axes (nearest;
+    ``size`` must be a multiple of h, so that a host reproduces it exactly)."""
+    h = x.shape[-1]
+    if size % h:
+        raise ValueError(f"the image encoder's side {size} is not a multiple of the decoder's {h}")
+    lo, hi = (float(v) for v in pixel_range)
+    a, b = (float(v) for v in input_range)
+    unit = (np.clip(np.asarray(x, np.float64), lo, hi) - lo) / (hi - lo)
+    f = size // h
+    return (a + unit * (b - a)).repeat(f, axis=-2).repeat(f, axis=-1).astype(np.float32)
+
+
+def select_samples(x: np.ndarray, image_embed: np.ndarray, text_embed: np.ndarray, k: int):
+    """Pick, per image, the decoder sample whose CLIP image embedding is most similar to its text.
+
+    x (N·k, ...) samples (rows n·k … n·k+k-1 belong to image n), image_embed (N·k, D) their image encoder
+    outputs, text_embed (N, D). The score is the cosine. Returns (x (N, ...) the chosen samples, chosen (N,)
+    int, scores (N, k) float64); ties go to the lowest row, so k = 1 returns x unchanged.
+    """
+    n = text_embed.shape[0]
+    emb = normalize(np.asarray(image_embed).reshape(n, k, -1))
+    scores = np.einsum("nkd,nd->nk", emb, normalize(text_embed))
+    chosen = np.argmax(scores, axis=1)
+    return np.asarray(x)[np.arange(n) * k + chosen], chosen, scores
 
 
 def low_res_inputs(x: np.ndarray, noise_aug_t: int | None, abar: np.ndarray, streams,

@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI) over a ``Service``: images, variations, health, readiness, metrics, the web page.
 
     POST /v1/images       JSON {prompt | [prompts], n, seed, prior_steps, decoder_steps, sr_steps,
-                          prior_guidance, decoder_guidance, sampler, candidates, response_format, stream}
+                          prior_guidance, decoder_guidance, sampler, candidates, decoder_candidates,
+                          response_format, stream}
     POST /v1/variations   multipart: image file + the same form fields a variation takes
     GET  /healthz         the process answers
     GET  /readyz          engines loaded and not draining (503 otherwise)
@@ -66,7 +67,9 @@ class ImagesRequest(BaseModel):
     prior_guidance: StrictFloat | None = None
     decoder_guidance: StrictFloat | None = None
     sampler: StrictStr | None = Field(None, description="ddpm | ddim | dpm++ (every stage)")
-    candidates: StrictInt | None = None
+    candidates: StrictInt | None = Field(None, description="prior samples per image (the closest to the text kept)")
+    decoder_candidates: StrictInt | None = Field(
+        None, description="decoder samples per image; the one CLIP finds closest to the text is kept")
     response_format: Literal["b64_json", "png"] = "b64_json"
     stream: StrictBool = Field(False, description="NDJSON events: queued, progress, image…, done | error")
 
@@ -286,7 +289,8 @@ def create_app(service: Service) -> FastAPI:
             seed = _checked_seed(req.seed)
             options = {"prior_steps": req.prior_steps, "decoder_steps": req.decoder_steps, "sr_steps": req.sr_steps,
                        "prior_guidance": req.prior_guidance, "decoder_guidance": req.decoder_guidance,
-                       "sampler": req.sampler, "candidates": req.candidates}
+                       "sampler": req.sampler, "candidates": req.candidates,
+                       "decoder_candidates": req.decoder_candidates}
             run = pipe.settings(**options)
             cut = pipe.truncated(prompts)
         except InputError as e:

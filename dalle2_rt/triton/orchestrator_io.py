@@ -18,6 +18,7 @@ INPUTS = (
     ("decoder_guidance", "TYPE_FP64", [1], True, "decoder_guidance"),
     ("sampler", "TYPE_STRING", [1], True, "sampler"),
     ("candidates", "TYPE_INT32", [1], True, "candidates"),
+    ("decoder_candidates", "TYPE_INT32", [1], True, "decoder_candidates"),
 )
 
 
