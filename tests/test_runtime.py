@@ -549,6 +549,11 @@ def test_a_folder_whose_decoder_ranks_by_default_needs_an_image_encoder(engines,
     rewrite_manifest(folder, edit)
     with pytest.raises(EngineFolderError, match="default candidates 2 need an image_encoder"):
         Pipeline.load(folder, threads=1)
+    rewrite_manifest(folder, lambda d: d["stages"]["decoder"]["defaults"].update(candidates=1))
+    pipe = Pipeline.load(folder, threads=1)  # no ranking by default: loads, and draws one sample as before
+    for ask in (lambda: pipe.settings(decoder_candidates=2), lambda: pipe("a red circle", decoder_candidates=2)):
+        with pytest.raises(InputError, match="has no image_encoder; decoder candidates > 1 need one"):
+            ask()
 
 
 def test_decoder_candidates_images_do_not_depend_on_the_batch(pipe):

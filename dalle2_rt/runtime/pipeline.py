@@ -132,9 +132,9 @@ class Pipeline:
 
         Raises ``InputError`` for a bad value; the CLI calls it to reject arguments before writing anything.
         """
-        return Settings(prior_steps=prior_steps, decoder_steps=decoder_steps, sr_steps=sr_steps,
-                        prior_guidance=prior_guidance, decoder_guidance=decoder_guidance, sampler=sampler,
-                        candidates=candidates, decoder_candidates=decoder_candidates).resolve(self.stages)
+        return self._resolve(Settings(prior_steps=prior_steps, decoder_steps=decoder_steps, sr_steps=sr_steps,
+                                      prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
+                                      sampler=sampler, candidates=candidates, decoder_candidates=decoder_candidates))
 
     def truncated(self, prompts: str | Sequence[str]) -> list[bool]:
         """Per prompt, whether it has more tokens than the text encoder reads (the tail would be dropped)."""
@@ -220,7 +220,7 @@ class Pipeline:
                   callback) -> list[Image.Image]:
         """Image r from prompt ``prompts[r]`` with noise (seed or seed[r], ``indices[r]``): text -> prior ->
         decoder -> SR."""
-        run = s.resolve(self.stages)
+        run = self._resolve(s)
         distinct = list(dict.fromkeys(prompts))  # each prompt's text is encoded (and its prefix run) once
         position = {p: i for i, p in enumerate(distinct)}
         prompt_of = np.array([position[p] for p in prompts])  # image -> its prompt
@@ -276,16 +276,29 @@ class Pipeline:
     def _sample(self, plan: StagePlan, conditioning: Conditioning, call: _Call, streams) -> np.ndarray:
         return run_stage(plan, self.engines, call.run[plan.name], conditioning, streams, call.callback)
 
+    def _resolve(self, s: Settings) -> dict:
+        """``s`` resolved against the folder's stages; decoder candidates > 1 also need an image encoder whose
+        side is a multiple of the decoder's (``InputError`` before any work)."""
+        run = s.resolve(self.stages)
+        if run["decoder_candidates"] > 1:
+            if "image_encoder" not in self.manifest.stages:
+                raise InputError(f"engine folder {self.manifest.folder} has no image_encoder; decoder candidates > 1 "
+                                 "need one to rank them")
+            if self._rank_size() % self.decoder.x_shape[-1]:
+                raise InputError(f"decoder candidates > 1: the image encoder's side {self._rank_size()} is not a "
+                                 f"multiple of the decoder's {self.decoder.x_shape[-1]}")
+        return run
+
+    def _rank_size(self) -> int:
+        stage = self.manifest.stages["image_encoder"]
+        return int(stage.get("image_size") or self.engines[stage["graph"]].spec.inputs[0].shape[-1])
+
     def _rank(self, x: np.ndarray, text_embed: np.ndarray, k: int, callback) -> np.ndarray:
         """The decoder sample per image (of its k, rows n·k …) whose CLIP image embedding is closest to its text
         embedding (N, D): the image encoder on each sample (``stages.rank_pixels``) -> (N, C, h, w)."""
-        stage = self.manifest.stages.get("image_encoder")
-        if stage is None:
-            raise InputError(f"engine folder {self.manifest.folder} has no image_encoder; decoder candidates > 1 "
-                             "need one to rank them")
+        stage = self.manifest.stages["image_encoder"]
         engine = self.engines[stage["graph"]]
-        size = int(stage.get("image_size") or engine.spec.inputs[0].shape[-1])
-        pixels = rank_pixels(x, self.pixel_range, size, stage.get("input_range", (0.0, 1.0)))
+        pixels = rank_pixels(x, self.pixel_range, self._rank_size(), stage.get("input_range", (0.0, 1.0)))
         embed = next(iter(call_chunked(engine, "image_encoder", {"pixels": pixels}).values()))  # (N·k, D)
         if callback is not None:
             callback("image_encoder", 1, 1, None)
