@@ -47,7 +47,7 @@ from .specs import GraphSpec
 SCHEMA = "dalle2-rt/engine-manifest"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-EXPORT_REVISION = 3  # bump when a change here alters what an export writes (forces rebuilds)
+EXPORT_REVISION = 4  # bump when a change here alters what an export writes (forces rebuilds)
 SPACING = "trailing"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,9 @@ are the contract of ARCHITECTURE.md ("Graph I/O"); the module's ``forward`` take
 
 Batch ranges (``max_batch`` = most images per call, default 8):
   text_encoder, image_encoder   1 … max_batch                  (one row per prompt / image)
-  decoder                       1 … 2·max_batch·decoder_candidates (k samples per image, guided; CLIP keeps one)
+  decoder                       1 … 2·max(max_batch, decoder_candidates) (rows: k samples per image, guided, CLIP
+                                keeps one; a call holds at most max_batch guided samples, so the decoder's
+                                memory stays that of k = 1 and k candidates take max_batch // k images a call)
   sr<i>                         1 … 2·max_batch                (conditional + unconditional halves)
   prior, prior_step             1 … 2·max_batch·candidates     (k candidate embeddings per image, guided)
   prior_prefix                  1 … 2·max_batch                (one text row per image and guidance half)
@@ -182,7 +184,7 @@ def _decoder_graph(src: Source, max_batch: int, candidates: int = 1) -> GraphSpe
                 TensorSpec("text_encodings", (BATCH, c.context_length, c.text_width)),
                 TensorSpec("image_keep", (BATCH,), fill="keep"), TensorSpec("text_keep", (BATCH,), fill="keep")),
         outputs=(TensorSpec("pred", img),),
-        batch=BatchProfile(1, 2 * candidates, 2 * max_batch * candidates), factory=src.build)
+        batch=BatchProfile(1, 2 * candidates, 2 * max(max_batch, candidates)), factory=src.build)
 
 
 def _sr_graph(src: Source, index: int, max_batch: int) -> GraphSpec:

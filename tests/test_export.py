@@ -315,9 +315,10 @@ def test_sr_chain_is_list_based(tiny_checkpoints, tmp_path):
         find_sources(ckpt)
 
 
-def test_decoder_candidates_default_widens_the_decoder_batch_range(tiny_checkpoints, tmp_path):
-    """model.json "defaults": {"candidates": k} of the decoder reaches the manifest, and the decoder graph's batch
-    range holds k guided samples per image (as the prior's holds its candidates)."""
+def test_decoder_candidates_default_reaches_the_decoder_batch_range(tiny_checkpoints, tmp_path):
+    """model.json "defaults": {"candidates": k} of the decoder reaches the manifest; the decoder graph's batch
+    range is tuned for one image's k guided samples and holds at most max_batch guided samples a call (its
+    memory stays that of k = 1), widened only when one image's k samples need more."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoints, ckpt)
     meta_path = ckpt / "decoder" / "model" / "model.json"
@@ -326,7 +327,9 @@ def test_decoder_candidates_default_widens_the_decoder_batch_range(tiny_checkpoi
     meta_path.write_text(json.dumps(meta))
     family = export_all.CheckpointFamily(ckpt)
     decoder = next(s for s in family.graph_specs(4) if s.name == "decoder")
-    assert (decoder.batch.min, decoder.batch.opt, decoder.batch.max) == (1, 6, 24)
+    assert (decoder.batch.min, decoder.batch.opt, decoder.batch.max) == (1, 6, 8)
+    narrow = next(s for s in family.graph_specs(2) if s.name == "decoder")
+    assert (narrow.batch.opt, narrow.batch.max) == (6, 6)
     specs = family.graph_specs(4)
     stages = family.stage_entries(specs)
     assert stages["decoder"]["defaults"]["candidates"] == 3
