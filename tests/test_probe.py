@@ -63,6 +63,19 @@ def test_two_object_probe_runs_on_a_checkpoint(tiny_checkpoints):
     assert all(0.0 <= v <= 1.0 for v in got.values())
 
 
+def test_hard_negative_preference_counts_every_kind_per_render(tiny_checkpoints):
+    got = probe.hard_negative_preference(tiny_checkpoints / "clip" / "model", n=120)
+    singles = {"colour", "shape", "size", "position"}
+    twos = {"objects swapped", "colours traded", "shapes traded", "relation inverted", "one shape", "one colour"}
+    assert set(got) == singles | twos
+    # every render gets one negative of each kind that applies: colour and shape always (single), so those two
+    # counts are the single renders, and the two-object kinds that always apply count the rest
+    assert got["colour"][1] == got["shape"][1] and got["objects swapped"][1] == got["one colour"][1]
+    assert got["colour"][1] + got["objects swapped"][1] == 120
+    assert got["size"][1] <= got["colour"][1] and got["shapes traded"][1] <= got["objects swapped"][1]
+    assert all(0.0 <= frac <= 1.0 for frac, _ in got.values())
+
+
 def test_the_cli_s_measurements_share_one_load_until_the_weights_change(tmp_path):
     import os
 

@@ -17,7 +17,15 @@ from dalle2_rt.training.attributes import IGNORE, AttributeHeads, image_targets,
 from dalle2_rt.training.config import ConfigError, StageRun, config_from_dict  # noqa: E402
 from dalle2_rt.training.data import batch_stream, stage_sources  # noqa: E402
 from dalle2_rt.training.device import OnDevice, resolve_device  # noqa: E402
-from dalle2_rt.world import CaptionSpec, Scene, SceneObject, score_spec, world_stream  # noqa: E402
+from dalle2_rt.world import (  # noqa: E402
+    CaptionSpec,
+    Scene,
+    SceneObject,
+    caption_text,
+    random_caption_spec,
+    score_spec,
+    world_stream,
+)
 from tests.conftest import tiny_config_dict  # noqa: E402
 
 # Indices in the world's vocabulary order (WORLD.md tables): colours red orange yellow green cyan blue purple
@@ -252,3 +260,46 @@ def test_the_v2_recipe_warm_starts_from_committed_folders_of_the_right_kind():
         spec = types.SimpleNamespace(name=stage, kind=stage, model_cfg=model_cfg)
         loop.warm_start(model, loop.EMA(model), spec, str(repo / cfg.stage(stage).init_from),
                         cfg.stage(stage).init_fresh)
+
+
+def test_clip_contrastive_with_hard_negatives():
+    """No extra texts: the symmetric InfoNCE as before. Extra texts are columns of image→text only; a text equal to an
+    image's caption is a positive of it, and a hard negative near an image's embedding raises its loss."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(3, 8), dim=1)
+    txt = F.normalize(torch.randn(5, 8), dim=1)
+    caps = ["a", "b", "c"]
+    plain = stages.clip_contrastive(img, txt[:3], 10.0, caps, caps)
+    logits = 10.0 * img @ txt[:3].t()
+    want = 0.5 * (F.cross_entropy(logits, torch.arange(3)) + F.cross_entropy(logits.t(), torch.arange(3)))
+    assert plain.item() == pytest.approx(want.item(), rel=1e-6)
+
+    far = torch.cat([txt[:3], -img[:1], -img[1:2]])  # negatives pointing away from every image: little change
+    near = torch.cat([txt[:3], img[:1], img[1:2]])  # negatives on top of images 0 and 1: a much higher loss
+    assert stages.clip_contrastive(img, near, 10.0, caps, caps + ["x", "y"]) > \
+        stages.clip_contrastive(img, far, 10.0, caps, caps + ["x", "y"]) > plain
+    # an extra text identical to caption "a" is a second positive of image 0, not a negative
+    dup = stages.clip_contrastive(img, torch.cat([txt[:3], img[:1]]), 10.0, caps, caps + ["a"])
+    assert dup < stages.clip_contrastive(img, torch.cat([txt[:3], img[:1]]), 10.0, caps, caps + ["x"])
+
+
+def test_clip_trains_with_hard_negatives_without_attribute_heads(tmp_path):
+    d = tiny_config_dict(tmp_path / "run", steps=2)
+    d["stages"]["clip"]["hard_negatives"] = 0.5
+    cfg = config_from_dict(d)
+    spec = stages.clip_spec(cfg)
+    assert spec.wants_labels and spec.aux is None
+    gen = torch.Generator().manual_seed(0)
+    labels = [(random_caption_spec(np.random.default_rng(i)), None) for i in range(8)]
+    negs = stages.hard_negative_captions(labels, 1.0, gen)
+    assert len(negs) == 8 and all(n != caption_text(lab[0]) for n, lab in zip(negs, labels))
+    assert stages.hard_negative_captions(labels, 0.0, gen) == []
+    stages.train_clip(cfg)
+    assert json.loads((cfg.stage_dir("clip") / "state" / "state.json").read_text())["step"] == 2
+    for bad, msg in ((1.5, "hard_negatives must be in"), (0.5, "applies to CLIP only")):
+        dd = tiny_config_dict(tmp_path / "x")
+        dd["stages"]["prior" if msg.startswith("applies") else "clip"]["hard_negatives"] = bad
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict(dd)

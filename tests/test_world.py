@@ -254,3 +254,24 @@ def test_stream_mixes_canonical_and_paraphrased():
         next(world_stream(0, paraphrase_prob=0.6))
     two = sum(any(r in c for r in ("left of", "right of", " above ", " below ")) for c in captions)
     assert 0.3 < two / len(captions) < 0.5
+
+
+def test_hard_negatives_change_one_thing_and_are_false_of_the_image():
+    """Each hard negative is a valid canonical spec of the same kind and background, differs from the original, and
+    the world's scorer finds it false of a render of the original (which it finds fully right)."""
+    from dalle2_rt.world.negatives import hard_negative
+    from dalle2_rt.world.scorer import score_spec
+
+    rng = np.random.default_rng(7)
+    kinds_seen = set()
+    for spec in _specs(7, 300, two_object_prob=0.5):
+        image = render(sample_scene(spec, rng), 64)
+        assert score_spec(image, spec)["fully_right"], spec
+        neg = hard_negative(spec, rng)
+        assert neg != spec and neg.kind == spec.kind and neg.background == spec.background
+        assert parse_caption(caption_text(neg)) == neg
+        assert not score_spec(image, neg)["fully_right"], (spec, neg)
+        if spec.kind == "two":
+            same_words = sorted(neg.colours) == sorted(spec.colours) and sorted(neg.shapes) == sorted(spec.shapes)
+            kinds_seen.add("same words" if same_words else "one word changed")
+    assert kinds_seen == {"same words", "one word changed"}  # binding negatives (swaps) and word changes both occur

@@ -54,6 +54,9 @@ class StageRun:
     # tower on a trained text tower. With it the configs may differ; every loaded tensor must match in shape.
     init_fresh: list[str] = field(default_factory=list)
     attribute_weight: float = 0.0  # CLIP only: weight of the attribute-head loss (training/attributes.py)
+    # CLIP only: the chance that a world item also brings a hard-negative caption into the batch's texts, its
+    # caption changed in one attribute (world/negatives.py); 0 = in-batch negatives only
+    hard_negatives: float = 0.0
     # This stage's share of two-object scenes in every world source, overriding [[data]]'s (None: as [[data]] says)
     two_object_prob: float | None = None
 
@@ -115,6 +118,10 @@ def config_from_dict(data: dict) -> TrainConfig:
         stages[name] = _build(StageRun, overrides, f"[stages.{name}]")
         if stages[name].schedule not in ("constant", "cosine"):
             raise ConfigError(f"[stages.{name}]: schedule must be constant or cosine, got {stages[name].schedule!r}")
+        if not 0.0 <= stages[name].hard_negatives <= 1.0:
+            raise ConfigError(f"[stages.{name}]: hard_negatives must be in [0, 1], got {stages[name].hard_negatives}")
+        if stages[name].hard_negatives and name != "clip":
+            raise ConfigError(f"[stages.{name}]: hard_negatives applies to CLIP only")
         if stages[name].two_object_prob is not None:
             _check_share(stages[name].two_object_prob, f"[stages.{name}]")
     model = data.pop("model", {})

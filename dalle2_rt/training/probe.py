@@ -6,7 +6,8 @@ Prints (1) image→caption retrieval top-1 among groups of 100 fresh random cano
 exact caption), and (2) a linear probe (multinomial logistic regression, 80/20 split) per attribute on the image
 embedding of fresh fully specified single-object renders — the measurement of ../shared/FINDINGS.md, where
 shapes-v1 read position at 21.5 % (chance 20 %), and (3) how much of a two-object render reads back from its
-embedding (`two_object_probe`). Runs on the torch checkpoint, so no export is needed.
+embedding (`two_object_probe`), and (4) how often an image prefers its own caption to one changed in a single
+thing (`hard_negative_preference`). Runs on the torch checkpoint, so no export is needed.
 """
 from __future__ import annotations
 
@@ -171,6 +172,29 @@ def two_object_probe(folder: Path, n: int = 3000, seed: int = 7) -> dict[str, fl
     return read_back(emb, scenes)
 
 
+@torch.no_grad()
+def hard_negative_preference(folder: Path, n: int = 1000, seed: int = 13) -> dict[str, tuple[float, int]]:
+    """How often the image embedding of a fresh render is closer to its own canonical caption than to a hard
+    negative of it (world/negatives.py), per kind of negative: ``{kind: (fraction, count)}`` over ``n`` renders,
+    half of them two-object. 100 % means CLIP binds what it reads; 50 % is a coin."""
+    from dalle2_rt.world.negatives import hard_negatives
+
+    text_enc, image_enc, cfg, tokenize = _load(folder)
+    rng = np.random.default_rng(seed)
+    wins: dict[str, list[bool]] = {}
+    for start in range(0, n, 100):
+        specs = [random_caption_spec(rng, 0.5) for _ in range(min(100, n - start))]
+        imgs = np.stack([render(sample_scene(s, rng), 64) for s in specs])
+        img = image_enc(to_pixels(imgs, cfg.image_size))
+        for i, spec in enumerate(specs):
+            negs = hard_negatives(spec, rng)
+            texts = [caption_text(spec)] + [caption_text(v) for v in negs.values()]
+            sims = (text_enc(tokenize(texts))[0] @ img[i]).tolist()
+            for kind, sim in zip(negs, sims[1:]):
+                wins.setdefault(kind, []).append(sims[0] > sim)
+    return {k: (float(np.mean(v)), len(v)) for k, v in wins.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dalle2_rt.training.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("clip", help="a CLIP model folder (model.json + model.safetensors)")
@@ -187,6 +211,8 @@ def main(argv=None) -> int:
         print(f"linear probe {attr:10s} {acc:.1%}")
     for what, acc in two_object_probe(folder, args.n).items():
         print(f"two-object read-back, {what}: {acc:.1%}")
+    for kind, (acc, count) in hard_negative_preference(folder).items():
+        print(f"own caption over a hard negative, {kind:17s} {acc:.1%} (n={count})")
     return 0
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ from dalle2_rt.training.data import to_pixels
 from dalle2_rt.training.device import OnDevice, resolve_device
 from dalle2_rt.training.diffusion import Diffusion
 from dalle2_rt.training.loop import StageSpec, train_stage
+from dalle2_rt.world.captions import caption_text
+from dalle2_rt.world.negatives import hard_negative
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -78,29 +81,50 @@ def clip_spec(cfg: TrainConfig) -> StageSpec:
         clip = build_clip(ccfg)
 
     weight = cfg.stage("clip").attribute_weight
+    neg_share = cfg.stage("clip").hard_negatives
     heads = AttributeHeads(ccfg.embed_dim) if weight > 0 else None
 
     def loss(model, images, captions, gen, labels=None):
         pixels = to_pixels(images, ccfg.image_size)
         mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).reshape(1, 3, 1, 1)
         std = torch.tensor(open_clip.OPENAI_DATASET_STD).reshape(1, 3, 1, 1)
-        img, txt, scale = model((pixels - mean) / std, tokenize(captions))[:3]
-        # Identical captions in a batch are positives of each other, not negatives.
-        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
-        target = same / same.sum(1, keepdim=True)
-        logits = scale * img @ txt.t()  # (B, B)
-        contrastive = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                             + torch.sum(-target * F.log_softmax(logits.t(), 1), 1).mean())
-        if heads is None:
-            return contrastive
-        specs = [lab[0] if lab else None for lab in labels]
-        scenes = [lab[1] if lab else None for lab in labels]
-        parts = heads.losses(img, txt, image_targets(scenes), text_targets(specs))
-        return contrastive + weight * sum(parts.values()) / len(parts)
+        texts = list(captions) + hard_negative_captions(labels, neg_share, gen)
+        img, txt, scale = model((pixels - mean) / std, tokenize(texts))[:3]
+        return clip_contrastive(img, txt, scale, list(captions), texts) + (
+            0.0 if heads is None else weight * _head_loss(heads, img, txt[:len(captions)], labels))
 
     return StageSpec("clip", "clip", clip, ccfg, loss,
                      extra_meta={"open_clip_cfg": ccfg.open_clip_cfg()} if ccfg.vision_tower == "vit" else {},
-                     aux=heads)
+                     aux=heads, wants_labels=neg_share > 0)
+
+
+def hard_negative_captions(labels, share: float, gen: torch.Generator) -> list[str]:
+    """For each labelled item, with probability ``share``, the canonical caption of a hard negative of its spec
+    (world/negatives.py): a caption false of that image that differs from its own in one attribute."""
+    if not share or not labels:
+        return []
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    return [caption_text(hard_negative(lab[0], rng)) for lab in labels if lab and rng.random() < share]
+
+
+def clip_contrastive(img: torch.Tensor, txt: torch.Tensor, scale, captions: list[str], texts: list[str]):
+    """Symmetric InfoNCE between B images and their B captions, with ``texts[B:]`` (hard negatives) as extra
+    columns of the image→text softmax only: they have no image of their own. Identical texts are positives of
+    each other, not negatives."""
+    b = len(captions)
+    logits = scale * img @ txt.t()  # (B, B + H)
+    same = torch.tensor([[a == t for t in texts] for a in captions], dtype=torch.float32)
+    i2t = torch.sum(-(same / same.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1).mean()
+    square = same[:, :b]
+    t2i = torch.sum(-(square / square.sum(1, keepdim=True)) * F.log_softmax(logits[:, :b].t(), 1), 1).mean()
+    return 0.5 * (i2t + t2i)
+
+
+def _head_loss(heads: AttributeHeads, img: torch.Tensor, txt: torch.Tensor, labels) -> torch.Tensor:
+    specs = [lab[0] if lab else None for lab in labels]
+    scenes = [lab[1] if lab else None for lab in labels]
+    parts = heads.losses(img, txt, image_targets(scenes), text_targets(specs))
+    return sum(parts.values()) / len(parts)
 
 
 class _FrozenClip:
