@@ -64,8 +64,8 @@ class StageSpec:
     extra_meta: dict | None = None
     # Trained with the model, saved in the training state, not exported (CLIP's attribute heads).
     aux: torch.nn.Module | None = None
-    # A stage with an aux module, or with wants_labels, gets ``labels=`` (one ``(spec, scene)`` or None per item)
-    # in its loss call (CLIP's attribute heads and hard negatives).
+    # The loss call gets ``labels=`` (one ``(spec, scene)`` or None per item): CLIP's attribute heads and hard
+    # negatives read them.
     wants_labels: bool = False
 
 
@@ -233,7 +233,7 @@ def train_stage(spec: StageSpec, cfg: TrainConfig, *, max_steps: int | None = No
             g["lr"] = _lr(step, run) * g.get("lr_scale", 1.0)
         with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
                             enabled=run.bf16):
-            extra = {"labels": labels} if spec.aux is not None or spec.wants_labels else {}
+            extra = {"labels": labels} if spec.wants_labels else {}
             loss = spec.loss(net, images, captions, gen, **extra)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{spec.name}: loss became {loss.item()} at step {step}; lower the lr")

@@ -186,11 +186,14 @@ def hard_negative_preference(folder: Path, n: int = 1000, seed: int = 13) -> dic
         specs = [random_caption_spec(rng, 0.5) for _ in range(min(100, n - start))]
         imgs = np.stack([render(sample_scene(s, rng), 64) for s in specs])
         img = image_enc(to_pixels(imgs, cfg.image_size))
-        for i, spec in enumerate(specs):
-            negs = hard_negatives(spec, rng)
-            texts = [caption_text(spec)] + [caption_text(v) for v in negs.values()]
-            sims = (text_enc(tokenize(texts))[0] @ img[i]).tolist()
-            for kind, sim in zip(negs, sims[1:]):
+        negs = [hard_negatives(spec, rng) for spec in specs]
+        texts = [caption_text(x) for spec, neg in zip(specs, negs) for x in (spec, *neg.values())]
+        txt = text_enc(tokenize(texts))[0]  # one call per 100 renders: each render's own caption, then its negatives
+        row = 0
+        for i, neg in enumerate(negs):
+            sims = (txt[row:row + 1 + len(neg)] @ img[i]).tolist()
+            row += 1 + len(neg)
+            for kind, sim in zip(neg, sims[1:]):
                 wins.setdefault(kind, []).append(sims[0] > sim)
     return {k: (float(np.mean(v)), len(v)) for k, v in wins.items()}
 

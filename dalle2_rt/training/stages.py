@@ -95,7 +95,7 @@ def clip_spec(cfg: TrainConfig) -> StageSpec:
 
     return StageSpec("clip", "clip", clip, ccfg, loss,
                      extra_meta={"open_clip_cfg": ccfg.open_clip_cfg()} if ccfg.vision_tower == "vit" else {},
-                     aux=heads, wants_labels=neg_share > 0)
+                     aux=heads, wants_labels=heads is not None or neg_share > 0)
 
 
 def hard_negative_captions(labels, share: float, gen: torch.Generator) -> list[str]:
