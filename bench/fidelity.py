@@ -3,7 +3,7 @@
     python -m bench.fidelity                       # the bundled engines: 100 single + 100 two-object captions × 2 seeds
     python -m bench.fidelity --engines DIR --single 50 --two 50 --seeds 0 1 --json out.json
 
-Captions are fresh random canonical captions (WORLD.md grammar) drawn from a fixed seed, distinct from each
+Captions are fresh random canonical captions (docs/world.md grammar) drawn from a fixed seed, distinct from each
 other; each is generated with every seed and every image is scored per attribute. Also measures CLIP's
 image→caption retrieval: top-1 among 100 captions for renders of those captions, strict (the exact caption)
 and consistent (a caption that the scorer says is true of the image: "a blue star" is also true of an image

@@ -28,7 +28,7 @@ from dalle2_rt.world import (  # noqa: E402
 )
 from tests.conftest import tiny_config_dict  # noqa: E402
 
-# Indices in the world's vocabulary order (WORLD.md tables): colours red orange yellow green cyan blue purple
+# Indices in the world's vocabulary order (docs/world.md tables): colours red orange yellow green cyan blue purple
 # pink; backgrounds white gray black; shapes circle square triangle star cross.
 RED, BLUE, PINK = 0, 5, 7
 GRAY = 1

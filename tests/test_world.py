@@ -1,4 +1,4 @@
-"""The shapes world against WORLD.md: grammar, parser, placement rules, renderer, stream."""
+"""The shapes world against docs/world.md: grammar, parser, placement rules, renderer, stream."""
 
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def test_unnamed_attributes_vary():
 
 # ---- renderer ------------------------------------------------------------------------------------------------
 
-# Area of each shape as a fraction of its box (WORLD.md geometry).
+# Area of each shape as a fraction of its box (docs/world.md geometry).
 _AREA = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 5 / 9,
          "star": 5 * 0.5 * 0.2 * math.sin(math.radians(36))}
 

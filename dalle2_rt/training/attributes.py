@@ -1,6 +1,6 @@
 """Attribute heads: an auxiliary CLIP objective that makes both embeddings carry what the world's captions name.
 
-Why (../shared/FINDINGS.md): trained on the contrastive loss alone, shapes-v1's CLIP separated a batch of random
+Why (docs/history.md, 2026-11-29): trained on the contrastive loss alone, shapes-v1's CLIP separated a batch of random
 captions by colour and background, so its embeddings carried little shape and no position at all (linear probe on
 the image embedding: position 21.5 %, chance 20 %), and the prior and the decoder, which live in that space,
 could not draw what the caption says. Here small linear heads read the *normalised* embeddings, during training

@@ -4,7 +4,7 @@
 
 Prints (1) image→caption retrieval top-1 among groups of 100 fresh random canonical captions (strict: the
 exact caption), and (2) a linear probe (multinomial logistic regression, 80/20 split) per attribute on the image
-embedding of fresh fully specified single-object renders — the measurement of ../shared/FINDINGS.md, where
+embedding of fresh fully specified single-object renders — the measurement by which (docs/history.md)
 shapes-v1 read position at 21.5 % (chance 20 %), and (3) how much of a two-object render reads back from its
 embedding (`two_object_probe`), and (4) how often an image prefers its own caption to one changed in a single
 thing (`hard_negative_preference`). Runs on the torch checkpoint, so no export is needed.

@@ -1,4 +1,4 @@
-"""The shapes world (WORLD.md): vocabulary, scenes, renderer, canonical captions, stream and scorer. Torch-free."""
+"""The shapes world (docs/world.md): vocabulary, scenes, renderer, canonical captions, stream and scorer. Torch-free."""
 
 from .captions import CaptionError, CaptionSpec, caption_text, parse_caption
 from .palette import BACKGROUNDS, COLOURS, POSITIONS, RELATIONS, SHAPES, SIZES

@@ -1,4 +1,4 @@
-"""Canonical captions (WORLD.md "Canonical captions"): the structured spec, its text, and a strict parser.
+"""Canonical captions (docs/world.md "Canonical captions"): the structured spec, its text, and a strict parser.
 
     one object:  a [SIZE ]COLOR SHAPE[ POSITION][, BACKGROUND background]
     two objects: a COLOR SHAPE RELATION a COLOR SHAPE[, BACKGROUND background]

@@ -21,7 +21,7 @@ from .captions import CaptionSpec
 from .palette import COLOURS, INVERSE_RELATION, SHAPES
 
 # The position a caption's position word can move to and still be false of the scene by the scorer
-# (WORLD.md "Placement" and "Scoring"); "in the center" has none.
+# (docs/world.md "Placement" and "Scoring"); "in the center" has none.
 OPPOSITE_POSITION: dict[str, str] = {
     "on the left": "on the right",
     "on the right": "on the left",

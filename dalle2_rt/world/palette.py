@@ -1,4 +1,4 @@
-"""The fixed vocabulary of the shapes world (WORLD.md v1): colours, shapes, sizes, positions, relations.
+"""The fixed vocabulary of the shapes world (docs/world.md): colours, shapes, sizes, positions, relations.
 
 Everything else in `dalle2_rt.world` reads its words and numbers from here, so the spec lives in one place.
 Lengths are fractions of the canvas side W.
@@ -6,14 +6,14 @@ Lengths are fractions of the canvas side W.
 
 from __future__ import annotations
 
-# Background words -> RGB (WORLD.md "Backgrounds").
+# Background words -> RGB (docs/world.md "Backgrounds").
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "gray": (128, 128, 128),
     "black": (16, 16, 16),
 }
 
-# Object colour words -> RGB (WORLD.md "Object colours").
+# Object colour words -> RGB (docs/world.md "Object colours").
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 38, 38),
     "orange": (245, 140, 20),
@@ -27,11 +27,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 
-# Box side s per size word, and the uniform jitter around it (WORLD.md "Sizes").
+# Box side s per size word, and the uniform jitter around it (docs/world.md "Sizes").
 SIZES: dict[str, float] = {"small": 0.28, "large": 0.48}
 SIZE_JITTER = 0.03
 
-# Single-object position phrases (WORLD.md "Placement").
+# Single-object position phrases (docs/world.md "Placement").
 POSITIONS: tuple[str, ...] = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
 
 # Two-object relation phrases, A RELATION B.
@@ -44,12 +44,12 @@ INVERSE_RELATION: dict[str, str] = {
     "below": "above",
 }
 
-# Generation margins (WORLD.md "Placement"): where a named position/relation puts the box centre.
+# Generation margins (docs/world.md "Placement"): where a named position/relation puts the box centre.
 POSITION_EDGE = 0.4  # left: cx < 0.4; right: cx > 1 - 0.4; same for top/bottom
 CENTER_RANGE = (0.4, 0.6)  # in the center: cx and cy both inside
 RELATION_GAP = 0.3  # A's centre at least this far to the named side of B's, on the dominant axis
 
-# Scoring margins (WORLD.md "Scoring"): looser than generation, so renders score right with room to spare.
+# Scoring margins (docs/world.md "Scoring"): looser than generation, so renders score right with room to spare.
 SCORE_POSITION_EDGE = 0.45
 SCORE_CENTER_RANGE = (0.35, 0.65)
 SCORE_RELATION_GAP = 0.15

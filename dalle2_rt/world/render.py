@@ -1,4 +1,4 @@
-"""Renderer: Scene -> uint8 image, drawn at 4x with PIL and box-downsampled (WORLD.md "Canvas")."""
+"""Renderer: Scene -> uint8 image, drawn at 4x with PIL and box-downsampled (docs/world.md "Canvas")."""
 
 from __future__ import annotations
 

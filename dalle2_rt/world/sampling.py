@@ -1,4 +1,4 @@
-"""Random canonical specs, and scenes that satisfy a spec (WORLD.md "Sizes" and "Placement").
+"""Random canonical specs, and scenes that satisfy a spec (docs/world.md "Sizes" and "Placement").
 
 Everything draws from an injected numpy Generator, so a stream is reproducible from its seed.
 """
@@ -93,7 +93,7 @@ def _centre_range(position: str | None, s: float) -> tuple[tuple[float, float], 
 def _place_single(spec: CaptionSpec, rng: np.random.Generator) -> SceneObject:
     s = _box_side(rng, spec.size or _pick(rng, _SIZE_WORDS))
     (x0, x1), (y0, y1) = _centre_range(spec.position, s)
-    # Ranges are half-open at the named edge in WORLD.md (cx < 0.4); uniform() never returns its upper end.
+    # Ranges are half-open at the named edge in docs/world.md (cx < 0.4); uniform() never returns its upper end.
     cx, cy = rng.uniform(x0, x1), rng.uniform(y0, y1)
     if spec.position == "on the right":
         cx = x0 + x1 - cx  # mirror so that the strict edge (cx > 0.6) is the one excluded

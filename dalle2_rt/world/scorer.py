@@ -1,4 +1,4 @@
-"""Scoring an image against a canonical caption (WORLD.md "Scoring a generated image against its caption").
+"""Scoring an image against a canonical caption (docs/world.md "Scoring a generated image against its caption").
 
 Detection: the background is the border's colour (nearest background palette entry, majority over the border
 pixels); objects are pixels nearest an object palette colour, and each colour's object is its largest 4-connected
@@ -8,7 +8,7 @@ colour), so antialiased rims and thin star tips count for what they cover.
 Box and shape: for each candidate shape we place the box that shape would need to have the region's area and
 centroid (the renderer's geometry, inverted), draw the shape there exactly as the renderer does, and keep the shape
 with the best soft IoU. Its box gives centre and side; the side is the object's extent for the size words (that is
-what `small`/`large` set in WORLD.md). Moments rather than a bounding box because a thresholded bounding box loses
+what `small`/`large` set in docs/world.md). Moments rather than a bounding box because a thresholded bounding box loses
 up to ~1.5 px at each sharp star tip, which mis-scales a 16 px star.
 
 Lengths are fractions of the image width and height, so any image size works.

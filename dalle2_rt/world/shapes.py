@@ -1,4 +1,4 @@
-"""Geometry of the five shapes (WORLD.md "Shapes"), shared by the renderer and the scorer's templates.
+"""Geometry of the five shapes (docs/world.md "Shapes"), shared by the renderer and the scorer's templates.
 
 Coordinates are continuous pixel coordinates: pixel (i, j) covers [i, i+1) x [j, j+1), so a box of side s at
 centre (cx, cy) covers [cx - s/2, cx + s/2). PIL's ImageDraw instead addresses pixel *indices* (its point (i, j)
@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from .palette import SHAPES
 
-# WORLD.md: star inner radius = 0.4 x outer radius; cross bars are s/3 thick.
+# docs/world.md: star inner radius = 0.4 x outer radius; cross bars are s/3 thick.
 STAR_INNER_RATIO = 0.4
 CROSS_BAR = 1.0 / 3.0
 
