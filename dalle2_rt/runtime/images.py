@@ -68,7 +68,8 @@ def slugify(text: str, max_len: int = 48) -> str:
 def png_info(metadata: dict) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
-        text = str(value)
+        # A lone surrogate has no UTF-8: it becomes U+FFFD here rather than failing the save after the work.
+        text = re.sub("[\ud800-\udfff]", "\ufffd", str(value))
         if text.isascii():
             info.add_text(key, text)
         else:

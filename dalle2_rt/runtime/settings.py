@@ -63,6 +63,11 @@ def check_prompts(prompt: str | Sequence[str] | None) -> list[str]:
             raise InputError(f"a prompt must be a string, got {type(p).__name__}")
         if not p.strip():
             raise InputError("the prompt is empty")
+        try:  # a lone surrogate (undecodable argv bytes, a JSON "\ud800") has no UTF-8: PNG text would fail
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"the prompt is not valid Unicode text (a lone surrogate {p[e.start]!a} at "
+                             f"character {e.start}; undecodable bytes?)") from None
     return prompts
 
 
@@ -78,6 +83,7 @@ _CHECKS = {
     "sampler": check_sampler,
     "candidates": lambda v: check_int("candidates", v, 1, MAX_CANDIDATES),
     "decoder_candidates": lambda v: check_int("decoder candidates", v, 1, MAX_CANDIDATES),
+    "decoder_choice_step": lambda v: check_int("decoder choice step", v, 1),
 }
 
 
@@ -103,6 +109,9 @@ class Settings:
     sampler: str | None = None  # every stage
     candidates: int | None = None  # prior samples per image; the one closest to the text is kept
     decoder_candidates: int | None = None  # decoder samples per image; the one CLIP ranks closest to the text
+    # early candidate choice: the decoder candidates are ranked on their clean estimate after this many steps and
+    # only the best finishes (a value >= the decoder's steps ranks the finished samples)
+    decoder_choice_step: int | None = None
 
     def __post_init__(self):
         for f in fields(self):
@@ -137,6 +146,10 @@ class Settings:
         decoder = next(st for st in stages if st.name == "decoder")
         k = decoder.defaults.get("candidates", 1) if self.decoder_candidates is None else self.decoder_candidates
         run["decoder_candidates"] = check_int("decoder candidates", k, 1, MAX_CANDIDATES)
+        at = decoder.defaults.get("choice_step") if self.decoder_choice_step is None else self.decoder_choice_step
+        # None: rank the finished samples; so is any step at or past the last
+        early = at is not None and run["decoder_candidates"] > 1 and at < run["decoder"]["steps"]
+        run["decoder_choice_step"] = check_int("decoder choice step", at, 1) if early else None
         return run
 
 
@@ -154,4 +167,6 @@ def describe(run: dict, stages, *, candidates: bool) -> dict[str, str]:
         **({"candidates": str(run["candidates"])} if candidates else {}),
         **({"decoder_candidates": str(run["decoder_candidates"])}
            if candidates and run.get("decoder_candidates", 1) > 1 else {}),
+        **({"decoder_choice_step": str(run["decoder_choice_step"])}
+           if candidates and run.get("decoder_choice_step") else {}),
     }

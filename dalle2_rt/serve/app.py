@@ -37,6 +37,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..runtime.errors import Dalle2RTError, InputError
+from ..runtime.settings import check_prompts
 from .service import Cancelled, Draining, Job, QueueFull, Service
 
 log = logging.getLogger("dalle2_rt.serve")
@@ -131,11 +132,9 @@ def _checked_prompts(prompt, limits) -> list[str]:
     if len(prompts) > limits.max_prompts:
         raise InputError(f"at most {limits.max_prompts} prompts per request, got {len(prompts)}")
     for p in prompts:
-        if not p.strip():
-            raise InputError("the prompt is empty")
         if len(p) > limits.max_prompt_chars:
             raise InputError(f"a prompt may have at most {limits.max_prompt_chars} characters, got {len(p)}")
-    return prompts
+    return check_prompts(prompts)  # blank, or not encodable as UTF-8 (a lone surrogate): refused before any work
 
 
 def _checked_count(n: int, prompts: int, limits) -> int:

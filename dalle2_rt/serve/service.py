@@ -301,6 +301,11 @@ class Service:
         for job, images in zip(jobs, per_job):
             if job.cancelled.is_set():
                 continue
-            results = [Result(encode_png(im, im.info), dict(im.info), im) for im in images]
+            try:  # one job's metadata that PNG cannot carry fails that job alone, never its batch-mates
+                results = [Result(encode_png(im, im.info), dict(im.info), im) for im in images]
+            except Exception as e:  # noqa: BLE001 - settled into this job's future
+                log.exception("encoding a PNG failed")
+                settle(job.future, error=e)
+                continue
             self.metrics.images.inc(len(results))
             settle(job.future, result=results)
