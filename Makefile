@@ -19,7 +19,7 @@ $(STAMP): setup.py
 
 engines: $(ENGINES)/manifest.json
 
-$(ENGINES)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINTS)/*/model/*)
+$(ENGINES)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINTS)/*/model/* $(CHECKPOINTS)/defaults.json)
 	@test -f $(CHECKPOINTS)/decoder/model/model.safetensors || \
 		{ echo "the bundled model is not trained yet: $(CHECKPOINTS) has no decoder (see README, Training)"; exit 1; }
 	$(PY) -m export.all --checkpoints $(CHECKPOINTS) --out $(ENGINES)

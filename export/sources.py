@@ -4,8 +4,9 @@ A checkpoint directory holds ``<stage>/model/`` folders (``model.safetensors`` +
 "config", "step", ...}; read through ``dalle2_rt.models.registry``). Stages: ``clip``, ``prior``,
 ``decoder`` (all required) and any number of super-resolution stages ``sr``, ``sr1``, ``sr2`` … (ordered by
 their number, ``sr`` being 0), which form a chain: each SR stage's ``low_res_size`` is the previous stage's
-``image_size``. A stage's ``model.json`` may carry a ``defaults`` object (sampler, steps, guidance, …)
-that overrides the exporter's built-in sampling defaults for that stage in the manifest.
+``image_size``. A stage's sampling defaults in the manifest are the exporter's built-in ones, overridden key by
+key by its ``model.json`` "defaults", then by the directory's ``defaults.json`` entry for the stage (the
+model's chosen defaults, committed beside the checkpoints: ``registry.read_defaults``).
 
 ``find_sources`` checks everything it can before a graph is exported: each config deserialises (no unknown
 key), each safetensors file is complete and holds exactly the tensors, at the shapes, of the network its
@@ -13,6 +14,8 @@ config builds (read from the header; ``registry.check_weights``), and the stages
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +43,7 @@ class Source:
     meta: dict  # model.json
     config: object  # the rebuilt config dataclass
     sha256: str  # of model.safetensors
-    meta_sha256: str  # of model.json (config, defaults): changes the graph as much as the weights do
+    meta_sha256: str  # of model.json (config, defaults) and any defaults.json override: identifies the manifest
 
     @property
     def defaults(self) -> dict:
@@ -51,7 +54,8 @@ class Source:
         return registry.load(self.folder, self.kind).model
 
 
-def _load(ckpt_dir: Path, stage: str, kind: str) -> Source:
+def _load(ckpt_dir: Path, stage: str, kind: str, chosen: dict | None = None) -> Source:
+    """``chosen``: the stage's entry of the directory's defaults.json, applied over model.json's defaults."""
     folder = registry.resolve(ckpt_dir / stage / "model")
     weights, meta_file = folder / registry.WEIGHTS, folder / registry.META
     if not weights.exists() or not meta_file.exists():
@@ -62,7 +66,12 @@ def _load(ckpt_dir: Path, stage: str, kind: str) -> Source:
         registry.check_weights(folder, kind, config)
     except registry.CheckpointError as e:
         raise SourceError(f"stage {stage!r}: {e}") from None
-    return Source(stage, kind, folder, meta, config, sha256_file(weights), sha256_file(meta_file))
+    meta_sha256 = sha256_file(meta_file)
+    merged = {**meta.get("defaults", {}), **(chosen or {})}
+    if merged != meta.get("defaults", {}):  # defaults.json says more than model.json: the digest must show it
+        meta = {**meta, "defaults": merged}
+        meta_sha256 = hashlib.sha256(json.dumps([meta_sha256, merged], sort_keys=True).encode()).hexdigest()
+    return Source(stage, kind, folder, meta, config, sha256_file(weights), meta_sha256)
 
 
 @dataclass(frozen=True)
@@ -88,12 +97,19 @@ def find_sources(ckpt_dir: str | Path) -> Sources:
         raise SourceError(f"checkpoint directory {ckpt_dir} does not exist")
     if not ckpt_dir.is_dir():
         raise SourceError(f"{ckpt_dir} is not a directory (--checkpoints takes a checkpoint directory)")
-    clip, prior, decoder = (_load(ckpt_dir, s, s) for s in REQUIRED)
+    try:
+        chosen = registry.read_defaults(ckpt_dir)
+    except registry.CheckpointError as e:
+        raise SourceError(str(e)) from None
+    clip, prior, decoder = (_load(ckpt_dir, s, s, chosen.get(s)) for s in REQUIRED)
     sr_names = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _SR_STAGE.match(p.name)), key=_sr_index)
+    unknown = sorted(set(chosen) - {*REQUIRED, *sr_names})
+    if unknown:
+        raise SourceError(f"{ckpt_dir / registry.DEFAULTS}: no stage folder for {', '.join(map(repr, unknown))}")
     indices = [_sr_index(n) for n in sr_names]
     if len(set(indices)) != len(indices):
         raise SourceError(f"{ckpt_dir}: SR stages {sr_names} give one position twice (sr and sr0 are both 0)")
-    sources = Sources(clip, prior, decoder, tuple(_load(ckpt_dir, n, "sr") for n in sr_names))
+    sources = Sources(clip, prior, decoder, tuple(_load(ckpt_dir, n, "sr", chosen.get(n)) for n in sr_names))
     check_links(sources)
     return sources
 

@@ -13,6 +13,11 @@ is refused by name, a missing one takes the dataclass default.
 
 A save is atomic through a sibling ``<folder>.old`` (``checkpoint._write_atomic_dir``); ``resolve`` is its
 read side: the folder to read when a kill landed between the two renames.
+
+A checkpoint *directory* (one ``<stage>/model`` folder per stage) may hold ``defaults.json``: the model's chosen
+sampling defaults, ``{"<stage>": {"sampler", "steps", "guidance", "candidates"}}``, read by ``read_defaults``.
+The bundler writes them into each stage's ``model.json`` and the exporter applies them on top of it, so a
+retrained run bundled into the directory keeps them.
 """
 from __future__ import annotations
 
@@ -32,11 +37,20 @@ from .decoder import Decoder, DecoderConfig
 from .prior import DiffusionPrior, PriorConfig, PriorPrefix, PriorStep
 from .sr import SRConfig, SuperRes
 
-__all__ = ["KINDS", "META", "WEIGHTS", "CheckpointError", "ConfigError", "Kind", "Loaded", "build", "check_weights",
-           "config_from_dict", "config_to_dict", "kind", "load", "load_weights", "read_config", "read_meta", "resolve"]
+__all__ = ["DEFAULTS", "KINDS", "META", "WEIGHTS", "CheckpointError", "ConfigError", "Kind", "Loaded", "build",
+           "check_weights", "config_from_dict", "config_to_dict", "kind", "load", "load_weights", "read_config",
+           "read_defaults", "read_defaults_file", "read_meta", "resolve"]
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
+DEFAULTS = "defaults.json"
+# What a stage's sampling defaults may say, and the check of each value.
+DEFAULT_KEYS = {
+    "sampler": lambda v: isinstance(v, str) and bool(v),
+    "steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "guidance": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < float("inf"),
+    "candidates": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+}
 
 
 class CheckpointError(ValueError):
@@ -80,6 +94,33 @@ def resolve(folder: str | Path) -> Path:
     folder = Path(folder)
     old = folder.with_name(folder.name + ".old")
     return folder if folder.exists() or not old.exists() else old
+
+
+def read_defaults(ckpt_dir: str | Path) -> dict[str, dict]:
+    """``<ckpt_dir>/defaults.json`` as {stage: {key: value}}, checked; {} when the directory has none."""
+    path = Path(ckpt_dir) / DEFAULTS
+    return read_defaults_file(path) if path.exists() else {}
+
+
+def read_defaults_file(path: str | Path) -> dict[str, dict]:
+    """A sampling-defaults JSON file, {stage: {sampler, steps, guidance, candidates}}, every value checked."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected an object {{stage: {{sampler, steps, guidance, candidates}}}}")
+    for stage, entry in data.items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{path}: {stage!r} must be an object")
+        for key, value in entry.items():
+            check = DEFAULT_KEYS.get(key)
+            if check is None:
+                raise CheckpointError(f"{path}: {stage}.{key}: unknown key; known: {', '.join(DEFAULT_KEYS)}")
+            if not check(value):
+                raise CheckpointError(f"{path}: {stage}.{key} = {value!r} is not a valid value")
+    return data
 
 
 def read_meta(folder: str | Path) -> dict:

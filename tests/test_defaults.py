@@ -1,0 +1,100 @@
+"""Sampling defaults survive a retrain: checkpoints/<model>/defaults.json -> bundle -> export -> manifest."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from dalle2_rt.models import registry  # noqa: E402
+from dalle2_rt.training import bundle as bundle_mod  # noqa: E402
+from dalle2_rt.training import stages  # noqa: E402
+from dalle2_rt.training.config import config_from_dict  # noqa: E402
+from export import manifest as mf  # noqa: E402
+from export.all import export_folder  # noqa: E402
+from export.sources import SourceError, find_sources  # noqa: E402
+from tests.conftest import tiny_config_dict  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "checkpoints" / "shapes-v2"
+
+# Chosen so that no value equals the exporter's built-in default or a trained run's model.json.
+CHOSEN = {
+    "prior": {"sampler": "ddpm", "steps": 3, "guidance": 1.5, "candidates": 1},
+    "decoder": {"steps": 2, "guidance": 2.5, "candidates": 2},
+    "sr": {"steps": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run of all four stages, 2 steps each: its model.json files carry no sampling defaults."""
+    cfg = config_from_dict(tiny_config_dict(tmp_path_factory.mktemp("run"), steps=2))
+    stages.train_all(cfg)
+    return Path(cfg.out_dir)
+
+
+def test_train_bundle_export_keeps_the_chosen_defaults(run, tmp_path):
+    for stage in ("prior", "decoder", "sr"):
+        assert "defaults" not in registry.read_meta(run / stage / "model")  # a retrain forgets them
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / registry.DEFAULTS).write_text(json.dumps(CHOSEN))
+    assert bundle_mod.main([str(run), str(ckpt)]) == 0
+    for stage, chosen in CHOSEN.items():
+        assert registry.read_meta(ckpt / stage / "model")["defaults"] == chosen
+
+    engines = tmp_path / "engines"
+    export_folder(ckpt, engines, name="tiny", quiet=True)
+    got = json.loads((engines / "manifest.json").read_text())["stages"]
+    assert got["prior"]["defaults"] == {**mf.DEFAULTS["prior"], **CHOSEN["prior"]}
+    assert got["decoder"]["defaults"] == {**mf.DEFAULTS["decoder"], **CHOSEN["decoder"]}
+    assert got["sr"][0]["defaults"] == {**mf.DEFAULTS["sr"], **CHOSEN["sr"]}
+
+    # Editing defaults.json alone reaches the export (and changes the source digest, so the folder rebuilds).
+    before = find_sources(ckpt).decoder
+    (ckpt / registry.DEFAULTS).write_text(json.dumps({**CHOSEN, "decoder": {**CHOSEN["decoder"], "steps": 7}}))
+    after = find_sources(ckpt).decoder
+    assert mf.stage_defaults("decoder", after)["steps"] == 7
+    assert after.meta_sha256 != before.meta_sha256
+
+
+def test_bundle_defaults_option_replaces_the_committed_file(run, tmp_path):
+    given = tmp_path / "mine.json"
+    given.write_text(json.dumps({"decoder": {"steps": 4}}))
+    ckpt = tmp_path / "ckpt"
+    assert bundle_mod.main([str(run), str(ckpt), "--defaults", str(given)]) == 0
+    assert json.loads((ckpt / registry.DEFAULTS).read_text()) == {"decoder": {"steps": 4}}
+    assert registry.read_meta(ckpt / "decoder" / "model")["defaults"] == {"steps": 4}
+    assert "defaults" not in registry.read_meta(ckpt / "prior" / "model")
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"decoder": {"step": 4}}, "decoder.step: unknown key"),
+    ({"decoder": {"steps": 0}}, "decoder.steps = 0"),
+    ({"prior": {"guidance": "high"}}, "prior.guidance = 'high'"),
+    ({"decoder": 5}, "'decoder' must be an object"),
+])
+def test_a_bad_defaults_file_is_refused_by_name(tmp_path, bad, says):
+    (tmp_path / registry.DEFAULTS).write_text(json.dumps(bad))
+    with pytest.raises(registry.CheckpointError, match=says.replace(".", r"\.").replace("(", r"\(")):
+        registry.read_defaults(tmp_path)
+
+
+def test_exporter_refuses_defaults_for_a_stage_it_does_not_have(tiny_checkpoints, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for stage in ("clip", "prior", "decoder", "sr"):
+        (ckpt / stage).symlink_to(tiny_checkpoints / stage)
+    (ckpt / registry.DEFAULTS).write_text(json.dumps({"decoer": {"steps": 4}}))
+    with pytest.raises(SourceError, match="no stage folder for 'decoer'"):
+        find_sources(ckpt)
+
+
+def test_bundled_model_json_files_agree_with_its_defaults_file():
+    chosen = registry.read_defaults(BUNDLED)
+    assert set(chosen) == {"prior", "decoder", "sr"}
+    for stage, entry in chosen.items():
+        assert registry.read_meta(BUNDLED / stage / "model")["defaults"] == entry, stage
