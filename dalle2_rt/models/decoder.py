@@ -13,7 +13,7 @@ pixels too slowly). It starts at zero, so adding it to a trained decoder changes
 same map, its last layer zero at the start): a linear map can only turn "the red object is at x" into a ramp
 scaled by x, where a hidden layer can place a bump at x, one per object (shapes-v2 drew single objects in the
 right place but two-object scenes with the relation right only 28 % of the time, from embeddings whose relation
-reads back linearly every time: bench/RESULTS.md G, session 6).
+reads back linearly every time: bench/RESULTS.md G, docs/history.md).
 
 The output is the prediction ``parameterization`` names: eps by default, v for the bundled decoder
 (``configs/shapes-v2.toml``), stated again in the exported manifest.
