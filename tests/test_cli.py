@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -238,13 +237,14 @@ def test_help_teaches_with_examples(capsys):
 
 
 def test_dream_alias_is_the_same_main():
+    """Both installed console scripts load the CLI's entry function (skips where the package is not installed)."""
     from importlib.metadata import entry_points
 
-    scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name in ("dalle2-rt", "dream")}
-    if len(scripts) < 2:  # not installed: read setup.py
-        text = (REPO / "setup.py").read_text()
-        scripts = dict(re.findall(r'"(dalle2-rt|dream)=([\w.:]+)"', text))
-    assert scripts == {"dalle2-rt": "dalle2_rt.cli:entry", "dream": "dalle2_rt.cli:entry"}
+    scripts = {e.name: e for e in entry_points(group="console_scripts") if e.name in ("dalle2-rt", "dream")}
+    if not scripts:
+        pytest.skip("dalle2-rt is not installed in this environment (pip install -e .)")
+    assert set(scripts) == {"dalle2-rt", "dream"}
+    assert all(e.load() is cli.entry for e in scripts.values())
 
 
 def test_console_script_end_to_end(work, tiny_engines):

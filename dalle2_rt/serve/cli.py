@@ -12,6 +12,8 @@ import os
 import socket
 import sys
 
+from ..runtime.backends import BACKENDS
+
 PROG = "dalle2-rt serve"
 
 EPILOG = """\
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--engines", metavar="DIR", help="engine folder (default: $DALLE2_RT_ENGINES or engines/shapes-v2)")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), tensorrt or torch")
+    p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS),
+                   help="graph backend (default onnxruntime; triton needs --url)")
+    p.add_argument("--url", metavar="URL", help="the Triton server for --backend triton: http://HOST:PORT or grpc://HOST:PORT")
     p.add_argument("--threads", type=_int_at_least(1), metavar="N",
                    help="CPU threads per graph (default: one per core, shared among the --workers)")
     p.add_argument("--workers", type=_int_at_least(1), default=1, metavar="N",
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = max(1, (os.cpu_count() or 1) // args.workers)
     try:  # the process is ours: one shared onnxruntime thread pool, as the CLI does
         pipe = Pipeline.load(args.engines, backend=args.backend, threads=threads,
-                             shared_threads=args.backend == "onnxruntime")
+                             shared_threads=args.backend == "onnxruntime", url=args.url)
     except Dalle2RTError as e:
         sock.close()
         return _fail(str(e))
