@@ -2,12 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+SETUP_SUM := $(shell cat setup.py | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(SETUP_SUM)
+RUNTIME_STAMP := $(VENV)/.runtime-$(SETUP_SUM)
 ENGINES := engines/shapes-v2
 CHECKPOINTS := checkpoints/shapes-v2
+# the package's copy of $(ENGINES), which the wheel carries (export/package.py; rebuilt by make package-engines)
+PACKAGED := dalle2_rt/engines/$(notdir $(ENGINES))
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup engines demo test lint bench train train-gpu clean test-browser test-ray
+.PHONY: setup runtime engines package-engines demo test lint bench train train-gpu clean test-browser test-ray
 
 setup: $(STAMP)
 
@@ -15,6 +19,14 @@ $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[train,dev,diffusers,serve]'
+	@touch $@ $(RUNTIME_STAMP)
+
+# The runtime alone (numpy, onnxruntime, pillow; no torch): all that make demo needs.
+runtime: $(RUNTIME_STAMP)
+
+$(RUNTIME_STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e .
 	@touch $@
 
 engines: $(ENGINES)/manifest.json
@@ -24,8 +36,15 @@ $(ENGINES)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINTS)/*/model/* $(CHECKPO
 		{ echo "the bundled model is not trained yet: $(CHECKPOINTS) has no decoder (see README, Training)"; exit 1; }
 	$(PY) -m export.all --checkpoints $(CHECKPOINTS) --out $(ENGINES)
 
-demo: engines
+# The package's copy of the exported folder (float16-stored weights, no optimised copies): rebuild and commit it
+# whenever checkpoints/ or the export change (tests/test_packaged_engines.py fails until then).
+package-engines: engines
+	$(PY) -m export.package $(ENGINES) --out $(PACKAGED)
+
+# One image with the default engine folder (dalle2-rt info: $(ENGINES) when built, else the package's copy).
+demo: runtime
 	@mkdir -p out
+	@$(VENV)/bin/dalle2-rt info | sed -n 2p
 	@$(VENV)/bin/dalle2-rt "$(PROMPT)" --seed 0 -o out | sed 's/^/wrote /'
 
 lint: $(STAMP)

@@ -6,7 +6,13 @@ exporter (`export/`) and the benchmarks (`bench/`) run from a clone of the repos
 (`python -m export.all`, `python -m bench` in its root); installed under those generic names they
 would collide with any other top-level `export` or `bench` in a user's environment.
 """
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# one version, the package's own (dalle2_rt.__version__, which `dalle2-rt --version` prints)
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path("dalle2_rt/__init__.py").read_text(encoding="utf-8"), re.M)[1]
 
 TRAIN = [
     "torch==2.14.1",
@@ -24,14 +30,17 @@ SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "promethe
 
 setup(
     name="dalle2-rt",
-    version="0.1.0",
+    version=VERSION,
     description="DALL-E 2 (unCLIP) inference runtime over exported ONNX / TensorRT graphs",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # tomllib (the training config reader) is 3.11+
     packages=find_packages(include=["dalle2_rt", "dalle2_rt.*"]),
-    # manifest.schema.json: the engine folder's contract for non-Python consumers, shipped with the runtime
-    package_data={"dalle2_rt": ["py.typed", "runtime/manifest.schema.json", "serve/page.html"]},
+    # manifest.schema.json: the engine folder's contract for non-Python consumers, shipped with the runtime.
+    # engines/<model>/*: the default model's engine folder (graphs with float16-stored weights, ~35 MB
+    # compressed), so that `pip install` + `dalle2-rt "a red circle"` needs no export (make package-engines).
+    package_data={"dalle2_rt": ["py.typed", "runtime/manifest.schema.json", "serve/page.html", "engines/*/*"]},
+    zip_safe=False,  # the engine folder is read as files
     install_requires=[
         "numpy>=1.24",
         "onnxruntime>=1.17",

@@ -1,7 +1,7 @@
 """dalle2-rt: DALL-E 2 (unCLIP) inference over exported ONNX / TensorRT graphs.
 
     from dalle2_rt import Pipeline
-    pipe = Pipeline.load()                         # engines/shapes-v2 or $DALLE2_RT_ENGINES, onnxruntime
+    pipe = Pipeline.load()                         # the default folder (runtime/locate.py), onnxruntime
     images = pipe("a large red circle on the left", seed=0, num_images=2)   # list of PIL images
 
 Importing the package is cheap and torch-free: ``Pipeline`` (and the names below) load on first use,

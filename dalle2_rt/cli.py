@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import __version__
 from .runtime.backends import BACKENDS
 from .runtime.errors import Dalle2RTError, InputError, PromptTruncatedWarning
 from .runtime.noise import new_seed
@@ -37,8 +38,8 @@ file is never replaced (a -1, -2, ... suffix is added). Each PNG carries its pro
 steps, guidance, backend and the engine manifest's sha256 as text chunks. The same prompt, seed and
 settings give the same pixels on the same backend; image i does not depend on -n.
 
-engines: --engines DIR, else $DALLE2_RT_ENGINES, else engines/shapes-v2 of the repository
-(build it with `make engines`).
+engines: --engines DIR, else $DALLE2_RT_ENGINES, else engines/shapes-v2 of a clone (`make engines`),
+else the copy installed with the package. `dalle2-rt info` says which folder that is, and its defaults.
 """
 
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Generate images from text with the DALL-E 2 (unCLIP) engines.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="*", help="the text to draw (quote it, or give it as several words)")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     what = p.add_argument_group("what to generate")
     what.add_argument("-n", "--num-images", type=_setting("num_images"), default=1, metavar="N",
                       help=f"images per prompt, 1 … {MAX_IMAGES} (default 1)")
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None, *, shared_threads: bool = False) -> int:
 
         return serve_main(args[1:])
     try:
-        return _main(argv, shared_threads)
+        return info(args[1:]) if args[:1] == ["info"] else _main(argv, shared_threads)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
@@ -249,6 +251,60 @@ def _main(argv, shared_threads: bool) -> int:
     except OSError as e:  # disk full, folder removed meanwhile, ...
         bar.close()
         return _fail(f"cannot write to {jobs['folder']}: {e.strerror or e}")
+    return 0
+
+
+def info(argv: list[str]) -> int:
+    """``dalle2-rt info [--engines DIR] [--json]``: where the user stands, without opening a graph: the version,
+    the engine folder a generation would open and which step of the lookup gave it, the model and its
+    checkpoints, and the sampling defaults; ``--json``: the same as one JSON object."""
+    import json
+
+    from .runtime import locate
+    from .runtime.manifest import load_manifest, user_cache_dir
+    from .runtime.plan import resolve_stages
+
+    p = _Parser(prog=f"{PROG} info", description="Which engine folder and model a generation would use.")
+    p.add_argument("--engines", metavar="DIR", help="describe this folder instead of the default")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    args = p.parse_args(argv)
+    folder = Path(args.engines).expanduser() if args.engines else locate.default_engines()
+    lookup = [{"step": where, "folder": str(f), "found": (f / locate.MANIFEST).is_file()} for where, f in
+              locate.lookup()]
+    try:
+        if not args.engines and not (folder / locate.MANIFEST).is_file():
+            raise Dalle2RTError(locate.missing_message(folder))
+        manifest = load_manifest(folder)
+        plans = resolve_stages(manifest, True)
+    except Dalle2RTError as e:
+        return _fail(str(e))
+    package = manifest.data.get("package")
+    facts = {
+        "version": __version__,
+        "engines": str(manifest.folder),
+        "from": "--engines" if args.engines else locate.source_of(folder),
+        "lookup": lookup,
+        "model": manifest.name,
+        "manifest_sha256": manifest.sha256,
+        "weights": "float16-stored package copy" if package else "as exported",
+        "checkpoints": {name: {"step": s.get("step"), "sha256": s.get("sha256")}
+                        for name, s in manifest.sources.items()},
+        "defaults": {plan.name: plan.defaults for plan in plans},
+        "cache": str(user_cache_dir()),
+    }
+    if args.json:
+        print(json.dumps(facts, indent=1))
+        return 0
+    print(f"{PROG} {__version__}")
+    print(f"engines   {facts['engines']}  (from {facts['from']})")
+    print("lookup    " + " > ".join(["--engines DIR"] + [f"{s['step']} {s['folder']}"
+                                                           f"{'' if s['found'] else ' (none)'}" for s in lookup]))
+    print(f"model     {manifest.name}, {facts['weights']}, manifest sha256 {manifest.sha256[:16]}")
+    for name, c in facts["checkpoints"].items():
+        print(f"          {name}: step {c['step']}, sha256 {str(c['sha256'])[:16]}")
+    for name, d in facts["defaults"].items():
+        print(f"defaults  {name}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
+    print(f"cache     {facts['cache']}  (hashes, ONNX Runtime's optimised copies)")
     return 0
 
 

@@ -40,6 +40,21 @@ def test_only_dalle2_rt_is_installed(wheel):
     assert "dalle2_rt/runtime/manifest.schema.json" in wheel.namelist()  # the manifest's contract ships with it
 
 
+def test_the_wheel_carries_the_default_engine_folder_in_under_40_mb(wheel):
+    """pip install + dalle2-rt needs no export: every file of the package's engine folder is in the wheel
+    (its manifest lists them), and the wheel stays small (float16-stored weights, no optimised copies)."""
+    import json
+
+    from dalle2_rt.runtime.locate import DEFAULT_ENGINES
+
+    folder = f"dalle2_rt/engines/{DEFAULT_ENGINES}"
+    manifest = json.loads(wheel.read(f"{folder}/manifest.json"))
+    shipped = {n[len(folder) + 1:] for n in wheel.namelist() if n.startswith(folder + "/")}
+    assert shipped == {"manifest.json", *manifest["files"]}
+    assert not any(name.endswith(".opt.onnx") for name in shipped)
+    assert Path(wheel.filename).stat().st_size < 40e6
+
+
 def test_console_scripts_resolve_inside_the_package(wheel):
     """Every console script points into dalle2_rt, the one package installed."""
     [entry_points] = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]

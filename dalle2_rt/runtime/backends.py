@@ -7,7 +7,9 @@ by the manifest's output names. The pipeline's loop is written once against this
 - ``onnxruntime``: one InferenceSession per graph. Providers are tried in the order TensorRT EP, CUDA EP,
   CPU among ``ort.get_available_providers()``, dropping the first one whose session cannot be created.
   The exporter's optimised graph (``*.opt.onnx``) is used only when the provider that actually runs it
-  is the one it was optimised for (its fused nodes are provider specific), else the plain ``.onnx``.
+  is the one it was optimised for (its fused nodes are provider specific), else the plain ``.onnx``. On the
+  CPU provider a folder without a valid optimised graph (the package's copy ships none) gets one made at
+  first use and kept in the user cache directory, ``<cache>/ort-optimized`` (``DALLE2_RT_ORT_CACHE=0``: off).
   ``InferenceSession.run`` is thread-safe, so one engine serves concurrent pipeline calls.
   Threads: by default each session has its own intra-op pool whose idle workers do not spin (spinning
   workers of the graph that just ran take the cores the next graph needs). ``shared_pool=True`` (the CLI's
@@ -29,6 +31,9 @@ Nothing here imports onnxruntime, tensorrt or torch at module import time.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -175,8 +180,12 @@ class OnnxRuntimeBackend:
         for start in range(len(self.providers)):
             chain = self.providers[start:]
             file = self._file_for(spec, chain[0])
+            cached = self._cached_copy(spec, chain[0]) if file == spec.file else None
             try:
-                session = self._session(file, chain, spec)
+                if cached is not None:
+                    session, file = self._cached_session(spec, chain, cached)
+                else:
+                    session = self._session(file, chain, spec)
                 actual = session.get_providers()[0]
                 if file != spec.file and actual != chain[0]:  # ORT fell back silently: opt graph is not for it
                     session = self._session(spec.file, session.get_providers(), spec)
@@ -190,15 +199,61 @@ class OnnxRuntimeBackend:
             return OrtEngine(spec, session, file)
         raise BackendUnavailableError(f"onnxruntime cannot load {spec.file.name}: {'; '.join(errors)}")
 
-    def _session(self, file: Path, chain: list[str], spec: GraphSpec):
-        providers = [self._provider_entry(p, spec) for p in chain]
+    def _cached_copy(self, spec: GraphSpec, provider: str) -> Path | None:
+        """Where ONNX Runtime's optimised copy of ``spec``'s plain graph lives in the user cache directory, for
+        a folder that ships none valid here (the package's copy ships none, to stay small); None: not cached
+        (another provider, whose fused nodes differ, or ``DALLE2_RT_ORT_CACHE=0``). Named by the sha256 of
+        the graph and of its weights files as the manifest records them, and by the ORT version."""
+        if provider != "CPUExecutionProvider" or os.environ.get("DALLE2_RT_ORT_CACHE", "1") == "0":
+            return None
+        folder = self.manifest.folder
+        digests = [self.manifest.files.get(spec.file.relative_to(folder).as_posix())]
+        digests += [self.manifest.files.get(name) for name in spec.raw.get("external_data", [])]
+        if not all(digests):
+            return None
+        key = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
+        return user_cache_dir() / "ort-optimized" / f"{spec.name}-{key}-cpu-ort{self.version}.onnx"
+
+    def _cached_session(self, spec: GraphSpec, chain: list[str], cached: Path):
+        """(session, file) on the cached optimised copy, made first when missing: ORT optimises the plain graph
+        at the exporter's level (``extended``: portable across CPUs) into ``cached``, written aside and renamed
+        so that a reader never sees half a file. The first process then opens the copy like every later one
+        (ORT's full level on top), which costs one more session but gives the same pixels in every process.
+        A cache that cannot be written or read: the plain graph (a real failure raises again there)."""
+        if cached.is_file() and not cached.is_symlink():
+            try:
+                return self._session(cached, chain, spec), cached
+            except Exception:  # noqa: BLE001 - a damaged copy: made again below
+                with contextlib.suppress(OSError):
+                    cached.unlink(missing_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}-{threading.get_ident()}.tmp")
         try:
-            return self.ort.InferenceSession(str(file), sess_options=self._options(), providers=providers)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            self._session(spec.file, chain, spec, save_to=tmp)  # writes the copy; the session is not kept
+            os.replace(tmp, cached)
+            return self._session(cached, chain, spec), cached
+        except Exception:  # noqa: BLE001 - see the docstring
+            with contextlib.suppress(OSError):  # e.g. the cache "folder" is a file: no tmp to remove
+                tmp.unlink(missing_ok=True)
+        return self._session(spec.file, chain, spec), spec.file
+
+    def _session(self, file: Path, chain: list[str], spec: GraphSpec, save_to: Path | None = None):
+        providers = [self._provider_entry(p, spec) for p in chain]
+
+        def options():
+            so = self._options()
+            if save_to is not None:
+                so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+                so.optimized_model_filepath = str(save_to)
+            return so
+
+        try:
+            return self.ort.InferenceSession(str(file), sess_options=options(), providers=providers)
         except Exception as e:  # noqa: BLE001 - only the per-session-threads refusal is handled here
             if self.shared_pool or PER_SESSION_REFUSED not in str(e):
                 raise
         self.shared_pool = True  # other code in this process made global pools: use them too
-        return self.ort.InferenceSession(str(file), sess_options=self._options(), providers=providers)
+        return self.ort.InferenceSession(str(file), sess_options=options(), providers=providers)
 
     def describe(self) -> str:
         pool = ", shared thread pool" if self.shared_pool else ""

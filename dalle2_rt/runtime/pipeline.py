@@ -29,6 +29,7 @@ from PIL import Image
 from .backends import BACKENDS, open_backend
 from .errors import EngineFolderError, InputError, PromptTruncatedWarning
 from .images import open_image, to_pixels, to_uint8
+from .locate import DEFAULT_ENGINES, default_engines, missing_message  # noqa: F401 - the lookup (locate.py)
 from .manifest import Manifest, load_manifest, verify_files
 from .noise import DECODER, PRIOR, NoiseStreams, new_seed, sr_stream
 from .plan import StagePlan, graphs_to_open, resolve_stages
@@ -36,16 +37,6 @@ from .settings import MAX_CANDIDATES, MAX_IMAGES, MAX_SEED, Settings, check_int,
 from .stage_runner import Callback, Conditioning, call_checked, call_chunked, guidance_halves, run_stage
 from .stages import embed_norm, low_res_inputs, normalize, rank_pixels, select_candidates, select_samples
 from .tokenizer import Tokenizer
-
-DEFAULT_ENGINES = "shapes-v2"
-
-
-def default_engines() -> Path:
-    """``$DALLE2_RT_ENGINES`` if set, else ``<repo>/engines/shapes-v2`` next to the package."""
-    env = os.environ.get("DALLE2_RT_ENGINES")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2] / "engines" / DEFAULT_ENGINES
 
 
 @dataclass(frozen=True)
@@ -100,8 +91,7 @@ class Pipeline:
         if folder is None:
             folder = default_engines()
             if not (folder / "manifest.json").exists():
-                raise EngineFolderError(f"the default engines are missing ({folder}); run `make engines` to build "
-                                        "them, or pass --engines DIR / set DALLE2_RT_ENGINES")
+                raise EngineFolderError(missing_message(folder))
         manifest = load_manifest(Path(folder))
         if verify:
             verify_files(manifest)
