@@ -4,6 +4,7 @@ to fix (never a traceback), nothing written outside the target, and no request f
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dalle2_rt.runtime.errors import InputError
+from dalle2_rt.runtime.errors import EngineFolderError, InputError
 from dalle2_rt.runtime.images import png_info
+from dalle2_rt.runtime.manifest import MANIFEST, load_manifest, verify_files
+from dalle2_rt.runtime.pipeline import Pipeline
 from dalle2_rt.runtime.settings import check_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +46,125 @@ def test_cli_prompt_argument_that_is_not_utf8_is_one_line(tmp_path):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("dalle2-rt: error: the prompt is not valid Unicode text") and "'\\udcff'" in err
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------- engine folders
+
+def linked_folder(src: Path, dst: Path, edit=None) -> Path:
+    """``src``'s files hard-linked into ``dst`` (no copy of the graphs), manifest.json rewritten by ``edit``."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != MANIFEST:
+            os.link(f, dst / f.name)
+    data = json.loads((src / MANIFEST).read_text(encoding="utf-8"))
+    if edit is not None:
+        edit(data)
+    (dst / MANIFEST).write_text(json.dumps(data), encoding="utf-8")
+    return dst
+
+
+def one_line_refusal(folder: Path, words: str, *, verify: bool = False) -> str:
+    with pytest.raises(EngineFolderError) as caught:
+        verify_files(load_manifest(folder)) if verify else load_manifest(folder)
+    message = str(caught.value)
+    assert "\n" not in message and words in message, message
+    return message
+
+
+def _set(path: str, value):
+    """An edit of the manifest: the value at a dotted path (list indices as numbers) set to ``value``."""
+    def edit(data):
+        *head, last = path.split(".")
+        node = data
+        for key in head:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return edit
+
+
+def _drop_abar_and_set_t(t):
+    def edit(data):
+        del data["stages"]["prior"]["schedule"]["alphas_cumprod"]
+        data["stages"]["prior"]["schedule"]["num_timesteps"] = t
+    return edit
+
+
+def _rename_graph(data):
+    data["graphs"]["../sr0"] = data["graphs"].pop("sr0")
+    data["stages"]["sr"][0]["graph"] = "../sr0"
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_set("schema_version", True), "schema_version True"),
+    (_drop_abar_and_set_t(10**12), "stages.prior.schedule.num_timesteps must be an integer in 2 … 100000"),
+    (_set("tokenizer.context_length", 10**9), "tokenizer.context_length must be an integer in 2 … 4096"),
+    (_set("stages.text_encoder.context_length", 10**9), "stages.text_encoder.context_length must be an integer"),
+    (_set("stages.decoder.image_size", 10**6), "stages.decoder.image_size must be an integer in 1 … 8192"),
+    (_set("output.image_size", 10**6), "output.image_size must be an integer in 1 … 8192"),
+    (_set("graphs.decoder.profile.batch.max", -3), "graphs.decoder.profile.batch.max must be an integer in 1 … 4096"),
+    (_set("graphs.decoder.profile.batch.min", 0), "graphs.decoder.profile.batch.min must be an integer in 1 …"),
+    (_set("stages.sr.0.noise_aug_t", -1), "stages.sr[0].noise_aug_t must be an integer in 0 … 999"),
+    (_set("stages.prior.embed_scale", 0), "stages.prior.embed_scale must be a number"),
+    (_set("stages.decoder.defaults.steps", 10**9), "stages.decoder.defaults.steps must be an integer in 1 … 1000"),
+    (_rename_graph, "graph name '../sr0' is not a name"),
+    (_set("graphs.decoder.inputs.0.shape", ["batch", True, 16, 16]), "axis True is neither a size"),
+    (_set("graphs.decoder.inputs.0.shape", ["batch", 3, -16, 16]), "axis -16 is neither a size"),
+    (_set("graphs.decoder.inputs.0.shape", ["batch", 3, 2**20, 2**20]), "elements a row"),
+    (_set("graphs.decoder.inputs.0.name", "../x"), "graphs.decoder.inputs[0].name '../x' is not a name"),
+    (lambda data: data["files"].update({"decoder.onnx": 5}), "files['decoder.onnx'] must be a sha256"),
+])
+def test_manifest_values_out_of_range_are_one_line(tiny_engines, tmp_path, edit, words):
+    one_line_refusal(linked_folder(tiny_engines, tmp_path / "e", edit), words)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"schema": "dalle2-rt/engine-manifest", "n": ' + "7" * 5000 + "}", "a number of 5000 characters"),
+    ('{"schema": "dalle2-rt/engine-manifest", "embed_scale": 1e400}', "the number 1e400 is out of range"),
+    ('{"schema": "dalle2-rt/engine-manifest", "x": NaN}', "NaN is not a JSON number"),
+    ("[" * 40 + "]" * 40, "nested over 32 deep"),
+])
+def test_hostile_manifest_json_is_one_line(tmp_path, text, words):
+    (tmp_path / MANIFEST).write_text(text, encoding="utf-8")
+    one_line_refusal(tmp_path, words)
+
+
+def test_manifest_that_is_a_pipe_or_a_symlink_out_of_the_folder_is_refused(tmp_path):
+    os.mkfifo(tmp_path / MANIFEST)  # opening it for reading would block until a writer came
+    one_line_refusal(tmp_path, "is a named pipe")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.json"
+    outside.write_text("{}", encoding="utf-8")
+    folder = tmp_path / "e"
+    folder.mkdir()
+    (folder / MANIFEST).symlink_to(outside)
+    one_line_refusal(folder, "resolves outside the engine folder")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: os.mkfifo(p), "is a named pipe"),
+    (lambda p: p.symlink_to("/dev/zero"), "resolves outside the engine folder"),
+    (lambda p: p.symlink_to("/etc/passwd"), "resolves outside the engine folder"),
+    (lambda p: p.mkdir(), "is a folder"),
+])
+def test_graph_files_that_hang_or_leave_the_folder_are_refused_before_hashing(tiny_engines, tmp_path, make, words):
+    folder = linked_folder(tiny_engines, tmp_path / "e")
+    (folder / "decoder.onnx").unlink()  # the first file verify_files checks
+    make(folder / "decoder.onnx")
+    message = one_line_refusal(folder, words, verify=True)
+    assert "sha256" not in message  # nothing outside was read, so no hash of it is shown
+
+
+def test_a_symlink_inside_the_folder_is_still_followed(tiny_engines, tmp_path):
+    folder = linked_folder(tiny_engines, tmp_path / "e")
+    os.rename(folder / "tokenizer.json", folder / "tok.real")
+    (folder / "tokenizer.json").symlink_to("tok.real")
+    verify_files(load_manifest(folder), use_cache=False)
+
+
+def test_an_input_dtype_unlike_the_graph_s_is_refused_when_its_session_opens(tiny_engines, tmp_path):
+    folder = linked_folder(tiny_engines, tmp_path / "e", _set("graphs.text_encoder.inputs.0.dtype", "int32"))
+    with pytest.raises(EngineFolderError, match="tokens is int64 in the graph, int32 in the manifest"):
+        Pipeline.load(folder, threads=1).engines["text_encoder"]

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -29,6 +31,7 @@ import numpy as np
 from .errors import EngineFolderError, HashMismatchError
 from .schedules import alphas_cumprod_for
 from .stages import TEXT_MASKS, stage_problems
+from .untrusted import open_regular, parse_json, read_bounded
 
 SCHEMA = "dalle2-rt/engine-manifest"
 SCHEMA_VERSION = 1
@@ -36,6 +39,15 @@ MANIFEST = "manifest.json"
 KINDS = ("eps", "x0", "v")
 BATCH_AXIS = "batch"  # the name of the dynamic batch axis in every graph's shapes and batch profile
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+# Names that become folder and model names (export/triton.py): no path separators, no "." or "..".
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+# Bounds of what a manifest may ask of the runtime; beyond them a folder is refused before anything is allocated.
+MAX_TIMESTEPS = 100_000  # T of a training chain (ours: 1000)
+MAX_SIDE = 8192  # image sides, pixels
+MAX_CONTEXT = 4096  # tokens of the text encoder's context
+MAX_BATCH = 4096  # profile.batch.max
+MAX_DIM = 2**20  # one fixed axis of a graph tensor
+MAX_ROW_ELEMENTS = 2**28  # one batch row of a graph tensor (1 GiB of float32)
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,31 @@ def resolve_inside(folder: Path, relative: str) -> Path:
     return folder.joinpath(*rel.parts)
 
 
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def graph_io_problems(spec: GraphSpec, inputs, outputs) -> list[str]:
+    """What differs between the manifest's I/O of ``spec`` and a graph's own (ONNX Runtime's ``NodeArg`` s:
+    name, type "tensor(float)", shape with ints for fixed axes): names, dtypes, ranks, fixed sizes."""
+    problems = []
+    for kind, got, want in (("inputs", inputs, spec.inputs), ("outputs", outputs, spec.outputs)):
+        have = {a.name: a for a in got}
+        if set(have) != {t.name for t in want}:
+            problems.append(f"graph {kind} {sorted(have)} differ from the manifest's {sorted(t.name for t in want)}")
+            continue
+        for t in want:
+            arg = have[t.name]
+            dtype = _ORT_TYPES.get(arg.type, arg.type)
+            if dtype != t.dtype.name:
+                problems.append(f"{t.name} is {dtype} in the graph, {t.dtype.name} in the manifest")
+            shape = list(arg.shape or [])
+            fixed = [(a, b) for a, b in zip(shape, t.shape) if isinstance(a, int) and isinstance(b, int)]
+            if shape and (len(shape) != len(t.shape) or any(a != b for a, b in fixed)):  # []: shape unknown
+                problems.append(f"{t.name} has shape {shape} in the graph, {list(t.shape)} in the manifest")
+    return problems
+
+
 def _fail(folder: Path, what: str) -> EngineFolderError:
     return EngineFolderError(f"{folder / MANIFEST}: {what}")
 
@@ -104,17 +141,63 @@ def _tensors(folder: Path, graph: str, key: str, entries) -> tuple[TensorSpec, .
     if not isinstance(entries, list) or not entries:
         raise _fail(folder, f"graphs.{graph}.{key} must be a non-empty list")
     out = []
-    for e in entries:
+    for k, e in enumerate(entries):
+        where = f"graphs.{graph}.{key}[{k}]"
         try:
             dtype = np.dtype(_DTYPES[e["dtype"]])
-            out.append(TensorSpec(str(e["name"]), dtype, tuple(e.get("shape", ()))))
+            name = e["name"]
         except (KeyError, TypeError):
-            raise _fail(folder, f"graphs.{graph}.{key}: bad entry {e!r} (need name and a known dtype)") from None
+            raise _fail(folder, f"{where}: bad entry (need name and a dtype of {', '.join(_DTYPES)})") from None
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise _fail(folder, f"{where}.name {name!r} is not a name ([A-Za-z0-9_.-], at most 64)")
+        out.append(TensorSpec(name, dtype, _shape(folder, f"{where}.shape", e.get("shape", []))))
     return tuple(out)
 
 
+def _shape(folder: Path, where: str, shape) -> tuple:
+    """A tensor's shape: fixed axes ints in 1 … MAX_DIM, dynamic axes names; at most MAX_ROW_ELEMENTS a row."""
+    if not isinstance(shape, list) or len(shape) > 8:
+        raise _fail(folder, f"{where} must be a list of at most 8 axes")
+    for d in shape:
+        fixed = isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_DIM
+        if not fixed and not (isinstance(d, str) and NAME.fullmatch(d)):
+            raise _fail(folder, f"{where}: axis {d!r} is neither a size in 1 … {MAX_DIM} nor an axis name")
+    if math.prod(d for d in shape if isinstance(d, int)) > MAX_ROW_ELEMENTS:
+        raise _fail(folder, f"{where} {shape} has over {MAX_ROW_ELEMENTS} elements a row")
+    return tuple(shape)
+
+
+def _int(folder: Path, where: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _fail(folder, f"{where} must be an integer in {lo} … {hi}, got {value!r}")
+    return value
+
+
+def _number(folder: Path, where: str, value, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise _fail(folder, f"{where} must be a number in {lo:g} … {hi:g}, got {value!r}")
+    return float(value)
+
+
+def _batch_profile(folder: Path, name: str, g: dict) -> int | None:
+    """profile.batch {min, opt, max}: 1 ≤ min ≤ opt ≤ max ≤ MAX_BATCH; returns max (None: no profile)."""
+    profile = g.get("profile") or {}
+    batch = profile.get("batch") if isinstance(profile, dict) else None
+    if not batch:
+        return None
+    if not isinstance(batch, dict):
+        raise _fail(folder, f"graphs.{name}.profile.batch must be an object")
+    where = f"graphs.{name}.profile.batch"
+    hi = _int(folder, f"{where}.max", batch.get("max"), 1, MAX_BATCH)
+    lo = _int(folder, f"{where}.min", batch.get("min", 1), 1, hi)
+    _int(folder, f"{where}.opt", batch.get("opt", lo), lo, hi)
+    return hi
+
+
 def _graph(folder: Path, name: str, g: dict) -> GraphSpec:
-    if not isinstance(g, dict) or "file" not in g:
+    if not NAME.fullmatch(name):
+        raise _fail(folder, f"graph name {name!r} is not a name ([A-Za-z0-9_.-], at most 64, not starting with .)")
+    if not isinstance(g, dict) or not isinstance(g.get("file"), str):
         raise _fail(folder, f"graphs.{name} has no 'file'")
     opt_file = g.get("optimized_file")
     # Where the optimised graph is valid: "optimized_for" {"provider", "onnxruntime"}, or flat keys.
@@ -124,7 +207,10 @@ def _graph(folder: Path, name: str, g: dict) -> GraphSpec:
     for key, flat in (("provider", "optimized_provider"), ("onnxruntime", "optimized_onnxruntime")):
         if flat in g:
             opt_for.setdefault(key, g[flat])
-    batch = (g.get("profile") or {}).get("batch") or {}
+    if opt_file is not None and not isinstance(opt_file, str):
+        raise _fail(folder, f"graphs.{name}.optimized_file must be a file name")
+    if not isinstance(g.get("trt") or {}, dict) or not all(isinstance(v, str) for v in (g.get("trt") or {}).values()):
+        raise _fail(folder, f"graphs.{name}.trt must map engine keys to file names")
     return GraphSpec(
         name=name,
         file=resolve_inside(folder, g["file"]),
@@ -132,7 +218,7 @@ def _graph(folder: Path, name: str, g: dict) -> GraphSpec:
         outputs=_tensors(folder, name, "outputs", g.get("outputs")),
         optimized_file=resolve_inside(folder, opt_file) if opt_file else None,
         optimized_for=opt_for,
-        max_batch=int(batch["max"]) if "max" in batch else None,
+        max_batch=_batch_profile(folder, name, g),
         trt={str(k): resolve_inside(folder, v) for k, v in (g.get("trt") or {}).items()},
         raw=g,
     )
@@ -143,10 +229,19 @@ def _check_stage(folder: Path, where: str, stage: dict, graphs: dict, *, diffusi
         raise _fail(folder, f"{where} must be an object")
     if stage.get("graph") not in graphs:
         raise _fail(folder, f"{where}.graph {stage.get('graph')!r} is not in graphs")
+    _check_sizes(folder, where, stage)
     if not diffusion:
         return
     if stage.get("parameterization") not in KINDS:
         raise _fail(folder, f"{where}.parameterization must be one of {KINDS}, got {stage.get('parameterization')!r}")
+    sched = stage.get("schedule")
+    if not isinstance(sched, dict):
+        raise _fail(folder, f"{where}.schedule must be an object")
+    if "num_timesteps" in sched:
+        _int(folder, f"{where}.schedule.num_timesteps", sched["num_timesteps"], 2, MAX_TIMESTEPS)
+    for key in ("alphas_cumprod", "betas"):
+        if key in sched and (not isinstance(sched[key], list) or len(sched[key]) > MAX_TIMESTEPS):
+            raise _fail(folder, f"{where}.schedule.{key} must be a list of at most {MAX_TIMESTEPS} values")
     try:
         abar = stage_alphas_cumprod(stage)
     except (KeyError, TypeError, ValueError) as e:
@@ -159,6 +254,39 @@ def _check_stage(folder: Path, where: str, stage: dict, graphs: dict, *, diffusi
     problems = stage_problems(stage, graphs, sr=where.startswith("stages.sr"))
     if problems:
         raise _fail(folder, f"{where}: " + "; ".join(problems))
+    if stage.get("noise_aug_t") is not None:
+        _int(folder, f"{where}.noise_aug_t", stage["noise_aug_t"], 0, len(abar) - 1)
+    if "embed_scale" in stage:
+        _number(folder, f"{where}.embed_scale", stage["embed_scale"], 1e-6, 1e6)
+    defaults = stage.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise _fail(folder, f"{where}.defaults must be an object")
+    if "steps" in defaults:
+        _int(folder, f"{where}.defaults.steps", defaults["steps"], 1, len(abar))
+    if "candidates" in defaults:
+        _int(folder, f"{where}.defaults.candidates", defaults["candidates"], 1, 64)
+    if "guidance" in defaults:
+        _number(folder, f"{where}.defaults.guidance", defaults["guidance"], 0, 1e4)
+
+
+def _check_sizes(folder: Path, where: str, stage: dict) -> None:
+    """The sizes a stage entry states: sides, channels, widths, context; each bounded before anything is made."""
+    for key, hi in (("image_size", MAX_SIDE), ("low_res_size", MAX_SIDE), ("channels", 64),
+                    ("context_length", MAX_CONTEXT), ("embed_dim", MAX_DIM), ("text_width", MAX_DIM)):
+        if key in stage:
+            _int(folder, f"{where}.{key}", stage[key], 1, hi)
+
+
+def _check_tokenizer(folder: Path, tok: dict) -> None:
+    """The tokenizer entry's file and numbers: context 2 … MAX_CONTEXT, ids inside the vocabulary."""
+    if not isinstance(tok.get("file"), str):
+        raise _fail(folder, "tokenizer.file must be a file name")
+    vocab = _int(folder, "tokenizer.vocab_size", tok.get("vocab_size", 2), 2, 2**24) if "vocab_size" in tok else 2**24
+    if "context_length" in tok:
+        _int(folder, "tokenizer.context_length", tok["context_length"], 2, MAX_CONTEXT)
+    for key in ("sot_id", "eot_id", "pad_id"):
+        if key in tok:
+            _int(folder, f"tokenizer.{key}", tok[key], 0, vocab - 1)
 
 
 def stage_alphas_cumprod(stage: dict) -> np.ndarray:
@@ -183,25 +311,28 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
         raise EngineFolderError(f"engine folder {folder} {what}")
     path = folder / MANIFEST
     try:
-        raw = path.read_bytes()
+        raw = read_bounded(folder, path)  # a regular file inside the folder, of bounded size
     except FileNotFoundError:
         raise EngineFolderError(f"{folder} has no {MANIFEST}; not an engine folder") from None
     except OSError as e:
         raise EngineFolderError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EngineFolderError(f"{path}: not valid JSON ({e})") from None
+    data = parse_json(raw, path)  # bounded depth and numbers
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise _fail(folder, f"schema is not {SCHEMA!r}")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # true == 1 in Python
         raise _fail(folder, f"schema_version {version!r}; this runtime reads version {SCHEMA_VERSION} "
                             "(re-export the folder, or upgrade dalle2-rt)")
     for key in ("graphs", "stages", "tokenizer", "files"):
         if not isinstance(data.get(key), dict):
             raise _fail(folder, f"missing object {key!r}")
     graphs = {name: _graph(folder, name, g) for name, g in data["graphs"].items()}
+    _check_tokenizer(folder, data["tokenizer"])
+    output = data.get("output", {})
+    if not isinstance(output, dict):
+        raise _fail(folder, "output must be an object")
+    if output.get("image_size") is not None:
+        _int(folder, "output.image_size", output["image_size"], 1, MAX_SIDE)
     stages = data["stages"]
     for name in ("text_encoder", "prior", "decoder"):
         if name not in stages:
@@ -225,7 +356,10 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
         _check_stage(folder, f"stages.sr[{k}]", s, graphs, diffusion=True)
         if "noise_aug_t" not in s:
             raise _fail(folder, f"stages.sr[{k}].noise_aug_t is missing")
-    files = {str(k): str(v) for k, v in data["files"].items()}
+    files = data["files"]
+    bad = next((k for k, v in files.items() if not isinstance(v, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", v)), None)
+    if bad is not None:
+        raise _fail(folder, f"files[{bad!r}] must be a sha256 (64 hex digits)")
     for rel in files:
         resolve_inside(folder, rel)
     # Every file the runtime may read must be covered by a hash, the graphs' external data files included.
@@ -320,10 +454,14 @@ def verify_files(manifest: Manifest, *, use_cache: bool = True) -> None:
     fresh: dict[str, str] = {}
     for rel, expected in sorted(manifest.files.items()):
         path = manifest.path(rel)
-        try:
-            st = path.stat()
+        try:  # a regular file inside the folder: no symlink out of it, no FIFO or device to hash forever
+            fd = open_regular(manifest.folder, path)
         except FileNotFoundError:
             raise EngineFolderError(f"{path}: missing (listed in {manifest.folder / MANIFEST})") from None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
         key = _stat_key(path, st)
         digest = known.get(key)
         if digest is None:
