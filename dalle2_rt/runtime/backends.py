@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BackendUnavailableError, EngineFolderError, InputError
-from .manifest import GraphSpec, Manifest, sha256_file, user_cache_dir
+from .manifest import GraphSpec, Manifest, graph_io_problems, sha256_file, user_cache_dir
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch", "triton")
 ORT_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -80,11 +80,9 @@ class OrtEngine(Engine):
     def __init__(self, spec: GraphSpec, session, file: Path):
         super().__init__(spec, f"onnxruntime[{','.join(session.get_providers())}] {file.name}")
         self.session, self.file, self.providers = session, file, session.get_providers()
-        for kind, got, want in (("inputs", session.get_inputs(), spec.inputs),
-                                ("outputs", session.get_outputs(), spec.outputs)):
-            got, want = {v.name for v in got}, {t.name for t in want}
-            if got != want:
-                raise EngineFolderError(f"{file}: graph {kind} {sorted(got)} differ from the manifest's {sorted(want)}")
+        problems = graph_io_problems(spec, session.get_inputs(), session.get_outputs())  # names, dtypes, shapes
+        if problems:
+            raise EngineFolderError(f"{file}: {'; '.join(problems)} (graphs.{spec.name} of the manifest)")
         self._output_names = [t.name for t in spec.outputs]
 
     def _run(self, feeds):
