@@ -11,7 +11,7 @@ CHECKPOINTS := checkpoints/shapes-v2
 PACKAGED := dalle2_rt/engines/$(notdir $(ENGINES))
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup runtime engines package-engines demo test lint bench train train-gpu clean test-browser test-ray
+.PHONY: setup runtime engines package-engines wheel-check demo test lint bench train train-gpu clean test-browser test-ray
 
 setup: $(STAMP)
 
@@ -40,6 +40,21 @@ $(ENGINES)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINTS)/*/model/* $(CHECKPO
 # whenever checkpoints/ or the export change (tests/test_packaged_engines.py fails until then).
 package-engines: engines
 	$(PY) -m export.package $(ENGINES) --out $(PACKAGED)
+
+# The wheel as a pip user gets it (CI): built from this tree, installed into a fresh venv with no torch, run
+# outside the clone; it must find the package's engine folder and write a PNG.
+WHEEL_CHECK := out/wheel-check
+wheel-check:
+	rm -rf $(WHEEL_CHECK) && mkdir -p $(WHEEL_CHECK)
+	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
+	$(WHEEL_CHECK)/venv/bin/pip wheel -q --no-deps -w $(WHEEL_CHECK) .
+	$(WHEEL_CHECK)/venv/bin/pip install -q $(WHEEL_CHECK)/dalle2_rt-*.whl
+	cd /tmp && env -u DALLE2_RT_ENGINES DALLE2_RT_CACHE=$(CURDIR)/$(WHEEL_CHECK)/cache \
+		$(CURDIR)/$(WHEEL_CHECK)/venv/bin/dalle2-rt info | grep -q '(from the package)'
+	cd /tmp && env -u DALLE2_RT_ENGINES DALLE2_RT_CACHE=$(CURDIR)/$(WHEEL_CHECK)/cache \
+		$(CURDIR)/$(WHEEL_CHECK)/venv/bin/dalle2-rt "$(PROMPT)" --seed 0 -o $(CURDIR)/$(WHEEL_CHECK)/png
+	! $(WHEEL_CHECK)/venv/bin/python -c 'import torch' 2>/dev/null
+	@ls -l $(WHEEL_CHECK)/*.whl $(WHEEL_CHECK)/png/*.png
 
 # One image with the default engine folder (dalle2-rt info: $(ENGINES) when built, else the package's copy).
 demo: runtime
