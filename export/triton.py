@@ -46,7 +46,15 @@ from pathlib import Path
 
 import dalle2_rt
 from dalle2_rt.runtime.errors import Dalle2RTError
-from dalle2_rt.runtime.manifest import MANIFEST, GraphSpec, Manifest, load_manifest, verify_files
+from dalle2_rt.runtime.manifest import (
+    MANIFEST,
+    NAME,
+    GraphSpec,
+    Manifest,
+    graph_io_problems,
+    load_manifest,
+    verify_files,
+)
 from dalle2_rt.runtime.triton_backend import MANIFEST_SHA_PARAMETER, TRITON_DTYPES, config_dims, is_batched
 from dalle2_rt.triton import orchestrator_io
 
@@ -58,8 +66,47 @@ GRAPH_MODEL = PACKAGE_DIR / "triton" / "graph_model.py"
 ORCHESTRATOR_MODEL = PACKAGE_DIR / "triton" / "orchestrator_model.py"
 
 
+MAX_INSTANCES = 256  # per model: --instances, --orchestrator-instances
+MAX_QUEUE_DELAY_US = 10_000_000
+
+
 class RepositoryError(Dalle2RTError):
     """The repository cannot be written as asked (no plan for the key, --out exists, ...)."""
+
+
+def _check_count(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise RepositoryError(f"{name} must be an integer in {lo} … {hi}, got {value!r}")
+    return value
+
+
+def _model_dir(root: Path, name: str) -> Path:
+    """``root/name`` for a model name that is a plain identifier; never a path that leaves ``root``."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise RepositoryError(f"model name {name!r} is not a name ([A-Za-z0-9_.-], at most 64, not starting with .)")
+    path = root / name
+    if path.parent != root:
+        raise RepositoryError(f"model name {name!r} leaves the repository")
+    return path
+
+
+def _is_repository(out: Path) -> bool:
+    """Whether ``out`` looks like a model repository this writer made: a real folder (not a symlink) whose every
+    entry is a model folder with a config.pbtxt. --force replaces only such a folder (or an empty one)."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    return all(e.is_dir() and not e.is_symlink() and (e / "config.pbtxt").is_file() for e in out.iterdir())
+
+
+def _check_graph(spec: GraphSpec, ort) -> None:
+    """The graph file's own inputs and outputs (names, dtypes, fixed sizes) against what the config will declare."""
+    try:
+        session = ort.InferenceSession(str(spec.file), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own classes for a file it cannot load
+        raise RepositoryError(f"{spec.file}: onnxruntime cannot load it ({' '.join(str(e).split())[:200]})") from None
+    problems = graph_io_problems(spec, session.get_inputs(), session.get_outputs())
+    if problems:
+        raise RepositoryError(f"{spec.file}: {'; '.join(problems)} (graphs.{spec.name} of the manifest)")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -262,15 +309,34 @@ def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, plat
         raise RepositoryError(f"unknown platform {platform!r}; choose from {', '.join(PLATFORMS)}")
     if kind not in KINDS:
         raise RepositoryError(f"unknown instance kind {kind!r}; choose from {', '.join(KINDS)}")
+    _check_count("instances", instances, 1, MAX_INSTANCES)
+    _check_count("orchestrator instances", orchestrator_instances, 1, MAX_INSTANCES)
+    _check_count("threads", threads, 1, 1024)
+    if queue_delay_us is not None:
+        _check_count("queue delay (µs)", queue_delay_us, 0, MAX_QUEUE_DELAY_US)
+    if gpus is not None:
+        for g in gpus:
+            _check_count("a GPU id", g, 0, 1023)
     manifest = load_manifest(engines)
     if verify:
         verify_files(manifest)
     out = Path(out)
-    if out.exists() and not force:
-        raise RepositoryError(f"{out} exists; pass --force to replace it")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise RepositoryError(f"{out} exists; pass --force to replace it")
+        if not _is_repository(out):
+            raise RepositoryError(f"{out} is not a model repository (every entry a model folder with a config.pbtxt); "
+                                  "--force replaces only those: choose another --out")
+    names = [*manifest.graphs, *([orchestrator] if orchestrator else [])]
+    for name in names:
+        _model_dir(out, name)
     if orchestrator in manifest.graphs:
         raise RepositoryError(f"the orchestrator's name {orchestrator!r} is also a graph's; choose another")
     key = _plan_key(manifest, trt_key, platform)
+    import onnxruntime as ort
+
+    for spec in manifest.graphs.values():
+        _check_graph(spec, ort)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     written = {}
@@ -281,7 +347,7 @@ def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, plat
                 plat = "tensorrt" if key and key in spec.trt else "onnxruntime"
             if plat == "tensorrt" and key not in spec.trt:
                 raise RepositoryError(f"graph {name!r} has no TensorRT plan for {key}")
-            version = tmp / name / "1"
+            version = _model_dir(tmp, name) / "1"
             if plat == "tensorrt":
                 _place(spec.trt[key], version / "model.plan", link)
             else:
@@ -295,7 +361,7 @@ def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, plat
             (tmp / name / "config.pbtxt").write_text(render(config) + "\n", encoding="utf-8")
             written[name] = config.get("platform") or f"backend {config['backend']}"
         if orchestrator:
-            version = tmp / orchestrator / "1"
+            version = _model_dir(tmp, orchestrator) / "1"
             version.mkdir(parents=True)
             shutil.copy2(ORCHESTRATOR_MODEL, version / "model.py")
             _place(manifest.folder / MANIFEST, version / "engine" / MANIFEST)

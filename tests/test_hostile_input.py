@@ -168,3 +168,69 @@ def test_an_input_dtype_unlike_the_graph_s_is_refused_when_its_session_opens(tin
     folder = linked_folder(tiny_engines, tmp_path / "e", _set("graphs.text_encoder.inputs.0.dtype", "int32"))
     with pytest.raises(EngineFolderError, match="tokens is int64 in the graph, int32 in the manifest"):
         Pipeline.load(folder, threads=1).engines["text_encoder"]
+
+
+# ------------------------------------------------------------------------------------------------- Triton exporter
+
+def _rename_graph_to(name):
+    def edit(data):
+        data["graphs"][name] = data["graphs"].pop("sr0")
+        data["stages"]["sr"][0]["graph"] = name
+    return edit
+
+
+def run_writer(argv, capsys) -> tuple[int, str]:
+    from export import triton as writer
+
+    rc = writer.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/path", "..", ".", "", "a/b"])
+def test_triton_writer_never_writes_outside_out_through_a_graph_name(tiny_engines, tmp_path, capsys, name):
+    work = tmp_path / "w"
+    folder = linked_folder(tiny_engines, work / "engines", _rename_graph_to(name))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc, err = run_writer([folder, "--out", work / "repo" / "r"], capsys)
+    assert rc == 1 and err.count("\n") == 1 and "is not a name" in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--orchestrator", "../x"], "model name '../x' is not a name"),
+    (["--orchestrator", "/tmp/x"], "model name '/tmp/x' is not a name"),
+    (["--instances", "-1"], "instances must be an integer in 1 … 256, got -1"),
+    (["--orchestrator-instances", "0"], "orchestrator instances must be an integer in 1 … 256"),
+    (["--queue-delay-us", "-5"], "queue delay (µs) must be an integer"),
+    (["--threads", "0"], "threads must be an integer in 1 … 1024"),
+    (["--gpus", "0,-1"], "a GPU id must be an integer in 0 … 1023, got -1"),
+])
+def test_triton_writer_refuses_bad_options_in_one_line_and_writes_nothing(tiny_engines, tmp_path, capsys, argv,
+                                                                           words):
+    rc, err = run_writer([tiny_engines, "--out", tmp_path / "repo", *argv], capsys)
+    assert rc == 1 and err.count("\n") == 1 and words in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_triton_force_replaces_a_repository_but_never_another_folder(tiny_engines, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work", encoding="utf-8")
+    rc, err = run_writer([tiny_engines, "--out", mine, "--force", "--no-orchestrator"], capsys)
+    assert rc == 1 and "is not a model repository" in err and err.count("\n") == 1
+    assert (mine / "thesis.tex").read_text(encoding="utf-8") == "years of work"
+    repo = tmp_path / "repo"
+    assert run_writer([tiny_engines, "--out", repo, "--no-orchestrator"], capsys)[0] == 0
+    assert run_writer([tiny_engines, "--out", repo, "--force", "--no-orchestrator"], capsys)[0] == 0  # a repository
+    link = tmp_path / "link"
+    link.symlink_to(repo)
+    rc, err = run_writer([tiny_engines, "--out", link, "--force", "--no-orchestrator"], capsys)
+    assert rc == 1 and "is not a model repository" in err
+
+
+def test_triton_writer_checks_declared_dtypes_against_the_graph(tiny_engines, tmp_path, capsys):
+    folder = linked_folder(tiny_engines, tmp_path / "engines", _set("graphs.decoder.inputs.0.dtype", "bool"))
+    rc, err = run_writer([folder, "--out", tmp_path / "repo"], capsys)
+    assert rc == 1 and err.count("\n") == 1 and "x_t is float32 in the graph, bool in the manifest" in err, err
+    assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".repo*"))
