@@ -212,3 +212,40 @@ def test_float16_storage_keeps_what_float16_would_round(tmp_path):
             for f in ("a.onnx", "b.onnx"))
     assert np.array_equal(a, b)
 
+
+
+def test_the_checkpoint_check_fails_on_a_retrained_stage(packaged, tmp_path, monkeypatch):
+    """The consistency test above can fail: against a copy of checkpoints/ where one stage was retrained."""
+    if not CHECKPOINTS.is_dir():
+        pytest.skip("no checkpoints/ here (an installed package)")
+    import shutil
+    import sys
+
+    here, fake = sys.modules[__name__], tmp_path / "repo"
+    checkpoints = fake / CHECKPOINTS.relative_to(REPO)
+    shutil.copytree(CHECKPOINTS, checkpoints)
+    monkeypatch.setattr(here, "REPO", fake)
+    monkeypatch.setattr(here, "CHECKPOINTS", checkpoints)
+    test_the_copy_names_the_current_checkpoints(packaged)  # the copy as it is: passes
+    weights = fake / packaged.sources["decoder"]["path"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-2] + b"\0\0")
+    with pytest.raises(AssertionError, match="decoder was retrained: rebuild it with `make package-engines`"):
+        test_the_copy_names_the_current_checkpoints(packaged)
+
+
+def test_packaging_another_folder_keeps_its_images(tiny_engines, tmp_path, cache):
+    """export/package.py on the tiny random-weight folder (float32 weights that float16 would round: they stay
+    float32): the copy loads and draws the source's pixels; rerun, it is left alone."""
+    pytest.importorskip("onnx")
+    from export.package import package
+
+    out = tmp_path / "tiny"
+    assert package(tiny_engines, out, log=lambda *_: None) is not None
+    assert package(tiny_engines, out, log=lambda *_: None) is None  # up to date
+    copy = load_manifest(out)
+    verify_files(copy, use_cache=False)
+    assert copy.data["package"]["made_from"] == load_manifest(tiny_engines).sha256
+    steps = dict(prior_steps=2, decoder_steps=2, sr_steps=1)
+    want = _pixels(Pipeline.load(tiny_engines, threads=1)("a red circle", seed=1, num_images=2, **steps))
+    got = _pixels(Pipeline.load(out, threads=1)("a red circle", seed=1, num_images=2, **steps))
+    assert got.tolist() == want.tolist()
