@@ -187,7 +187,7 @@ def test_engine_call_signature_reads_dtypes_from_the_manifest(pipe):
         enc(tokens=tokens, extra=tokens)
 
 
-def test_ort_uses_the_optimized_graph_only_for_its_provider(engines, tmp_path):
+def test_ort_uses_the_optimized_graph_only_for_its_provider(engines, tmp_path, monkeypatch):
     m = load_manifest(engines)
     backend = OnnxRuntimeBackend(m, providers=["CPUExecutionProvider"], threads=1)
     spec = m.graphs["decoder"]
@@ -196,6 +196,11 @@ def test_ort_uses_the_optimized_graph_only_for_its_provider(engines, tmp_path):
     folder = copy_engines(engines, tmp_path / "e")
     rewrite_manifest(folder, lambda d: d["graphs"]["decoder"]["optimized_for"].update(provider="CUDAExecutionProvider"))
     m2 = load_manifest(folder)
+    # not the CUDA one: the CPU's own optimised copy, made from decoder.onnx in the user cache (backends.py) ...
+    monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
+    made = OnnxRuntimeBackend(m2, providers=["CPUExecutionProvider"], threads=1).engine("decoder").file
+    assert made.parent == tmp_path / "cache" / "ort-optimized" and made.name.startswith("decoder-")
+    monkeypatch.setenv("DALLE2_RT_ORT_CACHE", "0")  # ... or, with that cache off, the plain graph
     assert OnnxRuntimeBackend(m2, providers=["CPUExecutionProvider"], threads=1).engine("decoder").file.name == \
         "decoder.onnx"
 
