@@ -1,6 +1,6 @@
 """The unCLIP loop over an engine folder: prompt -> text encoder -> prior -> decoder -> SR stages -> images.
 
-    pipe = Pipeline.load()                      # engines/shapes-v2 (or $DALLE2_RT_ENGINES), onnxruntime
+    pipe = Pipeline.load()                      # the default engine folder (locate.py), onnxruntime
     images = pipe("a red circle", seed=7, num_images=4)
     more = pipe.variations(images[0], num_images=2, seed=1)
 

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default 8000; 0 = any free port)")
-    p.add_argument("--engines", metavar="DIR", help="engine folder (default: $DALLE2_RT_ENGINES or engines/shapes-v2)")
+    p.add_argument("--engines", metavar="DIR", help="engine folder (default: $DALLE2_RT_ENGINES, else a clone's "
+                                                    "engines/shapes-v2, else the package's; dalle2-rt info)")
     p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS),
                    help="graph backend (default onnxruntime; triton needs --url)")
     p.add_argument("--url", metavar="URL", help="the Triton server for --backend triton: http://HOST:PORT or grpc://HOST:PORT")
