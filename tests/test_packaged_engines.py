@@ -249,3 +249,22 @@ def test_packaging_another_folder_keeps_its_images(tiny_engines, tmp_path, cache
     want = _pixels(Pipeline.load(tiny_engines, threads=1)("a red circle", seed=1, num_images=2, **steps))
     got = _pixels(Pipeline.load(out, threads=1)("a red circle", seed=1, num_images=2, **steps))
     assert got.tolist() == want.tolist()
+
+
+def test_copies_unused_for_a_month_go_when_one_is_made(packaged, cache):
+    import os
+    import time
+
+    from dalle2_rt.runtime.backends import CACHE_KEEP_DAYS
+
+    folder = cache / "ort-optimized"
+    folder.mkdir(parents=True)
+    stale, recent = folder / "decoder-old-cpu-ort0.onnx", folder / "decoder-new-cpu-ort0.onnx"
+    for path, days in ((stale, CACHE_KEEP_DAYS + 1), (recent, CACHE_KEEP_DAYS - 1)):
+        path.write_bytes(b"an older copy")
+        os.utime(path, (time.time() - days * 86400,) * 2)
+    made = OnnxRuntimeBackend(packaged, threads=1).engine("sr0").file
+    assert sorted(folder.iterdir()) == sorted([recent, made])
+    os.utime(made, (time.time() - 2 * 86400,) * 2)
+    assert OnnxRuntimeBackend(packaged, threads=1).engine("sr0").file == made
+    assert time.time() - made.stat().st_mtime < 60  # read: its last use is now

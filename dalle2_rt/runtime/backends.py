@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,7 @@ class OrtEngine(Engine):
 _POOL_LOCK = threading.Lock()
 _SHARED_POOL: dict = {}  # "threads": its size (0 = ORT's default) once this process has global pools
 PER_SESSION_REFUSED = "use_per_session_threads must be false"  # ORT's error once global pools exist
+CACHE_KEEP_DAYS = 30  # optimised copies in the user cache unused this long are removed when one is made
 
 
 def make_shared_thread_pool(ort, threads: int | None) -> int:
@@ -217,10 +219,15 @@ class OnnxRuntimeBackend:
         at the exporter's level (``extended``: portable across CPUs) into ``cached``, written aside and renamed
         so that a reader never sees half a file. The first process then opens the copy like every later one
         (ORT's full level on top), which costs one more session but gives the same pixels in every process.
-        A cache that cannot be written or read: the plain graph (a real failure raises again there)."""
+        A cache that cannot be written or read: the plain graph (a real failure raises again there). A copy's
+        mtime is its last use (renewed daily); making a copy removes those unused for ``CACHE_KEEP_DAYS``."""
         if cached.is_file() and not cached.is_symlink():
             try:
-                return self._session(cached, chain, spec), cached
+                session = self._session(cached, chain, spec)
+                with contextlib.suppress(OSError):
+                    if time.time() - cached.stat().st_mtime > 86400:
+                        os.utime(cached)
+                return session, cached
             except Exception:  # noqa: BLE001 - a damaged copy: made again below
                 with contextlib.suppress(OSError):
                     cached.unlink(missing_ok=True)
@@ -229,6 +236,7 @@ class OnnxRuntimeBackend:
             cached.parent.mkdir(parents=True, exist_ok=True)
             self._session(spec.file, chain, spec, save_to=tmp)  # writes the copy; the session is not kept
             os.replace(tmp, cached)
+            _prune(cached.parent, time.time() - CACHE_KEEP_DAYS * 86400)
             return self._session(cached, chain, spec), cached
         except Exception:  # noqa: BLE001 - see the docstring
             with contextlib.suppress(OSError):  # e.g. the cache "folder" is a file: no tmp to remove
@@ -256,6 +264,15 @@ class OnnxRuntimeBackend:
     def describe(self) -> str:
         pool = ", shared thread pool" if self.shared_pool else ""
         return f"onnxruntime {self.version} [{', '.join(sorted(self._used) or self.providers)}{pool}]"
+
+
+def _prune(folder: Path, before: float) -> None:
+    """Remove the optimised copies in ``folder`` last used before ``before`` (an older version's, a rebuilt
+    folder's), so that upgrades do not pile up copies of ~80 MB each."""
+    for old in folder.glob("*.onnx"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < before:
+                old.unlink()
 
 
 def _trt_ep_profile(spec: GraphSpec) -> dict:
