@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,14 @@ def test_cli_prompt_argument_that_is_not_utf8_is_one_line(tmp_path):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("dalle2-rt: error: the prompt is not valid Unicode text") and "'\\udcff'" in err
     assert not (tmp_path / "o").exists()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width × height (a decompression bomb's header; no need for its pixels)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 # ------------------------------------------------------------------------------------------------- engine folders
@@ -234,3 +244,13 @@ def test_triton_writer_checks_declared_dtypes_against_the_graph(tiny_engines, tm
     rc, err = run_writer([folder, "--out", tmp_path / "repo"], capsys)
     assert rc == 1 and err.count("\n") == 1 and "x_t is float32 in the graph, bool in the manifest" in err, err
     assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".repo*"))
+
+
+def test_cli_variations_of_a_decompression_bomb_is_one_line(tmp_path, capsys):
+    from dalle2_rt import cli
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(20000, 20000))  # 400 M pixels claimed by a tiny file
+    rc = cli.main(["--variations", str(bomb), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "is too large to decode" in err, err
+    assert not (tmp_path / "out").exists()

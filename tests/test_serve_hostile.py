@@ -2,16 +2,23 @@
 are bounded off the event loop, slow clients are timed out. Fixtures and helpers are test_serve's."""
 from __future__ import annotations
 
+import io
 import json
+import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'dalle2-rt[serve]')")
 
 from dalle2_rt.runtime.pipeline import Pipeline  # noqa: E402
 from dalle2_rt.serve import service as service_mod  # noqa: E402
 from dalle2_rt.serve.service import Job, Limits, Service  # noqa: E402
+from tests.test_hostile_input import png_header  # noqa: E402
 from tests.test_serve import FAST, LocalServer, gate, wait_for  # noqa: E402
 
 
@@ -71,3 +78,85 @@ def test_a_job_whose_png_cannot_be_written_fails_alone(tiny_pipe, monkeypatch):
     assert [len(j.future.result()) for j in (jobs[0], jobs[2])] == [1, 1]
     with pytest.raises(ValueError, match="cannot encode"):
         jobs[1].future.result()
+
+
+def test_a_json_body_with_many_keys_is_refused_by_size_before_parsing(served):
+    srv = served()
+    body = "{" + ",".join(f'"k{i}":0' for i in range(60_000)) + "}"  # ~600 KB of unknown keys
+    reply = srv.client.post("/v1/images", content=body, headers={"content-type": "application/json"})
+    one_line_error(reply, 413, f"request body over {Limits().max_json_bytes} bytes")
+    assert srv.client.get("/healthz").status_code == 200
+
+
+def test_a_client_that_sends_its_body_too_slowly_gets_a_408(served):
+    srv = served(body_timeout_s=0.3)
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/images HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 100\r\n\r\n{\"prompt\": ")  # and then nothing
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    assert json.loads(body) == {"error": "request body not received within 0.3 s"}
+
+
+def test_a_decompression_bomb_upload_is_a_one_line_413(served):
+    srv = served()
+    for side, words in ((5000, "the uploaded image has 5000×5000 pixels, over 16777216"),
+                        (20000, "the uploaded image has over 16777216 pixels")):  # past PIL's own bomb guard
+        reply = srv.client.post("/v1/variations", files={"image": ("bomb.png", png_header(side, side), "image/png")})
+        one_line_error(reply, 413, words)
+
+
+def test_an_upload_is_kept_as_the_encoder_input_only_with_the_same_pixels():
+    from dalle2_rt.runtime.images import to_pixels
+    from dalle2_rt.serve.app import _open_upload
+
+    rng = np.random.default_rng(0)
+    original = Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    original.save(buf, format="PNG")
+    kept = _open_upload(buf.getvalue(), 10**6, 64)
+    assert kept.size == (64, 64) and kept.mode == "RGB"
+    assert np.array_equal(to_pixels(kept, 64), to_pixels(original, 64))  # what the image encoder is given
+
+
+def test_uploads_are_decoded_off_the_event_loop(served, monkeypatch):
+    from dalle2_rt.serve import app as app_mod
+
+    srv = served()
+    started, release, health = threading.Event(), threading.Event(), []
+    real = app_mod._open_upload
+
+    def slow(*args):
+        started.set()
+        release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(app_mod, "_open_upload", slow)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    with ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(srv.client.post, "/v1/variations", files={"image": ("a.png", buf.getvalue())},
+                             data={"decoder_steps": "1", "sr_steps": "1"})
+        assert started.wait(30)
+        t0 = time.perf_counter()
+        health.append(srv.client.get("/healthz").status_code)
+        health.append(time.perf_counter() - t0)
+        release.set()
+        assert upload.result().status_code == 200, upload.result().text
+    assert health[0] == 200 and health[1] < 1.0  # answered while the decode was held
+
+
+def test_tokenizer_cache_keeps_only_short_pieces(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    long_word = "x" * 500
+    before = tok._cached_ids.cache_info().currsize
+    ids = tok.text_ids(long_word)
+    assert tok._cached_ids.cache_info().currsize == before  # not cached: bounded in bytes
+    assert ids == list(tok._bpe(long_word)) and ids

@@ -39,6 +39,8 @@ def open_image(image) -> Image.Image:
         raise InputError(f"image {str(path)!r} does not exist") from None
     except IsADirectoryError:
         raise InputError(f"image {str(path)!r} is a directory") from None
+    except Image.DecompressionBombError as e:  # a small file whose header claims billions of pixels
+        raise InputError(f"{str(path)!r} is too large to decode ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "not an image PIL can read"
         raise InputError(f"{str(path)!r} is not a readable image ({reason})") from None

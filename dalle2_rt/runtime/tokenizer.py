@@ -83,12 +83,14 @@ and the entry names those steps instead of the list above:
 
 Thread safety: a ``Tokenizer`` is immutable after construction; its word cache is a
 ``functools.lru_cache`` (safe to call from several threads), so one instance serves a whole Pipeline.
+Memory: only pre-tokens of at most ``CACHED_PIECE_CHARS`` characters are cached (longer ones, rare in real
+text, are merged afresh), so the cache is bounded in bytes, not only in entries: 32,768 entries of at most
+32 characters and 32 ids each stay under ~20 MB whatever prompts a server is sent.
 """
 from __future__ import annotations
 
 import hashlib
 import html
-import json
 import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
@@ -98,11 +100,14 @@ import ftfy
 import numpy as np
 import regex
 
+from .untrusted import parse_json, read_bounded
+
 FORMAT = "clip-bpe/1"
 PREPROCESS = ["ftfy.fix_text", "html.unescape", "html.unescape", "whitespace_clean", "lower"]
 TRUNCATION = "[sot] + ids[:context_length - 2] + [eot]"
 PADDING = "right, pad_id"
 SPECIAL_MATCHES = ("pretoken", "raw_text")
+CACHED_PIECE_CHARS = 32  # longer pre-tokens are not cached (the module docstring's memory bound)
 _FLAGS = {"IGNORECASE": regex.IGNORECASE}
 _WHITESPACE_RUN = regex.compile(r"\s+")
 
@@ -138,7 +143,7 @@ class Tokenizer:
         pad_id: int,
         preprocess=PREPROCESS,
         special_tokens_match: str = "pretoken",
-        cache_size: int = 1 << 16,
+        cache_size: int = 1 << 15,
     ):
         unknown = [step for step in preprocess if step not in PREPROCESS_STEPS]
         if unknown:
@@ -179,7 +184,7 @@ class Tokenizer:
         self.vocab_size = len(vocab)
         self.context_length = context_length
         self.sot_id, self.eot_id, self.pad_id = sot_id, eot_id, pad_id
-        self._word_ids = lru_cache(maxsize=cache_size)(self._bpe)
+        self._cached_ids = lru_cache(maxsize=cache_size)(self._bpe)
         # raw_text: one alternation of the escaped specials, longest first (leftmost-longest match).
         specials = sorted(self._special, key=len, reverse=True)
         self._raw_specials = regex.compile("|".join(regex.escape(s) for s in specials)) if specials else None
@@ -191,11 +196,13 @@ class Tokenizer:
         for key, value in expected.items():
             if entry.get(key) != value:
                 raise ValueError(f"tokenizer entry {key}={entry.get(key)!r}; this runtime implements {value!r}")
-        raw = (Path(folder) / entry["file"]).read_bytes()
+        raw = read_bounded(Path(folder), Path(folder) / entry["file"])  # a regular file inside the folder
         digest = hashlib.sha256(raw).hexdigest()
         if digest != entry["sha256"]:
             raise ValueError(f"{entry['file']}: sha256 {digest} does not match the manifest's {entry['sha256']}")
-        tables = json.loads(raw.decode("utf-8"))
+        tables = parse_json(raw, Path(folder) / entry["file"])
+        if not isinstance(tables, dict):
+            raise ValueError(f"{entry['file']}: not a tokenizer table (a JSON object)")
         if tables.get("format") != FORMAT:
             raise ValueError(f"{entry['file']}: format {tables.get('format')!r}, expected {FORMAT!r}")
         tok = cls(
@@ -210,6 +217,9 @@ class Tokenizer:
         if tok.vocab_size != int(entry["vocab_size"]):
             raise ValueError(f"{entry['file']}: {tok.vocab_size} symbols, manifest says {entry['vocab_size']}")
         return tok
+
+    def _word_ids(self, piece: str) -> tuple[int, ...]:
+        return self._cached_ids(piece) if len(piece) <= CACHED_PIECE_CHARS else self._bpe(piece)
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
         """Step 6 for one pre-token (cached per instance)."""

@@ -76,7 +76,9 @@ class ImagesRequest(BaseModel):
 
 
 class Guard:
-    """ASGI middleware: request-size limit (413, bodies buffered up to the limit) and request metrics."""
+    """ASGI middleware: request-size limits (413; bodies buffered up to the limit, JSON bodies to the smaller
+    ``max_json_bytes``, so parsing one holds the event loop a few ms at most), a deadline for receiving the
+    body (408: a slow client holds no slot), and request metrics."""
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
@@ -86,7 +88,10 @@ class Guard:
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), {"code": 500}
         endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
-        limit = self.service.limits.max_body_bytes
+        limits = self.service.limits
+        headers = dict(scope["headers"])
+        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
+        limit = limits.max_body_bytes if multipart else min(limits.max_body_bytes, limits.max_json_bytes)
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -94,14 +99,19 @@ class Guard:
             await send(message)
 
         try:
-            length = dict(scope["headers"]).get(b"content-length")
+            length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
                 return await _error(413, f"request body over {limit} bytes")(scope, receive, send_status)
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body, more = [], True
                 size = 0
+                deadline = time.monotonic() + limits.body_timeout_s
                 while more:
-                    message = await receive()
+                    try:
+                        message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                    except TimeoutError:
+                        return await _error(408, f"request body not received within {limits.body_timeout_s:g} s")(
+                            scope, receive, send_status)
                     if message["type"] == "http.disconnect":
                         return
                     body.append(message.get("body", b""))
@@ -171,6 +181,8 @@ def create_app(service: Service) -> FastAPI:
                   description="DALL-E 2 (unCLIP) images from text over an exported engine folder.")
     app.add_middleware(Guard, service=service)
     pipe, limits, metrics = service.pipe, service.limits, service.metrics
+    decoding = asyncio.Semaphore(limits.max_decodes)
+    encoder_side = _encoder_side(pipe)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
@@ -282,16 +294,17 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/images", summary="Images from text",
               responses={200: {"content": {"image/png": {}, "application/x-ndjson": {}}}})
     async def images(req: ImagesRequest, request: Request):
-        try:
+        options = {"prior_steps": req.prior_steps, "decoder_steps": req.decoder_steps, "sr_steps": req.sr_steps,
+                   "prior_guidance": req.prior_guidance, "decoder_guidance": req.decoder_guidance,
+                   "sampler": req.sampler, "candidates": req.candidates, "decoder_candidates": req.decoder_candidates}
+
+        def checked():  # lengths first, then tokenising (up to ~0.1 s for 16 long prompts): off the event loop
             prompts = _checked_prompts(req.prompt, limits)
-            n = _checked_count(req.n, len(prompts), limits)
-            seed = _checked_seed(req.seed)
-            options = {"prior_steps": req.prior_steps, "decoder_steps": req.decoder_steps, "sr_steps": req.sr_steps,
-                       "prior_guidance": req.prior_guidance, "decoder_guidance": req.decoder_guidance,
-                       "sampler": req.sampler, "candidates": req.candidates,
-                       "decoder_candidates": req.decoder_candidates}
-            run = pipe.settings(**options)
-            cut = pipe.truncated(prompts)
+            return (prompts, _checked_count(req.n, len(prompts), limits), _checked_seed(req.seed),
+                    pipe.settings(**options), pipe.truncated(prompts))
+
+        try:
+            prompts, n, seed, run, cut = await asyncio.to_thread(checked)
         except InputError as e:
             raise ApiError(400, str(e)) from None
         if req.response_format == "png" and n * len(prompts) != 1:
@@ -324,7 +337,8 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(400, str(e)) from None
         if response_format == "png" and n != 1:
             raise ApiError(400, "response_format png returns one image: ask for n = 1, or use b64_json")
-        source = _open_upload(await image.read(), limits.max_image_pixels)
+        async with decoding:  # at most max_decodes uploads decoded at once, each on a thread
+            source = await asyncio.to_thread(_open_upload, await image.read(), limits.max_image_pixels, encoder_side)
         name = (image.filename or "").replace("\n", " ")[:200]
         job = Job("variations", run, options, seed, n, source=source, source_name=name)
         _submit(job)
@@ -359,8 +373,20 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-def _open_upload(data: bytes, max_pixels: int) -> Image.Image:
-    """The uploaded image, fully decoded; anything else is a 400 (a decompression bomb a 413)."""
+def _encoder_side(pipe) -> int | None:
+    """The image encoder's input side (what ``Pipeline.variations`` resizes an image to), None without one."""
+    stage = pipe.manifest.stages.get("image_encoder")
+    if stage is None:
+        return None
+    return int(stage.get("image_size") or pipe.engines[stage["graph"]].spec.inputs[0].shape[-1])
+
+
+def _open_upload(data: bytes, max_pixels: int, side: int | None) -> Image.Image:
+    """The uploaded image as the image encoder will see it; anything else is a 400 (a decompression bomb a 413).
+
+    Only the encoder's input is kept: ``to_pixels``' own centre crop and bicubic resize to ``side``, done here,
+    so a queued job holds side² RGB pixels (12 KB at 64) instead of the decoded upload. ``Pipeline.variations``
+    repeats both steps on it as identities, so the pixels are those of the full image."""
     if not data:
         raise ApiError(400, "the uploaded image is empty")
     try:
@@ -368,6 +394,14 @@ def _open_upload(data: bytes, max_pixels: int) -> Image.Image:
             if im.width * im.height > max_pixels:
                 raise ApiError(413, f"the uploaded image has {im.width}×{im.height} pixels, over {max_pixels}")
             im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            rgb = im.convert("RGB")
+    except Image.DecompressionBombError:  # PIL's own guard, before ours, for headers claiming > 179 M pixels
+        raise ApiError(413, f"the uploaded image has over {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise ApiError(400, "the upload is not an image PIL can read") from None
+    if side is None:
+        return rgb
+    w, h = rgb.size
+    edge = min(w, h)
+    left, top = (w - edge) // 2, (h - edge) // 2
+    return rgb.crop((left, top, left + edge, top + edge)).resize((side, side), Image.Resampling.BICUBIC)

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images per request, prompts × n (default {d.max_images}; at most 64)")
     p.add_argument("--timeout", type=_seconds, default=d.timeout_s, metavar="S",
                    help=f"per-request time limit, queueing included; 504 after it (default {d.timeout_s:g})")
+    p.add_argument("--max-connections", type=_int_at_least(1), default=256, metavar="N",
+                   help="open connections and requests at once; beyond it new ones get 503 (default 256)")
     p.add_argument("--ray", action="store_true", help="run on Ray Serve instead (see --replicas)")
     p.add_argument("--replicas", type=_int_at_least(1), default=1, metavar="N", help="Ray Serve replicas (with --ray)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -142,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     service = Service(pipe, limits, workers=args.workers)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = uvicorn.Config(create_app(service), log_level=args.log_level,
-                            timeout_graceful_shutdown=int(limits.timeout_s) + 5)
+    # limit_concurrency caps connections (503 beyond); an idle keep-alive connection is closed after 5 s
+    config = uvicorn.Config(create_app(service), log_level=args.log_level, limit_concurrency=args.max_connections,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=int(limits.timeout_s) + 5)
     server = draining_server(config, service)
     host, port = sock.getsockname()[:2]
     print(f"{PROG}: listening on http://{host if ':' not in host else f'[{host}]'}:{port} "

@@ -49,7 +49,10 @@ class Limits:
     max_prompt_chars: int = 2000  # longer is refused; within it, > 77 tokens is truncated with a warning
     timeout_s: float = 120.0  # per request, queueing included: 504 after it
     max_body_bytes: int = 8 * 2**20  # request bodies (an uploaded image for variations)
+    max_json_bytes: int = 256 * 2**10  # JSON bodies: 16 prompts of 2000 characters fit, 700,000 keys do not
     max_image_pixels: int = 4096 * 4096  # decoded size of an uploaded image
+    body_timeout_s: float = 30.0  # a request body not received within it: 408 (slow clients hold no slot)
+    max_decodes: int = 2  # uploads decoded at once (each up to max_image_pixels × 4 bytes while it lasts)
 
 
 class QueueFull(Exception):
