@@ -88,3 +88,59 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, title: str
         d.ellipse([w - right + 24, ly + 2, w - right + 38, ly + 16], outline="black", width=2)
         d.text((w - right + 52, ly), "chosen default", fill="black", font=f_mid)
     img.save(path)
+
+
+def scatter_chart(groups: dict[str, list[tuple[float, float, float, str]]], path, *, title: str, xlabel: str,
+                  ylabel: str, chosen: tuple[str, str] | None = None, size=(1000, 620)) -> None:
+    """Write a PNG: one colour per group, each point (x, y, y standard error, label) drawn as a dot with a
+    vertical ±1 SE bar and its label; ``chosen`` = (group, label) rings that point (e.g. the default)."""
+    w, h = size
+    left, right, top, bottom = 80, 230, 50, 70
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    f_small, f_mid, f_big = _font(12), _font(15), _font(18)
+    pts = [p for g in groups.values() for p in g]
+    x0, x1 = 0.0, max(p[0] for p in pts) * 1.08
+    y0 = max(0.0, min(p[1] - p[2] for p in pts) - 3.0)
+    y1 = min(100.0, max(p[1] + p[2] for p in pts) + 3.0)
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for yt in _nice_ticks(y0, y1):
+        _, py = px(x0, yt)
+        d.line([left, py, w - right, py], fill=(225, 225, 225))
+        label = f"{yt:g}"
+        d.text((left - 8 - d.textlength(label, font=f_small), py - 7), label, fill="black", font=f_small)
+    for xt in _nice_ticks(x0, x1, 10):
+        pxx, _ = px(xt, y0)
+        d.line([pxx, h - bottom, pxx, h - bottom + 5], fill="black")
+        label = f"{xt:g}"
+        d.text((pxx - d.textlength(label, font=f_small) / 2, h - bottom + 8), label, fill="black", font=f_small)
+    d.text(((w - right + left) / 2 - d.textlength(title, font=f_big) / 2, 14), title, fill="black", font=f_big)
+    d.text(((w - right + left) / 2 - d.textlength(xlabel, font=f_mid) / 2, h - bottom + 32), xlabel, fill="black",
+           font=f_mid)
+    ylab = Image.new("RGBA", (int(d.textlength(ylabel, font=f_mid)) + 4, 20), (255, 255, 255, 0))
+    ImageDraw.Draw(ylab).text((2, 0), ylabel, fill="black", font=f_mid)
+    ylab = ylab.rotate(90, expand=True)
+    img.paste(ylab, (18, int((h - bottom + top) / 2 - ylab.size[1] / 2)), ylab)
+    for i, (name, group) in enumerate(groups.items()):
+        color = COLORS[i % len(COLORS)]
+        for x, y, se, label in group:
+            a, b = px(x, y)
+            _, b_hi = px(x, y + se)
+            _, b_lo = px(x, y - se)
+            d.line([a, b_hi, a, b_lo], fill=color, width=2)
+            d.ellipse([a - 4, b - 4, a + 4, b + 4], fill=color)
+            d.text((a + 6, b - 14), label, fill=color, font=f_small)
+            if chosen == (name, label):
+                d.ellipse([a - 10, b - 10, a + 10, b + 10], outline="black", width=2)
+        ly = top + 10 + 26 * i
+        d.ellipse([w - right + 22, ly + 3, w - right + 32, ly + 13], fill=color)
+        d.text((w - right + 44, ly), name, fill="black", font=f_mid)
+    if chosen:
+        ly = top + 10 + 26 * len(groups) + 6
+        d.ellipse([w - right + 18, ly + 1, w - right + 36, ly + 17], outline="black", width=2)
+        d.text((w - right + 44, ly), "chosen default", fill="black", font=f_mid)
+    img.save(path)

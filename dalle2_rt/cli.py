@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--decoder-candidates", type=_setting("decoder_candidates"), metavar="K",
                       help="decoder samples per image; the one CLIP finds closest to the text is kept (K times "
                            "the decoder's work; 1 = off)")
+    samp.add_argument("--decoder-choice-step", type=_setting("decoder_choice_step"), metavar="S",
+                      help="rank the decoder candidates on their clean estimate after S steps and finish only the "
+                           "best (early choice: cheaper candidates); S >= the decoder's steps ranks finished images")
     samp.add_argument("--sampler", choices=list(SAMPLERS), help="for every stage")
     run = p.add_argument_group("runtime")
     run.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime",
@@ -199,7 +202,8 @@ def _main(argv, shared_threads: bool) -> int:
                              shared_threads=shared_threads, url=args.url)
         if jobs["prompts"]:
             pipe.settings(args.prior_steps, args.decoder_steps, args.sr_steps, args.prior_guidance,
-                          args.decoder_guidance, args.sampler, args.candidates, args.decoder_candidates)
+                          args.decoder_guidance, args.sampler, args.candidates, args.decoder_candidates,
+                          args.decoder_choice_step)
         else:
             pipe.settings(None, args.decoder_steps, args.sr_steps, None, args.decoder_guidance, args.sampler)
     except InputError as e:
@@ -233,7 +237,8 @@ def _main(argv, shared_threads: bool) -> int:
                                   decoder_steps=args.decoder_steps, sr_steps=args.sr_steps,
                                   prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
                                   sampler=args.sampler, candidates=args.candidates,
-                                  decoder_candidates=args.decoder_candidates, callback=bar)
+                                  decoder_candidates=args.decoder_candidates,
+                                  decoder_choice_step=args.decoder_choice_step, callback=bar)
                     slug = slugify(prompt)
                 bar.close()
                 for j, image in enumerate(images):

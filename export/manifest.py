@@ -47,7 +47,7 @@ from .specs import GraphSpec
 SCHEMA = "dalle2-rt/engine-manifest"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-EXPORT_REVISION = 4  # bump when a change here alters what an export writes (forces rebuilds)
+EXPORT_REVISION = 5  # bump when a change here alters what an export writes (forces rebuilds)
 SPACING = "trailing"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,6 +138,10 @@ def stage_entries(sources: Sources, graphs: dict[str, GraphSpec]) -> dict:
                     "defaults": stage_defaults("decoder", sources.decoder)},
         "sr": [],
     }
+    if getattr(d, "guidance_input", False):
+        # guidance-distilled (Meng et al. 2023): the scale w is this graph input, one row per sample, no
+        # unconditional half (ARCHITECTURE.md, "Guidance-distilled stages")
+        stages["decoder"]["guidance_input"] = "guidance"
     if "prior_prefix" in graphs and "prior_step" in graphs:
         stages["prior"]["prefix_cache"] = {"prefix_graph": "prior_prefix", "step_graph": "prior_step",
                                            "cache": [t.name for t in graphs["prior_prefix"].outputs]}

@@ -35,8 +35,9 @@ BATCH = BATCH_AXIS  # the name of the dynamic axis, in the ONNX graph and in the
 # How a random input is drawn (``fill``): float normal N(0,1); "unit": normal, L2-normalised over the last
 # axis (CLIP embeddings); "uniform": [0, 1) (pixels); "signed": [-1, 1) (images in diffusion space);
 # "timestep": integers 0 … high-1 as float32; "keep": 0.0 / 1.0 at random; "tokens": int64 CLIP token rows
-# (<start>, random ids, <end> at a random place, zero padding), high = vocabulary size.
-FILLS = ("normal", "unit", "uniform", "signed", "timestep", "keep", "tokens")
+# (<start>, random ids, <end> at a random place, zero padding), high = vocabulary size; "guidance": a
+# classifier-free guidance scale, uniform in [1, 5).
+FILLS = ("normal", "unit", "uniform", "signed", "timestep", "keep", "tokens", "guidance")
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,8 @@ def _draw(t: TensorSpec, batch: int, gen: torch.Generator) -> torch.Tensor:
         if keep.numel() > 1:
             keep.view(-1)[1] = 0.0
         return keep
+    if t.fill == "guidance":
+        return 1.0 + 4.0 * torch.rand(shape, generator=gen)
     if t.fill == "tokens":
         rows, length = shape
         sot, eot = t.high - 2, t.high - 1  # CLIP: <start_of_text> 49406, <end_of_text> 49407 (the highest ids)
@@ -175,16 +178,21 @@ def _prior_graphs(src: Source, max_batch: int, candidates: int) -> list[GraphSpe
 
 
 def _decoder_graph(src: Source, max_batch: int, candidates: int = 1) -> GraphSpec:
+    """The decoder U-Net. A guidance-distilled one (``guidance_input``) takes the scale w as one more input
+    (``guidance`` (B,)) and runs one row per sample; a classic one runs the guided pair (2 rows per sample)."""
     c = src.config
     img = (BATCH, c.unet.out_channels, c.image_size, c.image_size)
+    distilled = bool(getattr(c, "guidance_input", False))
+    per_sample = 1 if distilled else 2
     return GraphSpec(
         "decoder", src.stage,
         inputs=(TensorSpec("x_t", img), TensorSpec("t", (BATCH,), fill="timestep", high=c.num_timesteps),
                 TensorSpec("image_embed", (BATCH, c.embed_dim), fill="unit"),
                 TensorSpec("text_encodings", (BATCH, c.context_length, c.text_width)),
-                TensorSpec("image_keep", (BATCH,), fill="keep"), TensorSpec("text_keep", (BATCH,), fill="keep")),
+                TensorSpec("image_keep", (BATCH,), fill="keep"), TensorSpec("text_keep", (BATCH,), fill="keep"),
+                *((TensorSpec("guidance", (BATCH,), fill="guidance"),) if distilled else ())),
         outputs=(TensorSpec("pred", img),),
-        batch=BatchProfile(1, 2 * candidates, 2 * max(max_batch, candidates)), factory=src.build)
+        batch=BatchProfile(1, per_sample * candidates, 2 * max(max_batch, candidates)), factory=src.build)
 
 
 def _sr_graph(src: Source, index: int, max_batch: int) -> GraphSpec:

@@ -44,6 +44,13 @@ class DecoderConfig:
     parameterization: str = "eps"
     spatial_map: int = 0  # side of the embedding's spatial map added after the U-Net's input conv; 0 = none
     spatial_hidden: int = 0  # width of a GELU MLP beside the map's linear projection; 0 = none (needs spatial_map)
+    # a guidance-distilled decoder (Meng et al. 2023, stage 1): the guidance scale w is an input, embedded and added
+    # to the timestep embedding, and one pass predicts what the teacher's guided pair did
+    guidance_input: bool = False
+
+
+# w in [1, 4] spread over the sinusoids' periods like timesteps 100 … 400 are
+GUIDANCE_EMBED_SCALE = 100.0
 
 
 class Decoder(nn.Module):
@@ -74,13 +81,23 @@ class Decoder(nn.Module):
             self.map_out = nn.Linear(cfg.spatial_hidden, self.image_to_map.out_features)
             nn.init.zeros_(self.map_out.weight)
             nn.init.zeros_(self.map_out.bias)
+        if cfg.guidance_input:
+            # zero at the start: a student warm-started from its teacher first predicts the teacher's conditional
+            self.guidance_embed = TimestepMLP(u.emb_dim, u.emb_dim)
+            nn.init.zeros_(self.guidance_embed.net[-1].weight)
+            nn.init.zeros_(self.guidance_embed.net[-1].bias)
 
-    def forward(self, x_t, t, image_embed, text_encodings, image_keep, text_keep):
+    def forward(self, x_t, t, image_embed, text_encodings, image_keep, text_keep, guidance=None):
         """x_t (B,3,S,S); t (B,); image_embed (B,D) unit-norm CLIP embedding; text_encodings (B,L,W);
-        image_keep/text_keep (B,) 1.0 or 0.0. Returns the prediction (B,3,S,S) of ``cfg.parameterization``."""
+        image_keep/text_keep (B,) 1.0 or 0.0; guidance (B,) the scale w (``guidance_input`` only).
+        Returns the prediction (B,3,S,S) of ``cfg.parameterization`` (the guided one, for a distilled decoder)."""
         img = keep_or_null(image_embed, self.null_image_embed, image_keep)  # (B, D)
         txt = keep_or_null(text_encodings, self.null_text, text_keep)  # (B, L, W)
         emb = self.time_embed(t) + self.image_to_emb(img)
+        if self.cfg.guidance_input:
+            if guidance is None:
+                raise ValueError("a guidance-distilled decoder needs guidance= (the scale w, one per row)")
+            emb = emb + self.guidance_embed(guidance * GUIDANCE_EMBED_SCALE)
         b = x_t.shape[0]
         img_tokens = self.image_to_tokens(img).reshape(b, self.cfg.num_image_tokens, self.cfg.context_dim)
         context = self.context_norm(torch.cat([img_tokens, self.text_to_tokens(txt)], dim=1))  # (B, 4+L, C)

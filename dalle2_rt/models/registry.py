@@ -50,6 +50,8 @@ DEFAULT_KEYS = {
     "steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "guidance": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < float("inf"),
     "candidates": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    # decoder: rank the candidates after this many steps and finish only the best (early candidate choice)
+    "choice_step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
 }
 
 

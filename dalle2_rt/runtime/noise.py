@@ -53,6 +53,13 @@ class NoiseStreams:
         sub.generators, sub.rows = self.generators[images], self.rows
         return sub
 
+    def one_row(self) -> NoiseStreams:
+        """The same generators owning one row each (the chosen candidate after an early choice): their
+        draws continue where the k rows' left off."""
+        sub = object.__new__(NoiseStreams)
+        sub.generators, sub.rows = self.generators, 1
+        return sub
+
     def standard_normal(self, size, dtype=np.float32) -> np.ndarray:
         size = tuple(size)
         if size[0] != self.rows * len(self.generators):

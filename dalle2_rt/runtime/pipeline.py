@@ -116,7 +116,8 @@ class Pipeline:
     # public API
 
     def settings(self, prior_steps=None, decoder_steps=None, sr_steps=None, prior_guidance=None,
-                 decoder_guidance=None, sampler=None, candidates=None, decoder_candidates=None) -> dict:
+                 decoder_guidance=None, sampler=None, candidates=None, decoder_candidates=None,
+                 decoder_choice_step=None) -> dict:
         """Per-stage {"steps", "guidance", "sampler"} (and "candidates", "decoder_candidates"), checked, manifest
         defaults filled in.
 
@@ -124,7 +125,8 @@ class Pipeline:
         """
         return self._resolve(Settings(prior_steps=prior_steps, decoder_steps=decoder_steps, sr_steps=sr_steps,
                                       prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
-                                      sampler=sampler, candidates=candidates, decoder_candidates=decoder_candidates))
+                                      sampler=sampler, candidates=candidates, decoder_candidates=decoder_candidates,
+                                      decoder_choice_step=decoder_choice_step))
 
     def truncated(self, prompts: str | Sequence[str]) -> list[bool]:
         """Per prompt, whether it has more tokens than the text encoder reads (the tail would be dropped)."""
@@ -134,7 +136,7 @@ class Pipeline:
                  prior_steps: int | None = None, decoder_steps: int | None = None, sr_steps: int | None = None,
                  prior_guidance: float | None = None, decoder_guidance: float | None = None,
                  sampler: str | None = None, candidates: int | None = None, decoder_candidates: int | None = None,
-                 callback: Callback | None = None) -> list[Image.Image]:
+                 decoder_choice_step: int | None = None, callback: Callback | None = None) -> list[Image.Image]:
         """Images for each prompt, prompt-major: [p0 image 0, …, p0 image n-1, p1 image 0, …].
 
         The options are ``settings.Settings`` 's fields: unset ones take the manifest's per-stage defaults;
@@ -143,11 +145,14 @@ class Pipeline:
         half the work). ``decoder_candidates`` k > 1 draws k decoder samples per image and keeps the one whose
         CLIP image embedding (the folder's image_encoder) is closest to the prompt's text embedding: k times
         the decoder's work, for images that follow the prompt more often (README, "Fidelity").
+        ``decoder_choice_step`` s < the decoder's steps ranks the k on their clean estimate after s steps and
+        finishes only the best (early candidate choice: s·k + (S − s) decoder rows per image instead of S·k).
         """
         prompts = check_prompts(prompt)
         s = Settings(num_images=num_images, seed=seed, prior_steps=prior_steps, decoder_steps=decoder_steps,
                      sr_steps=sr_steps, prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
-                     sampler=sampler, candidates=candidates, decoder_candidates=decoder_candidates)
+                     sampler=sampler, candidates=candidates, decoder_candidates=decoder_candidates,
+                     decoder_choice_step=decoder_choice_step)
         seed = new_seed() if s.seed is None else s.seed
         rows = [(p, j) for p in prompts for j in range(s.num_images)]
         return self._generate([p for p, _ in rows], seed, [j for _, j in rows], s, callback)
@@ -156,7 +161,7 @@ class Pipeline:
                  prior_steps: int | None = None, decoder_steps: int | None = None, sr_steps: int | None = None,
                  prior_guidance: float | None = None, decoder_guidance: float | None = None,
                  sampler: str | None = None, candidates: int | None = None, decoder_candidates: int | None = None,
-                 callback: Callback | None = None) -> list[Image.Image]:
+                 decoder_choice_step: int | None = None, callback: Callback | None = None) -> list[Image.Image]:
         """One image per row r: image ``indices[r]`` of ``self(prompts[r], seed=seeds[r], num_images=n)`` (any n
         > indices[r]), pixel for pixel and metadata alike, by the seed contract (noise.py). So images of
         several calls (a server's requests with their own seeds) share one pass through every stage; the
@@ -170,7 +175,8 @@ class Pipeline:
                              f"{len(indices)} indices")
         s = Settings(prior_steps=prior_steps, decoder_steps=decoder_steps, sr_steps=sr_steps,
                      prior_guidance=prior_guidance, decoder_guidance=decoder_guidance, sampler=sampler,
-                     candidates=candidates, decoder_candidates=decoder_candidates)
+                     candidates=candidates, decoder_candidates=decoder_candidates,
+                     decoder_choice_step=decoder_choice_step)
         return self._generate(prompts, seeds, indices, s, callback)
 
     def variations(self, image, *, num_images: int = 1, seed: int | None = None,
@@ -232,9 +238,16 @@ class Pipeline:
         # decoder: kd samples per image (one conditioning row each); CLIP keeps the one closest to the text
         kd = run["decoder_candidates"]
         decoder = guidance_halves(self.decoder, cond, keep, np.repeat(np.arange(len(prompts)), kd), empty)
-        x = self._sample(self.decoder, decoder, call, call.streams(DECODER, rows=kd))  # (N·kd, C, h, w)
-        if kd > 1:
-            x = self._rank(x, text["text_embed"][prompt_of], kd, callback)
+        image_text = text["text_embed"][prompt_of]  # (N, D)
+        at = run["decoder_choice_step"]  # None: rank the finished samples
+
+        def choose(x0: np.ndarray, images: slice) -> np.ndarray:
+            return self._rank(x0, image_text[images], kd, callback)[1]
+
+        x = self._sample(self.decoder, decoder, call, call.streams(DECODER, rows=kd),
+                         choose=choose if at else None, choose_at=at)  # (N·kd or N, C, h, w)
+        if kd > 1 and not at:
+            x = self._rank(x, image_text, kd, callback)[0]
         x = self._upsample(x, call)
         seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
         meta = [{"prompt": p, "seed": str(v), "index": str(j)} for p, v, j in zip(prompts, seeds, indices)]
@@ -263,8 +276,8 @@ class Pipeline:
         enc = next((t for t in spec.inputs if t.name == "text_encodings"), None)
         return tuple(enc.shape[1:]) if enc is not None else (0,)
 
-    def _sample(self, plan: StagePlan, conditioning: Conditioning, call: _Call, streams) -> np.ndarray:
-        return run_stage(plan, self.engines, call.run[plan.name], conditioning, streams, call.callback)
+    def _sample(self, plan: StagePlan, conditioning: Conditioning, call: _Call, streams, **early) -> np.ndarray:
+        return run_stage(plan, self.engines, call.run[plan.name], conditioning, streams, call.callback, **early)
 
     def _resolve(self, s: Settings) -> dict:
         """``s`` resolved against the folder's stages; decoder candidates > 1 also need an image encoder whose
@@ -283,16 +296,17 @@ class Pipeline:
         stage = self.manifest.stages["image_encoder"]
         return int(stage.get("image_size") or self.engines[stage["graph"]].spec.inputs[0].shape[-1])
 
-    def _rank(self, x: np.ndarray, text_embed: np.ndarray, k: int, callback) -> np.ndarray:
+    def _rank(self, x: np.ndarray, text_embed: np.ndarray, k: int, callback) -> tuple[np.ndarray, np.ndarray]:
         """The decoder sample per image (of its k, rows n·k …) whose CLIP image embedding is closest to its text
-        embedding (N, D): the image encoder on each sample (``stages.rank_pixels``) -> (N, C, h, w)."""
+        embedding (N, D): the image encoder on each sample (``stages.rank_pixels``) -> ((N, C, h, w), the
+        chosen row of each image's k (N,))."""
         stage = self.manifest.stages["image_encoder"]
         engine = self.engines[stage["graph"]]
         pixels = rank_pixels(x, self.pixel_range, self._rank_size(), stage.get("input_range", (0.0, 1.0)))
         embed = next(iter(call_chunked(engine, "image_encoder", {"pixels": pixels}).values()))  # (N·k, D)
         if callback is not None:
             callback("image_encoder", 1, 1, None)
-        return select_samples(x, embed, text_embed, k)[0]
+        return select_samples(x, embed, text_embed, k)[:2]
 
     def _upsample(self, x: np.ndarray, call: _Call) -> np.ndarray:
         """Each SR stage on the previous stage's samples x (N, C, h, w), one conditioning row per image."""

@@ -45,6 +45,9 @@ class StagePlan:
     step_graph: str | None = None  # … and the graph fed the cache at every step in place of ``graph``
     cache: tuple[str, ...] = ()  # … the cache tensors (outputs of prefix_graph, inputs of step_graph)
     prefix_inputs: frozenset[str] = frozenset()  # … the inputs of prefix_graph
+    # guidance-distilled: the step graph's input taking the guidance scale w (one row per sample, no
+    # unconditional half); None = classic classifier-free guidance (the pair of rows)
+    guidance_input: str | None = None
 
     @property
     def num_timesteps(self) -> int:
@@ -94,6 +97,13 @@ def _plan(manifest: Manifest, name: str, entry: dict, prefix_cache: bool) -> Sta
     cached = _prefix_cache(manifest, name, entry) if prefix_cache else {}
     runs = manifest.graphs[cached["step_graph"]] if cached else spec  # the graph called at every step
     aug = entry.get("noise_aug_t")
+    guidance_input = entry.get("guidance_input")
+    if guidance_input is not None:
+        graphs = [manifest.graphs[g] for g in (runs.name, entry.get("last_step_graph")) if g]
+        if not isinstance(guidance_input, str) or any(
+                _input(g, guidance_input) is None or _input(g, guidance_input).shape[1:] for g in graphs):
+            raise EngineFolderError(f"{manifest.folder}: stages.{name}.guidance_input {guidance_input!r} is not a "
+                                    f"(batch,) input of its step graph")
     return StagePlan(
         name=name, graph=spec.name, kind=entry["parameterization"], abar=stage_alphas_cumprod(entry),
         spacing=entry["schedule"].get("spacing", "trailing"), betas=stage_betas(entry),
@@ -101,7 +111,8 @@ def _plan(manifest: Manifest, name: str, entry: dict, prefix_cache: bool) -> Sta
         inputs=frozenset(t.name for t in runs.inputs), output=runs.outputs[0].name,
         defaults=dict(entry.get("defaults") or {}), variance=entry.get("variance", "small"),
         uncond_text=entry.get("uncond_text", "null_input"), cond_input=entry.get("cond_input", "cond_keep"),
-        last_graph=entry.get("last_step_graph"), noise_aug_t=None if aug is None else int(aug), **cached,
+        last_graph=entry.get("last_step_graph"), noise_aug_t=None if aug is None else int(aug),
+        guidance_input=guidance_input, **cached,
     )
 
 

@@ -73,11 +73,10 @@ def sample_ddpm(
     coef_xt = np.sqrt(abar / abar_prev) * (1.0 - abar_prev) / (1.0 - abar)  # √(1−β) without 1 − (1 − ·)
     fixed_std = np.sqrt(posterior_variance if variance == "small" else betas)
     x = np.asarray(x)
-    last = len(schedule) - 1
     for i in range(len(schedule)):
         x0, log_variance = _denoise(denoise, x, i)
         x_next = coef_x0[i] * x0 + coef_xt[i] * x.astype(np.float64)
-        if i < last:
+        if abar_prev[i] < 1.0:  # every step but the one that reaches the clean sample
             std = fixed_std[i] if log_variance is None else np.exp(0.5 * log_variance)
             x_next += std * rng.standard_normal(x.shape, dtype=np.float32)
         x = x_next.astype(x.dtype)

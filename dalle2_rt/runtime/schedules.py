@@ -59,14 +59,26 @@ class Schedule:
     timesteps: np.ndarray  # (S,) int64, decreasing
     alphas_cumprod: np.ndarray  # (S,) float64, increasing
     betas: np.ndarray | None = None  # (S,) float64 single-step β_i when recorded (see ``respace``), else derived
+    # ᾱ after the last step: 1.0 (the clean image) for a whole schedule; the next step's ᾱ for a head of one
+    # (``split``), so that a sampler run on the head stops at that step's noise level
+    final_abar: float = 1.0
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
     @property
     def alphas_cumprod_prev(self) -> np.ndarray:
-        """ᾱ of the step after each one; 1.0 after the last (the clean image)."""
-        return np.append(self.alphas_cumprod[1:], 1.0)
+        """ᾱ of the step after each one; ``final_abar`` (1.0: the clean image) after the last."""
+        return np.append(self.alphas_cumprod[1:], self.final_abar)
+
+    def split(self, s: int) -> tuple[Schedule, Schedule]:
+        """The first ``s`` steps and the rest (0 < s < S): running a one-step sampler (DDIM, DDPM) over the head
+        and then the tail takes the same steps as running it over the whole schedule."""
+        if not 0 < s < len(self):
+            raise ValueError(f"split step must be in 1 … {len(self) - 1}, got {s}")
+        betas = (None, None) if self.betas is None else (self.betas[:s], self.betas[s:])
+        head = Schedule(self.timesteps[:s], self.alphas_cumprod[:s], betas[0], float(self.alphas_cumprod[s]))
+        return head, Schedule(self.timesteps[s:], self.alphas_cumprod[s:], betas[1], self.final_abar)
 
 
 def respace(alphas_cumprod: np.ndarray, steps: int, spacing: str = "trailing",

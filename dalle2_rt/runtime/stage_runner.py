@@ -35,6 +35,9 @@ from .stages import sampler_options
 # callback(stage, step, total, x0): after every sampling step (x0 = the step's clean estimate, batch order)
 # and once after each encoder (step = total = 1, x0 None).
 Callback = Callable[[str, int, int, "np.ndarray | None"], None]
+# choose(x0 (n·k, ...), images slice) -> (n,) the row of each image's k to finish (early candidate choice)
+Chooser = Callable[[np.ndarray, slice], np.ndarray]
+ONE_STEP_SAMPLERS = ("ddim", "ddpm")  # samplers whose step reads only the current x (a schedule can be split)
 
 
 @dataclass(frozen=True)
@@ -83,47 +86,81 @@ def call_chunked(engine, stage: str, arrays: dict[str, np.ndarray]) -> dict[str,
 
 
 def run_stage(plan: StagePlan, engines: Mapping, opts: dict, conditioning: Conditioning, streams,
-              callback: Callback | None = None) -> np.ndarray:
+              callback: Callback | None = None, *, choose: Chooser | None = None,
+              choose_at: int | None = None) -> np.ndarray:
     """Sample stage ``plan`` for every image: (N·k, *plan.x_shape), the images' rows in order.
 
     engines: graph name -> engine (the pipeline's, looked up now); opts: the stage's resolved settings
     {"steps", "guidance", "sampler"}; streams: the stage's noise streams (``noise.NoiseStreams``, k rows
     per image), which x_T and the sampler draw from.
+
+    Early choice (``choose`` and ``choose_at`` = s with 0 < s < steps, k > 1): every row runs the first s
+    steps; ``choose(x0, images)`` then picks one row of each image's k from the step-s clean estimate x0
+    (n·k rows; returns (n,) ints in 0 … k−1), and only those rows run the remaining steps, so the result has
+    one row per image (N, *plan.x_shape). The sampler must take one step at a time (DDIM, DDPM).
+
+    A guidance-distilled stage (``plan.guidance_input``) runs one row per sample with the scale fed as that
+    input (1.0 when the stage is unguided); otherwise guidance stacks the conditional and unconditional rows.
     """
     g = opts["guidance"]
-    # g = 1: pred_u + 1·(pred_c − pred_u) = pred_c, so the conditional half alone (same prediction, half the work)
-    guided = conditioning.uncond is not None and g is not None and g != 1.0
-    cond, uncond = conditioning.cond, conditioning.uncond if guided else None
+    cond, uncond = conditioning.cond, conditioning.uncond
+    if plan.guidance_input:
+        r = len(next(iter(cond.values())))
+        cond = {**cond, plan.guidance_input: np.full(r, 1.0 if g is None else g, np.float32)}
+        guided, uncond = False, None
+    else:
+        # g = 1: pred_u + 1·(pred_c − pred_u) = pred_c, so the conditional half alone (same prediction, half the work)
+        guided = uncond is not None and g is not None and g != 1.0
+        uncond = uncond if guided else None
     if plan.prefix_graph:
         cond, uncond = _prefix(plan, engines[plan.prefix_graph], cond, uncond)
     step_engine = engines[plan.step_graph or plan.graph]
     last_engine = engines[plan.last_graph] if plan.last_graph else step_engine
     schedule = respace(plan.abar, opts["steps"], plan.spacing, betas=plan.betas)
     total = len(schedule)
+    k = streams.rows
+    early = choose is not None and choose_at is not None and k > 1 and 0 < choose_at < total
+    if early and opts["sampler"] not in ONE_STEP_SAMPLERS:
+        raise InputError(f"{plan.name}: early candidate choice needs a one-step sampler "
+                         f"({', '.join(ONE_STEP_SAMPLERS)}), not {opts['sampler']}")
 
     def model(i: int, **arrays) -> np.ndarray:
         engine = last_engine if i == total - 1 else step_engine
         out = call_checked(engine, plan.name, step=i + 1, total=total, timestep=int(schedule.timesteps[i]), **arrays)
         return out[plan.output]
 
-    k = streams.rows
+    def run(x, rows, part, offset, rng, step_done):
+        """The sampler over ``part`` (steps offset … of the schedule) for sampled rows ``rows``."""
+        denoise = make_step_denoiser(
+            lambda i, **arrays: model(i + offset, **arrays), kind=plan.kind, schedule=part,
+            cond=_take(cond, rows, plan.inputs), uncond=None if uncond is None else _take(uncond, rows, plan.inputs),
+            guidance_scale=g if guided else None, clip_x0=plan.clip_x0,
+            learned_variance=plan.variance == "learned_range")
+        return sample(opts["sampler"], denoise, x, part, rng=rng,
+                      callback=lambda i, x_i, x0: step_done(i + offset, x0),
+                      **sampler_options(opts["sampler"], plan.variance))
+
     parts = chunks(len(conditioning.rows) // k, _images_per_chunk(plan, (step_engine, last_engine), k, guided))
     results = []
     for c, images in enumerate(parts):
         rows = conditioning.rows[images.start * k:images.stop * k]
-        denoise = make_step_denoiser(
-            model, kind=plan.kind, schedule=schedule, cond=_take(cond, rows, plan.inputs),
-            uncond=None if uncond is None else _take(uncond, rows, plan.inputs), guidance_scale=g if guided else None,
-            clip_x0=plan.clip_x0, learned_variance=plan.variance == "learned_range")
         rng = streams.subset(images)
         x = rng.standard_normal((len(rows), *plan.x_shape))  # x_T
+        seen = {}
 
-        def step_done(i, x_i, x0, c=c):
+        def step_done(i, x0, c=c, seen=seen):
+            seen["x0"] = x0
             if callback is not None:
                 callback(plan.name, c * total + i + 1, len(parts) * total, x0)
 
-        x = sample(opts["sampler"], denoise, x, schedule, rng=rng, callback=step_done,
-                   **sampler_options(opts["sampler"], plan.variance))
+        if early:
+            head, tail = schedule.split(choose_at)
+            x = run(x, rows, head, 0, rng, step_done)
+            picked = np.arange(len(x) // k) * k + np.asarray(choose(seen["x0"], images))  # one row per image
+            x, rows = x[picked], rows[picked]
+            x = run(x, rows, tail, choose_at, rng.one_row(), step_done)
+        else:
+            x = run(x, rows, schedule, 0, rng, step_done)
         if not np.isfinite(x).all():
             raise NonFiniteError(plan.name, "x", total, total)
         results.append(x)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dalle2_rt.models import config_dict
 
-STAGES = ("clip", "prior", "decoder", "sr")
+STAGES = ("clip", "prior", "decoder", "sr", "decoder_distill")
 
 
 @dataclass
@@ -59,6 +59,14 @@ class StageRun:
     hard_negatives: float = 0.0
     # This stage's share of two-object scenes in every world source, overriding [[data]]'s (None: as [[data]] says)
     two_object_prob: float | None = None
+    # decoder_distill only (guidance distillation, training/distill.py): the teacher decoder's model folder, the
+    # CLIP model folder it was trained on (default <out_dir>/clip/model), the range the scale w is drawn from, and
+    # the share of steps whose t is one of the few-step schedules' timesteps (the rest uniform over 0 … T-1)
+    teacher: str = ""
+    clip: str = ""
+    guidance_range: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    schedule_t_share: float = 0.5
+    text_keep: float = 0.8  # the share of rows conditioned on text too (the rest: image only, as variations run)
 
 
 @dataclass

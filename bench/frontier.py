@@ -1,0 +1,223 @@
+"""The fidelity/latency frontier: fully-right rates against warm milliseconds per image, for the runtime's knobs.
+
+    python -m bench.frontier                                    # the bundled engines, the standard grid
+    python -m bench.frontier --engines engines/shapes-v2 --engines engines/shapes-v2-fast \\
+        --single 200 --two 200 --png bench/frontier.png --json frontier.json
+    python -m bench.frontier --point "k3@1 d4" decoder_steps=4,decoder_choice_step=1
+
+Every point of every folder generates the same captions (``bench.fidelity.eval_captions``: distinct fresh
+single- and two-object captions) with the same seeds, and the world's scorer grades every image; each rate comes
+with its standard error √(p(1−p)/n). Latency is one image (one prompt, ``num_images=1``) timed warm, the median of
+``--reps`` calls with different prompts, in this process, one point after another on the same machine. GFLOP per
+image counts the dense algebra of every graph call the point's settings make (``bench.flops``, rows × per-row
+FLOPs).
+
+The rule that picks the defaults (``choose_default``, applied again whenever the model changes): among all points,
+take the best single-object and the best two-object rate; a point qualifies when each of its two rates is at least
+that best rate minus the best point's standard error; the default is the fastest qualifying point. The run prints
+it; the folder's defaults are then written into the checkpoints' model.json (README, "Choosing the defaults").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.fidelity import eval_captions
+from bench.machine import cpu_model
+from dalle2_rt.runtime.pipeline import Pipeline
+from dalle2_rt.world import score
+
+# (label, settings): the standard grid, run on every folder. "k3@1": 3 decoder candidates ranked after step 1.
+GRID = [
+    ("defaults", {}),
+    ("k1", {"decoder_candidates": 1}),
+    ("k3@1", {"decoder_candidates": 3, "decoder_choice_step": 1}),
+    ("k3@2", {"decoder_candidates": 3, "decoder_choice_step": 2}),
+    ("k5@1", {"decoder_candidates": 5, "decoder_choice_step": 1}),
+    ("k3@1 d4", {"decoder_candidates": 3, "decoder_choice_step": 1, "decoder_steps": 4}),
+    ("k3@1 d3", {"decoder_candidates": 3, "decoder_choice_step": 1, "decoder_steps": 3}),
+    ("k3@1 p5", {"decoder_candidates": 3, "decoder_choice_step": 1, "prior_steps": 5}),
+    ("k3@1 p5 sr2", {"decoder_candidates": 3, "decoder_choice_step": 1, "prior_steps": 5, "sr_steps": 2}),
+    ("k3@1 p5 pk1", {"decoder_candidates": 3, "decoder_choice_step": 1, "prior_steps": 5, "candidates": 1}),
+]
+INT_KEYS = ("prior_steps", "decoder_steps", "sr_steps", "candidates", "decoder_candidates", "decoder_choice_step")
+FLOAT_KEYS = ("prior_guidance", "decoder_guidance")
+TIMING_PROMPTS = ["a red circle on the left", "a large blue square at the top, white background",
+                  "a green star to the right of a yellow triangle", "a small purple cross below an orange circle",
+                  "a cyan heart, black background"]
+
+
+def parse_settings(text: str) -> dict:
+    """``key=value,key=value`` -> settings (ints and floats by key; ``sampler`` as a string)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        if key in INT_KEYS:
+            out[key] = int(value)
+        elif key in FLOAT_KEYS:
+            out[key] = float(value)
+        elif key == "sampler":
+            out[key] = value
+        else:
+            raise SystemExit(f"bench.frontier: unknown setting {key!r}; known: "
+                             f"{', '.join(INT_KEYS + FLOAT_KEYS + ('sampler',))}")
+    return out
+
+
+def rate(right: list[bool]) -> tuple[float, float]:
+    """(percent, standard error in points) of a 0/1 list."""
+    n = len(right)
+    p = float(np.mean(right)) if n else 0.0
+    return 100 * p, 100 * float(np.sqrt(p * (1 - p) / n)) if n else 0.0
+
+
+def graph_flops(pipe: Pipeline) -> dict[str, float]:
+    """Dense-algebra FLOPs of one row of every graph the pipeline opened (``bench.flops`` at batch 1)."""
+    from bench.flops import count_flops
+
+    out = {}
+    for name in pipe.engines:
+        spec = pipe.manifest.graphs[name]
+        out[name] = float(count_flops(pipe.manifest.folder / spec.file, 1)["flops"])
+    return out
+
+
+def gflop_per_image(pipe: Pipeline, run: dict, flops: dict[str, float]) -> float:
+    """GFLOP of one image under resolved settings ``run`` (``Pipeline.settings``): rows of each graph × its
+    per-row FLOPs. Guidance doubles a stage's rows unless it is 1 or the stage is guidance-distilled."""
+    st = pipe.manifest.stages
+
+    def pair(plan, g):
+        return 1 if plan.guidance_input or g is None or g == 1.0 else 2
+
+    total = flops[st["text_encoder"]["graph"]]
+    prior, dec = pipe.stages[0], pipe.stages[1]
+    k, kd, at = run["candidates"], run["decoder_candidates"], run.get("decoder_choice_step")
+    pg = pair(prior, run["prior"]["guidance"])
+    if prior.prefix_graph:
+        total += pg * flops[prior.prefix_graph] + run["prior"]["steps"] * k * pg * flops[prior.step_graph]
+    else:
+        total += run["prior"]["steps"] * k * pg * flops[prior.graph]
+    s = run["decoder"]["steps"]
+    rows = (at * kd + (s - at)) if at else s * kd
+    total += rows * pair(dec, run["decoder"]["guidance"]) * flops[dec.graph]
+    if kd > 1:
+        total += kd * flops[st["image_encoder"]["graph"]]
+    for plan in pipe.stages[2:]:
+        total += run[plan.name]["steps"] * flops[plan.graph]
+    return total / 1e9
+
+
+def warm_ms(pipe: Pipeline, settings: dict, reps: int) -> list[float]:
+    """Milliseconds of one image, ``reps`` calls after one warm-up call, prompts cycling."""
+    pipe(TIMING_PROMPTS[0], seed=0, **settings)
+    out = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        pipe(TIMING_PROMPTS[r % len(TIMING_PROMPTS)], seed=r, **settings)
+        out.append(1000 * (time.perf_counter() - t0))
+    return out
+
+
+def measure_point(pipe: Pipeline, settings: dict, captions: list[str], n_single: int, seeds, reps: int,
+                  flops: dict[str, float], batch: int = 16) -> dict:
+    run = pipe.settings(**settings)
+    images, caps = [], []
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for i in range(0, len(captions), batch):
+            chunk = captions[i:i + batch]
+            images += [np.asarray(im) for im in pipe(chunk, seed=seed, **settings)]
+            caps += chunk
+    batch_s = time.perf_counter() - t0
+    right = [bool(score(im, c)["fully_right"]) for im, c in zip(images, caps)]
+    single = [r for r, c in zip(right, caps) if captions.index(c) < n_single]
+    two = [r for r, c in zip(right, caps) if captions.index(c) >= n_single]
+    ms = warm_ms(pipe, settings, reps)
+    (s, s_se), (t, t_se) = rate(single), rate(two)
+    return {"settings": settings, "resolved": run, "single": s, "single_se": s_se, "two": t, "two_se": t_se,
+            "n_single": len(single), "n_two": len(two), "ms": statistics.median(ms), "ms_all": ms,
+            "batched_ms_per_image": 1000 * batch_s / len(images), "gflop": gflop_per_image(pipe, run, flops)}
+
+
+def choose_default(points: list[dict]) -> dict:
+    """The fastest point whose single- and two-object rates are each within one standard error of the best
+    (the best rate minus that best point's standard error)."""
+    best_s = max(points, key=lambda p: p["single"])
+    best_t = max(points, key=lambda p: p["two"])
+    floor_s, floor_t = best_s["single"] - best_s["single_se"], best_t["two"] - best_t["two_se"]
+    ok = [p for p in points if p["single"] >= floor_s and p["two"] >= floor_t]
+    return min(ok, key=lambda p: p["ms"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.frontier", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[2])
+    p.add_argument("--engines", action="append", help="an engine folder (repeat for several; default the bundled)")
+    p.add_argument("--single", type=int, default=200, help="single-object captions (default 200)")
+    p.add_argument("--two", type=int, default=200, help="two-object captions (default 200)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per caption (default 0)")
+    p.add_argument("--reps", type=int, default=7, help="timed single-image calls per point (default 7)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
+    p.add_argument("--point", nargs=2, action="append", metavar=("LABEL", "SETTINGS"),
+                   help="measure this point instead of the standard grid, e.g. --point fast "
+                        "decoder_steps=4,decoder_choice_step=1 (repeatable)")
+    p.add_argument("--only", help="comma-separated labels of the standard grid to run (default all)")
+    p.add_argument("--png", help="write the chart here")
+    p.add_argument("--json", help="write every point here")
+    args = p.parse_args(argv)
+    grid = [(label, parse_settings(text)) for label, text in args.point] if args.point else GRID
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {label for label, _ in grid}
+        if unknown:
+            raise SystemExit(f"bench.frontier: no point labelled {', '.join(sorted(unknown))}")
+        grid = [(label, s) for label, s in grid if label in wanted]
+    captions = eval_captions(args.single, args.two)
+    results = []
+    for folder in args.engines or [None]:
+        pipe = Pipeline.load(folder, threads=args.threads)
+        name = pipe.manifest.name + (" (distilled)" if pipe.stages[1].guidance_input else "")
+        flops = graph_flops(pipe)
+        for label, settings in grid:
+            try:
+                pipe.settings(**settings)
+            except Exception as e:  # a point this folder cannot run (e.g. a candidates count its graphs refuse)
+                print(f"{name:28s} {label:14s} skipped: {e}", flush=True)
+                continue
+            r = {"folder": str(pipe.manifest.folder), "name": name, "label": label,
+                 **measure_point(pipe, settings, captions, args.single, args.seeds, args.reps, flops)}
+            results.append(r)
+            print(f"{name:28s} {label:14s} single {r['single']:5.1f} ± {r['single_se']:.1f}  two {r['two']:5.1f} ± "
+                  f"{r['two_se']:.1f}  {r['ms']:7.1f} ms/image  {r['gflop']:6.2f} GFLOP", flush=True)
+    chosen = choose_default(results)
+    base = next((r for r in results if r["label"] == "defaults"), results[0])
+    print(f"\nchosen by the rule: {chosen['name']} {chosen['label']} {json.dumps(chosen['settings'])}: "
+          f"{chosen['ms']:.1f} ms/image, {base['ms'] / chosen['ms']:.2f}x faster than {base['name']} "
+          f"{base['label']} ({base['ms']:.1f} ms); single {chosen['single']:.1f} ± {chosen['single_se']:.1f}, two "
+          f"{chosen['two']:.1f} ± {chosen['two_se']:.1f}; CPU {cpu_model()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "captions": [args.single, args.two],
+                                               "seeds": args.seeds, "points": results,
+                                               "chosen": {k: chosen[k] for k in ("name", "label", "settings")}},
+                                              indent=1, default=str))
+    if args.png:
+        from bench.chart import scatter_chart
+
+        groups: dict[str, list] = {}
+        for r in results:
+            groups.setdefault(f"{r['name']} two-object", []).append((r["ms"], r["two"], r["two_se"], r["label"]))
+        scatter_chart(groups, args.png, title=f"Two-object prompts fully right vs warm latency ({cpu_model()})",
+                      xlabel="ms per image (one image, warm)", ylabel="% fully right (±1 SE)",
+                      chosen=(f"{chosen['name']} two-object", chosen["label"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The levers of cost per image: early candidate choice, split schedules, the guidance-distilled decoder (its
+training step, export, manifest and runtime), and the frontier's default rule."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dalle2_rt.runtime import pipeline as pipeline_mod
+from dalle2_rt.runtime.errors import InputError
+from dalle2_rt.runtime.pipeline import Pipeline
+from dalle2_rt.runtime.samplers import sample_ddim, sample_ddpm
+from dalle2_rt.runtime.schedules import alphas_cumprod_for, respace
+
+FAST = {"prior_steps": 2, "decoder_steps": 4, "sr_steps": 1}
+
+
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_engines) -> Pipeline:
+    return Pipeline.load(tiny_engines, threads=1)
+
+
+class _Recorder:
+    def __init__(self, engine):
+        self.engine, self.spec, self.max_batch, self.name = engine, engine.spec, engine.max_batch, engine.name
+        self.calls = []
+
+    def __call__(self, **arrays):
+        self.calls.append(arrays)
+        return self.engine(**arrays)
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in images])
+
+
+# --------------------------------------------------------------------------------------------------------
+# split schedules
+
+
+def _toy_denoiser(x, i):
+    return np.tanh(x * (0.5 + 0.1 * i))  # a closed-form stand-in: any function of (x, i) will do
+
+
+@pytest.mark.parametrize("s", [1, 2, 4])
+def test_a_split_schedule_takes_the_same_steps_as_the_whole(s):
+    sched = respace(alphas_cumprod_for("cosine", 1000), 5)
+    head, tail = sched.split(s)
+    assert len(head) == s and len(tail) == 5 - s and head.alphas_cumprod_prev[-1] == sched.alphas_cumprod[s]
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    whole = sample_ddim(_toy_denoiser, x, sched)
+    part = sample_ddim(lambda x, i: _toy_denoiser(x, i + s), sample_ddim(_toy_denoiser, x, head), tail)
+    np.testing.assert_array_equal(whole, part)
+    # DDPM draws noise on every step but the one reaching the clean sample, whether split or not
+    whole = sample_ddpm(_toy_denoiser, x, sched, rng=np.random.default_rng(1))
+    rng = np.random.default_rng(1)
+    mid = sample_ddpm(_toy_denoiser, x, head, rng=rng)
+    np.testing.assert_array_equal(whole, sample_ddpm(lambda x, i: _toy_denoiser(x, i + s), mid, tail, rng=rng))
+
+
+def test_split_step_out_of_range_is_refused():
+    sched = respace(alphas_cumprod_for("cosine", 1000), 3)
+    for s in (0, 3):
+        with pytest.raises(ValueError, match="split step"):
+            sched.split(s)
+
+
+# --------------------------------------------------------------------------------------------------------
+# early candidate choice
+
+
+def test_early_choice_ranks_after_s_steps_and_finishes_one_row_per_image(pipe, monkeypatch):
+    rec = _Recorder(pipe.engines["decoder"])
+    enc = _Recorder(pipe.engines["image_encoder"])
+    monkeypatch.setitem(pipe.engines, "decoder", rec)
+    monkeypatch.setitem(pipe.engines, "image_encoder", enc)
+    picked = {}
+    real = pipeline_mod.select_samples
+
+    def spy(x, image_embed, text_embed, k):
+        out = real(x, image_embed, text_embed, k)
+        picked.update(x=x, out=out)
+        return out
+
+    monkeypatch.setattr(pipeline_mod, "select_samples", spy)
+    images = pipe("a red circle", seed=3, num_images=2, decoder_candidates=3, decoder_choice_step=1,
+                  decoder_guidance=2.0, **FAST)
+    rows = [len(c["x_t"]) for c in rec.calls]
+    assert rows == [2 * 2 * 3] + [2 * 2] * 3  # step 1: (cond, uncond) × 2 images × 3; then 2 images × 1
+    assert len(enc.calls) == 1 and len(enc.calls[0]["pixels"]) == 6  # ranked once, on the step-1 estimates
+    chosen = picked["out"][1]
+    # the finishing rows start from the chosen candidates' x after step 1: the step-2 input of image j is
+    # (cond half) row j, which must equal what the full run had for candidate chosen[j] after step 1
+    full = _Recorder(pipe.engines["decoder"].engine)
+    monkeypatch.setitem(pipe.engines, "decoder", full)
+    pipe("a red circle", seed=3, num_images=2, decoder_candidates=3, decoder_choice_step=4, decoder_guidance=2.0,
+         **FAST)
+    step2_full = full.calls[1]["x_t"][:6]  # cond half of the second call: 2 images × 3 candidates
+    np.testing.assert_allclose(rec.calls[1]["x_t"][:2], step2_full[np.arange(2) * 3 + chosen], atol=1e-6)
+    assert images[0].info["decoder_choice_step"] == "1"
+
+
+def test_early_choice_leaves_one_candidate_and_late_choices_unchanged(pipe):
+    base = pixels(pipe("a blue star", seed=5, num_images=2, decoder_candidates=1, **FAST))
+    assert np.array_equal(base, pixels(pipe("a blue star", seed=5, num_images=2, decoder_candidates=1,
+                                            decoder_choice_step=1, **FAST)))
+    ranked_at_end = pixels(pipe("a blue star", seed=5, num_images=2, decoder_candidates=2, **FAST))
+    at_last = pipe("a blue star", seed=5, num_images=2, decoder_candidates=2, decoder_choice_step=4, **FAST)
+    assert np.array_equal(ranked_at_end, pixels(at_last)) and "decoder_choice_step" not in at_last[0].info
+    assert pipe.settings(decoder_candidates=2, decoder_choice_step=9, **FAST)["decoder_choice_step"] is None
+
+
+def test_early_choice_images_do_not_depend_on_the_batch(pipe):
+    opts = {"decoder_candidates": 2, "decoder_choice_step": 2, **FAST}
+    alone = pixels(pipe("a blue star", seed=4, num_images=2, **opts))
+    together = pixels(pipe(["a red circle", "a blue star"], seed=4, num_images=2, **opts))
+    assert np.array_equal(alone, together[2:])
+
+
+def test_early_choice_needs_a_one_step_sampler_and_a_positive_step(pipe):
+    with pytest.raises(InputError, match="one-step sampler"):
+        pipe("a red circle", seed=0, decoder_candidates=2, decoder_choice_step=1, sampler="dpm++", **FAST)
+    with pytest.raises(InputError, match="decoder choice step must be at least 1"):
+        pipe.settings(decoder_choice_step=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the guidance-distilled decoder
+
+
+@pytest.fixture(scope="module")
+def distilled_engines(tmp_path_factory):
+    from export.all import export_folder
+    from tests.conftest import TINY_MODEL, write_tiny_checkpoints
+
+    model = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "guidance_input": True}}
+    ckpt = write_tiny_checkpoints(tmp_path_factory.mktemp("distilled") / "ckpt", model=model, seed=3)
+    out = ckpt.parent / "engines"
+    export_folder(ckpt, out, name="tiny-distilled", quiet=True)
+    return out
+
+
+def test_a_distilled_decoder_exports_w_as_an_input_and_says_so(distilled_engines):
+    m = json.loads((Path(distilled_engines) / "manifest.json").read_text())
+    assert m["stages"]["decoder"]["guidance_input"] == "guidance"
+    inputs = {t["name"]: t for t in m["graphs"]["decoder"]["inputs"]}
+    assert inputs["guidance"]["shape"] == ["batch"] and inputs["guidance"]["dtype"] == "float32"
+
+
+def test_a_distilled_decoder_runs_one_row_per_sample_with_w_fed(distilled_engines, monkeypatch):
+    pipe = Pipeline.load(distilled_engines, threads=1)
+    rec = _Recorder(pipe.engines["decoder"])
+    monkeypatch.setitem(pipe.engines, "decoder", rec)
+    pipe("a red circle", seed=1, num_images=2, decoder_guidance=3.0, decoder_candidates=2, **FAST)
+    assert [len(c["x_t"]) for c in rec.calls] == [4] * 4  # 2 images × 2 candidates, no unconditional half
+    for c in rec.calls:
+        np.testing.assert_array_equal(c["guidance"], np.full(4, 3.0, np.float32))
+        np.testing.assert_array_equal(c["image_keep"], np.ones(4, np.float32))
+    source = pipe("a red circle", seed=1, **FAST)[0]
+    rec.calls.clear()
+    pipe.variations(source, seed=0, decoder_steps=2, sr_steps=1,
+                    decoder_guidance=1.0)
+    assert rec.calls[0]["guidance"].tolist() == [1.0] and rec.calls[0]["text_keep"].tolist() == [0.0]
+
+
+def test_a_distilled_decoder_matches_its_torch_module(distilled_engines):
+    pytest.importorskip("torch")
+    ort = Pipeline.load(distilled_engines, threads=1)
+    ref = Pipeline.load(distilled_engines, backend="torch", threads=1)
+    a = pixels(ort("a red circle", seed=2, num_images=2, decoder_guidance=2.5, **FAST))
+    b = pixels(ref("a red circle", seed=2, num_images=2, decoder_guidance=2.5, **FAST))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 3
+
+
+def test_a_manifest_naming_a_missing_guidance_input_is_refused(distilled_engines, tmp_path):
+    import shutil
+
+    from dalle2_rt.runtime.errors import EngineFolderError
+
+    folder = tmp_path / "e"
+    shutil.copytree(distilled_engines, folder)
+    path = folder / "manifest.json"
+    m = json.loads(path.read_text())
+    m["stages"]["decoder"]["guidance_input"] = "w_scale"
+    path.write_text(json.dumps(m))
+    with pytest.raises(EngineFolderError, match="guidance_input 'w_scale'"):
+        Pipeline.load(folder, verify=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# distillation training
+
+
+def test_the_distillation_target_is_the_teachers_guided_prediction():
+    torch = pytest.importorskip("torch")
+    from dalle2_rt.models.decoder import Decoder
+    from dalle2_rt.training.config import TrainConfig
+    from dalle2_rt.training.distill import guided_target
+    from dalle2_rt.training.stages import model_config
+    from tests.conftest import TINY_MODEL, _randomize_
+
+    cfg = model_config(TrainConfig(model=TINY_MODEL), "decoder", embed_dim=16, text_width=32, context_length=77)
+    teacher = Decoder(cfg).eval()
+    _randomize_(teacher, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, 16, 16, generator=g)
+    t = torch.tensor([10.0, 500.0, 999.0])
+    emb, txt = torch.randn(3, 16, generator=g), torch.randn(3, 77, 32, generator=g)
+    keep, text_keep, w = torch.ones(3), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, 2.0, 4.0])
+    got = guided_target(teacher, x, t, emb, txt, keep, text_keep, w)
+    with torch.no_grad():
+        c = teacher(x, t, emb, txt, keep, text_keep)
+        u = teacher(x, t, emb, txt, torch.zeros(3), torch.zeros(3))
+    torch.testing.assert_close(got, u + w.reshape(-1, 1, 1, 1) * (c - u), rtol=1e-4, atol=1e-5)
+
+
+def test_distillation_warm_starts_from_the_teacher_and_saves_a_guidance_input_decoder(tmp_path):
+    pytest.importorskip("torch")
+    from dalle2_rt.training.config import config_from_dict
+    from dalle2_rt.training.distill import train_decoder_distill
+    from tests.conftest import write_tiny_checkpoints
+
+    ckpt = write_tiny_checkpoints(tmp_path / "ckpt")
+    cfg = config_from_dict({
+        "run": {"out_dir": str(tmp_path / "runs"), "seed": 0, "log_every": 1, "ckpt_every": 2, "sample_every": 0,
+                "threads": 1},
+        "stages": {"decoder_distill": {
+            "steps": 2, "batch_size": 2, "lr": 1e-3, "warmup": 1, "teacher": str(ckpt / "decoder" / "model"),
+            "clip": str(ckpt / "clip" / "model"), "init_from": str(ckpt / "decoder" / "model"),
+            "init_fresh": ["guidance_embed."], "guidance_range": [1.0, 3.0]}},
+    })
+    folder = train_decoder_distill(cfg)
+    meta = json.loads((folder / "model" / "model.json").read_text())
+    assert meta["kind"] == "decoder" and meta["config"]["guidance_input"] is True and meta["step"] == 2
+    # a rerun resumes at the end instead of training again
+    assert train_decoder_distill(cfg) == folder
+
+
+def test_distillation_refuses_a_missing_teacher(tmp_path):
+    pytest.importorskip("torch")
+    from dalle2_rt.training.config import config_from_dict
+    from dalle2_rt.training.distill import DistillError, distill_spec
+
+    cfg = config_from_dict({"run": {"out_dir": str(tmp_path)},
+                            "stages": {"decoder_distill": {"teacher": str(tmp_path / "nope")}}})
+    with pytest.raises(DistillError, match="teacher must name a decoder model folder"):
+        distill_spec(cfg)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the frontier's rule
+
+
+def test_the_default_is_the_fastest_point_within_one_standard_error_of_the_best():
+    from bench.frontier import choose_default
+
+    def pt(label, single, two, ms, se=2.0):
+        return {"label": label, "single": single, "single_se": se, "two": two, "two_se": se, "ms": ms}
+
+    points = [pt("slow best", 99.0, 80.0, 400), pt("fast close", 98.0, 78.5, 100), pt("faster worse", 99.0, 70.0, 50)]
+    assert choose_default(points)["label"] == "fast close"
+    assert choose_default([pt("a", 99.0, 80.0, 400), pt("b", 96.0, 80.0, 10)])["label"] == "a"
