@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from dalle2_rt.runtime.images import to_uint8
+from dalle2_rt.runtime.stages import normalize
 from dalle2_rt.world import (
     CaptionSpec,
     caption_text,
@@ -113,63 +113,42 @@ def box_down(images: np.ndarray, factor: int = 2) -> np.ndarray:
 # the stages, run through the pipeline's own pieces
 
 class StageCalls:
-    """One stage at a time over a loaded ``Pipeline``, with the pipeline's own pieces and seed contract (row n
+    """One stage at a time over a loaded ``Pipeline`` through its public stages, with its seed contract (row n
     of a call is image j = 0 of its own prompt), at the manifest's default settings or the ``Pipeline.settings``
     overrides given (steps, guidance, sampler, candidates: every stage and the end-to-end row use them)."""
 
     def __init__(self, pipe, **overrides):
-        from dalle2_rt.runtime import pipeline as P
-
-        self.pipe, self._P = pipe, P
+        self.pipe = pipe
         self.manifest, self.pixel_range = pipe.manifest, pipe.pixel_range
         self.overrides = overrides
         self.run = pipe.settings(**overrides)
 
-    def _call(self, seed: int, n: int):
-        return self._P._Call(seed, np.zeros(n, np.int64), self.run, None)
-
     def encode_text(self, captions: list[str]) -> dict[str, np.ndarray]:
-        return self.pipe._text(captions, self.pipe.tokenizer.encode(captions)[0], None)
+        return self.pipe.encode_text(captions)
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> (N, D) unit norm; each image prepared as ``variations`` prepares its input."""
-        stage = self.manifest.stages["image_encoder"]
-        engine = self.pipe.engines[stage["graph"]]
-        size = int(stage.get("image_size") or engine.spec.inputs[0].shape[-1])
-        rng = stage.get("input_range", (0.0, 1.0))
-        pixels = np.stack([self._P.to_pixels(Image.fromarray(im), size, rng) for im in images])  # (N, 3, S, S)
-        out = self._P.call_chunked(engine, "image_encoder", {"pixels": pixels})
-        return self._P.normalize(next(iter(out.values()))).astype(np.float32)
+        return self.pipe.encode_image(list(images))
 
     def prior_embeddings(self, captions: list[str], seed: int) -> np.ndarray:
         """(N, D) unit-norm image embeddings chosen by the prior (candidates as the manifest says)."""
-        pipe, n = self.pipe, len(captions)
-        text = self.encode_text(captions)
-        k = self.run["candidates"]
-        call = self._call(seed, n)
-        prior = self._P.guidance_halves(pipe.prior, text, {pipe.prior.cond_input: 1.0},
-                                        np.repeat(np.arange(n), k), pipe._empty_text())
-        pred = pipe._sample(pipe.prior, prior, call, call.streams(self._P.PRIOR, rows=k))
-        emb = self._P.select_candidates(pred, text["text_embed"], k, pipe.embed_norm)[0]
-        return self._P.normalize(emb).astype(np.float32)
+        emb = self.pipe.prior(self.encode_text(captions), seed=seed, indices=np.zeros(len(captions), np.int64),
+                              **self.overrides)
+        return normalize(emb).astype(np.float32)
 
     def decode(self, image_embed: np.ndarray, seed: int) -> np.ndarray:
-        """(N, D) image embeddings -> (N, 3, h, w) decoder samples, no text (as ``variations``)."""
-        pipe, n = self.pipe, len(image_embed)
-        call = self._call(seed, n)
-        cond = {"image_embed": image_embed.astype(np.float32),
-                "text_encodings": np.zeros((n, *pipe._text_width()), np.float32)}
-        halves = self._P.guidance_halves(pipe.decoder, cond, {"image_keep": 1.0, "text_keep": 0.0}, np.arange(n),
-                                         pipe._empty_text())
-        return pipe._sample(pipe.decoder, halves, call, call.streams(self._P.DECODER))
+        """(N, D) image embeddings -> (N, 3, h, w) decoder samples, no text and one sample each (as
+        ``variations``)."""
+        return self.pipe.decode(image_embed, seed=seed, indices=np.zeros(len(image_embed), np.int64),
+                                **{**self.overrides, "decoder_candidates": 1})
 
     def low_res_size(self) -> int:
         """The first SR stage's input side (32 for the bundled model)."""
-        spec = self.manifest.graphs[self.pipe.sr[0].graph]
+        spec = self.manifest.graphs[self.pipe.sr_plans[0].graph]
         return int(next(t.shape[-1] for t in spec.inputs if t.name == "low_res"))
 
     def upsample(self, x: np.ndarray, seed: int) -> np.ndarray:
-        return self.pipe._upsample(x.astype(np.float32), self._call(seed, len(x)))
+        return self.pipe.upsample(x, seed=seed, indices=np.zeros(len(x), np.int64), **self.overrides)
 
     def __call__(self, captions, seed: int):
         return self.pipe(captions, seed=seed, **self.overrides)

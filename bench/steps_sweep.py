@@ -23,13 +23,13 @@ KEY = {"prior": "prior_steps", "decoder": "decoder_steps", "sr": "sr_steps"}
 def defaults(pipe) -> dict[str, int]:
     run = pipe.settings()
     return {"prior": run["prior"]["steps"], "decoder": run["decoder"]["steps"],
-            "sr": run[pipe.sr[0].name]["steps"] if pipe.sr else 0}
+            "sr": run[pipe.sr_plans[0].name]["steps"] if pipe.sr_plans else 0}
 
 
 def sweep(pipe, captions: int = 200, seeds=(0,), sweeps: dict | None = None, tolerance: float = 0.02,
           log=print) -> dict:
     sweeps = sweeps or SWEEPS
-    if not pipe.sr:
+    if not pipe.sr_plans:
         sweeps = {k: v for k, v in sweeps.items() if k != "sr"}
     base = defaults(pipe)
     caps = eval_captions(captions // 2, captions - captions // 2)
@@ -40,7 +40,7 @@ def sweep(pipe, captions: int = 200, seeds=(0,), sweeps: dict | None = None, tol
         key = (steps["prior"], steps["decoder"], steps["sr"])
         if key not in cache:
             t0 = time.perf_counter()
-            settings = {KEY[s]: n for s, n in steps.items() if s != "sr" or pipe.sr}
+            settings = {KEY[s]: n for s, n in steps.items() if s != "sr" or pipe.sr_plans}
             summary, _, secs = generate_and_score(pipe, caps, seeds, **settings)
             cache[key] = {"fully_right": summary.rate("fully_right"), "single": summary.rate("fully_right", "single"),
                           "two": summary.rate("fully_right", "two"), "seconds": secs, "images": summary.count(),

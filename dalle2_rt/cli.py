@@ -201,11 +201,13 @@ def _main(argv, shared_threads: bool) -> int:
         pipe = Pipeline.load(args.engines, backend=args.backend, threads=args.threads,
                              shared_threads=shared_threads, url=args.url)
         if jobs["prompts"]:
-            pipe.settings(args.prior_steps, args.decoder_steps, args.sr_steps, args.prior_guidance,
-                          args.decoder_guidance, args.sampler, args.candidates, args.decoder_candidates,
-                          args.decoder_choice_step)
+            pipe.settings(prior_steps=args.prior_steps, decoder_steps=args.decoder_steps, sr_steps=args.sr_steps,
+                          prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
+                          sampler=args.sampler, candidates=args.candidates,
+                          decoder_candidates=args.decoder_candidates, decoder_choice_step=args.decoder_choice_step)
         else:
-            pipe.settings(None, args.decoder_steps, args.sr_steps, None, args.decoder_guidance, args.sampler)
+            pipe.settings(decoder_steps=args.decoder_steps, sr_steps=args.sr_steps,
+                          decoder_guidance=args.decoder_guidance, sampler=args.sampler)
     except InputError as e:
         return _fail(str(e), 2)
     except Dalle2RTError as e:

@@ -535,7 +535,7 @@ def test_decoder_candidates_draw_k_samples_and_keep_the_one_clip_ranks_first(pip
     # SR's input is the chosen samples, noised from SR's own stream as always
     from dalle2_rt.runtime.stages import low_res_inputs
 
-    sr = pipe.sr[0]
+    sr = pipe.sr_plans[0]
     want = low_res_inputs(chosen_x, sr.noise_aug_t, sr.abar, NoiseStreams(3, [0, 1], 2), pipe.pixel_range)
     np.testing.assert_array_equal(rec["sr0"].calls[0]["low_res"], want["low_res"])
     assert events.count("image_encoder") == 1 and events.index("image_encoder") > events.index("decoder")

@@ -6,7 +6,7 @@ model draws 3 decoder samples per image at 5 steps, guidance 2 (bench/RESULTS.md
 
 Per caption (bench.fidelity's fresh captions, seed 0, image 0): the prior as the runtime runs it, then k decoder
 samples from one conditioning row each (the runtime's decoder stream, k rows), every sample through SR and
-scored by the world's scorer; the ranking is the runtime's own (``stages.rank_pixels`` + ``select_samples``:
+scored by the world's scorer; the ranking is the runtime's own (``Pipeline.clip_scores``:
 the image encoder on each 32×32 sample, cosine with the text embedding), taken over the first m samples for each
 m ≤ k. Settings are DECODER_STEPS,DECODER_GUIDANCE.
 """
@@ -16,10 +16,8 @@ import sys
 
 import numpy as np
 
-from dalle2_rt.runtime import pipeline as P
+from dalle2_rt.runtime.images import to_uint8
 from dalle2_rt.runtime.pipeline import Pipeline
-from dalle2_rt.runtime.stage_runner import guidance_halves
-from dalle2_rt.runtime.stages import rank_pixels, select_candidates, select_samples
 from dalle2_rt.world import parse_caption, score
 
 from ..fidelity import eval_captions
@@ -33,26 +31,14 @@ def setting_arg(text: str) -> tuple[int, float]:
 
 def samples_of(pipe: Pipeline, caption: str, k: int, steps: int, guidance: float, seed: int = 0):
     """(k SR'd uint8 images (k, S, S, 3), their ranking scores (k,)) for image 0 of ``caption`` at ``seed``."""
-    run = pipe.settings(decoder_steps=steps, decoder_guidance=guidance, decoder_candidates=k)
-    tokens = pipe.tokenizer.encode([caption])[0]
-    text = pipe._text([caption], tokens, None)
-    empty = pipe._empty_text()
-    call = P._Call(seed, np.zeros(1, np.int64), run, None)
-    c = run["candidates"]
-    prior = guidance_halves(pipe.prior, text, {pipe.prior.cond_input: 1.0}, np.zeros(c, np.int64), empty)
-    pred = pipe._sample(pipe.prior, prior, call, call.streams(P.PRIOR, rows=c))
-    embed = select_candidates(pred, text["text_embed"], c, pipe.embed_norm)[0]
-    cond = {"image_embed": embed, **text}
-    dec = guidance_halves(pipe.decoder, cond, {"image_keep": 1.0, "text_keep": 1.0}, np.zeros(k, np.int64), empty)
-    x = pipe._sample(pipe.decoder, dec, call, call.streams(P.DECODER, rows=k))  # (k, C, h, w)
-    stage = pipe.manifest.stages["image_encoder"]
-    engine = pipe.engines[stage["graph"]]
-    pixels = rank_pixels(x, pipe.pixel_range, int(stage["image_size"]), stage.get("input_range", (0.0, 1.0)))
-    image_embed = next(iter(P.call_chunked(engine, "image_encoder", {"pixels": pixels}).values()))
-    scores = select_samples(x, image_embed, text["text_embed"], k)[2][0]
+    options = {"decoder_steps": steps, "decoder_guidance": guidance, "decoder_candidates": k}
+    text = pipe.encode_text([caption])
+    embed = pipe.prior(text, seed=seed, indices=[0], **options)  # (1, D)
+    x = pipe.decode(embed, text, seed=seed, indices=[0], keep_candidates=True, **options)  # (k, C, h, w)
+    scores = pipe.clip_scores(x, np.repeat(text["text_embed"], k, 0))  # (k,): the runtime's ranking
     # each sample through SR as the runtime would take it on: with image 0's SR stream
-    high = pipe._upsample(x, P._Call(seed, np.zeros(k, np.int64), run, None))
-    return P.to_uint8(np.clip(high, *pipe.pixel_range), pipe.pixel_range), scores
+    high = pipe.upsample(x, seed=seed, indices=np.zeros(k, np.int64), **options)
+    return to_uint8(np.clip(high, *pipe.pixel_range), pipe.pixel_range), scores
 
 
 def measure(pipe: Pipeline, settings, single: int = 50, two: int = 100, k: int = 4, log=print) -> dict:

@@ -87,7 +87,7 @@ def call_chunked(engine, stage: str, arrays: dict[str, np.ndarray]) -> dict[str,
 
 def run_stage(plan: StagePlan, engines: Mapping, opts: dict, conditioning: Conditioning, streams,
               callback: Callback | None = None, *, choose: Chooser | None = None,
-              choose_at: int | None = None) -> np.ndarray:
+              choose_at: int | None = None, x_T: np.ndarray | None = None) -> np.ndarray:
     """Sample stage ``plan`` for every image: (N·k, *plan.x_shape), the images' rows in order.
 
     engines: graph name -> engine (the pipeline's, looked up now); opts: the stage's resolved settings
@@ -98,6 +98,10 @@ def run_stage(plan: StagePlan, engines: Mapping, opts: dict, conditioning: Condi
     steps; ``choose(x0, images)`` then picks one row of each image's k from the step-s clean estimate x0
     (n·k rows; returns (n,) ints in 0 … k−1), and only those rows run the remaining steps, so the result has
     one row per image (N, *plan.x_shape). The sampler must take one step at a time (DDIM, DDPM).
+
+    x_T: the starting noise (N·k, *plan.x_shape) in place of the streams' draw. The streams still make that
+    draw (and discard it), so the sampler's later draws are the same as without ``x_T``: passing the x_T the
+    streams would have drawn gives the same samples.
 
     A guidance-distilled stage (``plan.guidance_input``) runs one row per sample with the scale fed as that
     input (1.0 when the stage is unguided); otherwise guidance stacks the conditional and unconditional rows.
@@ -119,6 +123,9 @@ def run_stage(plan: StagePlan, engines: Mapping, opts: dict, conditioning: Condi
     schedule = respace(plan.abar, opts["steps"], plan.spacing, betas=plan.betas)
     total = len(schedule)
     k = streams.rows
+    if x_T is not None and np.shape(x_T) != (len(conditioning.rows), *plan.x_shape):
+        raise InputError(f"{plan.name}: initial latents of shape {np.shape(x_T)}, want "
+                         f"{(len(conditioning.rows), *plan.x_shape)}")
     early = choose is not None and choose_at is not None and k > 1 and 0 < choose_at < total
     if early and opts["sampler"] not in ONE_STEP_SAMPLERS:
         raise InputError(f"{plan.name}: early candidate choice needs a one-step sampler "
@@ -145,7 +152,9 @@ def run_stage(plan: StagePlan, engines: Mapping, opts: dict, conditioning: Condi
     for c, images in enumerate(parts):
         rows = conditioning.rows[images.start * k:images.stop * k]
         rng = streams.subset(images)
-        x = rng.standard_normal((len(rows), *plan.x_shape))  # x_T
+        x = rng.standard_normal((len(rows), *plan.x_shape))  # x_T, drawn even when given (the seed contract)
+        if x_T is not None:
+            x = np.array(x_T[images.start * k:images.stop * k], np.float32)
         seen = {}
 
         def step_done(i, x0, c=c, seen=seen):

@@ -332,7 +332,7 @@ def create_app(service: Service) -> FastAPI:
             seed = _checked_seed(seed)
             options = {"decoder_steps": decoder_steps, "sr_steps": sr_steps, "decoder_guidance": decoder_guidance,
                        "sampler": sampler}
-            run = pipe.settings(None, decoder_steps, sr_steps, None, decoder_guidance, sampler)
+            run = pipe.settings(**options)
         except InputError as e:
             raise ApiError(400, str(e)) from None
         if response_format == "png" and n != 1:
