@@ -133,6 +133,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--from-diffusers", type=Path, default=None, metavar="PATH",
                     help="convert a diffusers UnCLIPPipeline folder (e.g. karlo-v1-alpha) instead of --checkpoints "
                          "(export/diffusers_unclip.py; needs the `diffusers` extra)")
+    d2 = ap.add_argument_group("DALLE2-pytorch checkpoints (--from-dalle2-pytorch; export/dalle2_pytorch.py)")
+    d2.add_argument("--from-dalle2-pytorch", action="store_true",
+                    help="convert a DALLE2-pytorch 1.15.x DiffusionPrior + Decoder and an open_clip model")
+    d2.add_argument("--prior", type=Path, help="DiffusionPrior weights: a state_dict or a trainer's saved dict")
+    d2.add_argument("--prior-config", type=Path, help="its TrainDiffusionPriorConfig JSON (or its 'prior' entry)")
+    d2.add_argument("--decoder", type=Path, help="Decoder weights: a state_dict or a trainer's saved dict")
+    d2.add_argument("--decoder-config", type=Path, help="its TrainDecoderConfig JSON (or its 'decoder' entry)")
+    d2.add_argument("--clip", help="open_clip architecture name, or an open_clip model-config .json")
+    d2.add_argument("--clip-weights", type=Path, help="the open_clip model's weights file")
+    d2.add_argument("--dalle2-weights", choices=("ema", "model"), default="ema",
+                    help="from a trainer's saved dict: the EMA weights when present, or the online model's")
     return ap
 
 
@@ -155,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         # Imported here: the diffusers family needs the optional `diffusers` extra, ours does not.
         from .diffusers_unclip import export_diffusers
         return run_cli(lambda: export_diffusers(args.from_diffusers, **shared), quiet=args.quiet)
+    if args.from_dalle2_pytorch:
+        needed = ("prior", "prior_config", "decoder", "decoder_config", "clip", "clip_weights")
+        missing = [f"--{n.replace('_', '-')}" for n in needed if getattr(args, n) is None]
+        if missing:
+            print(f"export: error: --from-dalle2-pytorch needs {', '.join(missing)}", file=sys.stderr)
+            return 2
+        from .dalle2_pytorch import export_dalle2_pytorch
+        return run_cli(lambda: export_dalle2_pytorch(**{n: getattr(args, n) for n in needed},
+                                                     weights=args.dalle2_weights, **shared), quiet=args.quiet)
     return run_cli(lambda: export_folder(args.checkpoints, **shared), quiet=args.quiet)
 
 
