@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from dalle2_rt.cli import add_sampling_options, sampling_options
 from dalle2_rt.runtime.pipeline import Pipeline
 from dalle2_rt.world import caption_text, random_caption_spec, render, sample_scene, score, score_many
 
@@ -96,11 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--no-retrieval", action="store_true", help="skip the CLIP retrieval measurement")
-    for opt in ("prior-steps", "decoder-steps", "sr-steps", "candidates", "decoder-candidates"):
-        p.add_argument(f"--{opt}", type=int, help="override the manifest default")
-    for opt in ("prior-guidance", "decoder-guidance"):
-        p.add_argument(f"--{opt}", type=float, help="override the manifest default")
-    p.add_argument("--sampler", help="override the manifest default")
+    add_sampling_options(p.add_argument_group("sampling (overrides of the manifest's defaults)"))
     p.add_argument("--stages", action="store_true",
                    help="fidelity by stage instead (CLIP, prior, decoder reconstruction, SR, end to end; "
                         "bench/stages.py) at the manifest defaults or the overrides above")
@@ -111,10 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--recon-two", type=int, default=200,
                    help="--stages: two-object renders for decoder reconstruction (default 200; 0 skips them)")
     args = p.parse_args(argv)
-    settings = {k: getattr(args, k) for k in ("prior_steps", "decoder_steps", "sr_steps", "candidates",
-                                               "decoder_candidates", "prior_guidance", "decoder_guidance",
-                                               "sampler")
-                if getattr(args, k) is not None}
+    settings = {k: v for k, v in sampling_options(args).items() if v is not None}
     pipe = Pipeline.load(args.engines, threads=args.threads)
     if args.stages:
         from bench.stages import main_stages

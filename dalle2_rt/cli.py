@@ -18,8 +18,7 @@ from . import __version__
 from .runtime.backends import BACKENDS
 from .runtime.errors import Dalle2RTError, InputError, PromptTruncatedWarning
 from .runtime.noise import new_seed
-from .runtime.samplers import SAMPLERS
-from .runtime.settings import MAX_IMAGES, check, check_int, check_prompts
+from .runtime.settings import MAX_IMAGES, OPTIONS, VARIATION_OPTIONS, check, check_int, check_prompts
 
 PROG = "dalle2-rt"
 
@@ -71,6 +70,23 @@ def _setting(field: str, parse=int):
     return _typed(lambda value: check(field, value), parse)
 
 
+def add_sampling_options(group) -> None:
+    """A flag ``--<name-with-dashes>`` per sampling option of ``settings.OPTIONS`` (unset: None, the folder's
+    default), typed and checked by the library's own check, with the option's help text."""
+    for option in OPTIONS:
+        flag = "--" + option.name.replace("_", "-")
+        if option.choices:
+            group.add_argument(flag, choices=list(option.choices), help=option.help)
+        else:
+            group.add_argument(flag, type=_setting(option.name, option.kind), metavar=option.metavar,
+                               help=option.help)
+
+
+def sampling_options(args: argparse.Namespace, options=OPTIONS) -> dict:
+    """The sampling options parsed by ``add_sampling_options`` (None: not given), as ``Pipeline`` keywords."""
+    return {option.name: getattr(args, option.name) for option in options}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Generate images from text with the DALL-E 2 (unCLIP) engines.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,25 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("-o", "--output-dir", default=".", metavar="DIR", help="where PNGs go (default: .)")
     out.add_argument("--grid", action="store_true", help="also write one grid PNG of all images")
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or warnings")
-    samp = p.add_argument_group("sampling (defaults come from the engine manifest)")
-    samp.add_argument("--prior-steps", type=_setting("prior_steps"), metavar="K", help="sampling steps of the prior")
-    samp.add_argument("--decoder-steps", type=_setting("decoder_steps"), metavar="K",
-                      help="sampling steps of the decoder")
-    samp.add_argument("--sr-steps", type=_setting("sr_steps"), metavar="K",
-                      help="steps of every super-resolution stage")
-    samp.add_argument("--prior-guidance", type=_setting("prior_guidance", float), metavar="G",
-                      help="classifier-free guidance scale of the prior (1 = unguided; higher follows the text more)")
-    samp.add_argument("--decoder-guidance", type=_setting("decoder_guidance", float), metavar="G",
-                      help="classifier-free guidance scale of the decoder")
-    samp.add_argument("--candidates", type=_setting("candidates"), metavar="K",
-                      help="prior samples per image; the one closest to the text is kept")
-    samp.add_argument("--decoder-candidates", type=_setting("decoder_candidates"), metavar="K",
-                      help="decoder samples per image; the one CLIP finds closest to the text is kept (K times "
-                           "the decoder's work; 1 = off)")
-    samp.add_argument("--decoder-choice-step", type=_setting("decoder_choice_step"), metavar="S",
-                      help="rank the decoder candidates on their clean estimate after S steps and finish only the "
-                           "best (early choice: cheaper candidates); S >= the decoder's steps ranks finished images")
-    samp.add_argument("--sampler", choices=list(SAMPLERS), help="for every stage")
+    add_sampling_options(p.add_argument_group("sampling (defaults come from the engine manifest)"))
     run = p.add_argument_group("runtime")
     run.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime",
                      help="onnxruntime (default: TensorRT or CUDA provider when available, else CPU), tensorrt "
@@ -200,14 +198,8 @@ def _main(argv, shared_threads: bool) -> int:
     try:
         pipe = Pipeline.load(args.engines, backend=args.backend, threads=args.threads,
                              shared_threads=shared_threads, url=args.url)
-        if jobs["prompts"]:
-            pipe.settings(prior_steps=args.prior_steps, decoder_steps=args.decoder_steps, sr_steps=args.sr_steps,
-                          prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
-                          sampler=args.sampler, candidates=args.candidates,
-                          decoder_candidates=args.decoder_candidates, decoder_choice_step=args.decoder_choice_step)
-        else:
-            pipe.settings(decoder_steps=args.decoder_steps, sr_steps=args.sr_steps,
-                          decoder_guidance=args.decoder_guidance, sampler=args.sampler)
+        options = sampling_options(args, OPTIONS if jobs["prompts"] else VARIATION_OPTIONS)
+        pipe.settings(**options)
     except InputError as e:
         return _fail(str(e), 2)
     except Dalle2RTError as e:
@@ -230,17 +222,10 @@ def _main(argv, shared_threads: bool) -> int:
                     bar.label = f"[{number}/{len(jobs['prompts'])}]"
                 if prompt is None:
                     images = pipe.variations(args.variations, num_images=args.num_images, seed=seed,
-                                             decoder_steps=args.decoder_steps, sr_steps=args.sr_steps,
-                                             decoder_guidance=args.decoder_guidance, sampler=args.sampler,
-                                             callback=bar)
+                                             callback=bar, **options)
                     slug = slugify(Path(args.variations).stem) + "-var"
                 else:
-                    images = pipe(prompt, seed=seed, num_images=args.num_images, prior_steps=args.prior_steps,
-                                  decoder_steps=args.decoder_steps, sr_steps=args.sr_steps,
-                                  prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
-                                  sampler=args.sampler, candidates=args.candidates,
-                                  decoder_candidates=args.decoder_candidates,
-                                  decoder_choice_step=args.decoder_choice_step, callback=bar)
+                    images = pipe(prompt, seed=seed, num_images=args.num_images, callback=bar, **options)
                     slug = slugify(prompt)
                 bar.close()
                 for j, image in enumerate(images):

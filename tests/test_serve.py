@@ -326,6 +326,23 @@ def test_truncated_prompt_warns_and_stream_reports_progress(served, tiny_pipe):
         assert np.array_equal(np.asarray(decode(event).convert("RGB")), np.asarray(image))
 
 
+def test_every_sampling_option_reaches_the_pipeline(served, tiny_pipe):
+    """The schema is read off ``Settings``: an option added there (early candidate choice) is served as the
+    pipeline draws it, and the served run records it (without it the metadata differs: the check can fail)."""
+    srv = served()
+    body = {"prompt": "a red circle", "seed": 4, **FAST, "decoder_steps": 3, "decoder_candidates": 3,
+            "decoder_choice_step": 1}
+    reply = srv.client.post("/v1/images", json=body)
+    assert reply.status_code == 200, reply.text
+    options = {k: v for k, v in body.items() if k not in ("prompt", "seed")}
+    alone = tiny_pipe("a red circle", seed=4, **options)[0]
+    got = np.asarray(decode(reply.json()["data"][0]).convert("RGB"))
+    assert np.array_equal(got, np.asarray(alone))
+    assert reply.json()["data"][0]["metadata"]["decoder_choice_step"] == alone.info["decoder_choice_step"] == "1"
+    late = tiny_pipe("a red circle", seed=4, **{**options, "decoder_choice_step": None})[0]
+    assert "decoder_choice_step" not in late.info
+
+
 def test_variations_equal_the_pipeline_s(served, tiny_pipe):
     srv = served()
     source = tiny_pipe("a red circle", seed=1, **FAST)[0]

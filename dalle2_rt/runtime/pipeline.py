@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +44,21 @@ from .locate import DEFAULT_ENGINES, default_engines, missing_message  # noqa: F
 from .manifest import Manifest, load_manifest, verify_files
 from .noise import DECODER, PRIOR, NoiseStreams, new_seed, sr_stream
 from .plan import StagePlan, graphs_to_open, resolve_stages
-from .settings import MAX_CANDIDATES, MAX_IMAGES, MAX_SEED, Settings, check_int, check_prompts, describe  # noqa: F401
+from .settings import (
+    MAX_IMAGES,
+    MAX_SEED,
+    VARIATION_OPTIONS,
+    Settings,
+    check_int,
+    check_prompts,
+    describe,
+    options_given,
+)
 from .stage_runner import Callback, Conditioning, call_chunked, guidance_halves, run_stage
 from .stages import embed_norm, low_res_inputs, normalize, rank_pixels, select_candidates, select_samples
 from .tokenizer import Tokenizer
 
 OUTPUT_TYPES = ("pil", "np")  # list of PIL images with PNG metadata | uint8 (N, H, W, 3), the same pixels
-# the options a stage method takes: every Settings field but the call's image count and seed
-STAGE_OPTIONS = tuple(f.name for f in fields(Settings) if f.name not in ("num_images", "seed"))
 
 
 class Pipeline:
@@ -132,43 +138,37 @@ class Pipeline:
         return self.tokenizer.encode(check_prompts(prompts))[1]
 
     def __call__(self, prompt: str | Sequence[str], *, seed: int | None = None, num_images: int = 1,
-                 prior_steps: int | None = None, decoder_steps: int | None = None, sr_steps: int | None = None,
-                 prior_guidance: float | None = None, decoder_guidance: float | None = None,
-                 sampler: str | None = None, candidates: int | None = None, decoder_candidates: int | None = None,
-                 decoder_choice_step: int | None = None, callback: Callback | None = None,
-                 output_type: str = "pil") -> list[Image.Image] | np.ndarray:
+                 callback: Callback | None = None, output_type: str = "pil",
+                 **options) -> list[Image.Image] | np.ndarray:
         """Images for each prompt, prompt-major: [p0 image 0, …, p0 image n-1, p1 image 0, …].
 
-        The options are ``settings.Settings`` 's fields: unset ones take the manifest's per-stage defaults;
-        ``sampler`` applies to every stage; ``sr_steps`` to every SR stage. ``seed`` None draws one (it is in
-        each image's ``info["seed"]``). Guidance 1.0 runs the conditional branch only (the same prediction,
-        half the work). ``decoder_candidates`` k > 1 draws k decoder samples per image and keeps the one whose
-        CLIP image embedding (the folder's image_encoder) is closest to the prompt's text embedding: k times
-        the decoder's work, for images that follow the prompt more often (README, "Fidelity").
-        ``decoder_choice_step`` s < the decoder's steps ranks the k on their clean estimate after s steps and
-        finishes only the best (early candidate choice: s·k + (S − s) decoder rows per image instead of S·k).
-        ``output_type``: "pil" (images carrying their settings as PNG text) or "np" (uint8 (N, H, W, 3)).
+        ``options`` are the sampling options, ``settings.Settings`` 's fields (``settings.OPTIONS``: steps,
+        guidance, sampler, candidates, …): unset ones take the manifest's per-stage defaults; ``sampler``
+        applies to every stage; ``sr_steps`` to every SR stage; an unknown name is a ``TypeError``. ``seed``
+        None draws one (it is in each image's ``info["seed"]``). Guidance 1.0 runs the conditional branch only
+        (the same prediction, half the work). ``decoder_candidates`` k > 1 draws k decoder samples per image and
+        keeps the one whose CLIP image embedding (the folder's image_encoder) is closest to the prompt's text
+        embedding: k times the decoder's work, for images that follow the prompt more often (README,
+        "Fidelity"). ``decoder_choice_step`` s < the decoder's steps ranks the k on their clean estimate after
+        s steps and finishes only the best (early candidate choice: s·k + (S − s) decoder rows per image
+        instead of S·k). ``output_type``: "pil" (images carrying their settings as PNG text) or "np" (uint8
+        (N, H, W, 3)).
         """
         prompts = check_prompts(prompt)
         _check_output_type(output_type)
-        s = Settings(num_images=num_images, seed=seed, prior_steps=prior_steps, decoder_steps=decoder_steps,
-                     sr_steps=sr_steps, prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
-                     sampler=sampler, candidates=candidates, decoder_candidates=decoder_candidates,
-                     decoder_choice_step=decoder_choice_step)
+        s = Settings(num_images=num_images, seed=seed, **options_given(options))
         seed = new_seed() if s.seed is None else s.seed
         rows = [(p, j) for p in prompts for j in range(s.num_images)]
         return self._generate([p for p, _ in rows], seed, [j for _, j in rows], s, callback, output_type)
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], indices: Sequence[int], *,
-                 prior_steps: int | None = None, decoder_steps: int | None = None, sr_steps: int | None = None,
-                 prior_guidance: float | None = None, decoder_guidance: float | None = None,
-                 sampler: str | None = None, candidates: int | None = None, decoder_candidates: int | None = None,
-                 decoder_choice_step: int | None = None, callback: Callback | None = None,
-                 output_type: str = "pil") -> list[Image.Image] | np.ndarray:
+                 callback: Callback | None = None, output_type: str = "pil",
+                 **options) -> list[Image.Image] | np.ndarray:
         """One image per row r: image ``indices[r]`` of ``self(prompts[r], seed=seeds[r], num_images=n)`` (any n
         > indices[r]), pixel for pixel and metadata alike, by the seed contract (noise.py). So images of
         several calls (a server's requests with their own seeds) share one pass through every stage; the
-        text of each distinct prompt is encoded, and its prior prefix computed, once.
+        text of each distinct prompt is encoded, and its prior prefix computed, once. ``options``: as
+        ``__call__`` 's.
         """
         prompts = check_prompts(prompts)
         _check_output_type(output_type)
@@ -177,23 +177,20 @@ class Pipeline:
         if not len(prompts) == len(seeds) == len(indices):
             raise InputError(f"one seed and one index per prompt: got {len(prompts)} prompts, {len(seeds)} seeds, "
                              f"{len(indices)} indices")
-        s = Settings(prior_steps=prior_steps, decoder_steps=decoder_steps, sr_steps=sr_steps,
-                     prior_guidance=prior_guidance, decoder_guidance=decoder_guidance, sampler=sampler,
-                     candidates=candidates, decoder_candidates=decoder_candidates,
-                     decoder_choice_step=decoder_choice_step)
+        s = Settings(**options_given(options))
         return self._generate(prompts, seeds, indices, s, callback, output_type)
 
-    def variations(self, image, *, num_images: int = 1, seed: int | None = None,
-                   decoder_steps: int | None = None, sr_steps: int | None = None,
-                   decoder_guidance: float | None = None, sampler: str | None = None,
-                   callback: Callback | None = None, output_type: str = "pil") -> list[Image.Image] | np.ndarray:
-        """Variations of ``image`` (PIL image or path): image encoder -> decoder (no text) -> SR stages."""
+    def variations(self, image, *, num_images: int = 1, seed: int | None = None, callback: Callback | None = None,
+                   output_type: str = "pil", **options) -> list[Image.Image] | np.ndarray:
+        """Variations of ``image`` (PIL image or path): image encoder -> decoder (no text, one sample) -> SR
+        stages. ``options``: the sampling options of ``settings.VARIATION_OPTIONS`` (decoder steps and
+        guidance, SR steps, sampler)."""
         if "image_encoder" not in self.manifest.stages:
             raise InputError(f"engine folder {self.manifest.folder} has no image_encoder; variations need one")
         _check_output_type(output_type)
+        options_given(options, VARIATION_OPTIONS, what="variations")
         source = open_image(image)
-        s = Settings(num_images=num_images, seed=seed, decoder_steps=decoder_steps, sr_steps=sr_steps,
-                     decoder_guidance=decoder_guidance, sampler=sampler, decoder_candidates=1)
+        s = Settings(num_images=num_images, seed=seed, decoder_candidates=1, **options)
         run = self._resolve(s)
         seed = new_seed() if s.seed is None else s.seed
         embed = self.encode_image(source, callback=callback)  # (1, D)
@@ -383,12 +380,9 @@ class Pipeline:
         return tuple(enc.shape[1:]) if enc is not None else (0,)
 
     def _run(self, options: dict) -> dict:
-        """Stage options (``Settings`` fields but num_images and seed) resolved; an unknown name is a TypeError,
-        as for any function."""
-        unknown = sorted(set(options) - set(STAGE_OPTIONS))
-        if unknown:
-            raise TypeError(f"unknown sampling option(s) {', '.join(unknown)}; the options: {', '.join(STAGE_OPTIONS)}")
-        return self._resolve(Settings(**options))
+        """Sampling options (``settings.OPTIONS``) resolved; an unknown name is a TypeError, as for any
+        function."""
+        return self._resolve(Settings(**options_given(options)))
 
     def _resolve(self, s: Settings) -> dict:
         """``s`` resolved against the folder's stages; decoder candidates > 1 also need an image encoder whose

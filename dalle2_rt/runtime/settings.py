@@ -7,12 +7,17 @@
 A field left None takes the engine folder's default for the stage (``stages.*.defaults`` of the manifest)
 when ``resolve`` meets the folder. ``check`` is the one check per field; the CLI's argument types call it
 too, so a value is refused with the same words on the command line and in the library.
+
+``Settings`` is the one carrier of the sampling options: ``OPTIONS`` (name, type, help, choices, whether image
+variations take it) is read off its fields, and the CLI flags (``cli.add_sampling_options``), the HTTP schema
+(``serve/app.py``), the Triton orchestrator's inputs (``triton/orchestrator_io.py``), bench and ``Pipeline`` 's
+keywords are built from it, so none of them lists the options by hand.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -71,47 +76,64 @@ def check_prompts(prompt: str | Sequence[str] | None) -> list[str]:
     return prompts
 
 
-# field -> its check; None means "unset" for every field but num_images
-_CHECKS = {
-    "num_images": lambda v: check_int("num_images", v, 1, MAX_IMAGES),
-    "seed": lambda v: check_int("seed", v, 0, MAX_SEED),
-    "prior_steps": lambda v: check_int("prior steps", v, 1),  # the upper bound (T) is the folder's: resolve
-    "decoder_steps": lambda v: check_int("decoder steps", v, 1),
-    "sr_steps": lambda v: check_int("sr steps", v, 1),
-    "prior_guidance": lambda v: check_guidance("prior guidance", v),
-    "decoder_guidance": lambda v: check_guidance("decoder guidance", v),
-    "sampler": check_sampler,
-    "candidates": lambda v: check_int("candidates", v, 1, MAX_CANDIDATES),
-    "decoder_candidates": lambda v: check_int("decoder candidates", v, 1, MAX_CANDIDATES),
-    "decoder_choice_step": lambda v: check_int("decoder choice step", v, 1),
-}
+@dataclass(frozen=True)
+class Option:
+    """One sampling option as every surface shows it: the CLI flag ``--<name with dashes>``, the HTTP field
+    and the Triton input ``<name>``, the ``Pipeline`` keyword ``<name>``."""
+
+    name: str
+    kind: type  # int | float | str: what the command line parses and the HTTP / Triton input carries
+    help: str
+    metavar: str
+    choices: tuple[str, ...] | None = None
+    variations: bool = False  # also an option of image variations (no prior, no text, one decoder sample)
 
 
-def check(field: str, value):
-    """``value`` of the ``Settings`` field ``field``, checked and normalised (int, float, str); ``InputError``
-    names the field and the allowed range."""
-    if value is None and field != "num_images":
-        return None
-    return _CHECKS[field](value)
+def _field(kind: type, check, help: str, metavar: str = "K", *, default=None, choices=None,
+           variations: bool = False, option: bool = True):
+    """A ``Settings`` field: its default, its check (value -> normalised value, ``InputError``) and, for a
+    sampling option, how the CLI, the HTTP API and the Triton orchestrator show it."""
+    return field(default=default, metadata={"check": check, "kind": kind, "help": help, "metavar": metavar,
+                                            "choices": choices, "variations": variations, "option": option})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What to generate and how; every value is checked on construction (``InputError``)."""
+    """What to generate and how; every value is checked on construction (``InputError``).
 
-    num_images: int = 1  # per prompt
-    seed: int | None = None  # None: the pipeline draws one (noise.new_seed)
-    prior_steps: int | None = None
-    decoder_steps: int | None = None
-    sr_steps: int | None = None  # every SR stage
-    prior_guidance: float | None = None
-    decoder_guidance: float | None = None
-    sampler: str | None = None  # every stage
-    candidates: int | None = None  # prior samples per image; the one closest to the text is kept
-    decoder_candidates: int | None = None  # decoder samples per image; the one CLIP ranks closest to the text
-    # early candidate choice: the decoder candidates are ranked on their clean estimate after this many steps and
-    # only the best finishes (a value >= the decoder's steps ranks the finished samples)
-    decoder_choice_step: int | None = None
+    The one definition of the sampling options: a field declares its default (None: the folder's, filled in
+    by ``resolve``), its check and its help text; the CLI flags, the HTTP schema, the Triton orchestrator's
+    inputs, bench and ``Pipeline`` 's keywords are derived from ``OPTIONS``. Adding an option is a field here,
+    its use in ``resolve`` (and the stage that reads it), and tests.
+    """
+
+    num_images: int = _field(int, lambda v: check_int("num_images", v, 1, MAX_IMAGES),
+                             f"images per prompt, 1 … {MAX_IMAGES}", "N", default=1, option=False)
+    seed: int | None = _field(int, lambda v: check_int("seed", v, 0, MAX_SEED),  # None: a drawn one (noise.new_seed)
+                              "noise seed", "S", option=False)
+    # the upper bound of steps (T) is the folder's: resolve checks it
+    prior_steps: int | None = _field(int, lambda v: check_int("prior steps", v, 1), "sampling steps of the prior")
+    decoder_steps: int | None = _field(int, lambda v: check_int("decoder steps", v, 1),
+                                       "sampling steps of the decoder", variations=True)
+    sr_steps: int | None = _field(int, lambda v: check_int("sr steps", v, 1),
+                                  "steps of every super-resolution stage", variations=True)
+    prior_guidance: float | None = _field(
+        float, lambda v: check_guidance("prior guidance", v),
+        "classifier-free guidance scale of the prior (1 = unguided; higher follows the text more)", "G")
+    decoder_guidance: float | None = _field(float, lambda v: check_guidance("decoder guidance", v),
+                                            "classifier-free guidance scale of the decoder", "G", variations=True)
+    sampler: str | None = _field(str, check_sampler, "the sampler of every stage", "NAME", choices=tuple(SAMPLERS),
+                                 variations=True)
+    candidates: int | None = _field(int, lambda v: check_int("candidates", v, 1, MAX_CANDIDATES),
+                                    "prior samples per image; the one closest to the text is kept")
+    decoder_candidates: int | None = _field(
+        int, lambda v: check_int("decoder candidates", v, 1, MAX_CANDIDATES),
+        "decoder samples per image; the one CLIP finds closest to the text is kept (K times the decoder's work; "
+        "1 = off)")
+    decoder_choice_step: int | None = _field(
+        int, lambda v: check_int("decoder choice step", v, 1),
+        "rank the decoder candidates on their clean estimate after S steps and finish only the best (early "
+        "choice: cheaper candidates); S >= the decoder's steps ranks finished images", "S")
 
     def __post_init__(self):
         for f in fields(self):
@@ -151,6 +173,32 @@ class Settings:
         early = at is not None and run["decoder_candidates"] > 1 and at < run["decoder"]["steps"]
         run["decoder_choice_step"] = check_int("decoder choice step", at, 1) if early else None
         return run
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+# the sampling options, in the order every surface lists them
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(f.name, f.metadata["kind"], f.metadata["help"], f.metadata["metavar"], f.metadata["choices"],
+           f.metadata["variations"]) for f in fields(Settings) if f.metadata["option"])
+VARIATION_OPTIONS: tuple[Option, ...] = tuple(o for o in OPTIONS if o.variations)
+
+
+def check(name: str, value):
+    """``value`` of the ``Settings`` field ``name``, checked and normalised (int, float, str); ``InputError``
+    names the field and the allowed range. None means "unset" for every field but num_images."""
+    if value is None and name != "num_images":
+        return None
+    return _FIELDS[name].metadata["check"](value)
+
+
+def options_given(options: dict, allowed: tuple[Option, ...] = OPTIONS, *, what: str = "sampling") -> dict:
+    """``options`` (keyword arguments) if every name is one of ``allowed``; else a ``TypeError`` naming the
+    unknown ones, as a function refuses an unexpected keyword."""
+    names = [o.name for o in allowed]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"unknown {what} option(s) {', '.join(unknown)}; the options: {', '.join(names)}")
+    return options
 
 
 def describe(run: dict, stages, *, candidates: bool) -> dict[str, str]:

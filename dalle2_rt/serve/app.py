@@ -1,9 +1,7 @@
 """The HTTP API (FastAPI) over a ``Service``: images, variations, health, readiness, metrics, the web page.
 
-    POST /v1/images       JSON {prompt | [prompts], n, seed, prior_steps, decoder_steps, sr_steps,
-                          prior_guidance, decoder_guidance, sampler, candidates, decoder_candidates,
-                          response_format, stream}
-    POST /v1/variations   multipart: image file + the same form fields a variation takes
+    POST /v1/images       JSON {prompt | [prompts], n, seed, <every sampling option>, response_format, stream}
+    POST /v1/variations   multipart: image file, n, seed, the sampling options a variation takes, response_format
     GET  /healthz         the process answers
     GET  /readyz          engines loaded and not draining (503 otherwise)
     GET  /metrics         Prometheus text (metrics.py)
@@ -11,9 +9,10 @@
 
 Every user mistake is a 4xx whose body is one line of JSON, ``{"error": "<what to fix>"}``; nothing a client
 sends produces a 500 or a traceback. Names and limits are the CLI's and ``Pipeline``'s (``n`` is also accepted
-as ``num_images``), checked by ``Pipeline.settings`` itself. Images come back as base64 PNGs in JSON
-(``response_format: "b64_json"``), as one ``image/png`` body (``"png"``, one image only), or streamed as
-NDJSON events with the stage progress (``stream: true``, what the page uses). Each PNG carries the CLI's
+as ``num_images``), checked by ``Pipeline.settings`` itself; the sampling options are ``settings.OPTIONS`` (the
+fields of ``Settings``: the JSON schema and the variations form are built from it). Images come back as base64
+PNGs in JSON (``response_format: "b64_json"``), as one ``image/png`` body (``"png"``, one image only), or
+streamed as NDJSON events with the stage progress (``stream: true``, what the page uses). Each PNG carries the CLI's
 text metadata (prompt, seed, index, sampler, steps, guidance, backend, manifest sha256).
 """
 from __future__ import annotations
@@ -21,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -33,11 +33,21 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    create_model,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..runtime.errors import Dalle2RTError, InputError
-from ..runtime.settings import check_prompts
+from ..runtime.settings import OPTIONS, VARIATION_OPTIONS, Option, check_prompts
 from .service import Cancelled, Draining, Job, QueueFull, Service
 
 log = logging.getLogger("dalle2_rt.serve")
@@ -54,7 +64,14 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
 
 
-class ImagesRequest(BaseModel):
+STRICT = {int: StrictInt, float: StrictFloat, str: StrictStr}  # an option's type as a JSON field (no coercion)
+
+
+def _option_help(option: Option) -> str:
+    return option.help + (f" ({' | '.join(option.choices)})" if option.choices else "")
+
+
+class _ImagesRequest(BaseModel):
     """A text-to-image request. Unset sampling options take the engine folder's defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -62,17 +79,30 @@ class ImagesRequest(BaseModel):
                                                 description="a prompt, or a list of prompts (n images each)")
     n: StrictInt = Field(1, validation_alias=AliasChoices("n", "num_images"), description="images per prompt")
     seed: StrictInt | None = Field(None, description="noise seed, 0 … 2^64-1 (default: drawn, and returned)")
-    prior_steps: StrictInt | None = None
-    decoder_steps: StrictInt | None = None
-    sr_steps: StrictInt | None = None
-    prior_guidance: StrictFloat | None = None
-    decoder_guidance: StrictFloat | None = None
-    sampler: StrictStr | None = Field(None, description="ddpm | ddim | dpm++ (every stage)")
-    candidates: StrictInt | None = Field(None, description="prior samples per image (the closest to the text kept)")
-    decoder_candidates: StrictInt | None = Field(
-        None, description="decoder samples per image; the one CLIP finds closest to the text is kept")
     response_format: Literal["b64_json", "png"] = "b64_json"
     stream: StrictBool = Field(False, description="NDJSON events: queued, progress, image…, done | error")
+
+
+# ... and one optional field per sampling option (None: the folder's default)
+ImagesRequest = create_model(
+    "ImagesRequest", __base__=_ImagesRequest, __doc__=_ImagesRequest.__doc__,
+    **{o.name: (STRICT[o.kind] | None, Field(None, description=_option_help(o))) for o in OPTIONS})
+
+
+def _variations_form() -> inspect.Signature:
+    """The variations endpoint's parameters: the upload, n, seed, response_format and one optional form field
+    per sampling option a variation takes (``settings.VARIATION_OPTIONS``; None: the folder's default)."""
+    def form(name, annotation, default=inspect.Parameter.empty):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    return inspect.Signature([
+        form("request", Request),
+        form("image", Annotated[UploadFile, File(description="PNG, JPEG, …")]),
+        form("n", Annotated[int, Form()], 1),
+        form("seed", Annotated[int | None, Form()], None),
+        form("response_format", Annotated[Literal["b64_json", "png"], Form()], "b64_json"),
+        *(form(o.name, Annotated[o.kind | None, Form(description=_option_help(o))], None) for o in VARIATION_OPTIONS),
+    ])
 
 
 class Guard:
@@ -294,9 +324,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/images", summary="Images from text",
               responses={200: {"content": {"image/png": {}, "application/x-ndjson": {}}}})
     async def images(req: ImagesRequest, request: Request):
-        options = {"prior_steps": req.prior_steps, "decoder_steps": req.decoder_steps, "sr_steps": req.sr_steps,
-                   "prior_guidance": req.prior_guidance, "decoder_guidance": req.decoder_guidance,
-                   "sampler": req.sampler, "candidates": req.candidates, "decoder_candidates": req.decoder_candidates}
+        options = {o.name: getattr(req, o.name) for o in OPTIONS}
 
         def checked():  # lengths first, then tokenising (up to ~0.1 s for 16 long prompts): off the event loop
             prompts = _checked_prompts(req.prompt, limits)
@@ -317,21 +345,13 @@ def create_app(service: Service) -> FastAPI:
         _submit(job)
         return _respond(await _wait(request, job), req.response_format, seed, warnings)
 
-    @app.post("/v1/variations", summary="Variations of an uploaded image")
-    async def variations(request: Request, image: Annotated[UploadFile, File(description="PNG, JPEG, …")],
-                         n: Annotated[int, Form()] = 1, seed: Annotated[int | None, Form()] = None,
-                         decoder_steps: Annotated[int | None, Form()] = None,
-                         sr_steps: Annotated[int | None, Form()] = None,
-                         decoder_guidance: Annotated[float | None, Form()] = None,
-                         sampler: Annotated[str | None, Form()] = None,
-                         response_format: Annotated[Literal["b64_json", "png"], Form()] = "b64_json"):
+    async def variations(request: Request, image: UploadFile, n: int = 1, seed: int | None = None,
+                         response_format: str = "b64_json", **options):
         if "image_encoder" not in pipe.manifest.stages:
             raise ApiError(400, f"engine folder {pipe.manifest.name} has no image_encoder; variations need one")
         try:
             n = _checked_count(n, 1, limits)
             seed = _checked_seed(seed)
-            options = {"decoder_steps": decoder_steps, "sr_steps": sr_steps, "decoder_guidance": decoder_guidance,
-                       "sampler": sampler}
             run = pipe.settings(**options)
         except InputError as e:
             raise ApiError(400, str(e)) from None
@@ -343,6 +363,9 @@ def create_app(service: Service) -> FastAPI:
         job = Job("variations", run, options, seed, n, source=source, source_name=name)
         _submit(job)
         return _respond(await _wait(request, job), response_format, seed, [])
+
+    variations.__signature__ = _variations_form()  # the form's fields: FastAPI reads this signature
+    app.post("/v1/variations", summary="Variations of an uploaded image")(variations)
 
     @app.get("/healthz", summary="Liveness")
     async def healthz():

@@ -33,6 +33,7 @@ from PIL import Image
 
 from ..runtime.errors import Dalle2RTError
 from ..runtime.images import png_info
+from ..runtime.settings import VARIATION_OPTIONS
 from .batch import Row, generate
 from .metrics import Metrics
 
@@ -288,7 +289,7 @@ class Service:
 
         head = jobs[0]
         if head.kind == "variations":
-            opts = {k: head.options.get(k) for k in ("decoder_steps", "sr_steps", "decoder_guidance", "sampler")}
+            opts = {o.name: head.options.get(o.name) for o in VARIATION_OPTIONS}
             images = self.pipe.variations(head.source, num_images=head.n, seed=head.seed, callback=progress, **opts)
             for im in images:
                 im.info["variation_of"] = head.source_name

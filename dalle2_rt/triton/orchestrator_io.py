@@ -2,23 +2,22 @@
 ``orchestrator_model.py`` reads requests by them, clients build requests from them.
 
 Every input but ``prompt`` is optional; a missing one takes the manifest's default (as ``Pipeline.__call__``).
-Scalars travel as shape [1]. Guidance is FP64 so a value reaches the loop exactly as a local call gets it.
+Scalars travel as shape [1]. The sampling options are ``settings.OPTIONS`` (one input each, named as the
+option), so a new option reaches the orchestrator without an edit here. Floats (guidance) are FP64 so a value
+reaches the loop exactly as a local call gets it.
 """
 from __future__ import annotations
+
+from ..runtime.settings import OPTIONS
+
+TRITON_TYPES = {int: "TYPE_INT32", float: "TYPE_FP64", str: "TYPE_STRING"}  # an option's type as a Triton input
 
 # (name, Triton data type, dims, optional, Pipeline.__call__ keyword)
 INPUTS = (
     ("prompt", "TYPE_STRING", [-1], False, None),  # one or more UTF-8 prompts
     ("num_images", "TYPE_INT32", [1], True, "num_images"),  # images per prompt
     ("seed", "TYPE_UINT64", [1], True, "seed"),
-    ("prior_steps", "TYPE_INT32", [1], True, "prior_steps"),
-    ("decoder_steps", "TYPE_INT32", [1], True, "decoder_steps"),
-    ("sr_steps", "TYPE_INT32", [1], True, "sr_steps"),
-    ("prior_guidance", "TYPE_FP64", [1], True, "prior_guidance"),
-    ("decoder_guidance", "TYPE_FP64", [1], True, "decoder_guidance"),
-    ("sampler", "TYPE_STRING", [1], True, "sampler"),
-    ("candidates", "TYPE_INT32", [1], True, "candidates"),
-    ("decoder_candidates", "TYPE_INT32", [1], True, "decoder_candidates"),
+    *((o.name, TRITON_TYPES[o.kind], [1], True, o.name) for o in OPTIONS),
 )
 
 
