@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None, *, shared_threads: bool = False) -> int:
 
         return serve_main(args[1:])
     try:
+        if args[:1] in (["edit"], ["interpolate"]):  # unCLIP's operations on images (cli_operations.py)
+            from .cli_operations import main as operations_main
+
+            return operations_main(args)
         return info(args[1:]) if args[:1] == ["info"] else _main(argv, shared_threads)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
