@@ -299,3 +299,11 @@ def test_cli_interpolate_prompts_through_the_prior(tiny_engines, tmp_path, capsy
     assert len(paths) == 2 and Image.open(paths[0]).info["a"] == "a red circle"
     code, paths, err = run_cli(capsys, "interpolate", "missing.png", "a blue square", "--engines", tiny_engines)
     assert code == 2 and "does not exist" in err
+
+
+def test_pipeline_methods_delegate(pipe, pictures):
+    inv = pipe.invert(pictures[0], decoder_steps=2, refine=0)
+    assert np.array_equal(inv.latent, ops.invert(pipe, pictures[0], decoder_steps=2, refine=0).latent)
+    same = ops.reconstruct(pipe, inv, seed=1)[0]
+    assert np.array_equal(np.asarray(pipe.reconstruct(inv, seed=1)[0]), np.asarray(same))
+    assert len(pipe.interpolate(inv, inv, frames=2)) == 2 and len(pipe.edit(inv, "a", "b", amount=[0.1])) == 1

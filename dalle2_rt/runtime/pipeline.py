@@ -37,12 +37,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import operations
 from .backends import BACKENDS, open_backend
 from .errors import EngineFolderError, InputError, PromptTruncatedWarning
 from .images import open_image, to_pixels, to_uint8
 from .locate import DEFAULT_ENGINES, default_engines, missing_message  # noqa: F401 - the lookup (locate.py)
 from .manifest import Manifest, load_manifest, verify_files
 from .noise import DECODER, PRIOR, NoiseStreams, new_seed, sr_stream
+from .operations import Inversion
 from .plan import StagePlan, graphs_to_open, resolve_stages
 from .settings import (
     MAX_IMAGES,
@@ -286,6 +288,25 @@ class Pipeline:
             image.info.update({**m, **common})
             out.append(image)
         return out
+
+    # ----------------------------------------------------------------------------------------------------
+    # unCLIP's operations on an image's (z_i, x_T) (operations.py, which composes the stages above)
+
+    def invert(self, images, **options) -> Inversion:
+        """Images as (CLIP image embedding, DDIM-inverted decoder latent); ``operations.invert``."""
+        return operations.invert(self, images, **options)
+
+    def reconstruct(self, image, **options) -> list[Image.Image]:
+        """An image (or ``Inversion``) decoded from its own latent with η = 0; ``operations.reconstruct``."""
+        return operations.reconstruct(self, image, **options)
+
+    def interpolate(self, a, b, **options) -> list[Image.Image]:
+        """Frames between two images or inversions along slerp of their embeddings; ``operations.interpolate``."""
+        return operations.interpolate(self, a, b, **options)
+
+    def edit(self, image, source: str, target: str, **options) -> list[Image.Image]:
+        """The text diff of an image from caption ``source`` towards ``target``; ``operations.edit``."""
+        return operations.edit(self, image, source, target, **options)
 
     # ----------------------------------------------------------------------------------------------------
     # private: the stages over resolved settings ``run`` and noise (seed, index) per image
