@@ -11,7 +11,7 @@ CHECKPOINTS := checkpoints/shapes-v2
 PACKAGED := dalle2_rt/engines/$(notdir $(ENGINES))
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup runtime engines package-engines wheel-check demo test lint bench train train-gpu clean test-browser test-ray
+.PHONY: setup runtime engines engines-fast package-engines wheel-check demo test lint bench train train-gpu clean test-browser test-ray
 
 setup: $(STAMP)
 
@@ -35,6 +35,15 @@ $(ENGINES)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINTS)/*/model/* $(CHECKPO
 	@test -f $(CHECKPOINTS)/decoder/model/model.safetensors || \
 		{ echo "the bundled model is not trained yet: $(CHECKPOINTS) has no decoder (see README, Training)"; exit 1; }
 	$(PY) -m export.all --checkpoints $(CHECKPOINTS) --out $(ENGINES)
+
+# The guidance-distilled decoder (checkpoints/shapes-v2-fast, configs/shapes-v2-fast.toml) with the bundled CLIP, prior
+# and SR: an engine folder to compare on the frontier (python -m bench.frontier --engines ... --engines ...).
+FAST_CKPT := build/ckpt-shapes-v2-fast
+engines-fast: $(STAMP)
+	rm -rf $(FAST_CKPT) && mkdir -p $(FAST_CKPT)
+	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior $(CHECKPOINTS)/sr checkpoints/shapes-v2-fast/decoder \
+		checkpoints/shapes-v2-fast/defaults.json $(FAST_CKPT)/
+	$(PY) -m export.all --checkpoints $(FAST_CKPT) --out engines/shapes-v2-fast --name shapes-v2-fast
 
 # The package's copy of the exported folder (float16-stored weights, no optimised copies): rebuild and commit it
 # whenever checkpoints/ or the export change (tests/test_packaged_engines.py fails until then).

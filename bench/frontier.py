@@ -8,14 +8,15 @@
 Every point of every folder generates the same captions (``bench.fidelity.eval_captions``: distinct fresh
 single- and two-object captions) with the same seeds, and the world's scorer grades every image; each rate comes
 with its standard error √(p(1−p)/n). Latency is one image (one prompt, ``num_images=1``) timed warm, the median of
-``--reps`` calls with different prompts, in this process, one point after another on the same machine. GFLOP per
+``--reps`` rounds that time every point once in turn (prompts cycling), after all the fidelity work, in this
+process: a drift of the machine falls on every point alike. GFLOP per
 image counts the dense algebra of every graph call the point's settings make (``bench.flops``, rows × per-row
 FLOPs).
 
 The rule that picks the defaults (``choose_default``, applied again whenever the model changes): among all points,
 take the best single-object and the best two-object rate; a point qualifies when each of its two rates is at least
 that best rate minus the best point's standard error; the default is the fastest qualifying point. The run prints
-it; the folder's defaults are then written into the checkpoints' model.json (README, "Choosing the defaults").
+it; the chosen settings then go into the checkpoints' ``defaults.json`` (README, "Speed"; bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -39,12 +40,15 @@ GRID = [
     ("k1", {"decoder_candidates": 1}),
     ("k3@1", {"decoder_candidates": 3, "decoder_choice_step": 1}),
     ("k3@2", {"decoder_candidates": 3, "decoder_choice_step": 2}),
-    ("k5@1", {"decoder_candidates": 5, "decoder_choice_step": 1}),
-    ("k3@1 d4", {"decoder_candidates": 3, "decoder_choice_step": 1, "decoder_steps": 4}),
-    ("k3@1 d3", {"decoder_candidates": 3, "decoder_choice_step": 1, "decoder_steps": 3}),
-    ("k3@1 p5", {"decoder_candidates": 3, "decoder_choice_step": 1, "prior_steps": 5}),
-    ("k3@1 p5 sr2", {"decoder_candidates": 3, "decoder_choice_step": 1, "prior_steps": 5, "sr_steps": 2}),
-    ("k3@1 p5 pk1", {"decoder_candidates": 3, "decoder_choice_step": 1, "prior_steps": 5, "candidates": 1}),
+    ("k5@2", {"decoder_candidates": 5, "decoder_choice_step": 2}),
+    ("g3", {"decoder_guidance": 3.0}),
+    ("k3@2 g3", {"decoder_candidates": 3, "decoder_choice_step": 2, "decoder_guidance": 3.0}),
+    ("k3@2 d4", {"decoder_candidates": 3, "decoder_choice_step": 2, "decoder_steps": 4}),
+    ("k3@2 p5", {"decoder_candidates": 3, "decoder_choice_step": 2, "prior_steps": 5}),
+    ("k3@2 p5 sr2", {"decoder_candidates": 3, "decoder_choice_step": 2, "prior_steps": 5, "sr_steps": 2}),
+    ("p5 sr2", {"prior_steps": 5, "sr_steps": 2}),
+    ("g3 p5 sr2", {"decoder_guidance": 3.0, "prior_steps": 5, "sr_steps": 2}),
+    ("k4 p5 sr2", {"decoder_candidates": 4, "prior_steps": 5, "sr_steps": 2}),
 ]
 INT_KEYS = ("prior_steps", "decoder_steps", "sr_steps", "candidates", "decoder_candidates", "decoder_choice_step")
 FLOAT_KEYS = ("prior_guidance", "decoder_guidance")
@@ -71,10 +75,14 @@ def parse_settings(text: str) -> dict:
 
 
 def rate(right: list[bool]) -> tuple[float, float]:
-    """(percent, standard error in points) of a 0/1 list."""
+    """(percent, standard error in points) of a 0/1 list. The standard error uses p̃ = (x + 1)/(n + 2) (Laplace's
+    rule of succession), so that a point with every image right (p = 1) does not claim an error of zero, which
+    would make the defaults rule accept that point alone."""
     n = len(right)
-    p = float(np.mean(right)) if n else 0.0
-    return 100 * p, 100 * float(np.sqrt(p * (1 - p) / n)) if n else 0.0
+    if not n:
+        return 0.0, 0.0
+    p, smoothed = float(np.mean(right)), (float(np.sum(right)) + 1) / (n + 2)
+    return 100 * p, 100 * float(np.sqrt(smoothed * (1 - smoothed) / n))
 
 
 def graph_flops(pipe: Pipeline) -> dict[str, float]:
@@ -114,19 +122,9 @@ def gflop_per_image(pipe: Pipeline, run: dict, flops: dict[str, float]) -> float
     return total / 1e9
 
 
-def warm_ms(pipe: Pipeline, settings: dict, reps: int) -> list[float]:
-    """Milliseconds of one image, ``reps`` calls after one warm-up call, prompts cycling."""
-    pipe(TIMING_PROMPTS[0], seed=0, **settings)
-    out = []
-    for r in range(reps):
-        t0 = time.perf_counter()
-        pipe(TIMING_PROMPTS[r % len(TIMING_PROMPTS)], seed=r, **settings)
-        out.append(1000 * (time.perf_counter() - t0))
-    return out
-
-
-def measure_point(pipe: Pipeline, settings: dict, captions: list[str], n_single: int, seeds, reps: int,
-                  flops: dict[str, float], batch: int = 16) -> dict:
+def measure_fidelity(pipe: Pipeline, settings: dict, captions: list[str], n_single: int, seeds,
+                     flops: dict[str, float], batch: int = 16) -> dict:
+    """The fully-right rates of one point (every caption × seed, scored by the world's scorer) and its GFLOP."""
     run = pipe.settings(**settings)
     images, caps = [], []
     t0 = time.perf_counter()
@@ -136,14 +134,26 @@ def measure_point(pipe: Pipeline, settings: dict, captions: list[str], n_single:
             images += [np.asarray(im) for im in pipe(chunk, seed=seed, **settings)]
             caps += chunk
     batch_s = time.perf_counter() - t0
+    kind = {c: ("single" if i < n_single else "two") for i, c in enumerate(captions)}
     right = [bool(score(im, c)["fully_right"]) for im, c in zip(images, caps)]
-    single = [r for r, c in zip(right, caps) if captions.index(c) < n_single]
-    two = [r for r, c in zip(right, caps) if captions.index(c) >= n_single]
-    ms = warm_ms(pipe, settings, reps)
-    (s, s_se), (t, t_se) = rate(single), rate(two)
+    (s, s_se), (t, t_se) = (rate([r for r, c in zip(right, caps) if kind[c] == k]) for k in ("single", "two"))
     return {"settings": settings, "resolved": run, "single": s, "single_se": s_se, "two": t, "two_se": t_se,
-            "n_single": len(single), "n_two": len(two), "ms": statistics.median(ms), "ms_all": ms,
+            "n_single": sum(kind[c] == "single" for c in caps), "n_two": sum(kind[c] == "two" for c in caps),
             "batched_ms_per_image": 1000 * batch_s / len(images), "gflop": gflop_per_image(pipe, run, flops)}
+
+
+def time_points(points: list[tuple[Pipeline, dict]], reps: int) -> list[list[float]]:
+    """Warm milliseconds of one image for every point, interleaved: each of ``reps`` rounds times every point
+    once (prompts cycling), so a drift of the machine falls on every point alike."""
+    for pipe, settings in points:  # warm-up
+        pipe(TIMING_PROMPTS[0], seed=0, **settings)
+    out: list[list[float]] = [[] for _ in points]
+    for r in range(reps):
+        for i, (pipe, settings) in enumerate(points):
+            t0 = time.perf_counter()
+            pipe(TIMING_PROMPTS[r % len(TIMING_PROMPTS)], seed=r, **settings)
+            out[i].append(1000 * (time.perf_counter() - t0))
+    return out
 
 
 def choose_default(points: list[dict]) -> dict:
@@ -171,7 +181,19 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated labels of the standard grid to run (default all)")
     p.add_argument("--png", help="write the chart here")
     p.add_argument("--json", help="write every point here")
+    p.add_argument("--from-json", metavar="JSON", help="measure nothing: apply the rule (and --png) to the points "
+                   "of an earlier run's --json (standard errors recomputed from its counts)")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        for r in saved["points"]:
+            for k in ("single", "two"):
+                x = round(r[k] * r[f"n_{k}"] / 100)
+                r[k], r[f"{k}_se"] = rate([True] * x + [False] * (r[f"n_{k}"] - x))
+        report(saved["points"], saved.get("cpu", cpu_model()), args.png)
+        if args.json:
+            Path(args.json).write_text(json.dumps(saved, indent=1, default=str))
+        return 0
     grid = [(label, parse_settings(text)) for label, text in args.point] if args.point else GRID
     if args.only:
         wanted = set(args.only.split(","))
@@ -180,7 +202,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"bench.frontier: no point labelled {', '.join(sorted(unknown))}")
         grid = [(label, s) for label, s in grid if label in wanted]
     captions = eval_captions(args.single, args.two)
-    results = []
+    results, runs = [], []
     for folder in args.engines or [None]:
         pipe = Pipeline.load(folder, threads=args.threads)
         name = pipe.manifest.name + (" (distilled)" if pipe.stages[1].guidance_input else "")
@@ -192,31 +214,46 @@ def main(argv=None) -> int:
                 print(f"{name:28s} {label:14s} skipped: {e}", flush=True)
                 continue
             r = {"folder": str(pipe.manifest.folder), "name": name, "label": label,
-                 **measure_point(pipe, settings, captions, args.single, args.seeds, args.reps, flops)}
+                 **measure_fidelity(pipe, settings, captions, args.single, args.seeds, flops)}
             results.append(r)
+            runs.append((pipe, settings))
             print(f"{name:28s} {label:14s} single {r['single']:5.1f} ± {r['single_se']:.1f}  two {r['two']:5.1f} ± "
-                  f"{r['two_se']:.1f}  {r['ms']:7.1f} ms/image  {r['gflop']:6.2f} GFLOP", flush=True)
-    chosen = choose_default(results)
-    base = next((r for r in results if r["label"] == "defaults"), results[0])
-    print(f"\nchosen by the rule: {chosen['name']} {chosen['label']} {json.dumps(chosen['settings'])}: "
-          f"{chosen['ms']:.1f} ms/image, {base['ms'] / chosen['ms']:.2f}x faster than {base['name']} "
-          f"{base['label']} ({base['ms']:.1f} ms); single {chosen['single']:.1f} ± {chosen['single_se']:.1f}, two "
-          f"{chosen['two']:.1f} ± {chosen['two_se']:.1f}; CPU {cpu_model()}")
+                  f"{r['two_se']:.1f}  {r['gflop']:6.2f} GFLOP", flush=True)
+    print(f"timing: {args.reps} interleaved rounds of one image per point", flush=True)
+    for r, ms in zip(results, time_points(runs, args.reps)):
+        r["ms"], r["ms_all"] = statistics.median(ms), ms
+        print(f"{r['name']:28s} {r['label']:14s} {r['ms']:7.1f} ms/image (median of {len(ms)})", flush=True)
+    chosen = report(results, cpu_model(), args.png)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "captions": [args.single, args.two],
                                                "seeds": args.seeds, "points": results,
                                                "chosen": {k: chosen[k] for k in ("name", "label", "settings")}},
                                               indent=1, default=str))
-    if args.png:
+    return 0
+
+
+def report(results: list[dict], cpu: str, png: str | None) -> dict:
+    """Print the table and the rule's choice, draw the chart; returns the chosen point."""
+    print("\n| folder | point | single-object % | two-object % | ms / image | GFLOP |\n|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['name']} | {r['label']} | {r['single']:.1f} ± {r['single_se']:.1f} | {r['two']:.1f} ± "
+              f"{r['two_se']:.1f} | {r['ms']:.0f} | {r['gflop']:.1f} |")
+    chosen = choose_default(results)
+    base = next((r for r in results if r["label"] == "defaults"), results[0])
+    print(f"\nchosen by the rule: {chosen['name']} {chosen['label']} {json.dumps(chosen['settings'])}: "
+          f"{chosen['ms']:.1f} ms/image, {base['ms'] / chosen['ms']:.2f}x faster than {base['name']} "
+          f"{base['label']} ({base['ms']:.1f} ms); single {chosen['single']:.1f} ± {chosen['single_se']:.1f}, two "
+          f"{chosen['two']:.1f} ± {chosen['two_se']:.1f}; CPU {cpu}")
+    if png:
         from bench.chart import scatter_chart
 
         groups: dict[str, list] = {}
         for r in results:
             groups.setdefault(f"{r['name']} two-object", []).append((r["ms"], r["two"], r["two_se"], r["label"]))
-        scatter_chart(groups, args.png, title=f"Two-object prompts fully right vs warm latency ({cpu_model()})",
+        scatter_chart(groups, png, title=f"Two-object prompts fully right vs warm latency ({cpu})",
                       xlabel="ms per image (one image, warm)", ylabel="% fully right (±1 SE)",
                       chosen=(f"{chosen['name']} two-object", chosen["label"]))
-    return 0
+    return chosen
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def stage_entries(sources: Sources, graphs: dict[str, GraphSpec]) -> dict:
     }
     if getattr(d, "guidance_input", False):
         # guidance-distilled (Meng et al. 2023): the scale w is this graph input, one row per sample, no
-        # unconditional half (ARCHITECTURE.md, "Guidance-distilled stages")
+        # unconditional half (ARCHITECTURE.md, "What a C or C++ host needs", step 6)
         stages["decoder"]["guidance_input"] = "guidance"
     if "prior_prefix" in graphs and "prior_step" in graphs:
         stages["prior"]["prefix_cache"] = {"prefix_graph": "prior_prefix", "step_graph": "prior_step",

@@ -125,8 +125,11 @@ def test_early_choice_images_do_not_depend_on_the_batch(pipe):
 
 
 def test_early_choice_needs_a_one_step_sampler_and_a_positive_step(pipe):
-    with pytest.raises(InputError, match="one-step sampler"):
-        pipe("a red circle", seed=0, decoder_candidates=2, decoder_choice_step=1, sampler="dpm++", **FAST)
+    for ask in (lambda: pipe.settings(decoder_candidates=2, decoder_choice_step=1, sampler="dpm++", **FAST),
+                lambda: pipe("a red circle", seed=0, decoder_candidates=2, decoder_choice_step=1, sampler="dpm++",
+                             **FAST)):
+        with pytest.raises(InputError, match="one-step sampler"):  # refused when the settings are resolved
+            ask()
     with pytest.raises(InputError, match="decoder choice step must be at least 1"):
         pipe.settings(decoder_choice_step=0)
 
@@ -267,3 +270,12 @@ def test_the_default_is_the_fastest_point_within_one_standard_error_of_the_best(
     points = [pt("slow best", 99.0, 80.0, 400), pt("fast close", 98.0, 78.5, 100), pt("faster worse", 99.0, 70.0, 50)]
     assert choose_default(points)["label"] == "fast close"
     assert choose_default([pt("a", 99.0, 80.0, 400), pt("b", 96.0, 80.0, 10)])["label"] == "a"
+
+
+def test_a_rate_with_every_image_right_still_has_an_error():
+    from bench.frontier import rate
+
+    p, se = rate([True] * 200)
+    assert p == 100.0 and 0.3 < se < 1.0  # p̃ = 201/202: about 0.5 points, not 0
+    p, se = rate([True] * 150 + [False] * 50)
+    assert p == 75.0 and abs(se - 100 * np.sqrt((151 / 202) * (51 / 202) / 200)) < 1e-9

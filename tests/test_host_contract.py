@@ -126,15 +126,18 @@ class Host:
         assert kind == "x0", kind
         return pred
 
-    def ddim(self, stage: dict, x: np.ndarray, steps: int, model) -> np.ndarray:
-        """DDIM, η = 0: no noise drawn. ``model(x, t_float32) -> x0`` already guided and clamped."""
+    def ddim(self, stage: dict, x: np.ndarray, steps: int, model, first: int = 0, stop: int | None = None):
+        """DDIM, η = 0: no noise drawn. ``model(x, t_float32) -> x0`` already guided and clamped. Runs steps
+        ``first`` … ``stop`` − 1 of the S-step schedule (default all); keeps the last clean estimate in
+        ``self.last_x0`` (early candidate choice ranks on it)."""
         t, a, a_next = self.respace(stage["schedule"], steps)
-        for i in range(steps):
+        for i in range(first, steps if stop is None else stop):
             x64 = x.astype(np.float64)
             x0 = model(x, np.float32(t[i]), a[i]).astype(np.float64)
             lo_hi = stage.get("clip_x0")
             if lo_hi is not None:
                 x0 = x0.clip(*lo_hi)
+            self.last_x0 = x0
             eps = (x64 - np.sqrt(a[i]) * x0) / np.sqrt(1 - a[i])
             x = (np.sqrt(a_next[i]) * x0 + np.sqrt(1 - a_next[i]) * eps).astype(np.float32)
         return x
@@ -205,17 +208,30 @@ class Host:
                 **{n: np.ones(k) for n in keep}}
         uncond = {**cond, **{n: np.zeros(k) for n in keep}}
         assert d["sampler"] == "ddim"
-        x = self.ddim(dec, x, d["steps"], self.guided(dec, dec["graph"], cond, uncond, d["guidance"], k))
-        if k > 1:
+
+        def rank(samples):  # the image encoder's choice among the k (argmax: ties go to the lowest row)
             enc = st["image_encoder"]
             lo, hi = m["output"]["pixel_range"]
             ilo, ihi = enc["input_range"]
             rep = enc["image_size"] // size
-            pix = (x.clip(lo, hi).astype(np.float64) - lo) / (hi - lo) * (ihi - ilo) + ilo
+            pix = (samples.clip(lo, hi).astype(np.float64) - lo) / (hi - lo) * (ihi - ilo) + ilo
             pix = pix.repeat(rep, axis=2).repeat(rep, axis=3).astype(np.float32)
             e = self.run(enc["graph"], pixels=pix)["image_embed"].astype(np.float64)
             e /= np.linalg.norm(e, axis=1, keepdims=True)
-            x = x[int(np.argmax(e @ t_dir))][None]  # argmax: ties go to the lowest row
+            return int(np.argmax(e @ t_dir))
+
+        steps, s = d["steps"], d.get("choice_step")
+        if k > 1 and s is not None and s < steps:  # early choice: rank the step-s estimates, finish the best
+            x = self.ddim(dec, x, steps, self.guided(dec, dec["graph"], cond, uncond, d["guidance"], k), stop=s)
+            best = rank(self.last_x0.astype(np.float32))
+            one = {n: v[best:best + 1] for n, v in cond.items()}
+            x = self.ddim(dec, x[best:best + 1], steps,
+                          self.guided(dec, dec["graph"], one, {**one, **{n: np.zeros(1) for n in keep}},
+                                      d["guidance"], 1), first=s)
+        else:
+            x = self.ddim(dec, x, steps, self.guided(dec, dec["graph"], cond, uncond, d["guidance"], k))
+            if k > 1:
+                x = x[rank(x)][None]
 
         # SR stages: stream [seed, index, 2 + m]: the augmentation noise, then x_T; unguided.
         lo, hi = m["output"]["pixel_range"]

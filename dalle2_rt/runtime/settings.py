@@ -25,6 +25,8 @@ from .errors import InputError
 from .samplers import SAMPLERS
 
 MAX_IMAGES = 64  # per prompt and call
+# samplers whose step reads only the current x, so that a schedule can be split (early candidate choice)
+ONE_STEP_SAMPLERS = ("ddim", "ddpm")
 MAX_CANDIDATES = 16
 MAX_SEED = 2**64 - 1  # a seed is any unsigned 64-bit integer
 FALLBACK_STEPS = 25  # a stage whose folder states no default steps
@@ -172,6 +174,9 @@ class Settings:
         # None: rank the finished samples; so is any step at or past the last
         early = at is not None and run["decoder_candidates"] > 1 and at < run["decoder"]["steps"]
         run["decoder_choice_step"] = check_int("decoder choice step", at, 1) if early else None
+        if early and run["decoder"]["sampler"] not in ONE_STEP_SAMPLERS:
+            raise InputError(f"decoder choice step: early candidate choice needs a one-step sampler "
+                             f"({', '.join(ONE_STEP_SAMPLERS)}), not {run['decoder']['sampler']}")
         return run
 
 

@@ -30,6 +30,7 @@ from .parameterization import make_step_denoiser, split_halves, stack_halves
 from .plan import StagePlan
 from .samplers import sample
 from .schedules import respace
+from .settings import ONE_STEP_SAMPLERS
 from .stages import sampler_options
 
 # callback(stage, step, total, x0): after every sampling step (x0 = the step's clean estimate, batch order)
@@ -37,7 +38,6 @@ from .stages import sampler_options
 Callback = Callable[[str, int, int, "np.ndarray | None"], None]
 # choose(x0 (n·k, ...), images slice) -> (n,) the row of each image's k to finish (early candidate choice)
 Chooser = Callable[[np.ndarray, slice], np.ndarray]
-ONE_STEP_SAMPLERS = ("ddim", "ddpm")  # samplers whose step reads only the current x (a schedule can be split)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ Each training step draws world images, their frozen-CLIP embeddings and text enc
 them from the few-step schedules' own timesteps, where sampling evaluates the network), noise, and w uniform in
 ``guidance_range``; the loss is the MSE between the student's prediction and the teacher's guided one, in the
 teacher's parameterisation (v for the bundled decoder). The exported graph takes ``guidance`` as an input and has
-no unconditional half (``export/specs.py``, manifest ``decoder.guidance: "input"``).
+no unconditional half (``export/specs.py``, manifest ``stages.decoder.guidance_input: "guidance"``).
 
     dalle2-train decoder_distill --config configs/shapes-v2-fast.toml
 """
@@ -48,7 +48,7 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def schedule_timesteps(num_timesteps: int, abar: np.ndarray) -> np.ndarray:
+def schedule_timesteps(abar: np.ndarray) -> np.ndarray:
     """Every timestep that a trailing-spaced schedule of ``FEW_STEPS`` steps evaluates, once each."""
     return np.unique(np.concatenate([respace(abar, s, "trailing").timesteps for s in FEW_STEPS]))
 
@@ -69,6 +69,10 @@ def distill_spec(cfg: TrainConfig) -> StageSpec:
     run = cfg.stage(STAGE)
     if not run.teacher or not (Path(run.teacher) / "model.json").is_file():
         raise DistillError(f"[stages.{STAGE}] teacher must name a decoder model folder, got {run.teacher!r}")
+    if not run.init_from:
+        raise DistillError(f"[stages.{STAGE}] init_from must name the student's start: the teacher (with init_fresh = "
+                           "[\"guidance_embed.\"]) or an earlier student; a student from random weights is not "
+                           "what this stage is for")
     lo, hi = (float(v) for v in run.guidance_range)
     if not 0.0 <= lo <= hi:
         raise DistillError(f"[stages.{STAGE}] guidance_range must be [lo, hi] with 0 <= lo <= hi, "
@@ -85,7 +89,7 @@ def distill_spec(cfg: TrainConfig) -> StageSpec:
     image = OnDevice(_frozen(ClipImageEncoder(clip.model)).to(device), device)
     teacher = OnDevice(teacher.to(device), device)
     diffusion = Diffusion(tcfg.schedule, tcfg.num_timesteps)
-    few = torch.from_numpy(schedule_timesteps(tcfg.num_timesteps, diffusion.abar.numpy()))
+    few = torch.from_numpy(schedule_timesteps(diffusion.abar.numpy()))
     import open_clip
 
     def loss(model, images, captions, gen):
