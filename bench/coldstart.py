@@ -41,13 +41,13 @@ print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first_image": t3 - t2}))
 
 SESSIONS = r"""
 import json, sys, time
-from dalle2_rt.runtime.backends import open_backend
+from dalle2_rt.runtime.backends import BackendOptions, open_backend
 from dalle2_rt.runtime.manifest import load_manifest, verify_files
 t0 = time.perf_counter()
 m = load_manifest(sys.argv[1])
 verify_files(m, use_cache=False)
 t1 = time.perf_counter()
-backend = open_backend("onnxruntime", m, threads=int(sys.argv[2]) if sys.argv[2] != "0" else None)
+backend = open_backend("onnxruntime", m, BackendOptions(threads=int(sys.argv[2]) if sys.argv[2] != "0" else None))
 out = {"sha256_all_files": t1 - t0, "sessions": {}}
 for g in m.graphs:
     t = time.perf_counter()

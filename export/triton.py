@@ -30,7 +30,7 @@ place; an existing ``--out`` is replaced only with ``--force``.
 
 Config facts (Triton's ``model_config.proto``): with ``max_batch_size > 0`` dims omit the batch axis; a tensor
 that is only the batch axis (``t``, ``*_keep``) is ``dims: [1]`` + ``reshape: { shape: [] }``
-(``dalle2_rt.runtime.triton_backend.config_dims``); dynamic axes are -1. ``check_config`` parses a written
+(``dalle2_rt.runtime.backends.triton.config_dims``); dynamic axes are -1. ``check_config`` parses a written
 config with tritonclient's generated ``model_config_pb2`` (unknown field or enum names fail to parse) and
 compares it with the manifest.
 """
@@ -45,6 +45,7 @@ import tempfile
 from pathlib import Path
 
 import dalle2_rt
+from dalle2_rt.runtime.backends.triton import MANIFEST_SHA_PARAMETER, TRITON_DTYPES, config_dims, is_batched
 from dalle2_rt.runtime.errors import Dalle2RTError
 from dalle2_rt.runtime.manifest import (
     MANIFEST,
@@ -55,7 +56,6 @@ from dalle2_rt.runtime.manifest import (
     load_manifest,
     verify_files,
 )
-from dalle2_rt.runtime.triton_backend import MANIFEST_SHA_PARAMETER, TRITON_DTYPES, config_dims, is_batched
 from dalle2_rt.triton import orchestrator_io
 
 PLATFORMS = ("auto", "onnxruntime", "tensorrt", "python")
@@ -288,8 +288,9 @@ def _plan_key(manifest: Manifest, trt_key: str | None, platform: str) -> str | N
 
 
 def _vendor_runtime(dst: Path) -> None:
-    """dalle2_rt/__init__.py, dalle2_rt/runtime/ and dalle2_rt/triton/ (.py files only) into ``dst/dalle2_rt``."""
-    for sub in ("", "runtime", "triton"):
+    """dalle2_rt/__init__.py, dalle2_rt/runtime/ (with its backends/ package) and dalle2_rt/triton/ (.py files
+    only) into ``dst/dalle2_rt``."""
+    for sub in ("", "runtime", "runtime/backends", "triton"):
         for src in sorted((PACKAGE_DIR / sub).glob("*.py")):
             if sub == "" and src.name != "__init__.py":
                 continue

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dalle2_rt.runtime.backends import OnnxRuntimeBackend
+from dalle2_rt.runtime.backends import BackendOptions, OnnxRuntimeBackend
 from dalle2_rt.runtime.locate import package_engines
 from dalle2_rt.runtime.manifest import MANIFEST, load_manifest, sha256_file, verify_files
 from dalle2_rt.runtime.pipeline import DEFAULT_ENGINES, Pipeline
@@ -131,10 +131,10 @@ def _run_sr(engine) -> dict:
 
 
 def test_the_optimised_copy_is_made_once_then_read(packaged, cache):
-    first = OnnxRuntimeBackend(packaged, threads=1).engine("sr0")
+    first = OnnxRuntimeBackend(packaged, BackendOptions(threads=1)).engine("sr0")
     assert first.file.parent == cache / "ort-optimized" and first.file.name.startswith("sr0-")
     stamp = first.file.stat()
-    again = OnnxRuntimeBackend(packaged, threads=1).engine("sr0")
+    again = OnnxRuntimeBackend(packaged, BackendOptions(threads=1)).engine("sr0")
     assert again.file == first.file and again.file.stat().st_mtime_ns == stamp.st_mtime_ns
     assert [p.name for p in first.file.parent.iterdir()] == [first.file.name]  # no temporary file left
     a, b = _run_sr(first), _run_sr(again)
@@ -142,10 +142,10 @@ def test_the_optimised_copy_is_made_once_then_read(packaged, cache):
 
 
 def test_a_damaged_copy_is_made_again(packaged, cache):
-    made = OnnxRuntimeBackend(packaged, threads=1).engine("sr0").file
-    good = _run_sr(OnnxRuntimeBackend(packaged, threads=1).engine("sr0"))
+    made = OnnxRuntimeBackend(packaged, BackendOptions(threads=1)).engine("sr0").file
+    good = _run_sr(OnnxRuntimeBackend(packaged, BackendOptions(threads=1)).engine("sr0"))
     made.write_bytes(b"not a graph")
-    engine = OnnxRuntimeBackend(packaged, threads=1).engine("sr0")
+    engine = OnnxRuntimeBackend(packaged, BackendOptions(threads=1)).engine("sr0")
     assert engine.file == made and made.stat().st_size > 1000
     assert all(np.array_equal(good[k], v) for k, v in _run_sr(engine).items())
 
@@ -153,21 +153,21 @@ def test_a_damaged_copy_is_made_again(packaged, cache):
 def test_without_a_writable_cache_the_plain_graph_runs(packaged, cache, monkeypatch):
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text("a file where the cache folder would go")
-    engine = OnnxRuntimeBackend(packaged, threads=1).engine("sr0")
+    engine = OnnxRuntimeBackend(packaged, BackendOptions(threads=1)).engine("sr0")
     assert engine.file == packaged.graphs["sr0"].file
     assert np.isfinite(_run_sr(engine)["pred"]).all()
     monkeypatch.setenv("DALLE2_RT_CACHE", str(cache.parent / "other"))
     monkeypatch.setenv("DALLE2_RT_ORT_CACHE", "0")  # switched off: nothing written
-    assert OnnxRuntimeBackend(packaged, threads=1).engine("sr0").file == packaged.graphs["sr0"].file
+    assert OnnxRuntimeBackend(packaged, BackendOptions(threads=1)).engine("sr0").file == packaged.graphs["sr0"].file
     assert not (cache.parent / "other").exists()
 
 
 def test_the_copy_is_named_by_the_graph_and_its_weights(packaged, cache):
-    backend = OnnxRuntimeBackend(packaged, threads=1)
+    backend = OnnxRuntimeBackend(packaged, BackendOptions(threads=1))
     spec = packaged.graphs["prior_step"]
     name = backend._cached_copy(spec, "CPUExecutionProvider")
     retrained = dataclasses.replace(packaged, files={**packaged.files, "prior.weights": "0" * 64})
-    assert OnnxRuntimeBackend(retrained, threads=1)._cached_copy(spec, "CPUExecutionProvider") != name
+    assert OnnxRuntimeBackend(retrained, BackendOptions(threads=1))._cached_copy(spec, "CPUExecutionProvider") != name
     assert backend._cached_copy(spec, "CUDAExecutionProvider") is None  # its fused nodes are the CPU's
     assert f"ort{backend.version}" in name.name
 
@@ -176,7 +176,7 @@ def test_folders_with_a_valid_optimised_graph_do_not_use_the_cache(cache):
     if not (EXPORTED / MANIFEST).is_file():
         pytest.skip("engines/shapes-v2 is not built (make engines)")
     exported = load_manifest(EXPORTED)
-    backend = OnnxRuntimeBackend(exported, threads=1)
+    backend = OnnxRuntimeBackend(exported, BackendOptions(threads=1))
     if exported.graphs["sr0"].optimized_for.get("onnxruntime") != backend.version:
         pytest.skip("engines/shapes-v2 was optimised by another onnxruntime (make engines)")
     assert backend.engine("sr0").file == exported.graphs["sr0"].optimized_file and not cache.exists()
@@ -263,8 +263,8 @@ def test_copies_unused_for_a_month_go_when_one_is_made(packaged, cache):
     for path, days in ((stale, CACHE_KEEP_DAYS + 1), (recent, CACHE_KEEP_DAYS - 1)):
         path.write_bytes(b"an older copy")
         os.utime(path, (time.time() - days * 86400,) * 2)
-    made = OnnxRuntimeBackend(packaged, threads=1).engine("sr0").file
+    made = OnnxRuntimeBackend(packaged, BackendOptions(threads=1)).engine("sr0").file
     assert sorted(folder.iterdir()) == sorted([recent, made])
     os.utime(made, (time.time() - 2 * 86400,) * 2)
-    assert OnnxRuntimeBackend(packaged, threads=1).engine("sr0").file == made
+    assert OnnxRuntimeBackend(packaged, BackendOptions(threads=1)).engine("sr0").file == made
     assert time.time() - made.stat().st_mtime < 60  # read: its last use is now

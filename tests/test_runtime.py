@@ -20,7 +20,7 @@ from PIL import Image
 
 from dalle2_rt.runtime import manifest as manifest_mod
 from dalle2_rt.runtime import pipeline as pipeline_mod
-from dalle2_rt.runtime.backends import OnnxRuntimeBackend, open_backend
+from dalle2_rt.runtime.backends import BackendOptions, OnnxRuntimeBackend, open_backend
 from dalle2_rt.runtime.errors import (
     BackendUnavailableError,
     EngineFolderError,
@@ -189,7 +189,7 @@ def test_engine_call_signature_reads_dtypes_from_the_manifest(pipe):
 
 def test_ort_uses_the_optimized_graph_only_for_its_provider(engines, tmp_path, monkeypatch):
     m = load_manifest(engines)
-    backend = OnnxRuntimeBackend(m, providers=["CPUExecutionProvider"], threads=1)
+    backend = OnnxRuntimeBackend(m, BackendOptions(providers=["CPUExecutionProvider"], threads=1))
     spec = m.graphs["decoder"]
     assert spec.optimized_for.get("provider") == "CPUExecutionProvider"
     assert backend.engine("decoder").file == spec.optimized_file
@@ -198,16 +198,16 @@ def test_ort_uses_the_optimized_graph_only_for_its_provider(engines, tmp_path, m
     m2 = load_manifest(folder)
     # not the CUDA one: the CPU's own optimised copy, made from decoder.onnx in the user cache (backends.py) ...
     monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
-    made = OnnxRuntimeBackend(m2, providers=["CPUExecutionProvider"], threads=1).engine("decoder").file
+    made = OnnxRuntimeBackend(m2, BackendOptions(providers=["CPUExecutionProvider"], threads=1)).engine("decoder").file
     assert made.parent == tmp_path / "cache" / "ort-optimized" and made.name.startswith("decoder-")
     monkeypatch.setenv("DALLE2_RT_ORT_CACHE", "0")  # ... or, with that cache off, the plain graph
-    assert OnnxRuntimeBackend(m2, providers=["CPUExecutionProvider"], threads=1).engine("decoder").file.name == \
-        "decoder.onnx"
+    cpu = BackendOptions(providers=["CPUExecutionProvider"], threads=1)
+    assert OnnxRuntimeBackend(m2, cpu).engine("decoder").file.name == "decoder.onnx"
 
 
 def test_ort_falls_back_to_the_next_provider(engines, monkeypatch):
     m = load_manifest(engines)
-    backend = OnnxRuntimeBackend(m, providers=["CPUExecutionProvider"], threads=1)
+    backend = OnnxRuntimeBackend(m, BackendOptions(providers=["CPUExecutionProvider"], threads=1))
     backend.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # as if CUDA were listed
     real = backend._session
     tried = []
@@ -230,7 +230,7 @@ def test_ort_falls_back_to_the_next_provider(engines, monkeypatch):
 def test_unknown_provider_and_unavailable_backends(engines):
     m = load_manifest(engines)
     with pytest.raises(BackendUnavailableError, match="not available"):
-        OnnxRuntimeBackend(m, providers=["NoSuchExecutionProvider"])
+        OnnxRuntimeBackend(m, BackendOptions(providers=["NoSuchExecutionProvider"]))
     with pytest.raises(InputError, match="unknown backend"):
         open_backend("jax", m)
     try:
@@ -823,7 +823,7 @@ class _FakeOrt:
 
 
 def test_shared_thread_pool_is_made_once(monkeypatch):
-    from dalle2_rt.runtime import backends
+    from dalle2_rt.runtime.backends import onnxruntime as backends
 
     monkeypatch.setattr(backends, "_SHARED_POOL", {})
     fake = _FakeOrt()

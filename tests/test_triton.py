@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from dalle2_rt.runtime.backends.triton import config_dims, config_problems
 from dalle2_rt.runtime.errors import BackendUnavailableError, InputError
 from dalle2_rt.runtime.manifest import load_manifest
 from dalle2_rt.runtime.pipeline import Pipeline
-from dalle2_rt.runtime.triton_backend import config_dims, config_problems
 from dalle2_rt.triton import orchestrator_io
 from dalle2_rt.triton.server import free_port
 from export import triton as writer
@@ -91,7 +91,7 @@ def test_orchestrator_model_carries_the_manifest_tokenizer_and_runtime(tiny_engi
     tok = m.tokenizer["file"]
     assert _sha(version / "engine" / tok) == m.tokenizer["sha256"]
     assert (version / "model.py").read_text() == writer.ORCHESTRATOR_MODEL.read_text()
-    for module in ("runtime/pipeline.py", "runtime/triton_backend.py", "triton/orchestrator_io.py", "__init__.py"):
+    for module in ("runtime/pipeline.py", "runtime/backends/triton.py", "triton/orchestrator_io.py", "__init__.py"):
         assert (version / "dalle2_rt" / module).is_file(), module
     assert not (version / "dalle2_rt" / "models").exists()  # the torch side is not vendored
     # a thin client: manifest + tokenizer alone open a pipeline (the graphs are the server's)

@@ -20,7 +20,7 @@ This file is the orchestration; each idea lives in its own module:
 ``plan.py`` (the sampling stages resolved once at load), ``settings.py`` (the call's options, checked),
 ``noise.py`` (noise streams and the seed contract), ``stage_runner.py`` (one stage over chunks, prefix
 cache, last-step graph, NaN checks), ``parameterization.py`` (guidance stacking and the denoiser adapter),
-``stages.py`` (what manifest keys ask for: candidate choice, SR low-res input), ``backends.py`` (the
+``stages.py`` (what manifest keys ask for: candidate choice, SR low-res input), ``backends/`` (the
 ``engine(**arrays) -> dict`` call of every backend). Nothing here branches on a model's name.
 
 A ``Pipeline`` holds only immutable state after ``load`` (its ``engines`` dict may be replaced or wrapped by
@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from . import operations
-from .backends import BACKENDS, open_backend
+from .backends import BACKENDS, BackendOptions, open_backend
 from .errors import EngineFolderError, InputError, PromptTruncatedWarning
 from .images import open_image, to_pixels, to_uint8
 from .locate import DEFAULT_ENGINES, default_engines, missing_message  # noqa: F401 - the lookup (locate.py)
@@ -78,7 +78,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, folder: str | os.PathLike | None = None, backend: str = "onnxruntime", *,
-             providers: list[str] | None = None, threads: int | None = None, device_id: int = 0,
+             providers: list[str] | None = None, threads: int | None = None, device_id: int | None = None,
              verify: bool = True, prefix_cache: bool = True, shared_threads: bool = False,
              engines: str | os.PathLike | None = None, url: str | None = None) -> Pipeline:
         """Read the engine folder ``folder`` (None: ``default_engines()``), check every file's sha256, resolve
@@ -89,9 +89,10 @@ class Pipeline:
         use a stage's ``prefix_cache`` graphs where the folder has them (False: the full graph every step).
         shared_threads: onnxruntime sessions share one process-wide thread pool (faster; but afterwards
         onnxruntime refuses sessions with their own pools anywhere in the process, so only where you own
-        the process: the CLI does it; see ``backends.py``). engines: the former name of ``folder``, still
+        the process: the CLI does it; see ``backends/onnxruntime.py``). engines: the former name of ``folder``, still
         accepted as a keyword (``self.engines`` is the dict of opened graphs). url: the server of the
-        ``triton`` backend (``http://HOST:8000``, ``grpc://HOST:8001``; ``triton_backend.py``).
+        ``triton`` backend (``http://HOST:8000``, ``grpc://HOST:8001``; ``backends/triton.py``). An option the backend
+        does not use (``url`` for onnxruntime, ``threads`` for triton, …) is an ``InputError``.
         """
         if engines is not None:
             if folder is not None:
@@ -114,12 +115,9 @@ class Pipeline:
         if stages[1].defaults.get("candidates", 1) > 1 and "image_encoder" not in manifest.stages:
             raise EngineFolderError(f"{manifest.folder}: the decoder's default candidates "
                                     f"{stages[1].defaults['candidates']} need an image_encoder stage to rank them")
-        options = {"threads": threads, "device_id": device_id}
-        if backend == "onnxruntime":
-            options.update(providers=providers, shared_pool=shared_threads)
-        if backend == "triton":
-            options["url"] = url
-        runner = open_backend(backend, manifest, **options)
+        options = BackendOptions(threads=threads, device_id=device_id, providers=providers,
+                                 shared_pool=shared_threads, url=url)
+        runner = open_backend(backend, manifest, options)  # refuses an option it does not use, by name
         opened = {g: runner.engine(g) for g in graphs_to_open(manifest, stages)}
         return cls(manifest, runner, opened, tokenizer, stages)
 

@@ -4,7 +4,7 @@
   Triton's own ``onnxruntime_onnx`` backend where the server has only the Python backend (pytriton's
   bundled ``tritonserver``, which is how the tests run a real server on a CPU machine).
 - ``orchestrator_model.py``: the Python-backend model that runs the diffusion loop. It is the runtime's
-  own ``Pipeline`` on the ``triton`` backend (``dalle2_rt/runtime/triton_backend.py``) whose engine call is
+  own ``Pipeline`` on the ``triton`` backend (``dalle2_rt/runtime/backends/triton.py``) whose engine call is
   a BLS request to the graph models, not a second copy of the loop.
 - ``server.py``: starts a ``tritonserver`` binary on loopback (free ports, bounded waits, shutdown), and
   ``python -m dalle2_rt.triton.server REPO --demo PROMPT`` generates one image through it.
