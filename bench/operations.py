@@ -58,13 +58,18 @@ def mean_se(values) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def renders(n: int, seed: int):
-    """n (spec, caption, (64, 64, 3) uint8 render) with every attribute named."""
+def output_side(pipe) -> int:
+    """The side of the images an engine folder draws (its last stage's)."""
+    return (pipe.sr_plans[-1] if pipe.sr_plans else pipe.decoder_plan).x_shape[-1]
+
+
+def renders(n: int, seed: int, size: int = 64):
+    """n (spec, caption, (size, size, 3) uint8 render) with every attribute named."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         spec = random_full_single_spec(rng)
-        out.append((spec, caption_text(spec), render(sample_scene(spec, rng))))
+        out.append((spec, caption_text(spec), render(sample_scene(spec, rng), size)))
     return out
 
 
@@ -170,7 +175,7 @@ def main(argv=None) -> int:
     pipe = Pipeline.load(args.engines, threads=args.threads)
     settings = {"decoder_steps": args.decoder_steps, "decoder_guidance": args.decoder_guidance,
                 "refine": args.refine}
-    items = renders(args.n, args.seed)
+    items = renders(args.n, args.seed, output_side(pipe))
     out = {"settings": {**settings, "n": args.n, "seed": args.seed, "text": args.text}}
     out["inversion"], inv = bench_inversion(pipe, items, settings)
     print("inversion", json.dumps(out["inversion"]), flush=True)

@@ -307,3 +307,20 @@ def test_pipeline_methods_delegate(pipe, pictures):
     same = ops.reconstruct(pipe, inv, seed=1)[0]
     assert np.array_equal(np.asarray(pipe.reconstruct(inv, seed=1)[0]), np.asarray(same))
     assert len(pipe.interpolate(inv, inv, frames=2)) == 2 and len(pipe.edit(inv, "a", "b", amount=[0.1])) == 1
+
+
+def test_bench_operations_runs_on_the_tiny_engines(pipe):
+    """python -m bench.operations end to end on 2 renders: every row is a rate or a mean with its error."""
+    from bench import operations as bench
+
+    items = bench.renders(2, seed=0, size=bench.output_side(pipe))
+    settings = {"decoder_steps": 2, "decoder_guidance": None, "refine": 0}
+    inversion, inv = bench.bench_inversion(pipe, items, settings)
+    assert inversion["n"] == 2 and 0 <= inversion["fully_right"][0] <= 100 and inversion["pixel_error_32"][0] > 0
+    interp = bench.bench_interpolation(pipe, items, inv, frames=3)
+    assert interp["pairs"] == 1 and len(interp["interior_valid"]) == 2
+    edits = bench.bench_edits(pipe, items, inv, [0.3], seed=0)
+    assert set(edits["by_kind"]) == set(bench.KINDS) and set(edits["mean"]) == {"0.3"}
+    for kind in bench.KINDS:  # each change names a caption the world allows, differing from the source
+        spec = items[0][0]
+        assert bench.changed(spec, kind, np.random.default_rng(1)) != spec
