@@ -4,13 +4,16 @@ Every user mistake ends in ONE line on stderr, ``dalle2-rt: error: <what to fix>
 file written: arguments are checked, the prompt file read, the variations image opened, the output folder
 probed and the engine folder verified before the first image is generated. Written paths go to stdout,
 one a line, so ``dalle2-rt ... | xargs`` works; the progress bar goes to stderr and only to a terminal.
+SIGINT (exit 130) and SIGTERM (exit 143) stop it with one line and no partial file left behind.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import secrets
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from .runtime.noise import new_seed
 from .runtime.settings import MAX_IMAGES, OPTIONS, VARIATION_OPTIONS, check, check_int, check_prompts
 
 PROG = "dalle2-rt"
+CORES = os.cpu_count() or 1
+MAX_THREADS = 4 * CORES  # more only wait for a core, each with its own stack and arena: memory for no speed
 
 EPILOG = """\
 examples:
@@ -45,6 +50,23 @@ else the copy installed with the package. `dalle2-rt info` says which folder tha
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as SIGINT's KeyboardInterrupt is, so the same ``finally`` blocks run
+    (``save_png`` removes its ``.png.tmp``) instead of the process dying mid-write."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def check_threads(value) -> int:
+    """``--threads``: 1 … 4 × the machine's cores."""
+    value = check_int("threads", value, 1)
+    if value > MAX_THREADS:
+        raise InputError(f"threads must be at most {MAX_THREADS} (4 × the {CORES} cores), got {value}")
+    return value
 
 
 def _typed(rule, parse=int):
@@ -114,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--url", metavar="URL",
                      help="with --backend triton: the server, http://HOST:8000 or grpc://HOST:8001")
     run.add_argument("--engines", metavar="DIR", help="engine folder (with manifest.json)")
-    run.add_argument("--threads", type=_typed(lambda v: check_int("threads", v, 1)), metavar="N",
-                     help="CPU threads per graph (default: one per core). On a machine busy with other work, "
-                          "--threads 1 is often faster: threads that wait for a core stall every step")
+    run.add_argument("--threads", type=_typed(check_threads), metavar="N",
+                     help=f"CPU threads per graph, 1 … {MAX_THREADS} (default: one per core). On a machine busy "
+                          "with other work, --threads 1 is often faster: threads that wait for a core stall every step")
     return p
 
 
@@ -176,17 +198,29 @@ def main(argv: list[str] | None = None, *, shared_threads: bool = False) -> int:
         from .serve.cli import main as serve_main
 
         return serve_main(args[1:])
+    # SIGTERM takes SIGINT's path (only the main thread may set a handler; the caller's is put back after).
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _in_main_thread() else None
     try:
         if args[:1] in (["edit"], ["interpolate"]):  # unCLIP's operations on images (cli_operations.py)
             from .cli_operations import main as operations_main
 
             return operations_main(args)
         return info(args[1:]) if args[:1] == ["info"] else _main(argv, shared_threads)
+    except Terminated:
+        sys.stderr.write(f"{PROG}: terminated\n")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
     except BrokenPipeError:  # stdout closed early (| head): nothing more to say
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _main(argv, shared_threads: bool) -> int:

@@ -15,7 +15,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from .cli import PROG, _fail, _Parser, _typed, check_output_dir
+from .cli import MAX_THREADS, PROG, _fail, _Parser, _typed, check_output_dir, check_threads
 from .runtime.errors import Dalle2RTError, InputError
 from .runtime.noise import new_seed
 from .runtime.operations import (
@@ -43,8 +43,8 @@ def _common(p) -> None:
     p.add_argument("--refine", type=_typed(lambda v: check_int("refine", v, 0, 32)), default=DEFAULT_REFINE,
                    metavar="K", help=f"fixed-point iterations per inversion step (default {DEFAULT_REFINE})")
     p.add_argument("--engines", metavar="DIR", help="engine folder (with manifest.json)")
-    p.add_argument("--threads", type=_typed(lambda v: check_int("threads", v, 1)), metavar="N",
-                   help="CPU threads per graph")
+    p.add_argument("--threads", type=_typed(check_threads), metavar="N",
+                   help=f"CPU threads per graph, 1 … {MAX_THREADS}")
 
 
 def build_edit_parser() -> _Parser:

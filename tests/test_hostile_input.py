@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -254,3 +255,49 @@ def test_cli_variations_of_a_decompression_bomb_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "is too large to decode" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------- CLI resources, SIGTERM
+
+@pytest.mark.parametrize("command", [["a red circle"], ["interpolate", "a red circle", "a blue square"]])
+def test_cli_threads_above_four_per_core_is_one_line_and_writes_nothing(tmp_path, capsys, command):
+    from dalle2_rt import cli
+    for threads in (cli.MAX_THREADS + 1, 100_000):
+        with pytest.raises(SystemExit) as exited:  # argparse's exit, before anything is opened
+            cli.main([*command, "--threads", str(threads), "-o", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.count("\n") == 1, err
+        assert f"threads must be at most {cli.MAX_THREADS} (4 × the {cli.CORES} cores)" in err
+    assert not (tmp_path / "o").exists()
+    assert cli.check_threads(cli.MAX_THREADS) == cli.MAX_THREADS
+
+
+def test_cli_sigterm_while_saving_leaves_no_partial_file(tmp_path):
+    """SIGTERM takes SIGINT's path: ``save_png``'s ``finally`` removes its ``.png.tmp`` (the default action would
+    kill the process between the temporary file and its link), the exit status is 128 + 15 and one line says so."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a red circle number {i}\n" for i in range(32)))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DALLE2_RT_CACHE": str(tmp_path / "c")}
+    proc = subprocess.Popen([sys.executable, "-c", MAIN, "--from-file", str(prompts), "-n", "8", "--seed", "1",
+                             "--threads", "1", "-q", "-o", str(out), "--engines",
+                             str(REPO / "dalle2_rt" / "engines" / "shapes-v2")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    try:
+        first = proc.stdout.readline()  # the first PNG is linked: the other seven are being written now
+        assert first.strip().endswith(b".png"), proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.decode() == "dalle2-rt: terminated\n"
+    names = os.listdir(out)
+    assert not [n for n in names if n.endswith(".tmp")], names
+    assert 1 <= len(names) < 32 * 8, names
+    for name in names:  # every file left is a whole PNG that was reported on stdout
+        with Image.open(out / name) as image:
+            image.load()
+    assert sorted(names) == sorted(Path(line.decode()).name for line in (first + rest).splitlines())
