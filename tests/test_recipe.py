@@ -247,12 +247,13 @@ def test_the_v2_recipe_warm_starts_from_committed_folders_of_the_right_kind():
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / "shapes-v2.toml")
-    for stage in STAGES:
+    assert set(cfg.stages) == set(STAGES) - {"decoder_distill"}  # every stage but the distillation (its own recipe)
+    for stage in cfg.stages:
         folder = repo / cfg.stage(stage).init_from
         meta = json.loads((folder / "model.json").read_text())
         assert meta["kind"] == stage, folder
         assert (folder / "model.safetensors").stat().st_size > 0
-    for stage in STAGES:  # and each committed folder is one the recipe's stage can warm-start from
+    for stage in cfg.stages:  # and each committed folder is one the recipe's stage can warm-start from
         kind = registry.kind(stage)
         linked = stages.clip_links(stages.model_config(cfg, "clip")) if stage in ("prior", "decoder") else {}
         model_cfg = stages.model_config(cfg, stage, **linked)
@@ -260,6 +261,22 @@ def test_the_v2_recipe_warm_starts_from_committed_folders_of_the_right_kind():
         spec = types.SimpleNamespace(name=stage, kind=stage, model_cfg=model_cfg)
         loop.warm_start(model, loop.EMA(model), spec, str(repo / cfg.stage(stage).init_from),
                         cfg.stage(stage).init_fresh)
+
+
+def test_the_distillation_recipe_continues_from_the_committed_student():
+    """configs/shapes-v2-fast.toml: the teacher and CLIP are the bundled ones, and a machine without runs/ warm-starts
+    the student from the committed guidance-distilled decoder (all of it: nothing fresh)."""
+    from pathlib import Path
+
+    from dalle2_rt.training.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    run = load_config(repo / "configs" / "shapes-v2-fast.toml").stage("decoder_distill")
+    assert run.teacher == "checkpoints/shapes-v2/decoder/model" and run.clip == "checkpoints/shapes-v2/clip/model"
+    student = json.loads((repo / run.init_from / "model.json").read_text())
+    assert student["kind"] == "decoder" and student["config"]["guidance_input"] is True and not run.init_fresh
+    teacher = json.loads((repo / run.teacher / "model.json").read_text())
+    assert {k: v for k, v in student["config"].items() if k != "guidance_input"} == teacher["config"]
 
 
 def test_clip_contrastive_with_hard_negatives():
