@@ -38,6 +38,7 @@ from .folder import (
     ExportError,
     carry_graph,
     carry_trt,
+    check_replaceable,
     ensure_dir,
     fsync_tree,
     graph_files,
@@ -151,6 +152,7 @@ def build(family: Family, out: Path, *, name: str, options: Options, quiet: bool
             and trt_satisfied(old, trt_key, options.precision):
         say(f"{out}: up to date")
         return ExportResult(out, "up to date", old, reused=list(old["graphs"]), trt_message=trt_message)
+    check_replaceable(out)  # the swap below deletes the old folder: only what an export wrote may be in it
 
     # Everything the sources decide, before the first (slow) graph export: a bad source fails here.
     specs = family.graph_specs(options.max_batch)
@@ -158,7 +160,10 @@ def build(family: Family, out: Path, *, name: str, options: Options, quiet: bool
     output = family.output_entry(stages)
 
     result = ExportResult(out, "built", {}, trt_message=trt_message)
-    parent = out.parent if out.parent.exists() else ensure_dir(out.parent)
+    try:
+        parent = out.parent if out.parent.is_dir() else ensure_dir(out.parent)
+    except OSError as e:  # --out file/sub: a file where a folder must be
+        raise ExportError(f"--out {out}: cannot make the folder {out.parent} ({e.strerror or e})") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-{os.getpid()}-", dir=parent))
     try:
         started = time.perf_counter()

@@ -4,14 +4,15 @@ Shared by both exporters (``all.py`` for our checkpoints, ``diffusers_unclip.py`
 new folder is built as the hidden sibling ``.<name>.export-<pid>-<random>`` and put in place with two renames
 (``swap_into_place``); ``recover_stale`` cleans up after an exporter that was killed between them. Files of
 the old folder that the new one keeps (graphs whose inputs did not change, their external data and their
-TensorRT plans) are copied after their sha256 was checked against the old manifest (``intact_files``).
+TensorRT plans) are copied after their sha256 was checked against the old manifest (``intact_files``). The swap
+deletes the old folder, so ``check_replaceable`` first refuses one that holds anything its manifest does not list.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from dalle2_rt.runtime import trt_keys
 
@@ -33,6 +34,32 @@ def previous_manifest(out: Path) -> dict | None:
         raise ExportError(f"{out} exists and is not an engine folder (no readable {mf.MANIFEST}); "
                           "remove it or choose another --out")
     return old
+
+
+def check_replaceable(out: Path) -> None:
+    """ExportError unless replacing ``out`` (None or an engine folder ``previous_manifest`` accepted) deletes only
+    what an export wrote: its ``manifest.json`` and the files that manifest lists. A file or folder a user put
+    beside them (notes, images, a copy of a graph) would go with the old folder, so it is named instead."""
+    if not out.is_dir():
+        return
+    try:
+        listed = json.loads((out / mf.MANIFEST).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    known = {mf.MANIFEST, *(listed if isinstance(listed, dict) else ())}
+    parents = {q.as_posix() for rel in known for q in PurePosixPath(rel).parents if q.as_posix() != "."}
+    foreign = []
+    for root, dirs, files in os.walk(out):  # symlinks are listed, never followed
+        here = Path(root).relative_to(out)
+        for name in sorted(files) + sorted(dirs):
+            rel = (here / name).as_posix()
+            if rel not in known and rel not in parents:
+                foreign.append(rel)
+        dirs[:] = [d for d in dirs if (here / d).as_posix() in parents]  # a foreign folder is named once
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ExportError(f"{out} holds what its {mf.MANIFEST} does not list ({shown}); rebuilding would delete "
+                          "it: move it out of the folder or choose another --out")
 
 
 def is_ours(out: Path) -> bool:

@@ -8,9 +8,11 @@ their number, ``sr`` being 0), which form a chain: each SR stage's ``low_res_siz
 key by its ``model.json`` "defaults", then by the directory's ``defaults.json`` entry for the stage (the
 model's chosen defaults, committed beside the checkpoints: ``registry.read_defaults``).
 
-``find_sources`` checks everything it can before a graph is exported: each config deserialises (no unknown
-key), each safetensors file is complete and holds exactly the tensors, at the shapes, of the network its
-config builds (read from the header; ``registry.check_weights``), and the stages fit together.
+``find_sources`` checks everything it can before a graph is exported: each model.json and defaults.json has
+only known keys (top level, config, defaults) and checked defaults, each safetensors file is complete and holds
+exactly the tensors, at the shapes, of the network its config builds (read from the header;
+``registry.check_weights``), floating where the network's are and finite (``registry.check_values``), and the
+stages fit together.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def _load(ckpt_dir: Path, stage: str, kind: str, chosen: dict | None = None) -> 
     try:
         _, config, meta = registry.read_config(folder, expect=kind)
         registry.check_weights(folder, kind, config)
+        registry.check_values(folder, kind, config)
     except registry.CheckpointError as e:
         raise SourceError(f"stage {stage!r}: {e}") from None
     meta_sha256 = sha256_file(meta_file)

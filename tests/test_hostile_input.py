@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -301,3 +302,119 @@ def test_cli_sigterm_while_saving_leaves_no_partial_file(tmp_path):
         with Image.open(out / name) as image:
             image.load()
     assert sorted(names) == sorted(Path(line.decode()).name for line in (first + rest).splitlines())
+
+
+# ------------------------------------------------------------------------------------------ export.all's input
+
+def _edit_meta(stage, edit):
+    def breakage(ckpt: Path):
+        path = ckpt / stage / "model" / "model.json"
+        meta = json.loads(path.read_text())
+        edit(meta)
+        path.write_text(json.dumps(meta))
+    return breakage
+
+
+def _edit_weights(stage, edit):
+    def breakage(ckpt: Path):
+        from safetensors.torch import load_file, save_file
+
+        path = ckpt / stage / "model" / "model.safetensors"
+        state = load_file(str(path))
+        key = sorted(state)[0]
+        state[key] = edit(state[key])
+        save_file(state, str(path))
+    return breakage
+
+
+def _nan_at_one(tensor):
+    tensor = tensor.clone()
+    tensor.view(-1)[0] = float("nan")
+    return tensor
+
+
+def _defaults_json(data):
+    return lambda ckpt: (ckpt / "defaults.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("breakage, words", [
+    (_edit_meta("prior", lambda m: m.update(dept=4)),
+     "prior/model/model.json: unknown key 'dept' (known: kind, config, step"),
+    (_edit_meta("decoder", lambda m: m["config"].update(colour="red")), "model.json: config: unknown key 'colour'"),
+    (_edit_meta("decoder", lambda m: m.update(defaults={"steps": 7, "colour": "red"})),
+     "decoder/model/model.json: defaults.colour: unknown key; known: sampler, steps"),
+    (_edit_meta("sr", lambda m: m.update(defaults={"steps": -1})), "model.json: defaults.steps = -1 is not a valid"),
+    (_edit_meta("prior", lambda m: m.update(defaults=[5])), "prior/model/model.json: defaults must be an object"),
+    (_defaults_json({"prior": {"steps": 5, "colour": "red"}}), "defaults.json: prior.colour: unknown key"),
+    (_defaults_json({"prior2": {"steps": 5}}), "defaults.json: no stage folder for 'prior2'"),
+    (_defaults_json({"prior": {"candidates": 10**9}}), "defaults.json: prior.candidates = 1000000000 is not a valid"),
+    (_edit_weights("prior", _nan_at_one), "prior/model/model.safetensors: {key} has 1 non-finite value (NaN or inf)"),
+    (_edit_weights("sr", lambda t: t.char()),  # int8
+     "sr/model/model.safetensors: {key} is stored as int8, the network's is float32"),
+], ids=["model-key", "config-key", "defaults-key", "defaults-value", "defaults-list", "defaults-json-key",
+        "defaults-json-stage", "defaults-json-candidates", "nan-weight", "int8-weight"])
+def test_export_refuses_unknown_keys_and_bad_weights_in_one_line_before_any_graph(
+        tiny_checkpoints, tmp_path, monkeypatch, capsys, breakage, words):
+    from export import all as export_all
+    from export import driver
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints, ckpt)
+    breakage(ckpt)
+    exported = []
+    monkeypatch.setattr(driver, "export_onnx", lambda spec, *a, **k: exported.append(spec.name))
+    out = tmp_path / "engines" / "x"
+    rc = export_all.main(["--checkpoints", str(ckpt), "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("export: error: ") and err.count("\n") == 1, err
+    stage = words.split("/")[0]
+    if "{key}" in words:  # the first tensor of the stage, in name order
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt / stage / "model" / "model.safetensors"), framework="pt") as f:
+            words = words.format(key=sorted(f.keys())[0])
+    assert words in err, err
+    assert exported == [] and not out.parent.exists()
+
+
+def _engine_copy(tiny_engines: Path, tiny_checkpoints: Path, tmp_path: Path) -> tuple[Path, Path]:
+    ckpt, out = tmp_path / "ckpt", tmp_path / "engines" / "tiny"
+    shutil.copytree(tiny_checkpoints, ckpt)
+    shutil.copytree(tiny_engines, out)
+    return ckpt, out
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_never_deletes_files_it_did_not_write_in_out(tiny_engines, tiny_checkpoints, tmp_path, capsys):
+    """Rebuilding replaces the whole folder: a file a user put beside the graphs is named, and kept, instead."""
+    from export import all as export_all
+
+    ckpt, out = _engine_copy(tiny_engines, tiny_checkpoints, tmp_path)
+    (out / "notes.txt").write_text("keep me")
+    (out / "samples").mkdir()
+    (out / "samples" / "a.png").write_bytes(b"png")
+    before = _tree(out)
+    assert export_all.main(["--checkpoints", str(ckpt), "--out", str(out), "--name", "tiny", "-q"]) == 0
+    assert capsys.readouterr().out.strip().endswith("up to date")  # nothing to replace: nothing refused
+    rc = export_all.main(["--checkpoints", str(ckpt), "--out", str(out), "--name", "renamed", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "does not list (notes.txt, samples); rebuilding would delete it" in err
+    assert _tree(out) == before and not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    (out / "notes.txt").unlink()
+    shutil.rmtree(out / "samples")
+    assert export_all.main(["--checkpoints", str(ckpt), "--out", str(out), "--name", "renamed", "-q"]) == 0
+    assert json.loads((out / MANIFEST).read_text())["name"] == "renamed"
+
+
+def test_export_out_under_a_file_is_one_line(tiny_checkpoints, tmp_path, capsys):
+    from export import all as export_all
+
+    (tmp_path / "file").write_text("x")
+    rc = export_all.main(["--checkpoints", str(tiny_checkpoints), "--out", str(tmp_path / "file" / "sub"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "cannot make the folder" in err, err
+    assert (tmp_path / "file").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]

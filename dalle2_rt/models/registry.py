@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from ..runtime.settings import MAX_CANDIDATES
 from .clip import ClipConfig, ClipImageEncoder, ClipTextEncoder, build_clip
 from .config_dict import ConfigError, config_from_dict, config_to_dict
 from .decoder import Decoder, DecoderConfig
@@ -38,8 +39,8 @@ from .prior import DiffusionPrior, PriorConfig, PriorPrefix, PriorStep
 from .sr import SRConfig, SuperRes
 
 __all__ = ["DEFAULTS", "KINDS", "META", "WEIGHTS", "CheckpointError", "ConfigError", "Kind", "Loaded", "build",
-           "check_weights", "config_from_dict", "config_to_dict", "kind", "load", "load_weights", "read_config",
-           "read_defaults", "read_defaults_file", "read_meta", "resolve"]
+           "check_defaults", "check_values", "check_weights", "config_from_dict", "config_to_dict", "kind", "load",
+           "load_weights", "read_config", "read_defaults", "read_defaults_file", "read_meta", "resolve"]
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -49,10 +50,14 @@ DEFAULT_KEYS = {
     "sampler": lambda v: isinstance(v, str) and bool(v),
     "steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "guidance": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < float("inf"),
-    "candidates": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    # the runtime's own bound: the exporter sizes graph batches by it (10⁹ would be a multi-TB allocation)
+    "candidates": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_CANDIDATES,
     # decoder: rank the candidates after this many steps and finish only the best (early candidate choice)
     "choice_step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
 }
+# model.json's top level: what save_model writes (kind, config), the training loop adds (step, trained_steps,
+# open_clip_cfg) and bundle adds (defaults). Anything else is a typo or a foreign file: refused by name.
+META_KEYS = ("kind", "config", "step", "trained_steps", "defaults", "open_clip_cfg")
 
 
 class CheckpointError(ValueError):
@@ -114,15 +119,22 @@ def read_defaults_file(path: str | Path) -> dict[str, dict]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected an object {{stage: {{sampler, steps, guidance, candidates}}}}")
     for stage, entry in data.items():
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"{path}: {stage!r} must be an object")
-        for key, value in entry.items():
-            check = DEFAULT_KEYS.get(key)
-            if check is None:
-                raise CheckpointError(f"{path}: {stage}.{key}: unknown key; known: {', '.join(DEFAULT_KEYS)}")
-            if not check(value):
-                raise CheckpointError(f"{path}: {stage}.{key} = {value!r} is not a valid value")
+        check_defaults(entry, f"{path}: {stage}", f"{path}: {stage!r}")
     return data
+
+
+def check_defaults(entry, where: str, name: str | None = None) -> None:
+    """One stage's sampling defaults ({sampler, steps, guidance, candidates, choice_step}): an object whose keys
+    are all known and whose values pass their check; ``where`` prefixes each key in an error (``name``: the
+    entry itself, when it is not an object)."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{name or where} must be an object")
+    for key, value in entry.items():
+        check = DEFAULT_KEYS.get(key)
+        if check is None:
+            raise CheckpointError(f"{where}.{key}: unknown key; known: {', '.join(DEFAULT_KEYS)}")
+        if not check(value):
+            raise CheckpointError(f"{where}.{key} = {value!r} is not a valid value")
 
 
 def read_meta(folder: str | Path) -> dict:
@@ -136,6 +148,12 @@ def read_meta(folder: str | Path) -> dict:
         raise CheckpointError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path}: expected an object with 'kind' and 'config'")
+    unknown = sorted(set(meta) - set(META_KEYS))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
+                              f"(known: {', '.join(META_KEYS)})")
+    if "defaults" in meta:
+        check_defaults(meta["defaults"], f"{path}: defaults")
     return meta
 
 
@@ -184,6 +202,26 @@ def check_weights(folder: str | Path, name: str, config) -> None:
     problems += [f"{k} has shape {list(saved[k])}, the config gives {list(expected[k])}" for k in wrong[:3]]
     if problems:
         raise CheckpointError(f"{path}: weights do not fit the {name} config in {META}: " + "; ".join(problems))
+
+
+def check_values(folder: str | Path, name: str, config) -> None:
+    """Refuse weights whose values would export a broken graph, after ``check_weights``: a floating-point
+    parameter stored as an integer or bool tensor (or the reverse), or any NaN or inf (which would only fail
+    at run time, as a NaN image). Reads one tensor at a time, so memory stays one tensor's."""
+    path = resolve(folder) / WEIGHTS
+    with torch.device("meta"):
+        expected = {k: v.dtype for k, v in build(name, config).state_dict().items()}
+    with safe_open(str(path), framework="pt") as f:
+        for key in sorted(f.keys()):
+            tensor = f.get_tensor(key)
+            if tensor.is_floating_point() != expected[key].is_floating_point:
+                raise CheckpointError(f"{path}: {key} is stored as {str(tensor.dtype).removeprefix('torch.')}, "
+                                      f"the network's is {str(expected[key]).removeprefix('torch.')}")
+            if tensor.is_floating_point():
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    raise CheckpointError(f"{path}: {key} has {bad} non-finite value{'s' * (bad > 1)} (NaN or inf) "
+                                          f"of {tensor.numel()}")
 
 
 @dataclass(frozen=True)
