@@ -107,8 +107,13 @@ def source_entry(src: Source) -> dict:
     return {"path": shown, "kind": src.kind, "step": src.meta.get("step"), **_source_digests(src)}
 
 
+# keys a checkpoint's defaults may add beyond DEFAULTS' (absent: the runtime's own default)
+OPTIONAL_DEFAULTS = {"decoder": ("choice_step",)}
+
+
 def stage_defaults(kind: str, src: Source) -> dict:
-    return {**DEFAULTS[kind], **{k: v for k, v in src.defaults.items() if k in DEFAULTS[kind]}}
+    known = (*DEFAULTS[kind], *OPTIONAL_DEFAULTS.get(kind, ()))
+    return {**DEFAULTS[kind], **{k: v for k, v in src.defaults.items() if k in known}}
 
 
 def _schedule(cfg) -> dict:

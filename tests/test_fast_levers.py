@@ -279,3 +279,14 @@ def test_a_rate_with_every_image_right_still_has_an_error():
     assert p == 100.0 and 0.3 < se < 1.0  # p̃ = 201/202: about 0.5 points, not 0
     p, se = rate([True] * 150 + [False] * 50)
     assert p == 75.0 and abs(se - 100 * np.sqrt((151 / 202) * (51 / 202) / 200)) < 1e-9
+
+
+def test_a_checkpoint_default_choice_step_reaches_the_manifest():
+    from types import SimpleNamespace
+
+    from export.manifest import stage_defaults
+
+    src = SimpleNamespace(defaults={"steps": 4, "choice_step": 2, "colour": "red"})
+    got = stage_defaults("decoder", src)
+    assert got["choice_step"] == 2 and got["steps"] == 4 and "colour" not in got
+    assert "choice_step" not in stage_defaults("prior", SimpleNamespace(defaults={"choice_step": 2}))
