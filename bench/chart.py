@@ -27,28 +27,16 @@ def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
     return ticks
 
 
-def line_chart(series: dict[str, list[tuple[float, float]]], path, *, title: str, xlabel: str, ylabel: str,
-               marked: dict[str, float] | None = None, size=(900, 560), y_range=None) -> None:
-    """Write a PNG: one polyline with dot markers per series (points (x, y)); ``marked[name] = x`` draws a
-    ring around that series' point at x (e.g. the chosen default)."""
-    w, h = size
-    left, right, top, bottom = 80, 200, 50, 70
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    f_small, f_mid, f_big = _font(13), _font(15), _font(18)
-    xs = [x for pts in series.values() for x, _ in pts]
-    ys = [y for pts in series.values() for _, y in pts]
-    x0, x1 = 0.0, max(xs) * 1.05
-    if y_range is None:
-        pad = max((max(ys) - min(ys)) * 0.15, 2.0)
-        y0, y1 = max(0.0, min(ys) - pad), min(100.0, max(ys) + pad)
-    else:
-        y0, y1 = y_range
+def _frame(img, d, fonts, *, right: int, x_range, y_range, title: str, xlabel: str, ylabel: str):
+    """Frame, grid, ticks, title and axis labels of a chart on ``img``; returns px(x, y) -> pixel position."""
+    w, h = img.size
+    left, top, bottom = 80, 50, 70
+    f_small, f_mid, f_big = fonts
+    (x0, x1), (y0, y1) = x_range, y_range
 
     def px(x, y):
         return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
 
-    # frame, grid, ticks
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     for yt in _nice_ticks(y0, y1):
         _, py = px(x0, yt)
@@ -61,7 +49,6 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, title: str
         d.line([pxx, h - bottom, pxx, h - bottom + 5], fill="black")
         label = f"{xt:g}"
         d.text((pxx - d.textlength(label, font=f_small) / 2, h - bottom + 8), label, fill="black", font=f_small)
-    # labels
     d.text(((w - right + left) / 2 - d.textlength(title, font=f_big) / 2, 14), title, fill="black", font=f_big)
     d.text(((w - right + left) / 2 - d.textlength(xlabel, font=f_mid) / 2, h - bottom + 32), xlabel, fill="black",
            font=f_mid)
@@ -69,6 +56,25 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, title: str
     ImageDraw.Draw(ylab).text((2, 0), ylabel, fill="black", font=f_mid)
     ylab = ylab.rotate(90, expand=True)
     img.paste(ylab, (18, int((h - bottom + top) / 2 - ylab.size[1] / 2)), ylab)
+    return px
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], path, *, title: str, xlabel: str, ylabel: str,
+               marked: dict[str, float] | None = None, size=(900, 560), y_range=None) -> None:
+    """Write a PNG: one polyline with dot markers per series (points (x, y)); ``marked[name] = x`` draws a
+    ring around that series' point at x (e.g. the chosen default)."""
+    w, h = size
+    right, top = 200, 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    f_mid = _font(15)
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    if y_range is None:
+        pad = max((max(ys) - min(ys)) * 0.15, 2.0)
+        y_range = (max(0.0, min(ys) - pad), min(100.0, max(ys) + pad))
+    px = _frame(img, d, (_font(13), f_mid, _font(18)), right=right, x_range=(0.0, max(xs) * 1.05), y_range=y_range,
+                title=title, xlabel=xlabel, ylabel=ylabel)
     # series
     for i, (name, pts) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
@@ -95,36 +101,14 @@ def scatter_chart(groups: dict[str, list[tuple[float, float, float, str]]], path
     """Write a PNG: one colour per group, each point (x, y, y standard error, label) drawn as a dot with a
     vertical ±1 SE bar and its label; ``chosen`` = (group, label) rings that point (e.g. the default)."""
     w, h = size
-    left, right, top, bottom = 80, 230, 50, 70
+    right, top = 230, 50
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    f_small, f_mid, f_big = _font(12), _font(15), _font(18)
+    f_small, f_mid = _font(12), _font(15)
     pts = [p for g in groups.values() for p in g]
-    x0, x1 = 0.0, max(p[0] for p in pts) * 1.08
-    y0 = max(0.0, min(p[1] - p[2] for p in pts) - 3.0)
-    y1 = min(100.0, max(p[1] + p[2] for p in pts) + 3.0)
-
-    def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
-
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for yt in _nice_ticks(y0, y1):
-        _, py = px(x0, yt)
-        d.line([left, py, w - right, py], fill=(225, 225, 225))
-        label = f"{yt:g}"
-        d.text((left - 8 - d.textlength(label, font=f_small), py - 7), label, fill="black", font=f_small)
-    for xt in _nice_ticks(x0, x1, 10):
-        pxx, _ = px(xt, y0)
-        d.line([pxx, h - bottom, pxx, h - bottom + 5], fill="black")
-        label = f"{xt:g}"
-        d.text((pxx - d.textlength(label, font=f_small) / 2, h - bottom + 8), label, fill="black", font=f_small)
-    d.text(((w - right + left) / 2 - d.textlength(title, font=f_big) / 2, 14), title, fill="black", font=f_big)
-    d.text(((w - right + left) / 2 - d.textlength(xlabel, font=f_mid) / 2, h - bottom + 32), xlabel, fill="black",
-           font=f_mid)
-    ylab = Image.new("RGBA", (int(d.textlength(ylabel, font=f_mid)) + 4, 20), (255, 255, 255, 0))
-    ImageDraw.Draw(ylab).text((2, 0), ylabel, fill="black", font=f_mid)
-    ylab = ylab.rotate(90, expand=True)
-    img.paste(ylab, (18, int((h - bottom + top) / 2 - ylab.size[1] / 2)), ylab)
+    y_range = (max(0.0, min(p[1] - p[2] for p in pts) - 3.0), min(100.0, max(p[1] + p[2] for p in pts) + 3.0))
+    px = _frame(img, d, (f_small, f_mid, _font(18)), right=right, x_range=(0.0, max(p[0] for p in pts) * 1.08),
+                y_range=y_range, title=title, xlabel=xlabel, ylabel=ylabel)
     for i, (name, group) in enumerate(groups.items()):
         color = COLORS[i % len(COLORS)]
         for x, y, se, label in group:

@@ -32,6 +32,7 @@ import numpy as np
 from bench.fidelity import eval_captions
 from bench.machine import cpu_model
 from dalle2_rt.runtime.pipeline import Pipeline
+from dalle2_rt.runtime.settings import OPTIONS
 from dalle2_rt.world import score
 
 # (label, settings): the standard grid, run on every folder. "k3@1": 3 decoder candidates ranked after step 1.
@@ -50,27 +51,20 @@ GRID = [
     ("g3 p5 sr2", {"decoder_guidance": 3.0, "prior_steps": 5, "sr_steps": 2}),
     ("k4 p5 sr2", {"decoder_candidates": 4, "prior_steps": 5, "sr_steps": 2}),
 ]
-INT_KEYS = ("prior_steps", "decoder_steps", "sr_steps", "candidates", "decoder_candidates", "decoder_choice_step")
-FLOAT_KEYS = ("prior_guidance", "decoder_guidance")
 TIMING_PROMPTS = ["a red circle on the left", "a large blue square at the top, white background",
                   "a green star to the right of a yellow triangle", "a small purple cross below an orange circle",
                   "a cyan heart, black background"]
 
 
 def parse_settings(text: str) -> dict:
-    """``key=value,key=value`` -> settings (ints and floats by key; ``sampler`` as a string)."""
+    """``key=value,key=value`` -> settings, each value parsed as its option's kind (``settings.OPTIONS``)."""
+    kinds = {o.name: o.kind for o in OPTIONS}
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
-        if key in INT_KEYS:
-            out[key] = int(value)
-        elif key in FLOAT_KEYS:
-            out[key] = float(value)
-        elif key == "sampler":
-            out[key] = value
-        else:
-            raise SystemExit(f"bench.frontier: unknown setting {key!r}; known: "
-                             f"{', '.join(INT_KEYS + FLOAT_KEYS + ('sampler',))}")
+        if key not in kinds:
+            raise SystemExit(f"bench.frontier: unknown setting {key!r}; known: {', '.join(kinds)}")
+        out[key] = kinds[key](value)
     return out
 
 
