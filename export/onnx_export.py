@@ -76,8 +76,34 @@ def export_onnx(spec: GraphSpec, module: torch.nn.Module, path: Path, *, opset: 
     weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
     # torch writes <path.name>.data (relative) when asked, and by itself above 1.5 GB whatever is asked.
     program.save(path, external_data=weights > external_data_threshold)
-    _check_io(spec, onnx.load(str(path), load_external_data=False))
+    model = onnx.load(str(path), load_external_data=False)
+    strip_debug_info(model)
+    onnx.save(model, str(path))  # external tensors stay references to the same <name>.data
+    _check_io(spec, model)
     onnx.checker.check_model(str(path), full_check=True)  # by path: resolves the external data
+
+
+def strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop what the exporter records for debugging: each node's doc string and metadata (torch's stack
+    traces, which name files by absolute path on the exporting machine, its module names and FX nodes).
+
+    Without them a graph is the same bytes wherever the same checkpoint is exported (the packaged copy's
+    ``source_sha256`` is checked against a fresh export in another checkout) and carries no build paths."""
+    def strip(graph: onnx.GraphProto) -> None:
+        for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+            del value.metadata_props[:]
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+            for a in node.attribute:
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    strip(g)
+
+    strip(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -175,6 +175,20 @@ def test_manifest_has_every_key_and_hash(tiny_engines, tiny_checkpoints):
     assert m["graphs"]["text_encoder"]["profile"]["batch"]["max"] == b
 
 
+def test_graphs_carry_no_build_paths_or_debug_metadata(tiny_engines):
+    """torch records each node's stack trace (absolute source paths of the exporting checkout) and module
+    names; the exporter drops them, so the same checkpoint gives the same graph bytes in any checkout."""
+    import onnx
+
+    repo = str(Path(__file__).resolve().parents[1]).encode()
+    m = _manifest(tiny_engines)
+    for name, g in m["graphs"].items():
+        data = (tiny_engines / g["file"]).read_bytes()
+        assert repo not in data and b"stack_trace" not in data, name
+        model = onnx.load_from_string(data)
+        assert not any(n.metadata_props or n.doc_string for n in model.graph.node), name
+
+
 def test_manifest_stages(tiny_engines):
     s = _manifest(tiny_engines)["stages"]
     clip = TINY_MODEL["clip"]
