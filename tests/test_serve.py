@@ -447,12 +447,56 @@ def test_sigterm_answers_every_accepted_request_then_exits(tiny_engines):
             proc.wait(10)
 
 
+def test_sigterm_grace_readyz_and_new_work_answer_503_then_the_listener_closes(tiny_engines):
+    """During --drain-grace the listener stays open: /readyz is observably 503 (a load balancer stops sending)
+    and new work is refused with 503 JSON; then the process exits and the port is closed."""
+    proc, url = _start(tiny_engines, "--drain-grace", "3")
+    try:
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+            assert c.get("/readyz").status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            ready = c.get("/readyz")
+            assert ready.status_code == 503 and "draining" in ready.json()["error"]
+            refused = c.post("/v1/images", json={"prompt": "a red circle", "seed": 1, **FAST})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+            assert set(refused.json()) == {"error"}
+            assert c.get("/healthz").status_code == 200  # alive while it drains
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_a_request_the_http_parser_cannot_read_is_answered_in_one_line_of_json(tiny_engines):
+    proc, url = _start(tiny_engines, "--drain-grace", "0")
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        for raw in (b"NOT-HTTP \x00\x01\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"):
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                conn.sendall(raw)
+                reply = b""
+                while chunk := conn.recv(4096):
+                    reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), reply
+            assert list(json.loads(body)) == ["error"] and b"\n" not in body
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_serve_user_errors_are_one_line(tmp_path):
     cases = [(["--port", "-3"], "must be >= 0"), (["--max-batch", "zero"], "is not an integer"),
              (["--engines", str(tmp_path / "none"), "--port", "0"], str(tmp_path / "none")),
              (["--replicas", "2"], "--replicas needs --ray"), (["--timeout", "0"], "--timeout must be > 0"),
              (["--max-images", "32", "--max-queue", "20"], "could never be queued"),
-             (["--workers", "0"], "must be >= 1"), (["--workers", "2", "--ray"], "with --ray, scale with --replicas")]
+             (["--workers", "0"], "must be >= 1"), (["--workers", "2", "--ray"], "with --ray, scale with --replicas"),
+             (["--threads", "100000"], "must be at most"), (["--threads", "0"], "must be at least 1"),
+             (["--drain-grace", "-1"], "must be between 0 and 1e6")]
     for argv, words in cases:
         proc = subprocess.run([sys.executable, "-c", "import sys; from dalle2_rt.cli import entry; sys.exit(entry())",
                                "serve", *argv], capture_output=True,

@@ -1,16 +1,21 @@
 """``dalle2-rt serve`` / ``python -m dalle2_rt.serve``: load the engines, then serve the HTTP API with uvicorn.
 
 A user mistake (a bad flag, a missing engine folder, a port in use, the serve extra not installed) is one line,
-``dalle2-rt serve: error: …``, and a non-zero exit. SIGTERM (or Ctrl-C) drains: the listening socket closes,
-/readyz turns 503, every request already accepted is answered, then the process exits 0.
+``dalle2-rt serve: error: …``, and a non-zero exit. SIGTERM (or Ctrl-C) drains: /readyz turns 503 at once and new
+work is refused with 503 for ``--drain-grace`` seconds while the listener stays open (a load balancer sees the
+503 and stops sending), then the listening socket closes, every request already accepted is answered and the
+process exits. A second signal skips the grace. A request the HTTP parser cannot read is answered with the API's
+one-line JSON error (400), not the server library's plain text.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
 import sys
+import threading
 
 from ..runtime.backends import BACKENDS
 
@@ -55,6 +60,23 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _threads(text: str) -> int:
+    from ..cli import check_threads
+    from ..runtime.errors import InputError
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    try:
+        return check_threads(value)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("threads ")) from None
+
+
+DRAIN_GRACE_S = 2.0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .service import Limits
 
@@ -68,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS),
                    help="graph backend (default onnxruntime; triton needs --url)")
     p.add_argument("--url", metavar="URL", help="the Triton server for --backend triton: http://HOST:PORT or grpc://HOST:PORT")
-    p.add_argument("--threads", type=_int_at_least(1), metavar="N",
-                   help="CPU threads per graph (default: one per core, shared among the --workers)")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="CPU threads per graph, at most 4 × the cores (default: one per core, shared among the "
+                        "--workers)")
     p.add_argument("--workers", type=_int_at_least(1), default=1, metavar="N",
                    help="passes through the stages that run at once, each on cores/N threads (default 1: the "
                         "lowest latency; 2 on a 2-core CPU: 1.1-1.3x the images/s under load, bench/RESULTS.md F1)")
@@ -85,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"per-request time limit, queueing included; 504 after it (default {d.timeout_s:g})")
     p.add_argument("--max-connections", type=_int_at_least(1), default=256, metavar="N",
                    help="open connections and requests at once; beyond it new ones get 503 (default 256)")
+    p.add_argument("--drain-grace", type=_seconds, default=DRAIN_GRACE_S, metavar="S",
+                   help=f"after SIGTERM, how long /readyz and new requests answer 503 before the listener closes "
+                        f"(default {DRAIN_GRACE_S:g}; 0 closes at once)")
     p.add_argument("--ray", action="store_true", help="run on Ray Serve instead (see --replicas)")
     p.add_argument("--replicas", type=_int_at_least(1), default=1, metavar="N", help="Ray Serve replicas (with --ray)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -127,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # uvicorn's backlog; listening before "listening on" is printed: no refused connection
     except OSError as e:
         return _fail(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
     from .. import Pipeline
@@ -146,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # limit_concurrency caps connections (503 beyond); an idle keep-alive connection is closed after 5 s
     config = uvicorn.Config(create_app(service), log_level=args.log_level, limit_concurrency=args.max_connections,
-                            timeout_keep_alive=5, timeout_graceful_shutdown=int(limits.timeout_s) + 5)
-    server = draining_server(config, service)
+                            timeout_keep_alive=5, timeout_graceful_shutdown=int(limits.timeout_s) + 5,
+                            http=json_error_protocol())
+    server = draining_server(config, service, grace_s=args.drain_grace)
     host, port = sock.getsockname()[:2]
     print(f"{PROG}: listening on http://{host if ':' not in host else f'[{host}]'}:{port} "
           f"(engines {pipe.manifest.name}, up to {limits.max_batch} images a pass, "
@@ -156,13 +184,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def draining_server(config, service):
-    """uvicorn's Server, telling the service to drain when a stop signal arrives (/readyz turns 503 at once)."""
+def draining_server(config, service, *, grace_s: float = 0.0):
+    """uvicorn's Server, telling the service to drain when a stop signal arrives: /readyz and new work answer
+    503 at once; the listener closes ``grace_s`` later (at once on a second signal), then accepted requests are
+    answered and the process exits."""
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
+            if service.draining or grace_s <= 0:
+                return super().handle_exit(sig, frame)
             service.draining = True
-            super().handle_exit(sig, frame)
+            logging.getLogger("dalle2_rt.serve").info("draining: listener closes in %g s", grace_s)
+            timer = threading.Timer(grace_s, uvicorn.Server.handle_exit, (self, sig, frame))
+            timer.daemon = True
+            timer.start()
 
     return Server(config)
+
+
+def json_error_protocol():
+    """uvicorn's HTTP protocol class (httptools or h11, as uvicorn picks), answering a request its parser
+    cannot read with the API's ``{"error": …}`` line instead of plain text."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class JsonErrors(AutoHTTPProtocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": "the request is not valid HTTP/1.1"}).encode()
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+                                 + body)
+            self.transport.close()
+
+    return JsonErrors
