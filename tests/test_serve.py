@@ -357,6 +357,93 @@ def test_variations_equal_the_pipeline_s(served, tiny_pipe):
         assert item["metadata"]["variation_of"] == "circle.png"
 
 
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _upload_sized(pipe, image: Image.Image) -> Image.Image:
+    """``image`` at the side the server reduces uploads to (the same pixels then reach the stages)."""
+    from dalle2_rt.serve.app import _encoder_side
+
+    side = max(_encoder_side(pipe) or 0, pipe.decoder_plan.x_shape[-1])
+    return image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+
+
+OPERATION = {"decoder_steps": 2, "refine": 0}
+
+
+def test_edits_equal_the_pipeline_s(served, tiny_pipe):
+    srv = served()
+    source = _upload_sized(tiny_pipe, tiny_pipe("a red circle", seed=1, **FAST)[0])
+    reply = srv.client.post("/v1/edits", files={"image": ("circle.png", _png(source), "image/png")},
+                            data={"source": "a red circle", "target": "a red star", "amount": ["0", "0.5"],
+                                  "seed": "3", **{k: str(v) for k, v in OPERATION.items()}})
+    assert reply.status_code == 200, reply.text
+    alone = tiny_pipe.edit(source, "a red circle", "a red star", amount=[0.0, 0.5], seed=3, **OPERATION)
+    data = reply.json()["data"]
+    assert len(data) == 2 and reply.json()["seed"] == 3
+    for item, image in zip(data, alone):
+        assert np.array_equal(np.asarray(decode(item).convert("RGB")), np.asarray(image))
+        meta = item["metadata"]
+        assert (meta["operation"], meta["source"], meta["target"], meta["image"]) == (
+            "edit", "a red circle", "a red star", "circle.png")
+    assert metric(srv.service, "dalle2rt_requests_total", endpoint="/v1/edits", code="200") == 1
+
+
+def test_interpolations_from_an_image_and_a_prompt_equal_the_pipeline_s(served, tiny_pipe):
+    from dalle2_rt.runtime import operations as ops
+
+    srv = served()
+    a = _upload_sized(tiny_pipe, tiny_pipe("a blue square", seed=2, **FAST)[0])
+    reply = srv.client.post("/v1/interpolations", files={"image_a": ("sq.png", _png(a), "image/png")},
+                            data={"prompt_b": "a green star", "frames": "3", "seed": "4",
+                                  **{k: str(v) for k, v in OPERATION.items()}})
+    assert reply.status_code == 200, reply.text
+    b = ops.from_prompt(tiny_pipe, "a green star", seed=4, index=1, decoder_steps=2)
+    alone = tiny_pipe.interpolate(a, b, frames=3, seed=4, **OPERATION)
+    data = reply.json()["data"]
+    assert len(data) == 3
+    for item, image in zip(data, alone):
+        assert np.array_equal(np.asarray(decode(item).convert("RGB")), np.asarray(image))
+        assert (item["metadata"]["operation"], item["metadata"]["a"], item["metadata"]["b"]) == (
+            "interpolate", "sq.png", "a green star")
+
+
+def test_operation_mistakes_are_one_line_4xx_and_queue_nothing(served, tiny_pipe):
+    srv = served(max_images=4)
+    png = _png(tiny_pipe("a red circle", seed=1, **FAST)[0])
+    image = {"image": ("a.png", png, "image/png")}
+    c = srv.client
+    cases = [
+        (c.post("/v1/edits", files=image, data={"source": "a red circle", "target": "a red star", "amount": "2"}),
+         400, "amount must be a number in 0"),
+        (c.post("/v1/edits", files=image, data={"source": " ", "target": "a red star"}), 400, "the prompt is empty"),
+        (c.post("/v1/edits", data={"source": "a", "target": "b"}), 422, "image: Field required"),
+        (c.post("/v1/edits", files=image, data={"source": "a", "target": "b", "amount": ["0.1"] * 5}), 400,
+         "at most 4 amounts"),
+        (c.post("/v1/edits", files={"image": ("a.png", b"not an image", "image/png")},
+                data={"source": "a", "target": "b"}), 400, "not an image"),
+        (c.post("/v1/edits", files=image, data={"source": "a", "target": "b", "refine": "99"}), 400, "refine"),
+        (c.post("/v1/edits", files=image, data={"source": "a", "target": "b", "amount": ["0.1", "0.2"],
+                                                "response_format": "png"}), 400, "returns one image"),
+        (c.post("/v1/interpolations", data={"prompt_a": "a red circle", "frames": "3"}), 400, "end b as either"),
+        (c.post("/v1/interpolations", files={"image_a": ("a.png", png, "image/png")},
+                data={"prompt_a": "x", "prompt_b": "y", "frames": "3"}), 400, "not both"),
+        (c.post("/v1/interpolations", data={"prompt_a": "a", "prompt_b": "b", "frames": "1"}), 400,
+         "frames must be an integer between 2"),
+        (c.post("/v1/interpolations", data={"prompt_a": "a", "prompt_b": "b", "frames": "5"}), 400,
+         "at most 4 frames"),
+        (c.post("/v1/interpolations", data={"prompt_a": "a", "prompt_b": "b", "latent": "cubic"}), 422, "latent"),
+    ]
+    for reply, status, words in cases:
+        assert reply.status_code == status, (words, reply.text)
+        body = reply.json()
+        assert list(body) == ["error"] and words in body["error"], (words, body)
+    assert metric(srv.service, "dalle2rt_batch_requests_count") == 0
+
+
 # ------------------------------------------------------------------------------------------------- limits
 
 

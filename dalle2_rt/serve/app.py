@@ -2,6 +2,10 @@
 
     POST /v1/images       JSON {prompt | [prompts], n, seed, <every sampling option>, response_format, stream}
     POST /v1/variations   multipart: image file, n, seed, the sampling options a variation takes, response_format
+    POST /v1/edits        multipart: image file, source and target captions, amount (repeatable: a sweep), seed,
+                          decoder_steps, decoder_guidance, refine, text, response_format (runtime/operations.py)
+    POST /v1/interpolations  multipart: each end an image file (image_a, image_b) or a prompt (prompt_a, prompt_b),
+                          frames, latent, seed, decoder_steps, decoder_guidance, refine
     GET  /healthz         the process answers
     GET  /readyz          engines loaded and not draining (503 otherwise)
     GET  /metrics         Prometheus text (metrics.py)
@@ -46,8 +50,9 @@ from pydantic import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..runtime import operations as ops
 from ..runtime.errors import Dalle2RTError, InputError
-from ..runtime.settings import OPTIONS, VARIATION_OPTIONS, Option, check_prompts
+from ..runtime.settings import OPTIONS, VARIATION_OPTIONS, Option, check_int, check_prompts
 from .service import Cancelled, Draining, Job, QueueFull, Service
 
 log = logging.getLogger("dalle2_rt.serve")
@@ -162,7 +167,8 @@ class Guard:
             m.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
 
 
-_ENDPOINTS = {"/v1/images", "/v1/variations", "/healthz", "/readyz", "/metrics", "/"}
+_ENDPOINTS = {"/v1/images", "/v1/variations", "/v1/edits", "/v1/interpolations", "/healthz", "/readyz", "/metrics",
+              "/"}
 
 
 def _checked_prompts(prompt, limits) -> list[str]:
@@ -366,6 +372,117 @@ def create_app(service: Service) -> FastAPI:
 
     variations.__signature__ = _variations_form()  # the form's fields: FastAPI reads this signature
     app.post("/v1/variations", summary="Variations of an uploaded image")(variations)
+
+    upload_side = max(encoder_side or 0, pipe.decoder_plan.x_shape[-1]) or None
+
+    async def _upload(file: UploadFile | None, name: str) -> Image.Image:
+        """An uploaded image reduced to what the stages read: a centre square at the larger of the image encoder's
+        and the decoder's sides (the CLI's image at that size gives the same pixels)."""
+        if file is None:
+            raise ApiError(422, f"{name}: Field required")
+        async with decoding:
+            return await asyncio.to_thread(_open_upload, await file.read(), limits.max_image_pixels, upload_side)
+
+    def _operation_common(seed, decoder_steps, decoder_guidance, refine) -> tuple[int, dict]:
+        """The seed and the settings every operation takes, checked as the CLI checks them."""
+        if "image_encoder" not in pipe.manifest.stages:
+            raise InputError(f"engine folder {pipe.manifest.name} has no image_encoder; the operations need one")
+        seed = _checked_seed(seed)
+        pipe.settings(decoder_steps=decoder_steps, decoder_guidance=decoder_guidance)
+        refine = ops.DEFAULT_REFINE if refine is None else check_int("refine", refine, 0, 32)
+        return seed, {"decoder_steps": decoder_steps, "decoder_guidance": decoder_guidance, "refine": refine}
+
+    def _captions(*texts) -> list[str]:
+        for t in texts:
+            if len(t) > limits.max_prompt_chars:
+                raise InputError(f"a caption may have at most {limits.max_prompt_chars} characters, got {len(t)}")
+        return check_prompts(list(texts))
+
+    async def _run_operation(request: Request, job: Job, fmt: str):
+        if fmt == "png" and job.size != 1:
+            raise ApiError(400, "response_format png returns one image: ask for one, or use b64_json")
+        _submit(job)
+        return _respond(await _wait(request, job), fmt, job.seed, [])
+
+    @app.post("/v1/edits", summary="A text diff of an uploaded image (unCLIP's edit)")
+    async def edits(request: Request,
+                    image: Annotated[UploadFile, File(description="the image to edit (PNG, JPEG, …)")],
+                    source: Annotated[str, Form(description="a caption of the image as it is")],
+                    target: Annotated[str, Form(description="the caption to move it towards")],
+                    amount: Annotated[list[float] | None, Form(description="θ in 0 … 1; repeat the field for a "
+                                                                           f"sweep (default {ops.DEFAULT_AMOUNT})")]
+                    = None,
+                    seed: Annotated[int | None, Form()] = None,
+                    decoder_steps: Annotated[int | None, Form()] = None,
+                    decoder_guidance: Annotated[float | None, Form()] = None,
+                    refine: Annotated[int | None, Form(description="fixed-point iterations per inversion step")]
+                    = None,
+                    text: Annotated[bool, Form(description="condition the decoder on the captions' text")] = True,
+                    response_format: Annotated[Literal["b64_json", "png"], Form()] = "b64_json"):
+        try:
+            seed, settings = _operation_common(seed, decoder_steps, decoder_guidance, refine)
+            amounts = ops.check_amounts([ops.DEFAULT_AMOUNT] if not amount else amount)
+            if len(amounts) > limits.max_images:
+                raise InputError(f"at most {limits.max_images} amounts per request, got {len(amounts)}")
+            source, target = _captions(source, target)
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+        picture = await _upload(image, "image")
+        name = (image.filename or "").replace("\n", " ")[:200]
+
+        def work():
+            images = ops.edit(pipe, picture, source, target, amount=amounts, seed=seed, text=text, **settings)
+            for im in images:
+                im.info["image"] = name
+            return images
+
+        job = Job("edits", {"edit": [source, target, amounts, text], **settings}, {}, seed, len(amounts), work=work)
+        return await _run_operation(request, job, response_format)
+
+    @app.post("/v1/interpolations", summary="Frames between two images or prompts (unCLIP's interpolation)")
+    async def interpolations(request: Request,
+                             image_a: Annotated[UploadFile | None, File(description="end a as an image")] = None,
+                             image_b: Annotated[UploadFile | None, File(description="end b as an image")] = None,
+                             prompt_a: Annotated[str | None, Form(description="end a as a prompt (prior)")] = None,
+                             prompt_b: Annotated[str | None, Form(description="end b as a prompt (prior)")] = None,
+                             frames: Annotated[int, Form(description="frames, both ends included")] = 5,
+                             latent: Annotated[Literal["slerp", "fixed"], Form(
+                                 description="slerp: the ends reconstruct the inputs; fixed: one latent")] = "slerp",
+                             seed: Annotated[int | None, Form()] = None,
+                             decoder_steps: Annotated[int | None, Form()] = None,
+                             decoder_guidance: Annotated[float | None, Form()] = None,
+                             refine: Annotated[int | None, Form()] = None,
+                             response_format: Annotated[Literal["b64_json"], Form()] = "b64_json"):
+        try:
+            seed, settings = _operation_common(seed, decoder_steps, decoder_guidance, refine)
+            frames = ops.check_frames(frames)
+            if frames > limits.max_images:
+                raise InputError(f"at most {limits.max_images} frames per request, got {frames}")
+            ends = []
+            for label, file, prompt in (("a", image_a, prompt_a), ("b", image_b, prompt_b)):
+                if (file is None) == (prompt is None):
+                    raise InputError(f"give end {label} as either image_{label} or prompt_{label}, not "
+                                     f"{'both' if file is not None else 'neither'}")
+                ends.append(("prompt", _captions(prompt)[0]) if prompt is not None else ("image", file))
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+        ends = [(kind, await _upload(v, f"image_{'ab'[j]}") if kind == "image" else v)
+                for j, (kind, v) in enumerate(ends)]
+
+        def work():
+            inputs = [v if kind == "image" else
+                      ops.from_prompt(pipe, v, seed=seed, index=j, decoder_steps=settings["decoder_steps"],
+                                      decoder_guidance=settings["decoder_guidance"])
+                      for j, (kind, v) in enumerate(ends)]
+            images = ops.interpolate(pipe, *inputs, frames=frames, latent=latent, seed=seed, **settings)
+            for im in images:
+                im.info.update({"a": prompt_a or (image_a.filename or "")[:200],
+                                "b": prompt_b or (image_b.filename or "")[:200]})
+            return images
+
+        job = Job("interpolations", {"interpolate": [prompt_a, prompt_b, frames, latent], **settings}, {}, seed,
+                  frames, work=work)
+        return await _run_operation(request, job, response_format)
 
     @app.get("/healthz", summary="Liveness")
     async def healthz():

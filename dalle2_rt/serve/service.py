@@ -2,8 +2,9 @@
 
 Requests become ``Job`` s. The worker takes the oldest job, waits up to ``batch_window`` for more, and runs
 every queued job with the same settings (up to ``max_batch`` images) as one pass through each stage
-(``batch.generate``); the seed contract keeps each image what it would be alone. Variations run one job at a
-time through ``Pipeline.variations`` (each has its own uploaded image; not batched across requests).
+(``batch.generate``); the seed contract keeps each image what it would be alone. Variations, edits and
+interpolations run one job at a time (each has its own uploaded images; not batched across requests): a
+variation through ``Pipeline.variations``, an operation through the ``work`` its job carries.
 
 One worker by default: the graphs already use every core (intra-op threads). ``workers=N`` runs N passes
 side by side, each on its own thread (onnxruntime releases the GIL while a graph runs); give the pipeline
@@ -82,7 +83,7 @@ class Result:
 
 @dataclass(eq=False)
 class Job:
-    kind: str  # "images" | "variations"
+    kind: str  # "images" | "variations" | "edits" | "interpolations"
     run: dict  # checked settings (Pipeline.settings)
     options: dict  # the request's sampling arguments as Pipeline takes them (None = the folder's default)
     seed: int
@@ -90,6 +91,7 @@ class Job:
     prompts: list[str] = field(default_factory=list)  # images: prompt-major, n each
     source: Image.Image | None = None  # variations: the uploaded image
     source_name: str = ""
+    work: Callable[[], list[Image.Image]] | None = None  # an operation's images (runtime/operations.py), unbatched
     listener: Callable[[dict], None] | None = None  # progress events, called on the worker thread
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -288,7 +290,11 @@ class Service:
                 job.notify(event)
 
         head = jobs[0]
-        if head.kind == "variations":
+        if head.work is not None:  # an operation: no per-step callback; a cancel before the pass skips it
+            progress(head.kind, 0, 1)
+            per_job = [head.work()]
+            progress(head.kind, 1, 1)
+        elif head.kind == "variations":
             opts = {o.name: head.options.get(o.name) for o in VARIATION_OPTIONS}
             images = self.pipe.variations(head.source, num_images=head.n, seed=head.seed, callback=progress, **opts)
             for im in images:
