@@ -239,7 +239,8 @@ class Pipeline:
         run = self._run(options)
         rows = _rows(rows, len(text["text_embed"]))
         seed, index = _seeds_and_indices(seed, indices, len(rows))
-        return self._prior(text, rows, run, seed, index, self._empty_text(), callback, latents)
+        return self._prior(text, rows, run, seed, index, self._empty_text(), callback, latents,
+                           negative=self._negative(run, callback))
 
     def decode(self, image_embed: np.ndarray, text: dict[str, np.ndarray] | None = None, *,
                seed: int | Sequence[int], indices: Sequence[int] | None = None, rows: Sequence[int] | None = None,
@@ -260,7 +261,7 @@ class Pipeline:
             rows = _rows(rows, len(text["text_embed"]), len(image_embed))
         seed, index = _seeds_and_indices(seed, indices, len(image_embed))
         return self._decode(image_embed, text, rows, run, seed, index, self._empty_text(), callback, latents,
-                            keep_candidates=keep_candidates)
+                            keep_candidates=keep_candidates, negative=self._negative(run, callback))
 
     def upsample(self, x: np.ndarray, *, seed: int | Sequence[int], indices: Sequence[int] | None = None,
                  callback: Callback | None = None, **options) -> np.ndarray:
@@ -319,9 +320,11 @@ class Pipeline:
         prompt_of = np.array([position[p] for p in prompts])  # image -> its prompt
         text = self._encode_text(distinct, callback, stacklevel=4)  # text_embed (P, D), text_encodings (P, L, W)
         empty = self._empty_text()  # the "" prompt's, when a stage's unconditional branch needs them
+        negative = self._negative(run, callback)  # the negative prompt's, when one is given
         index = np.asarray(indices)
-        image_embed = self._prior(text, prompt_of, run, seed, index, empty, callback)  # (N, D)
-        x = self._decode(image_embed, text, prompt_of, run, seed, index, empty, callback)  # (N, C, h, w)
+        image_embed = self._prior(text, prompt_of, run, seed, index, empty, callback, negative=negative)  # (N, D)
+        x = self._decode(image_embed, text, prompt_of, run, seed, index, empty, callback,
+                         negative=negative)  # (N, C, h, w)
         x = self._upsample(x, run, seed, index, callback)
         seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
         meta = [{"prompt": p, "seed": str(v), "index": str(j)} for p, v, j in zip(prompts, seeds, indices)]
@@ -351,16 +354,23 @@ class Pipeline:
             return None
         return self._text([""], self.tokenizer([""]), None)
 
-    def _prior(self, text, rows, run, seed, index, empty, callback, latents=None) -> np.ndarray:
+    def _negative(self, run: dict, callback) -> dict[str, np.ndarray] | None:
+        """The negative prompt's text conditioning (1 row), None without one."""
+        if not run.get("negative_prompt"):
+            return None
+        return self._encode_text([run["negative_prompt"]], callback, stacklevel=5)
+
+    def _prior(self, text, rows, run, seed, index, empty, callback, latents=None, *, negative=None) -> np.ndarray:
         """k candidates per image, conditioned by rows of prompts (the prefix runs once per text row)."""
         plan, k = self.prior_plan, run["candidates"]
-        cond = guidance_halves(plan, text, {plan.cond_input: 1.0}, np.repeat(rows, k), empty)
+        cond = guidance_halves(plan, text, {plan.cond_input: 1.0}, np.repeat(rows, k), empty, negative=negative,
+                               text_keep=plan.cond_input)
         pred = run_stage(plan, self.engines, run["prior"], cond, NoiseStreams(seed, index, PRIOR, k), callback,
                          x_T=latents)  # (N·k, D)
         return select_candidates(pred, text["text_embed"][rows], k, self.embed_norm)[0]  # (N, D)
 
     def _decode(self, image_embed, text, rows, run, seed, index, empty, callback, latents=None, *,
-                keep_candidates: bool = False) -> np.ndarray:
+                keep_candidates: bool = False, negative=None) -> np.ndarray:
         """kd samples per image (one conditioning row each); CLIP keeps the one closest to the text (or, without
         text, to the image embedding)."""
         n = len(image_embed)
@@ -371,7 +381,8 @@ class Pipeline:
             cond = {"image_embed": image_embed, **{name: v[rows] for name, v in text.items()}}
             keep, target = {"image_keep": 1.0, "text_keep": 1.0}, text["text_embed"][rows]  # (N, D)
         kd = run["decoder_candidates"]
-        conditioning = guidance_halves(self.decoder_plan, cond, keep, np.repeat(np.arange(n), kd), empty)
+        conditioning = guidance_halves(self.decoder_plan, cond, keep, np.repeat(np.arange(n), kd), empty,
+                                       negative=None if text is None else negative, text_keep="text_keep")
         at = None if keep_candidates else run["decoder_choice_step"]  # None: rank the finished samples
 
         def choose(x0: np.ndarray, images: slice) -> np.ndarray:

@@ -78,6 +78,21 @@ def check_prompts(prompt: str | Sequence[str] | None) -> list[str]:
     return prompts
 
 
+MAX_PROMPT_CHARS = 2000  # a negative prompt's length; longer text is a mistake, not a prompt
+
+
+def check_negative_prompt(value) -> str:
+    """A negative prompt: a non-blank string of valid Unicode, at most ``MAX_PROMPT_CHARS`` characters."""
+    if isinstance(value, str) and len(value) > MAX_PROMPT_CHARS:
+        raise InputError(f"negative prompt: at most {MAX_PROMPT_CHARS} characters, got {len(value)}")
+    try:
+        return check_prompts(value if isinstance(value, str) else [value])[0]
+    except InputError as e:
+        message = str(e)
+        raise InputError(message.replace("the prompt", "the negative prompt", 1) if message.startswith("the prompt")
+                         else f"negative prompt: {message}") from None
+
+
 @dataclass(frozen=True)
 class Option:
     """One sampling option as every surface shows it: the CLI flag ``--<name with dashes>``, the HTTP field
@@ -136,6 +151,10 @@ class Settings:
         int, lambda v: check_int("decoder choice step", v, 1),
         "rank the decoder candidates on their clean estimate after S steps and finish only the best (early "
         "choice: cheaper candidates); S >= the decoder's steps ranks finished images", "S")
+    negative_prompt: str | None = _field(
+        str, lambda v: check_negative_prompt(v),
+        "text the images should not show: the guided stages' unconditional branch is conditioned on it instead "
+        "of on no text (the prior's, and the decoder's unless it is guidance-distilled)", "TEXT")
 
     def __post_init__(self):
         for f in fields(self):
@@ -174,6 +193,7 @@ class Settings:
         # None: rank the finished samples; so is any step at or past the last
         early = at is not None and run["decoder_candidates"] > 1 and at < run["decoder"]["steps"]
         run["decoder_choice_step"] = check_int("decoder choice step", at, 1) if early else None
+        run["negative_prompt"] = self.negative_prompt
         if early and run["decoder"]["sampler"] not in ONE_STEP_SAMPLERS:
             raise InputError(f"decoder choice step: early candidate choice needs a one-step sampler "
                              f"({', '.join(ONE_STEP_SAMPLERS)}), not {run['decoder']['sampler']}")
@@ -222,4 +242,5 @@ def describe(run: dict, stages, *, candidates: bool) -> dict[str, str]:
            if candidates and run.get("decoder_candidates", 1) > 1 else {}),
         **({"decoder_choice_step": str(run["decoder_choice_step"])}
            if candidates and run.get("decoder_choice_step") else {}),
+        **({"negative_prompt": run["negative_prompt"]} if candidates and run.get("negative_prompt") else {}),
     }

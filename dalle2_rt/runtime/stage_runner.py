@@ -50,14 +50,23 @@ class Conditioning:
 
 
 def guidance_halves(plan: StagePlan, cond: dict[str, np.ndarray], keep: dict[str, float], rows: np.ndarray,
-                    empty: dict[str, np.ndarray] | None = None) -> Conditioning:
+                    empty: dict[str, np.ndarray] | None = None, *, negative: dict[str, np.ndarray] | None = None,
+                    text_keep: str | None = None) -> Conditioning:
     """A guided stage's conditioning: ``cond`` (R rows) with the ``*_keep`` inputs ``keep`` (1 or 0 each) as the
     conditional half; the unconditional half has every keep at 0 and, for a stage with ``uncond_text:
-    empty_prompt``, the empty prompt's text ``empty`` (1 row each) in place of the prompt's."""
+    empty_prompt``, the empty prompt's text ``empty`` (1 row each) in place of the prompt's.
+
+    negative: a negative prompt's text (``Pipeline.encode_text``, 1 row): the unconditional half reads it in
+    place of the prompt's (or the empty prompt's), with the text's keep input ``text_keep`` at 1, so guidance
+    moves away from it: pred_neg + w (pred_c − pred_neg)."""
     r = len(next(iter(cond.values())))
     cond = {**cond, **{name: np.full(r, value, np.float32) for name, value in keep.items()}}
     uncond = {**cond, **{name: np.zeros(r, np.float32) for name in keep}}
-    if plan.uncond_text == "empty_prompt":
+    if negative is not None:
+        uncond.update({name: np.repeat(v, r, 0) for name, v in negative.items() if name in cond})
+        if text_keep in keep:
+            uncond[text_keep] = np.ones(r, np.float32)
+    elif plan.uncond_text == "empty_prompt":
         uncond.update({name: np.repeat(v, r, 0) for name, v in empty.items()})
     return Conditioning(cond=cond, rows=rows, uncond=uncond)
 
