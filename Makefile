@@ -11,7 +11,7 @@ CHECKPOINTS := checkpoints/shapes-v2
 PACKAGED := dalle2_rt/engines/$(notdir $(ENGINES))
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup runtime engines engines-fast package-engines wheel-check demo test lint bench train train-gpu clean test-browser test-ray
+.PHONY: setup runtime engines engines-fast package-engines wheel-check demo test lint bench train train-gpu clean test-browser test-ray test-dalle2-pytorch
 
 setup: $(STAMP)
 
@@ -114,6 +114,12 @@ test-browser: $(STAMP)
 test-ray: $(STAMP)
 	$(PY) -m pip install -q -e '.[ray]'
 	DALLE2_RT_REQUIRE_RAY=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_serve_ray.py
+
+# The --from-dalle2-pytorch importer against DALLE2-pytorch itself (tests/test_dalle2_pytorch_import.py): builds
+# bench/.venv-dalle2 (DALLE2-pytorch 1.15.6 beside this machine's torch) when missing; CI runs it, never skipping.
+test-dalle2-pytorch: $(STAMP)
+	$(PY) -m bench.dalle2_venv
+	DALLE2_RT_REQUIRE_DALLE2=1 $(PY) -m pytest tests/test_dalle2_pytorch_import.py
 
 bench: engines
 	$(PY) -m bench
