@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--from-file", metavar="FILE",
                       help="read prompts from FILE (- = stdin), one a line; blank and # lines skipped")
     what.add_argument("--variations", metavar="IMAGE",
-                      help="make variations of IMAGE instead (no prompt; the prior options do not apply)")
+                      help="make variations of IMAGE instead (no prompt; the prior options do not apply, "
+                           "--negative-prompt is refused)")
     out = p.add_argument_group("output")
     out.add_argument("-o", "--output-dir", default=".", metavar="DIR", help="where PNGs go (default: .)")
     out.add_argument("--grid", action="store_true", help="also write one grid PNG of all images")
@@ -352,6 +353,8 @@ def _plan(args) -> dict:
     if args.variations is not None:
         from .runtime.images import open_image
 
+        if args.negative_prompt is not None:  # the prior's options are harmless there; a negative prompt is not
+            raise InputError("--variations draws without text: --negative-prompt would be ignored")
         open_image(args.variations)  # fail now, not after loading the engines
         prompts = []
     elif args.from_file is not None:

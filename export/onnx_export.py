@@ -84,26 +84,38 @@ def export_onnx(spec: GraphSpec, module: torch.nn.Module, path: Path, *, opset: 
 
 
 def strip_debug_info(model: onnx.ModelProto) -> None:
-    """Drop what the exporter records for debugging: each node's doc string and metadata (torch's stack
-    traces, which name files by absolute path on the exporting machine, its module names and FX nodes).
+    """Drop what the exporter records for debugging: doc strings and metadata of the graph, its nodes, values
+    and functions (torch's stack traces, which name files by absolute path on the exporting machine, its module
+    names, FX nodes and graph signature); the model's own metadata stays.
 
     Without them a graph is the same bytes wherever the same checkpoint is exported (the packaged copy's
     ``source_sha256`` is checked against a fresh export in another checkout) and carries no build paths."""
-    def strip(graph: onnx.GraphProto) -> None:
-        for value in list(graph.value_info) + list(graph.input) + list(graph.output):
-            del value.metadata_props[:]
-        for node in graph.node:
+    def nodes(container) -> None:
+        for node in container.node:
             node.doc_string = ""
             del node.metadata_props[:]
             for a in node.attribute:
                 for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    strip(g)
+                    graph(g)
 
-    strip(model.graph)
+    def values(container, *fields) -> None:
+        for name in fields:
+            for value in getattr(container, name, ()):
+                value.doc_string = ""
+                del value.metadata_props[:]
+
+    def graph(g: onnx.GraphProto) -> None:
+        g.doc_string = ""
+        del g.metadata_props[:]
+        values(g, "value_info", "input", "output")
+        nodes(g)
+
+    graph(model.graph)
     for function in model.functions:
-        for node in function.node:
-            node.doc_string = ""
-            del node.metadata_props[:]
+        function.doc_string = ""
+        del function.metadata_props[:]
+        values(function, "value_info")
+        nodes(function)
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -186,7 +186,9 @@ def test_graphs_carry_no_build_paths_or_debug_metadata(tiny_engines):
         data = (tiny_engines / g["file"]).read_bytes()
         assert repo not in data and b"stack_trace" not in data, name
         model = onnx.load_from_string(data)
+        assert not model.graph.metadata_props and not model.graph.doc_string, name
         assert not any(n.metadata_props or n.doc_string for n in model.graph.node), name
+        assert not any(v.metadata_props for v in model.graph.value_info), name
 
 
 def test_manifest_stages(tiny_engines):

@@ -49,6 +49,33 @@ def test_the_unconditional_half_reads_the_negative_text_with_its_keep_at_one(pip
     assert (plain.uncond[plan.cond_input] == 0).all()
 
 
+def test_the_decoder_s_unconditional_half_drops_the_image_and_reads_the_negative_text(pipe):
+    plan = pipe.decoder_plan
+    text = pipe.encode_text(["a red circle"])
+    negative = pipe.encode_text(["green"])
+    cond = {"image_embed": np.ones((1, text["text_embed"].shape[1]), np.float32), **text}
+    halves = guidance_halves(plan, cond, {"image_keep": 1.0, "text_keep": 1.0}, np.arange(1), None,
+                             negative=negative, text_keep="text_keep")
+    assert (halves.uncond["image_keep"], halves.uncond["text_keep"]) == (0.0, 1.0)
+    assert np.array_equal(halves.uncond["text_encodings"], negative["text_encodings"])
+    assert np.array_equal(halves.uncond["image_embed"], cond["image_embed"])  # dropped by its keep, in the graph
+
+
+def test_the_decoder_alone_honours_it(pipe):
+    """Prior unguided (no unconditional half there): the decoder's guidance alone must still read it."""
+    kwargs = dict(seed=3, prior_guidance=1.0, decoder_guidance=3.0, **FAST)
+    plain = np.asarray(pipe("a red circle", **kwargs)[0])
+    avoided = pipe("a red circle", negative_prompt="a green square", **kwargs)[0]
+    assert not np.array_equal(np.asarray(avoided), plain)
+    assert avoided.info["negative_prompt"] == "a green square"
+
+
+def test_decode_without_text_refuses_a_negative_prompt(pipe):
+    embed = pipe.prior(pipe.encode_text(["a red circle"]), seed=1, prior_steps=2)
+    with pytest.raises(InputError, match="negative prompt"):
+        pipe.decode(embed, None, seed=1, decoder_steps=2, negative_prompt="green")
+
+
 def test_generation_with_a_negative_prompt_differs_is_reproducible_and_recorded(pipe):
     plain = pipe("a red circle", seed=3, **FAST)[0]
     avoided = pipe("a red circle", seed=3, negative_prompt="a green square", **FAST)
@@ -60,6 +87,7 @@ def test_generation_with_a_negative_prompt_differs_is_reproducible_and_recorded(
     a = pipe("a red circle", seed=3, prior_guidance=1.0, decoder_guidance=1.0, **FAST)[0]
     b = pipe("a red circle", seed=3, prior_guidance=1.0, decoder_guidance=1.0, negative_prompt="green", **FAST)[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert "negative_prompt" not in b.info  # no stage read it: not recorded as if it had
 
 
 @pytest.mark.parametrize("value, words", [("   ", "the negative prompt is empty"), ("x" * 2001, "at most 2000"),
@@ -83,4 +111,11 @@ def test_the_option_reaches_the_cli_and_the_http_schema(tiny_engines, tmp_path, 
     rc = stop.value.code
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "negative prompt" in err[0], err
-    assert not list(tmp_path.glob("*.png"))
+    source = tmp_path / "a.png"
+    pipe_image = Pipeline.load(tiny_engines, threads=1)("a red circle", seed=1, **FAST)[0]
+    pipe_image.save(source)
+    rc = cli.main(["--variations", str(source), "--engines", str(tiny_engines), "--negative-prompt", "green",
+                   "--threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--negative-prompt would be ignored" in err[0], err
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["a.png"]

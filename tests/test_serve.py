@@ -375,9 +375,16 @@ OPERATION = {"decoder_steps": 2, "refine": 0}
 
 
 def test_edits_equal_the_pipeline_s(served, tiny_pipe):
+    """A larger, non-square upload: the server keeps its centre square at the stages' side, so the pipeline
+    given that square draws the same pixels."""
     srv = served()
-    source = _upload_sized(tiny_pipe, tiny_pipe("a red circle", seed=1, **FAST)[0])
-    reply = srv.client.post("/v1/edits", files={"image": ("circle.png", _png(source), "image/png")},
+    drawn = tiny_pipe("a red circle", seed=1, **FAST)[0].convert("RGB")
+    wide = Image.new("RGB", (3 * drawn.width, 2 * drawn.width), (16, 16, 16))
+    wide.paste(drawn.resize((2 * drawn.width,) * 2), (drawn.width // 2, 0))
+    side = _upload_sized(tiny_pipe, drawn).width
+    left = (wide.width - wide.height) // 2
+    source = wide.crop((left, 0, left + wide.height, wide.height)).resize((side, side), Image.Resampling.BICUBIC)
+    reply = srv.client.post("/v1/edits", files={"image": ("c" * 300 + ".png", _png(wide), "image/png")},
                             data={"source": "a red circle", "target": "a red star", "amount": ["0", "0.5"],
                                   "seed": "3", **{k: str(v) for k, v in OPERATION.items()}})
     assert reply.status_code == 200, reply.text
@@ -388,7 +395,7 @@ def test_edits_equal_the_pipeline_s(served, tiny_pipe):
         assert np.array_equal(np.asarray(decode(item).convert("RGB")), np.asarray(image))
         meta = item["metadata"]
         assert (meta["operation"], meta["source"], meta["target"], meta["image"]) == (
-            "edit", "a red circle", "a red star", "circle.png")
+            "edit", "a red circle", "a red star", "c" * 200)  # one line of at most 200 characters
     assert metric(srv.service, "dalle2rt_requests_total", endpoint="/v1/edits", code="200") == 1
 
 
@@ -409,6 +416,33 @@ def test_interpolations_from_an_image_and_a_prompt_equal_the_pipeline_s(served, 
         assert np.array_equal(np.asarray(decode(item).convert("RGB")), np.asarray(image))
         assert (item["metadata"]["operation"], item["metadata"]["a"], item["metadata"]["b"]) == (
             "interpolate", "sq.png", "a green star")
+
+
+def test_an_operation_stops_at_its_next_step_when_its_client_leaves(served, tiny_pipe):
+    srv = served()
+    png = _png(tiny_pipe("a red circle", seed=1, **FAST)[0])
+    with pytest.raises(httpx.ReadTimeout):  # 900 inversion steps: the client gives up long before
+        httpx.post(f"{srv.url}/v1/edits", files={"image": ("a.png", png, "image/png")},
+                   data={"source": "a red circle", "target": "a red star", "decoder_steps": "900", "refine": "0"},
+                   timeout=1.0)
+    wait_for(lambda: srv.service.queued_images() == 0, 30)  # stopped: 900 steps would take minutes
+    assert metric(srv.service, "dalle2rt_images_total") == 0
+    assert metric(srv.service, "dalle2rt_stage_seconds_count", stage="decoder") == 0  # never reached decoding
+
+
+def test_a_negative_prompt_over_http_equals_the_pipeline_s_and_never_shares_a_pass(served, tiny_pipe):
+    srv = served(batch_window_s=0.5)
+    bodies = [{"prompt": "a red circle", "seed": 2, "negative_prompt": neg, **FAST} for neg in ("green", "blue")]
+    with ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(lambda b: srv.client.post("/v1/images", json=b), bodies))
+    for body, reply in zip(bodies, replies):
+        assert reply.status_code == 200, reply.text
+        alone = tiny_pipe("a red circle", seed=2, negative_prompt=body["negative_prompt"], **FAST)[0]
+        assert np.array_equal(np.asarray(decode(reply.json()["data"][0]).convert("RGB")), np.asarray(alone))
+        assert reply.json()["data"][0]["metadata"]["negative_prompt"] == body["negative_prompt"]
+    assert metric(srv.service, "dalle2rt_batch_requests_count") == 2  # two passes: different negatives
+    long = srv.client.post("/v1/images", json={"prompt": "a red circle", "negative_prompt": "red " * 1000})
+    assert long.status_code == 400 and "negative prompt may have at most" in long.json()["error"]
 
 
 def test_operation_mistakes_are_one_line_4xx_and_queue_nothing(served, tiny_pipe):
@@ -436,6 +470,11 @@ def test_operation_mistakes_are_one_line_4xx_and_queue_nothing(served, tiny_pipe
         (c.post("/v1/interpolations", data={"prompt_a": "a", "prompt_b": "b", "frames": "5"}), 400,
          "at most 4 frames"),
         (c.post("/v1/interpolations", data={"prompt_a": "a", "prompt_b": "b", "latent": "cubic"}), 422, "latent"),
+        (c.post("/v1/edits", files=image, data={"source": "a", "target": "b", "negative_prompt": "c"}), 400,
+         "unknown form field 'negative_prompt'"),
+        (c.post("/v1/variations", files=image, data={"negative_prompt": "c"}), 400, "unknown form field"),
+        (c.post("/v1/interpolations", data={"prompt_a": "a", "prompt_b": "b", "frames": "3", "amount": "0.1"}),
+         400, "unknown form field 'amount'"),
     ]
     for reply, status, words in cases:
         assert reply.status_code == status, (words, reply.text)

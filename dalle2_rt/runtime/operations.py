@@ -35,7 +35,7 @@ from .plan import StagePlan
 from .samplers import Denoiser, sample_ddim
 from .schedules import Schedule, respace
 from .settings import Settings, check_int, check_prompts
-from .stage_runner import call_chunked, guidance_halves
+from .stage_runner import Callback, call_chunked, guidance_halves
 from .stages import normalize
 
 # callback(i, x, x0) after inversion step i (i counts up from the clean end, x the noisier sample)
@@ -293,50 +293,64 @@ def _decoder_text_shape(pipe) -> tuple[int, ...]:
     return tuple(enc.shape[1:]) if enc is not None else (0,)
 
 
+def _steps(callback: Callback | None, stage: str, total: int):
+    """A sampler's or ``ddim_invert`` 's per-step callback (i, x, x0) as the pipeline's progress callback
+    (stage, step, total, x0); the pipeline's may raise to stop the operation (a cancelled request)."""
+    if callback is None:
+        return None
+    return lambda i, x, x0: callback(stage, i + 1, total, x0)
+
+
 def _decoder_run(pipe, decoder_steps, decoder_guidance) -> dict:
     """The resolved settings of an operation (``Pipeline.settings``): its decoder steps and guidance, DDIM."""
     return pipe.settings(decoder_steps=decoder_steps, decoder_guidance=decoder_guidance, sampler="ddim")
 
 
 def invert(pipe, images, *, captions: Sequence[str] | None = None, decoder_steps: int | None = None,
-           decoder_guidance: float | None = None, refine: int = DEFAULT_REFINE) -> Inversion:
+           decoder_guidance: float | None = None, refine: int = DEFAULT_REFINE,
+           callback: Callback | None = None) -> Inversion:
     """Images (one PIL image or path, or a list) as (z_i, x_T): the image encoder's embedding and the decoder
     latent ``ddim_invert`` finds for the image at the decoder's size, conditioned on that embedding.
-    ``decode(pipe, inv)`` gives the images back (up to the fixed point's convergence and the SR stage)."""
+    ``decode(pipe, inv)`` gives the images back (up to the fixed point's convergence and the SR stage).
+    ``callback``: the pipeline's progress callback, stage "inversion" once per step."""
     run = _decoder_run(pipe, decoder_steps, decoder_guidance)
     embed, target = encode_images(pipe, _as_list(images))
     text = None if captions is None else pipe.encode_text(_as_list(captions))
     if text is not None and len(text["text_embed"]) != len(embed):
         raise InputError(f"{len(text['text_embed'])} captions for {len(embed)} images")
     inv = Inversion(embed, np.zeros_like(target), target, run["decoder"]["steps"], run["decoder"]["guidance"], text)
-    return dataclasses.replace(inv, latent=invert_targets(pipe, inv, refine=refine))
+    return dataclasses.replace(inv, latent=invert_targets(pipe, inv, refine=refine, callback=callback))
 
 
-def invert_targets(pipe, inv: Inversion, *, refine: int = DEFAULT_REFINE) -> np.ndarray:
+def invert_targets(pipe, inv: Inversion, *, refine: int = DEFAULT_REFINE,
+                   callback: Callback | None = None) -> np.ndarray:
     """The decoder latents (N, C, h, w) float32 of ``inv.target`` conditioned on ``inv.image_embed`` over
     ``inv.steps`` DDIM steps at ``inv.guidance`` (``inv.latent`` unused): ``ddim_invert`` on the decoder."""
     refine = check_int("refine", refine, 0, 32)
     plan = pipe.decoder_plan
     schedule = respace(plan.abar, inv.steps, plan.spacing, betas=plan.betas)
     denoise = _decoder_denoiser(pipe, inv.image_embed, schedule, inv.guidance, inv.text)
-    return ddim_invert(denoise, np.asarray(inv.target, np.float32), schedule, refine=refine).astype(np.float32)
+    return ddim_invert(denoise, np.asarray(inv.target, np.float32), schedule, refine=refine,
+                       callback=_steps(callback, "inversion", len(schedule))).astype(np.float32)
 
 
 def from_prompt(pipe, prompt: str, *, seed: int, index: int = 0, decoder_steps: int | None = None,
-                decoder_guidance: float | None = None) -> Inversion:
+                decoder_guidance: float | None = None, callback: Callback | None = None) -> Inversion:
     """A prompt as an ``Inversion`` without inverting anything: z_i from the prior, x_T the decoder's own draw
     for (seed, ``index``) (noise.py), and as target what they decode to (no text, as every operation decodes)."""
     run = _decoder_run(pipe, decoder_steps, decoder_guidance)
-    z = pipe.prior(pipe.encode_text([check_prompts(prompt)[0]]), seed=seed, indices=[index])  # (1, D)
+    z = pipe.prior(pipe.encode_text([check_prompts(prompt)[0]]), seed=seed, indices=[index],
+                   callback=callback)  # (1, D)
     x_T = NoiseStreams(seed, [index], DECODER).standard_normal((1, *pipe.decoder_plan.x_shape))
     steps, guidance = run["decoder"]["steps"], run["decoder"]["guidance"]
-    target = decode(pipe, z, x_T, steps=steps, guidance=guidance, upsample=False)
+    target = decode(pipe, z, x_T, steps=steps, guidance=guidance, upsample=False, callback=callback)
     return Inversion(z, x_T, target, steps, guidance)
 
 
 def decode(pipe, image_embed: np.ndarray, latent: np.ndarray, *, steps: int, guidance: float | None,
            text: dict[str, np.ndarray] | None = None, eta: float = 0.0, seed: int = 0,
-           indices: Sequence[int] | None = None, sr_steps: int | None = None, upsample: bool = True) -> np.ndarray:
+           indices: Sequence[int] | None = None, sr_steps: int | None = None, upsample: bool = True,
+           callback: Callback | None = None) -> np.ndarray:
     """Decode rows (image_embed (N, D), x_T (N, C, h, w)) with DDIM (η ``eta``) then the SR stages: the final
     images (N, C, H, W) in the pixel range (``upsample`` False: the decoder's samples). ``text``: the decoder's
     text conditioning rows (``Pipeline.encode_text``, one per row), None: none (the learned null text).
@@ -353,15 +367,17 @@ def decode(pipe, image_embed: np.ndarray, latent: np.ndarray, *, steps: int, gui
                        betas=plan.betas)
     denoise = _decoder_denoiser(pipe, image_embed, schedule, guidance, text)
     rng = NoiseStreams(seed, indices, DECODER) if eta > 0 else None
-    x = sample_ddim(denoise, np.asarray(latent, np.float32), schedule, rng=rng, eta=eta)
+    x = sample_ddim(denoise, np.asarray(latent, np.float32), schedule, rng=rng, eta=eta,
+                    callback=_steps(callback, "decoder", len(schedule)))
     if not upsample:
         return x
-    return pipe.upsample(x, seed=seed, indices=indices, sr_steps=sr_steps)
+    return pipe.upsample(x, seed=seed, indices=indices, sr_steps=sr_steps, callback=callback)
 
 
-def _inversion(pipe, image, steps, guidance, refine, captions=None) -> Inversion:
+def _inversion(pipe, image, steps, guidance, refine, captions=None, callback=None) -> Inversion:
     return image if isinstance(image, Inversion) else invert(pipe, image, captions=captions, decoder_steps=steps,
-                                                             decoder_guidance=guidance, refine=refine)
+                                                             decoder_guidance=guidance, refine=refine,
+                                                             callback=callback)
 
 
 def _settings_meta(inv: Inversion) -> dict:
@@ -369,26 +385,28 @@ def _settings_meta(inv: Inversion) -> dict:
 
 
 def reconstruct(pipe, image, *, seed: int = 0, decoder_steps: int | None = None,
-                decoder_guidance: float | None = None, refine: int = DEFAULT_REFINE) -> list[Image.Image]:
+                decoder_guidance: float | None = None, refine: int = DEFAULT_REFINE,
+                callback: Callback | None = None) -> list[Image.Image]:
     """Each image (or an ``Inversion``) decoded from its own (z_i, x_T) with η = 0: the images again."""
-    inv = _inversion(pipe, image, decoder_steps, decoder_guidance, refine)
-    x = decode(pipe, inv.image_embed, inv.latent, steps=inv.steps, guidance=inv.guidance, text=inv.text, seed=seed)
+    inv = _inversion(pipe, image, decoder_steps, decoder_guidance, refine, callback=callback)
+    x = decode(pipe, inv.image_embed, inv.latent, steps=inv.steps, guidance=inv.guidance, text=inv.text, seed=seed,
+               callback=callback)
     return pipe.to_pil(x, _text([{"operation": "reconstruct", "seed": seed, "index": j, **_settings_meta(inv)}
                                for j in range(len(inv))]))
 
 
 def vary(pipe, image, *, num_images: int = 1, eta: float = 1.0, seed: int | None = None,
          decoder_steps: int | None = None, decoder_guidance: float | None = None,
-         refine: int = DEFAULT_REFINE) -> list[Image.Image]:
+         refine: int = DEFAULT_REFINE, callback: Callback | None = None) -> list[Image.Image]:
     """The paper's variations of one image: its (z_i, x_T) decoded with DDIM η > 0, image j drawing its noise
     from (seed, j) (η = 0 would give the reconstruction every time)."""
     s = Settings(num_images=num_images, seed=seed)
     seed = new_seed() if s.seed is None else s.seed
-    inv = _inversion(pipe, image, decoder_steps, decoder_guidance, refine)[0]
+    inv = _inversion(pipe, image, decoder_steps, decoder_guidance, refine, callback=callback)[0]
     rows = np.zeros(s.num_images, int)
     text = None if inv.text is None else {k: v[rows] for k, v in inv.text.items()}
     x = decode(pipe, inv.image_embed[rows], inv.latent[rows], steps=inv.steps, guidance=inv.guidance, text=text,
-               eta=eta, seed=seed, indices=range(s.num_images))
+               eta=eta, seed=seed, indices=range(s.num_images), callback=callback)
     return pipe.to_pil(x, _text([{"operation": "variation", "eta": eta, "seed": seed, "index": j,
                                 **_settings_meta(inv)} for j in range(s.num_images)]))
 
@@ -400,7 +418,7 @@ def edit_embeddings(image_embed: np.ndarray, direction: np.ndarray, amounts: Seq
 
 def edit(pipe, image, source: str, target: str, *, amount=DEFAULT_AMOUNT, seed: int = 0, text: bool = True,
          decoder_steps: int | None = None, decoder_guidance: float | None = None,
-         refine: int = DEFAULT_REFINE) -> list[Image.Image]:
+         refine: int = DEFAULT_REFINE, callback: Callback | None = None) -> list[Image.Image]:
     """The text diff of one image (or a one-row ``Inversion``) from caption ``source`` towards ``target``: for
     each θ of ``amount`` (one number or several, the frames of a sweep) decode (slerp(z_i, z_d, θ), x_T) with
     z_d = normalise(z_t − z_t0) and the image's own inverted x_T, η = 0. θ = 0 is the reconstruction.
@@ -411,15 +429,15 @@ def edit(pipe, image, source: str, target: str, *, amount=DEFAULT_AMOUNT, seed: 
     False, or an inversion made without captions, θ = 0 is the reconstruction."""
     amounts = check_amounts(amount)
     source, target = check_prompts(source)[0], check_prompts(target)[0]
-    inv = _inversion(pipe, image, decoder_steps, decoder_guidance, refine, [source] if text else None)[0]
+    inv = _inversion(pipe, image, decoder_steps, decoder_guidance, refine, [source] if text else None, callback)[0]
     captions = pipe.encode_text([source, target])
     z_t0, z_t = captions["text_embed"]
     z = edit_embeddings(inv.image_embed, text_direction(z_t, z_t0), amounts)  # (A, D)
     rows = np.ones(len(amounts), int)  # the target caption's row
     x = decode(pipe, z, np.repeat(inv.latent, len(amounts), 0), steps=inv.steps, guidance=inv.guidance,
                text=None if inv.text is None else {k: v[rows] for k, v in captions.items()}, seed=seed,
-               indices=np.zeros(len(amounts), int), upsample=False)
-    x = pipe.upsample(x, seed=seed, indices=np.zeros(len(x), int))
+               indices=np.zeros(len(amounts), int), upsample=False, callback=callback)
+    x = pipe.upsample(x, seed=seed, indices=np.zeros(len(x), int), callback=callback)
     return pipe.to_pil(x, _text([{"operation": "edit", "source": source, "target": target, "amount": a,
                                 "seed": seed, "index": j, **_settings_meta(inv)} for j, a in enumerate(amounts)]))
 
@@ -440,13 +458,13 @@ def interpolation_rows(a: Inversion, b: Inversion, thetas: np.ndarray, latent: s
 
 def interpolate(pipe, a, b, *, frames: int = 5, latent: str = "slerp", seed: int = 0,
                 decoder_steps: int | None = None, decoder_guidance: float | None = None,
-                refine: int = DEFAULT_REFINE) -> list[Image.Image]:
+                refine: int = DEFAULT_REFINE, callback: Callback | None = None) -> list[Image.Image]:
     """``frames`` images along slerp(z_a, z_b, θ), θ = 0 … 1, between two images (PIL, paths or one-row
     ``Inversion`` s). latent="slerp": x_T slerped between the two inverted latents (θ = 0 and 1 reconstruct a
     and b); "fixed": one x_T drawn from (seed, 0) for every frame, as the paper's second option."""
     thetas = frame_thetas(frames)
-    inv_a = _inversion(pipe, a, decoder_steps, decoder_guidance, refine)[0]
-    inv_b = _inversion(pipe, b, inv_a.steps, inv_a.guidance, refine)[0]
+    inv_a = _inversion(pipe, a, decoder_steps, decoder_guidance, refine, callback=callback)[0]
+    inv_b = _inversion(pipe, b, inv_a.steps, inv_a.guidance, refine, callback=callback)[0]
     if (inv_a.steps, inv_a.guidance) != (inv_b.steps, inv_b.guidance):
         raise InputError("the two inversions were made with different decoder steps or guidance")
     fixed = None
@@ -456,7 +474,7 @@ def interpolate(pipe, a, b, *, frames: int = 5, latent: str = "slerp", seed: int
     if inv_a.text is not None or inv_b.text is not None:
         raise InputError("interpolation decodes without text: give inversions made without captions")
     x = decode(pipe, z, x_T, steps=inv_a.steps, guidance=inv_a.guidance, seed=seed,
-               indices=np.zeros(len(thetas), int))
+               indices=np.zeros(len(thetas), int), callback=callback)
     return pipe.to_pil(x, _text([{"operation": "interpolate", "latent": latent, "theta": round(float(t), 6),
                                 "seed": seed, "index": j, **_settings_meta(inv_a)} for j, t in enumerate(thetas)]))
 

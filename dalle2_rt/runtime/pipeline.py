@@ -256,6 +256,8 @@ class Pipeline:
         unranked, every one run to the end. ``latents``: the starting noise (N·k, C, h, w) in place of the
         seed's draw."""
         run = self._run(options)
+        if text is None and run["negative_prompt"]:
+            raise InputError("a negative prompt conditions the text: decode was given no text")
         image_embed = np.asarray(image_embed, np.float32)
         if text is not None:
             rows = _rows(rows, len(text["text_embed"]), len(image_embed))

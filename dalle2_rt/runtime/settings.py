@@ -226,6 +226,14 @@ def options_given(options: dict, allowed: tuple[Option, ...] = OPTIONS, *, what:
     return options
 
 
+def _reads_negative(run: dict, stage) -> bool:
+    """Whether ``stage`` ran an unconditional half, the one a negative prompt conditions: a guided prior or
+    decoder (guidance not 1) that is not guidance-distilled."""
+    g = run[stage.name]["guidance"]
+    return (stage.name in ("prior", "decoder") and g is not None and g != 1.0
+            and not getattr(stage, "guidance_input", None))
+
+
 def describe(run: dict, stages, *, candidates: bool) -> dict[str, str]:
     """The PNG text chunks of resolved settings ``run`` for the stages that ran, e.g. {"sampler": "ddim",
     "steps": "prior=5 decoder=5 sr0=3", "guidance": "prior=4.0 decoder=3.0", "candidates": "2",
@@ -242,5 +250,6 @@ def describe(run: dict, stages, *, candidates: bool) -> dict[str, str]:
            if candidates and run.get("decoder_candidates", 1) > 1 else {}),
         **({"decoder_choice_step": str(run["decoder_choice_step"])}
            if candidates and run.get("decoder_choice_step") else {}),
-        **({"negative_prompt": run["negative_prompt"]} if candidates and run.get("negative_prompt") else {}),
+        **({"negative_prompt": run["negative_prompt"]} if candidates and run.get("negative_prompt")
+           and any(_reads_negative(run, st) for st in stages) else {}),
     }

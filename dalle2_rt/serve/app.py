@@ -252,6 +252,24 @@ def create_app(service: Service) -> FastAPI:
         except Draining as e:
             raise ApiError(503, str(e), {"Retry-After": "5"}) from None
 
+    def _admit(size: int) -> None:
+        """429/503 before an upload is decoded, for a request the queue would refuse anyway."""
+        try:
+            service.admit(size)
+        except QueueFull as e:
+            raise ApiError(429, str(e), {"Retry-After": str(e.retry_after)}) from None
+        except Draining as e:
+            raise ApiError(503, str(e), {"Retry-After": "5"}) from None
+
+    async def _only_fields(request: Request, allowed) -> None:
+        """A multipart form's fields must all be the endpoint's: a misspelt or inapplicable one (an option this
+        endpoint does not take, e.g. negative_prompt on an operation) is a 400, as JSON bodies refuse it."""
+        unknown = sorted({k for k in (await request.form()).keys()} - set(allowed))
+        if unknown:
+            raise ApiError(400, f"unknown form field{'s' if len(unknown) > 1 else ''} "
+                                f"{', '.join(repr(k[:40]) for k in unknown[:5])}; this endpoint takes "
+                                f"{', '.join(sorted(allowed))}")
+
     async def _wait(request: Request, job: Job):
         """The job's results; cancels it when the client leaves or the request's time runs out."""
         fut = asyncio.wrap_future(job.future)
@@ -334,8 +352,14 @@ def create_app(service: Service) -> FastAPI:
 
         def checked():  # lengths first, then tokenising (up to ~0.1 s for 16 long prompts): off the event loop
             prompts = _checked_prompts(req.prompt, limits)
-            return (prompts, _checked_count(req.n, len(prompts), limits), _checked_seed(req.seed),
-                    pipe.settings(**options), pipe.truncated(prompts))
+            negative = options["negative_prompt"]
+            if negative is not None and len(negative) > limits.max_prompt_chars:
+                raise InputError(f"the negative prompt may have at most {limits.max_prompt_chars} characters, "
+                                 f"got {len(negative)}")
+            run = pipe.settings(**options)
+            texts = prompts + ([run["negative_prompt"]] if run["negative_prompt"] else [])
+            return (prompts, _checked_count(req.n, len(prompts), limits), _checked_seed(req.seed), run,
+                    dict(zip(texts, pipe.truncated(texts))))
 
         try:
             prompts, n, seed, run, cut = await asyncio.to_thread(checked)
@@ -343,8 +367,8 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(400, str(e)) from None
         if req.response_format == "png" and n * len(prompts) != 1:
             raise ApiError(400, "response_format png returns one image: ask for n = 1 and one prompt, or use b64_json")
-        warnings = [f"prompt truncated to {pipe.tokenizer.context_length - 2} tokens: {p[:60]!r}"
-                    for p, c in zip(prompts, cut) if c]
+        warnings = [f"{'negative ' if p == run['negative_prompt'] and p not in prompts else ''}prompt truncated to "
+                    f"{pipe.tokenizer.context_length - 2} tokens: {p[:60]!r}" for p, c in cut.items() if c]
         job = Job("images", run, options, seed, n, prompts=prompts)
         if req.stream:
             return _stream(request, job, seed, warnings)
@@ -353,6 +377,7 @@ def create_app(service: Service) -> FastAPI:
 
     async def variations(request: Request, image: UploadFile, n: int = 1, seed: int | None = None,
                          response_format: str = "b64_json", **options):
+        await _only_fields(request, [p for p in _variations_form().parameters if p != "request"])
         if "image_encoder" not in pipe.manifest.stages:
             raise ApiError(400, f"engine folder {pipe.manifest.name} has no image_encoder; variations need one")
         try:
@@ -363,9 +388,10 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(400, str(e)) from None
         if response_format == "png" and n != 1:
             raise ApiError(400, "response_format png returns one image: ask for n = 1, or use b64_json")
+        _admit(n)
         async with decoding:  # at most max_decodes uploads decoded at once, each on a thread
             source = await asyncio.to_thread(_open_upload, await image.read(), limits.max_image_pixels, encoder_side)
-        name = (image.filename or "").replace("\n", " ")[:200]
+        name = _file_name(image)
         job = Job("variations", run, options, seed, n, source=source, source_name=name)
         _submit(job)
         return _respond(await _wait(request, job), response_format, seed, [])
@@ -427,11 +453,15 @@ def create_app(service: Service) -> FastAPI:
             source, target = _captions(source, target)
         except InputError as e:
             raise ApiError(400, str(e)) from None
+        await _only_fields(request, ["image", "source", "target", "amount", "seed", "decoder_steps",
+                                     "decoder_guidance", "refine", "text", "response_format"])
+        _admit(len(amounts))
         picture = await _upload(image, "image")
-        name = (image.filename or "").replace("\n", " ")[:200]
+        name = _file_name(image)
 
-        def work():
-            images = ops.edit(pipe, picture, source, target, amount=amounts, seed=seed, text=text, **settings)
+        def work(progress):
+            images = ops.edit(pipe, picture, source, target, amount=amounts, seed=seed, text=text, callback=progress,
+                              **settings)
             for im in images:
                 im.info["image"] = name
             return images
@@ -466,18 +496,22 @@ def create_app(service: Service) -> FastAPI:
                 ends.append(("prompt", _captions(prompt)[0]) if prompt is not None else ("image", file))
         except InputError as e:
             raise ApiError(400, str(e)) from None
+        await _only_fields(request, ["image_a", "image_b", "prompt_a", "prompt_b", "frames", "latent", "seed",
+                                     "decoder_steps", "decoder_guidance", "refine", "response_format"])
+        _admit(frames)
+        names = [v if kind == "prompt" else _file_name(v) for kind, v in ends]
         ends = [(kind, await _upload(v, f"image_{'ab'[j]}") if kind == "image" else v)
                 for j, (kind, v) in enumerate(ends)]
 
-        def work():
+        def work(progress):
             inputs = [v if kind == "image" else
                       ops.from_prompt(pipe, v, seed=seed, index=j, decoder_steps=settings["decoder_steps"],
-                                      decoder_guidance=settings["decoder_guidance"])
+                                      decoder_guidance=settings["decoder_guidance"], callback=progress)
                       for j, (kind, v) in enumerate(ends)]
-            images = ops.interpolate(pipe, *inputs, frames=frames, latent=latent, seed=seed, **settings)
+            images = ops.interpolate(pipe, *inputs, frames=frames, latent=latent, seed=seed, callback=progress,
+                                     **settings)
             for im in images:
-                im.info.update({"a": prompt_a or (image_a.filename or "")[:200],
-                                "b": prompt_b or (image_b.filename or "")[:200]})
+                im.info.update({"a": names[0], "b": names[1]})
             return images
 
         job = Job("interpolations", {"interpolate": [prompt_a, prompt_b, frames, latent], **settings}, {}, seed,
@@ -511,6 +545,12 @@ def create_app(service: Service) -> FastAPI:
         return page
 
     return app
+
+
+def _file_name(upload: UploadFile) -> str:
+    """An upload's file name as PNG text may carry it: one line, at most 200 characters, valid Unicode."""
+    name = " ".join((upload.filename or "").split())[:200]
+    return name.encode("utf-8", "replace").decode("utf-8")
 
 
 def _encoder_side(pipe) -> int | None:

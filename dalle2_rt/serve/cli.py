@@ -153,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
-        sock.listen(2048)  # uvicorn's backlog; listening before "listening on" is printed: no refused connection
     except OSError as e:
         return _fail(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
     from .. import Pipeline
@@ -177,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                             http=json_error_protocol())
     server = draining_server(config, service, grace_s=args.drain_grace)
     host, port = sock.getsockname()[:2]
+    sock.listen(2048)  # uvicorn's backlog; once the engines are loaded, before "listening on" is printed
     print(f"{PROG}: listening on http://{host if ':' not in host else f'[{host}]'}:{port} "
           f"(engines {pipe.manifest.name}, up to {limits.max_batch} images a pass, "
           f"{args.workers} pass{'es' if args.workers > 1 else ''} at once)", flush=True)
@@ -191,14 +191,24 @@ def draining_server(config, service, *, grace_s: float = 0.0):
     import uvicorn
 
     class Server(uvicorn.Server):
+        timer: threading.Timer | None = None
+
         def handle_exit(self, sig, frame):
-            if service.draining or grace_s <= 0:
-                return super().handle_exit(sig, frame)
+            first = not service.draining
             service.draining = True
+            if not first or grace_s <= 0:
+                if self.timer is not None:  # a second signal: no grace left to wait for
+                    self.timer.cancel()
+                return super().handle_exit(sig, frame)
             logging.getLogger("dalle2_rt.serve").info("draining: listener closes in %g s", grace_s)
-            timer = threading.Timer(grace_s, uvicorn.Server.handle_exit, (self, sig, frame))
-            timer.daemon = True
-            timer.start()
+
+            def close():
+                if not self.should_exit:  # a second signal already began the shutdown: never force it
+                    uvicorn.Server.handle_exit(self, sig, frame)
+
+            self.timer = threading.Timer(grace_s, close)
+            self.timer.daemon = True
+            self.timer.start()
 
     return Server(config)
 

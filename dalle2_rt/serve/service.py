@@ -14,8 +14,8 @@ the images of one 2-thread pass under load (bench/RESULTS.md F1). The queue is b
 ``submit`` raises ``QueueFull`` with a retry hint instead of queueing work the service cannot finish in time.
 
 Cancellation: a job cancelled while queued (its client left, its timeout passed) is dropped unrun; a running
-pass stops at its next sampling step once every job in it is cancelled (a pass shared with live requests
-runs on, and the cancelled job's images are discarded).
+pass (an operation's inversion and decoding too) stops at its next sampling step once every job in it is
+cancelled (a pass shared with live requests runs on, and the cancelled job's images are discarded).
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ class Job:
     prompts: list[str] = field(default_factory=list)  # images: prompt-major, n each
     source: Image.Image | None = None  # variations: the uploaded image
     source_name: str = ""
-    work: Callable[[], list[Image.Image]] | None = None  # an operation's images (runtime/operations.py), unbatched
+    # an operation (runtime/operations.py), unbatched: its images from a progress callback that stops it when cancelled
+    work: Callable[[Callable], list[Image.Image]] | None = None
     listener: Callable[[dict], None] | None = None  # progress events, called on the worker thread
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -160,15 +161,24 @@ class Service:
 
     # ---------------------------------------------------------------- submitting
 
+    def admit(self, size: int) -> None:
+        """Raise ``Draining`` or ``QueueFull`` now if a job of ``size`` images could not be queued (checked again
+        by ``submit``): an upload is not decoded for a request that would be refused."""
+        with self._cond:
+            self._admit(size)
+
+    def _admit(self, size: int) -> None:
+        if self._stopping or self.draining:
+            self.metrics.rejected.labels("draining").inc()
+            raise Draining()
+        waiting = self._waiting()
+        if waiting + size > self.limits.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise QueueFull(self._retry_after(waiting))
+
     def submit(self, job: Job) -> Job:
         with self._cond:
-            if self._stopping or self.draining:
-                self.metrics.rejected.labels("draining").inc()
-                raise Draining()
-            waiting = self._waiting()
-            if waiting + job.size > self.limits.max_queue:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise QueueFull(self._retry_after(waiting))
+            self._admit(job.size)
             self._queue.append(job)
             self._update_depth()
             self._cond.notify_all()
@@ -290,10 +300,8 @@ class Service:
                 job.notify(event)
 
         head = jobs[0]
-        if head.work is not None:  # an operation: no per-step callback; a cancel before the pass skips it
-            progress(head.kind, 0, 1)
-            per_job = [head.work()]
-            progress(head.kind, 1, 1)
+        if head.work is not None:  # an operation: inversion and decoding steps report through progress
+            per_job = [head.work(progress)]
         elif head.kind == "variations":
             opts = {o.name: head.options.get(o.name) for o in VARIATION_OPTIONS}
             images = self.pipe.variations(head.source, num_images=head.n, seed=head.seed, callback=progress, **opts)
@@ -307,7 +315,8 @@ class Service:
                 per_job.append(images[at:at + job.size])
                 at += job.size
         elapsed = time.perf_counter() - start
-        self._rate = size / elapsed if not self._rate else 0.7 * self._rate + 0.3 * size / elapsed
+        if head.work is None:  # images per second of generation passes (Retry-After); an operation's cost differs
+            self._rate = size / elapsed if not self._rate else 0.7 * self._rate + 0.3 * size / elapsed
         for job, images in zip(jobs, per_job):
             if job.cancelled.is_set():
                 continue
