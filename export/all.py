@@ -32,6 +32,8 @@ from . import trt as trt_build
 from .driver import (
     DEFAULT_MAX_BATCH,
     DEFAULT_OPSET,
+    MAX_BATCH_BOUND,
+    MAX_OPSET,
     MIN_OPSET,
     OPSET_WHY,
     ExportError,
@@ -110,10 +112,15 @@ def export_folder(checkpoints: str | Path = DEFAULT_CHECKPOINTS, out: str | Path
 # CLI
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump (``--max-batch abc``)
+        self.exit(2, f"export: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m export.all",
-                                 description="Export unCLIP checkpoints into a validated, self-describing engine "
-                                             "folder: ONNX graphs, manifest.json, tokenizer (+ TensorRT plans).")
+    ap = _Parser(prog="python -m export.all",
+                 description="Export unCLIP checkpoints into a validated, self-describing engine folder: ONNX "
+                             "graphs, manifest.json, tokenizer (+ TensorRT plans).")
     ap.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS,
                     help="checkpoint directory with <stage>/model folders (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=None, help="engine folder (default: engines/<checkpoints name>)")
@@ -122,9 +129,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="TensorRT plan precision; ONNX graphs are always fp32 (default: %(default)s)")
     ap.add_argument("--trt", action="store_true", help="also build TensorRT plans for this GPU")
     ap.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                    help=f"ONNX opset, >= {MIN_OPSET} (default: %(default)s)")
+                    help=f"ONNX opset, {MIN_OPSET} … {MAX_OPSET} (default: %(default)s)")
     ap.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                    help="most images per call; denoisers take 2x (default: %(default)s)")
+                    help=f"most images per call, 1 … {MAX_BATCH_BOUND}; denoisers take 2x (default: %(default)s)")
     ap.add_argument("--force", action="store_true", help="rebuild everything even if up to date")
     ap.add_argument("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD, metavar="BYTES",
                     help="a graph with more weight bytes than this keeps them in <graph>.onnx.data beside it "
@@ -152,8 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.opset < MIN_OPSET:
         print(f"export: error: --opset must be >= {MIN_OPSET}, got {args.opset} ({OPSET_WHY})", file=sys.stderr)
         return 2
-    if args.max_batch < 1:
-        print(f"export: error: --max-batch must be >= 1, got {args.max_batch}", file=sys.stderr)
+    if args.opset > MAX_OPSET:
+        print(f"export: error: --opset must be at most {MAX_OPSET} (the newest the installed onnx knows), got "
+              f"{args.opset}", file=sys.stderr)
+        return 2
+    if not 1 <= args.max_batch <= MAX_BATCH_BOUND:
+        print(f"export: error: --max-batch must be an integer in 1 … {MAX_BATCH_BOUND}, got {args.max_batch}",
+              file=sys.stderr)
         return 2
     if args.external_data_threshold < 0:
         print(f"export: error: --external-data-threshold must be >= 0, got {args.external_data_threshold}",

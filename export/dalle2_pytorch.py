@@ -29,11 +29,12 @@ What DALLE2-pytorch does, and where it goes in the manifest (no key names the fa
 Refused with one line (``export: error: …``): self-conditioning, l2norm clamping while sampling, dynamic
 thresholding, Imagen noise augmentation of the low-res image (``use_noise_for_lowres_cond``), upsamplers
 conditioned on text, VQGAN latent unets, learned variance on an upsampler, configs whose keys its classes do not
-take, weights that do not match the config.
+take, weights that do not match the config, and a config number that sizes a network (widths, depths, heads,
+image sizes, timesteps; ``PRIOR_KEYS`` … ``UNET_KEYS``) outside the bounds our own config field for the same
+quantity states, checked before DALLE2-pytorch allocates anything from it.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from dalle2_rt.models import registry
+from dalle2_rt.models.clip import OPEN_CLIP_KEYS, ClipConfig
+from dalle2_rt.models.config_dict import ConfigError, check_foreign
+from dalle2_rt.models.decoder import DecoderConfig
+from dalle2_rt.models.prior import PriorConfig
+from dalle2_rt.models.unet import UNetConfig
 
 from . import manifest as mf
 from .dalle2_pytorch_wrappers import DecoderGraph, PriorGraph, TextEncoderGraph, UpsamplerGraph
@@ -55,6 +63,31 @@ KIND = "dalle2-pytorch"
 EXPORT_REVISION = 1  # bump when this module changes what it writes
 CANDIDATES = 2  # DiffusionPrior.sample's num_samples_per_batch
 WEIGHTS = ("ema", "model")
+# The numbers of its configs that size a network, and the field of ours that bounds the same quantity.
+PRIOR_KEYS = {  # DiffusionPrior's arguments, "net": DiffusionPriorNetwork's (and its CausalTransformer's)
+    "image_embed_dim": (PriorConfig, "embed_dim"), "image_size": (ClipConfig, "image_size"),
+    "timesteps": (PriorConfig, "num_timesteps"), "sample_timesteps": (PriorConfig, "num_timesteps"),
+    "net.dim": (PriorConfig, "dim"), "net.depth": (PriorConfig, "depth"), "net.heads": (PriorConfig, "heads"),
+    "net.dim_head": (ClipConfig, "vision_head_width"), "net.ff_mult": (PriorConfig, "mlp_ratio"),
+    "net.max_text_len": (PriorConfig, "context_length"), "net.num_timesteps": (PriorConfig, "num_timesteps"),
+    "net.num_time_embeds": (DecoderConfig, "num_image_tokens"),
+    "net.num_image_embeds": (DecoderConfig, "num_image_tokens"),
+    "net.num_text_embeds": (DecoderConfig, "num_image_tokens"),
+}
+DECODER_KEYS = {  # Decoder's arguments (a list: one value per unet)
+    "image_size": (DecoderConfig, "image_size"), "image_sizes": (DecoderConfig, "image_size"),
+    "channels": (UNetConfig, "in_channels"), "timesteps": (DecoderConfig, "num_timesteps"),
+    "sample_timesteps": (DecoderConfig, "num_timesteps"),
+}
+UNET_KEYS = {  # each Unet's arguments
+    "dim": (UNetConfig, "channels"), "init_dim": (UNetConfig, "channels"), "dim_mults": (UNetConfig, "channel_mults"),
+    "num_resnet_blocks": (UNetConfig, "num_res_blocks"), "attn_heads": (UNetConfig, "heads"),
+    "attn_dim_head": (ClipConfig, "vision_head_width"), "resnet_groups": (UNetConfig, "groups"),
+    "channels": (UNetConfig, "in_channels"), "channels_out": (UNetConfig, "out_channels"),
+    "image_embed_dim": (DecoderConfig, "embed_dim"), "text_embed_dim": (DecoderConfig, "text_width"),
+    "cond_dim": (DecoderConfig, "context_dim"), "num_image_tokens": (DecoderConfig, "num_image_tokens"),
+    "num_time_tokens": (DecoderConfig, "num_image_tokens"), "max_text_len": (DecoderConfig, "context_length"),
+}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -104,14 +137,22 @@ class Component:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SourceError(f"{path}: cannot read ({e.strerror or e})") from None
-    except ValueError as e:
-        raise SourceError(f"{path}: not JSON ({e})") from None
+        data = registry.read_json(path)  # a regular file, bounded in size, depth and numbers
+    except FileNotFoundError:
+        raise SourceError(f"{path}: cannot read (no such file)") from None
+    except registry.CheckpointError as e:
+        raise SourceError(str(e)) from None
     if not isinstance(data, dict):
         raise SourceError(f"{path}: not a JSON object")
     return data
+
+
+def check_sizes(config: dict, table: dict, where: str) -> None:
+    """``config``'s numbers that ``table`` names, within our bounds for the same quantity (``check_foreign``)."""
+    try:
+        check_foreign(config, table, where)
+    except ConfigError as e:
+        raise SourceError(str(e)) from None
 
 
 def _section(path: Path, key: str) -> dict:
@@ -200,7 +241,6 @@ def _dalle2():
 
 
 def build_prior(config: Path, weights: Path, which: str):
-    d2 = _dalle2()
     cfg = _section(config, "prior")
     net_cfg = cfg.pop("net", None)
     if not isinstance(net_cfg, dict):
@@ -209,6 +249,8 @@ def build_prior(config: Path, weights: Path, which: str):
     for key, bad in (("sampling_clamp_l2norm", True), ("self_cond", True)):
         if cfg.get(key) == bad or net_cfg.get(key) == bad:
             raise SourceError(f"{config}: {key} = true is not supported")
+    check_sizes({**cfg, "net": net_cfg}, PRIOR_KEYS, f"{config}: prior")
+    d2 = _dalle2()
     prior = _build("DiffusionPrior", config, lambda: d2.DiffusionPrior(
         net=d2.DiffusionPriorNetwork(**net_cfg), clip=None, **cfg))
     _load_into(prior, prior_state(_torch_load(weights), which), "DiffusionPrior", weights)
@@ -216,7 +258,6 @@ def build_prior(config: Path, weights: Path, which: str):
 
 
 def build_decoder(config: Path, weights: Path, which: str):
-    d2 = _dalle2()
     cfg = _section(config, "decoder")
     unets = cfg.pop("unets", None)
     if not isinstance(unets, list) or not unets or not all(isinstance(u, dict) for u in unets):
@@ -230,6 +271,10 @@ def build_decoder(config: Path, weights: Path, which: str):
     if any(u.get("cond_on_text_encodings") for u in unets[1:]):
         raise SourceError(f"{config}: an upsampler unet conditioned on text encodings is not supported "
                           "(the runtime's super-resolution stages take the low-res image only)")
+    check_sizes(cfg, DECODER_KEYS, f"{config}: decoder")
+    for i, unet in enumerate(unets):
+        check_sizes(unet, UNET_KEYS, f"{config}: decoder.unets[{i}]")
+    d2 = _dalle2()
     decoder = _build("Decoder", config, lambda: d2.Decoder(tuple(d2.Unet(**u) for u in unets), clip=None, **cfg))
     if any(decoder.learned_variance[1:]):
         raise SourceError(f"{config}: learned variance on an upsampler unet is not supported")
@@ -245,7 +290,7 @@ def build_clip(name: str, weights: Path):
     arch = name
     if name.endswith(".json"):  # a model-config file: registered under its stem, as open_clip does
         path = Path(name)
-        _read_json(path)
+        check_sizes(_read_json(path), OPEN_CLIP_KEYS, f"{path}: open_clip")
         open_clip.add_model_config(path)
         arch = path.stem
     if arch not in open_clip.list_models():

@@ -4,12 +4,13 @@ Reads a folder written by ``UnCLIPPipeline.save_pretrained`` (or a karlo-v1-alph
 component, from disk only (``HF_HUB_OFFLINE``, ``local_files_only``): text_encoder + tokenizer, prior,
 text_proj + decoder, super_res_first, super_res_last and the three UnCLIPSchedulers. ``UnclipFolder`` is this
 family for the export driver (``driver.py``, shared with our own checkpoints): opening it checks every component
-(configs, whole weight files) before anything is exported. Writes one ONNX graph per network (``onnx_export.py``:
-trace, ONNX Runtime check at several batch sizes, optimised copy), the tokenizer as ``clip-bpe/1``
-(``hf_clip_tokenizer.py``) and a manifest whose
-stage entries describe everything this family does differently from ours; the runtime reads those keys
-and never the model's name. The keys are listed in ARCHITECTURE.md, "Schema additions for imported
-families"; the wrappers that give the networks our graph I/O are in ``diffusers_wrappers.py``.
+(configs, read as untrusted files, their numbers that size a network within the bounds of our own config field for
+the same quantity, ``CONFIG_KEYS``; whole weight files) before anything is exported. Writes one ONNX graph per
+network (``onnx_export.py``: trace, ONNX Runtime check at several batch sizes, optimised copy), the tokenizer as
+``clip-bpe/1`` (``hf_clip_tokenizer.py``) and a manifest whose stage entries describe everything this family does
+differently from ours; the runtime reads those keys and never the model's name. The keys are listed in
+ARCHITECTURE.md, "Schema additions for imported families"; the wrappers that give the networks our graph I/O are
+in ``diffusers_wrappers.py``.
 
 What UnCLIPPipeline (diffusers 0.42) does, and where it goes:
   tokens, attention mask         tokenizer file + ``text_encoder.text_mask: "tokens"``
@@ -35,7 +36,6 @@ TensorRT, no karlo snapshot on this machine).
 """
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from collections.abc import Callable
@@ -45,6 +45,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dalle2_rt.models import registry
+from dalle2_rt.models.clip import ClipConfig
+from dalle2_rt.models.config_dict import ConfigError, check_foreign
+from dalle2_rt.models.decoder import DecoderConfig
+from dalle2_rt.models.prior import PriorConfig
+from dalle2_rt.models.sr import SRConfig
+from dalle2_rt.models.unet import UNetConfig
 from dalle2_rt.runtime.schedules import respace
 
 from . import manifest as mf
@@ -73,6 +80,33 @@ DEFAULTS = {
     "sr": {"sampler": "ddpm", "steps": 7},
 }
 CANDIDATES_MAX = 2  # the prior graph's batch range allows this many candidates per guided image
+# The numbers of each component's config that size its network (or the graphs' sample inputs), and the field of
+# ours that bounds the same quantity: checked when the folder is opened, before diffusers builds anything.
+_UNET_KEYS = {"in_channels": (UNetConfig, "in_channels"), "out_channels": (UNetConfig, "out_channels"),
+              "block_out_channels": (UNetConfig, "channels"), "layers_per_block": (UNetConfig, "num_res_blocks"),
+              "attention_head_dim": (ClipConfig, "vision_head_width"), "norm_num_groups": (UNetConfig, "groups")}
+CONFIG_KEYS = {
+    "text_encoder": {"projection_dim": (ClipConfig, "embed_dim"), "hidden_size": (ClipConfig, "text_width"),
+                     "intermediate_size": (PriorConfig, "dim"), "num_hidden_layers": (ClipConfig, "text_layers"),
+                     "num_attention_heads": (ClipConfig, "text_heads"),
+                     "max_position_embeddings": (ClipConfig, "context_length"),
+                     "vocab_size": (ClipConfig, "vocab_size")},
+    "prior": {"embedding_dim": (PriorConfig, "embed_dim"), "num_embeddings": (PriorConfig, "context_length"),
+              "num_layers": (PriorConfig, "depth"), "num_attention_heads": (PriorConfig, "heads"),
+              "attention_head_dim": (ClipConfig, "vision_head_width"),
+              "additional_embeddings": (DecoderConfig, "num_image_tokens"),
+              "time_embed_dim": (PriorConfig, "dim"), "clip_embed_dim": (PriorConfig, "embed_dim")},
+    "text_proj": {"clip_embeddings_dim": (DecoderConfig, "embed_dim"),
+                  "clip_extra_context_tokens": (DecoderConfig, "num_image_tokens"),
+                  "cross_attention_dim": (DecoderConfig, "context_dim"), "time_embed_dim": (UNetConfig, "emb_dim")},
+    "decoder": {**_UNET_KEYS, "sample_size": (DecoderConfig, "image_size"),
+                "cross_attention_dim": (DecoderConfig, "context_dim")},
+    "super_res_first": {**_UNET_KEYS, "sample_size": (SRConfig, "image_size")},
+    "super_res_last": {**_UNET_KEYS, "sample_size": (SRConfig, "image_size")},
+    **{f"{k}_scheduler": {"num_train_timesteps": (PriorConfig, "num_timesteps")}
+       for k in ("prior", "decoder", "super_res")},
+    "tokenizer": {"model_max_length": (ClipConfig, "context_length")},
+}
 PREDICTION = {"epsilon": "eps", "sample": "x0"}  # UnCLIPScheduler prediction_type -> our parameterization
 VARIANCE = {"fixed_small_log": "small", "learned_range": "learned_range"}
 
@@ -103,7 +137,7 @@ def _loaders() -> dict[str, Callable[[Path], object]]:
         return lambda p: cls.from_pretrained(p, local_files_only=True).float().eval().requires_grad_(False)
 
     def scheduler(p: Path):
-        cfg = json.loads((p / "scheduler_config.json").read_text(encoding="utf-8"))
+        cfg = _read_json(p / "scheduler_config.json", p.name)
         if cfg.get("_class_name") != "UnCLIPScheduler":
             raise SourceError(f"{p}: scheduler {cfg.get('_class_name')!r}; this converter reads UnCLIPScheduler")
         return UnCLIPScheduler.from_config(cfg)
@@ -130,15 +164,21 @@ class Component:
     meta_sha256: str  # of its config file
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, component: str | None = None) -> dict:
+    """A config file of the folder (a regular file, bounded in size, depth and numbers), and with ``component``
+    its numbers that size a network checked (``CONFIG_KEYS``)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = registry.read_json(path, limit=16 * 2**20)  # tokenizer_config.json can list many added tokens
     except FileNotFoundError:
         raise SourceError(f"{path}: not found") from None
-    except (OSError, ValueError) as e:
-        raise SourceError(f"{path}: not readable JSON ({e})") from None
+    except registry.CheckpointError as e:
+        raise SourceError(str(e)) from None
     if not isinstance(data, dict):
         raise SourceError(f"{path}: expected a JSON object")
+    try:
+        check_foreign(data, CONFIG_KEYS.get(component, {}), f"{path}: config")
+    except ConfigError as e:
+        raise SourceError(str(e)) from None
     return data
 
 
@@ -203,13 +243,15 @@ class UnclipFolder:
     def _check(self, name: str) -> None:
         sub = self.folder / name
         if name in NETWORKS:
-            _read_json(sub / "config.json")
+            _read_json(sub / "config.json", name)
             _check_weights(sub)
         elif name.endswith("_scheduler"):
-            _read_json(sub / "scheduler_config.json")
+            _read_json(sub / "scheduler_config.json", name)
         elif not (sub / "tokenizer.json").is_file() and not all((sub / f).is_file() for f in ("vocab.json",
                                                                                               "merges.txt")):
             raise SourceError(f"{sub}: no tokenizer.json, nor vocab.json + merges.txt")
+        elif (sub / "tokenizer_config.json").exists():
+            _read_json(sub / "tokenizer_config.json", name)
 
     def _component(self, name: str) -> Component:
         sub = self.folder / name

@@ -30,7 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import onnx
 import torch
+
+from dalle2_rt.runtime.manifest import MAX_BATCH as MANIFEST_MAX_BATCH
 
 from . import manifest as mf
 from . import trt as trt_build
@@ -63,7 +66,10 @@ from .specs import GraphSpec
 DEFAULT_OPSET = 18
 MIN_OPSET = 18
 OPSET_WHY = "torch's dynamo exporter writes opset-18 ops; its down-conversion to 17 leaves an invalid Split"
+MAX_OPSET = onnx.defs.onnx_opset_version()  # the newest the installed onnx knows
 DEFAULT_MAX_BATCH = 8
+# a denoiser graph takes 2 × max_batch rows (guided), and a manifest's batch profiles at most MANIFEST_MAX_BATCH
+MAX_BATCH_BOUND = MANIFEST_MAX_BATCH // 2
 VALIDATION_BATCHES = (1, 3)  # plus the graph's profile max
 
 # What the command line reports as ``export: error:`` (exit 1) rather than a traceback: a source folder that
@@ -115,10 +121,12 @@ class Options:
     def __post_init__(self):
         if self.precision not in trt_build.PRECISIONS:
             raise ValueError(f"precision must be one of {trt_build.PRECISIONS}, got {self.precision!r}")
-        if self.opset < MIN_OPSET:
-            raise ValueError(f"opset must be >= {MIN_OPSET}, got {self.opset} ({OPSET_WHY})")
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            why = f" ({OPSET_WHY})" if self.opset < MIN_OPSET else ""
+            raise ValueError(f"opset must be in {MIN_OPSET} … {MAX_OPSET}, got {self.opset}{why}")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) \
+                or not 1 <= self.max_batch <= MAX_BATCH_BOUND:
+            raise ValueError(f"max_batch must be an integer in 1 … {MAX_BATCH_BOUND}, got {self.max_batch!r}")
         if self.external_data_threshold < 0:
             raise ValueError(f"external_data_threshold must be >= 0 bytes, got {self.external_data_threshold}")
 
@@ -156,6 +164,11 @@ def build(family: Family, out: Path, *, name: str, options: Options, quiet: bool
 
     # Everything the sources decide, before the first (slow) graph export: a bad source fails here.
     specs = family.graph_specs(options.max_batch)
+    for spec in specs:  # the prior's rows grow with the candidates too: the runtime would refuse the manifest
+        if spec.batch.max > MANIFEST_MAX_BATCH:
+            raise ExportError(f"graph {spec.name}: a batch of up to {spec.batch.max} rows at --max-batch "
+                              f"{options.max_batch}, over the {MANIFEST_MAX_BATCH} an engine manifest may state; "
+                              f"lower --max-batch (or the candidates)")
     stages = family.stage_entries(specs)
     output = family.output_entry(stages)
 

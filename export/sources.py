@@ -8,11 +8,12 @@ their number, ``sr`` being 0), which form a chain: each SR stage's ``low_res_siz
 key by its ``model.json`` "defaults", then by the directory's ``defaults.json`` entry for the stage (the
 model's chosen defaults, committed beside the checkpoints: ``registry.read_defaults``).
 
-``find_sources`` checks everything it can before a graph is exported: each model.json and defaults.json has
-only known keys (top level, config, defaults) and checked defaults, each safetensors file is complete and holds
-exactly the tensors, at the shapes, of the network its config builds (read from the header;
-``registry.check_weights``), floating where the network's are and finite (``registry.check_values``), and the
-stages fit together.
+``find_sources`` checks everything it can before a graph is exported: each model.json and defaults.json is a
+small regular file (``registry.read_json``) with only known keys (top level, config, defaults), config values
+within the bounds their dataclass fields state (``config_dict.bounded``) and checked defaults, each safetensors
+file is complete and holds exactly the tensors, at the shapes, of the network its config builds (read from the
+header; ``registry.check_weights``), floating where the network's are and finite (``registry.check_values``), and
+the stages fit together.
 """
 from __future__ import annotations
 

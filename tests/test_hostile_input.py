@@ -418,3 +418,280 @@ def test_export_out_under_a_file_is_one_line(tiny_checkpoints, tmp_path, capsys)
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "cannot make the folder" in err, err
     assert (tmp_path / "file").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# ------------------------------------------------------------------------------------ model configs, bounded
+
+def _set_config(stage, dotted, value):
+    """An edit of one stage's model.json: ``config.<dotted>`` set to ``value`` (NaN is written as JSON's NaN)."""
+    def edit(meta):
+        *head, last = dotted.split(".")
+        node = meta["config"]
+        for key in head:
+            node = node[key]
+        node[last] = value
+    return _edit_meta(stage, edit)
+
+
+def _raw_meta(stage, text):
+    return lambda ckpt: (ckpt / stage / "model" / "model.json").write_text(text)
+
+
+def _exported_nothing(ckpt: Path, out: Path, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """``export.all`` from ``ckpt`` to ``out`` with graph export faked and asserted not to run; (exit status,
+    stderr)."""
+    from export import all as export_all
+    from export import driver
+
+    exported = []
+    monkeypatch.setattr(driver, "export_onnx", lambda spec, *a, **k: exported.append(spec.name))
+    rc = export_all.main(["--checkpoints", str(ckpt), "--out", str(out), "-q", *argv])
+    assert exported == []
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("breakage, words", [
+    (_set_config("prior", "depth", "four"), "prior/model/model.json: config.depth = 'four': must be an integer in 1 …"),
+    (_set_config("prior", "depth", 4.5), "config.depth = 4.5: must be an integer in 1 … 128"),
+    (_set_config("prior", "depth", True), "config.depth = True: must be an integer"),
+    (_set_config("prior", "heads", -4), "prior/model/model.json: config.heads = -4: must be an integer in 1 … 128"),
+    (_set_config("decoder", "unet.heads", -4), "decoder/model/model.json: config.unet.heads = -4: must be an integer"),
+    (_set_config("prior", "dim", 10**9), "config.dim = 1000000000: must be an integer in 1 … 8192"),
+    (_set_config("prior", "dim", 1e9), "config.dim = 1000000000.0: must be an integer in 1 … 8192"),
+    (_set_config("prior", "mlp_ratio", float("nan")), "config.mlp_ratio = nan: must be a finite number in 0.125 … 16"),
+    (_set_config("prior", "mlp_ratio", float("inf")), "config.mlp_ratio = inf: must be a finite number"),
+    (_set_config("prior", "num_timesteps", 10**12), "config.num_timesteps = 1000000000000: must be an integer in 2 …"),
+    (_set_config("decoder", "image_size", 10**6), "decoder/model/model.json: config.image_size = 1000000: must be an"),
+    (_set_config("sr", "low_res_size", 0), "sr/model/model.json: config.low_res_size = 0: must be an integer in 1 …"),
+    (_set_config("clip", "context_length", 10**9), "clip/model/model.json: config.context_length = 1000000000: must"),
+    (_set_config("decoder", "unet.channel_mults", [1, "2"]), "config.unet.channel_mults[1] = '2': must be an integer"),
+    (_set_config("decoder", "unet.channel_mults", list(range(1, 12))), "config.unet.channel_mults = [1, 2, 3"),
+    (_set_config("decoder", "unet.context_dim", -1), "config.unet.context_dim = -1: must be an integer in 1 … 8192 ("),
+    (_set_config("sr", "schedule", "warp"), "config.schedule = 'warp': must be one of 'cosine', 'linear'"),
+    (_set_config("decoder", "parameterization", "z"), "config.parameterization = 'z': must be one of 'eps', 'x0', 'v'"),
+    (_set_config("decoder", "guidance_input", 1), "config.guidance_input = 1: must be true or false"),
+    (_set_config("clip", "vision_tower", ["vit"]), "config.vision_tower = ['vit']: must be one of 'vit', 'conv'"),
+    (_edit_meta("prior", lambda m: m.update(step=-1)), "prior/model/model.json: step = -1: must be an integer in 0 …"),
+    (_edit_meta("prior", lambda m: m.update(kind=["prior"])), "model.json: kind = ['prior']: must be a string"),
+    (_raw_meta("prior", '{"kind": "prior", "config": {"dim": ' + "9" * 5000 + "}}"), "a number of 5000 characters"),
+    (_raw_meta("prior", '{"kind": "prior", "config": ' + "[" * 50_000 + "]" * 50_000 + "}"), "nested too deeply"),
+], ids=["str-int", "float-int", "bool-int", "negative", "nested", "huge", "huge-float", "nan", "inf", "timesteps",
+        "image-size", "zero-size", "context", "element", "length", "optional", "schedule", "parameterization", "bool",
+        "list-str", "step", "kind", "digits", "depth"])
+def test_export_refuses_config_values_out_of_bounds_in_one_line_before_any_module(
+        tiny_checkpoints, tmp_path, monkeypatch, capsys, breakage, words):
+    from dalle2_rt.models import registry
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints, ckpt)
+    breakage(ckpt)
+    built, build = [], registry.build
+    monkeypatch.setattr(registry, "build", lambda kind, cfg: built.append(kind) or build(kind, cfg))
+    out = tmp_path / "engines" / "x"
+    rc, err = _exported_nothing(ckpt, out, [], monkeypatch, capsys)
+    assert rc == 1 and err.startswith("export: error: stage ") and err.count("\n") == 1, err
+    assert words in err, err
+    stage = err.split("'")[1]  # the stages before it were checked whole; it had no network built, not even on meta
+    assert stage not in built and not out.parent.exists()
+
+
+def _sparse(path: Path, size: int = 2**34) -> None:
+    with path.open("wb") as f:
+        f.truncate(size)  # 16 GiB that take no disk
+
+
+def _not_a_file(make):
+    def breakage(ckpt: Path):
+        path = ckpt / "clip" / "model" / "model.json"
+        path.unlink()
+        make(path)
+    return breakage
+
+
+@pytest.mark.parametrize("breakage, words", [
+    (_not_a_file(lambda p: p.symlink_to("/dev/zero")), "clip/model/model.json: is a device, not a regular file"),
+    (_not_a_file(os.mkfifo), "clip/model/model.json: is a named pipe, not a regular file"),
+    (_not_a_file(lambda p: p.mkdir()), "clip/model/model.json: is a folder, not a regular file"),
+    (_not_a_file(_sparse), "clip/model/model.json: 17179869184 bytes, over the 1048576 this file may have"),
+    (_not_a_file(lambda p: p.symlink_to(p.parent / "gone.json")), "clip/model: no model.safetensors + model.json"),
+], ids=["dev-zero", "fifo", "folder", "16-gib-sparse", "dangling"])
+def test_model_json_that_is_not_a_small_regular_file_is_one_line_at_once(
+        tiny_checkpoints, tmp_path, monkeypatch, capsys, breakage, words):
+    """Reading it would block (a FIFO with no writer), never end (``/dev/zero``) or fill the memory: the reader
+    checks the opened file with fstat first. SIGALRM fails the test instead of hanging it."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints, ckpt)
+    breakage(ckpt)
+
+    def hung(*_):
+        raise TimeoutError("export.all did not answer within 20 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    out = tmp_path / "engines" / "x"
+    try:
+        rc, err = _exported_nothing(ckpt, out, [], monkeypatch, capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert rc == 1 and err.count("\n") == 1 and words in err, err
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max-batch", str(10**8)], "export: error: --max-batch must be an integer in 1 … 2048, got 100000000"),
+    (["--max-batch", "0"], "--max-batch must be an integer in 1 … 2048, got 0"),
+    (["--opset", str(10**6)], "--opset must be at most"),
+    (["--opset", "9"], "--opset must be >= 18"),
+    (["--external-data-threshold", "-1"], "--external-data-threshold must be >= 0"),
+])
+def test_export_numeric_flags_out_of_range_are_one_line(tiny_checkpoints, tmp_path, monkeypatch, capsys, argv, words):
+    out = tmp_path / "engines" / "x"
+    rc, err = _exported_nothing(tiny_checkpoints, out, argv, monkeypatch, capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("export: error: ") and words in err, err
+    assert not out.parent.exists()
+
+
+def test_export_flag_that_is_not_a_number_is_one_line(tiny_checkpoints, capsys):
+    from export import all as export_all
+
+    with pytest.raises(SystemExit) as exited:
+        export_all.main(["--checkpoints", str(tiny_checkpoints), "--max-batch", "many"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("export: error: argument --max-batch: invalid int value: 'many'")
+
+
+def test_export_refuses_batch_profiles_the_manifest_could_not_state(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    """--max-batch 2048 is within its bound, but the prior's rows are 2 × max_batch × candidates."""
+    out = tmp_path / "engines" / "x"
+    rc, err = _exported_nothing(tiny_checkpoints, out, ["--max-batch", "2048"], monkeypatch, capsys)
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "graph prior: a batch of up to 8192 rows at --max-batch 2048, over the 4096 an engine manifest" in err
+    assert not out.parent.exists()
+
+
+def test_configs_we_ship_and_dall_e_2_sized_ones_are_within_bounds(tiny_checkpoints):
+    """The bounds pass the tiny test models, the bundled checkpoints, the training recipes' model tables and a
+    config of DALL-E 2's size; every field of every checkpoint kind states them; and they lie within what an
+    engine manifest may state, so what loads also exports and runs."""
+    import dataclasses
+
+    from dalle2_rt.models import config_dict, registry
+    from dalle2_rt.models.clip import ClipConfig
+    from dalle2_rt.models.decoder import DecoderConfig
+    from dalle2_rt.models.prior import PriorConfig
+    from dalle2_rt.models.sr import SRConfig
+    from dalle2_rt.models.unet import UNetConfig
+    from dalle2_rt.runtime import manifest as rt_manifest
+    from dalle2_rt.training.config import load_config
+    from dalle2_rt.training.stages import model_config
+    from export.driver import MAX_BATCH_BOUND
+
+    for cls in (*(k.config for k in registry.KINDS.values()), UNetConfig):
+        unbounded = [f.name for f in dataclasses.fields(cls) if "bounds" not in f.metadata and f.name != "unet"]
+        assert unbounded == [], (cls.__name__, unbounded)
+    folders = [tiny_checkpoints / stage / "model" for stage in ("clip", "prior", "decoder", "sr")]
+    folders += [meta.parent for meta in sorted((REPO / "checkpoints").glob("*/*/model/model.json"))]
+    assert len(folders) >= 9  # the bundled model's four stages, and the distilled decoder
+    for folder in folders:
+        _, cfg, _ = registry.read_config(folder)
+        config_dict.check_config(cfg)
+    for toml in sorted((REPO / "configs").glob("*.toml")):
+        for stage in ("clip", "prior", "decoder", "sr"):
+            config_dict.check_config(model_config(load_config(toml), stage))
+    # CLIP ViT-bigG/14; a prior 2048 wide, 24 layers deep; a decoder and a 256 → 1024 upsampler of unCLIP's kind
+    config_dict.check_config(ClipConfig(embed_dim=1280, image_size=224, patch_size=14, vision_layers=48,
+                                        vision_width=1664, vision_head_width=104, text_layers=32, text_width=1280,
+                                        text_heads=20))
+    config_dict.check_config(PriorConfig(embed_dim=768, text_width=768, dim=2048, depth=24, heads=32))
+    unet = UNetConfig(channels=512, channel_mults=(1, 2, 3, 4), num_res_blocks=3, attention_levels=(1, 2, 3),
+                      heads=32, emb_dim=2048, context_dim=2048, groups=32)
+    config_dict.check_config(DecoderConfig(image_size=64, embed_dim=768, text_width=768, context_dim=2048,
+                                           unet=unet, num_timesteps=4000))
+    config_dict.check_config(SRConfig(image_size=1024, low_res_size=256, unet=UNetConfig(
+        in_channels=6, channels=192, channel_mults=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_levels=())))
+    assert config_dict.MAX_SIDE <= rt_manifest.MAX_SIDE and config_dict.MAX_CONTEXT <= rt_manifest.MAX_CONTEXT
+    assert config_dict.MAX_TIMESTEPS <= rt_manifest.MAX_TIMESTEPS and 2 * MAX_BATCH_BOUND <= rt_manifest.MAX_BATCH
+
+
+# ---------------------------------------------------------------------------- foreign configs, the same bounds
+
+def test_dalle2_pytorch_config_sizes_are_checked_before_dalle2_pytorch_is_needed(tmp_path, capsys):
+    """The check runs before DALLE2-pytorch is imported, so it holds (and is tested) without its environment."""
+    from export import all as export_all
+
+    prior = {"prior": {"net": {"dim": 32, "depth": 10**9, "heads": 2}, "image_embed_dim": 32, "timesteps": 25}}
+    decoder = {"decoder": {"unets": [{"dim": 16, "dim_mults": [1, 2]}, {"dim": 8, "dim_mults": [1, 10**6]}],
+                           "image_sizes": [16, 10**6], "timesteps": 25}}
+    (tmp_path / "prior.json").write_text(json.dumps(prior))
+    (tmp_path / "decoder.json").write_text(json.dumps(decoder))
+    (tmp_path / "clip.json").write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"width": -1}}))
+    out = tmp_path / "out"
+
+    def run(**files):
+        given = {"prior": "p.pth", "prior-config": tmp_path / "prior.json", "decoder": "d.pth",
+                 "decoder-config": tmp_path / "decoder.json", "clip": "x", "clip-weights": "c.pt", **files}
+        rc = export_all.main(["--from-dalle2-pytorch", "--out", str(out),
+                              *(str(a) for k, v in given.items() for a in (f"--{k}", v))])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1 and err.startswith("export: error: "), err
+        return err
+
+    assert "prior.json: prior.net.depth = 1000000000: must be an integer in 1 … 128" in run()
+    prior["prior"]["net"]["depth"] = 1
+    (tmp_path / "prior.json").write_text(json.dumps(prior))
+    from export import dalle2_pytorch
+
+    with pytest.raises(dalle2_pytorch.SourceError, match=r"decoder.json: decoder.image_sizes\[1\] = 1000000: must"):
+        dalle2_pytorch.build_decoder(tmp_path / "decoder.json", tmp_path / "d.pth", "ema")
+    decoder["decoder"]["image_sizes"] = [16, 32]
+    (tmp_path / "decoder.json").write_text(json.dumps(decoder))
+    with pytest.raises(dalle2_pytorch.SourceError, match=r"decoder.unets\[1\].dim_mults\[1\] = 1000000: must be"):
+        dalle2_pytorch.build_decoder(tmp_path / "decoder.json", tmp_path / "d.pth", "ema")
+    with pytest.raises(dalle2_pytorch.SourceError, match=r"clip.json: open_clip.vision_cfg.width = -1: must be"):
+        dalle2_pytorch.build_clip(str(tmp_path / "clip.json"), tmp_path / "c.pt")
+    os.mkfifo(tmp_path / "fifo.json")
+    assert "fifo.json: is a named pipe, not a regular file" in run(**{"prior-config": tmp_path / "fifo.json"})
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("component, file, key, value, words", [
+    ("text_encoder", "config.json", "hidden_size", 10**9, "text_encoder/config.json: config.hidden_size = 1000000000"),
+    ("text_encoder", "config.json", "max_position_embeddings", "77", "config.max_position_embeddings = '77': must"),
+    ("tokenizer", "tokenizer_config.json", "model_max_length", 10**30, "model_max_length = 10000000000000000000000"),
+    ("prior", "config.json", "num_layers", -1, "prior/config.json: config.num_layers = -1: must be an integer in 1"),
+    ("decoder", "config.json", "block_out_channels", [32, 10**9], "config.block_out_channels[1] = 1000000000: must"),
+    ("decoder", "config.json", "sample_size", 10**6, "decoder/config.json: config.sample_size = 1000000: must be"),
+    ("super_res_last", "config.json", "layers_per_block", 2.5, "config.layers_per_block = 2.5: must be an integer"),
+    ("prior_scheduler", "scheduler_config.json", "num_train_timesteps", 10**12,
+     "prior_scheduler/scheduler_config.json: config.num_train_timesteps = 1000000000000: must be an integer in 2"),
+])
+def test_diffusers_config_sizes_are_checked_as_each_config_is_read(tmp_path, component, file, key, value, words):
+    from export.diffusers_unclip import SourceError, _read_json
+
+    path = tmp_path / component / file
+    path.parent.mkdir()
+    path.write_text(json.dumps({key: value}))
+    with pytest.raises(SourceError) as caught:
+        _read_json(path, component)
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_diffusers_folder_with_a_config_out_of_bounds_is_one_line_before_diffusers_loads(tmp_path, capsys):
+    """Opening the folder checks each component's config before any network is built (diffusers need not even be
+    installed for this to hold)."""
+    from export import all as export_all
+    from export.diffusers_unclip import COMPONENTS
+
+    pipe = tmp_path / "karlo"
+    for name in COMPONENTS:
+        (pipe / name).mkdir(parents=True)
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "UnCLIPPipeline"}))
+    (pipe / "text_encoder" / "config.json").write_text(json.dumps({"projection_dim": 768, "hidden_size": 10**9}))
+    out = tmp_path / "out"
+    rc = export_all.main(["--from-diffusers", str(pipe), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "text_encoder/config.json: config.hidden_size = 1000000000: must be an integer in 1 … 8192" in err
+    assert not out.exists()

@@ -113,7 +113,7 @@ def test_unknown_kind_and_unreadable_meta_are_checkpoint_errors(tmp_path):
     with pytest.raises(registry.CheckpointError, match="unknown checkpoint kind 'vae'"):
         registry.read_config(tmp_path)
     (tmp_path / "model.json").write_text("{")
-    with pytest.raises(registry.CheckpointError, match="not readable JSON"):
+    with pytest.raises(registry.CheckpointError, match="not valid JSON"):
         registry.read_config(tmp_path)
     with pytest.raises(registry.CheckpointError, match="not found"):
         registry.read_config(tmp_path / "nowhere")

@@ -22,23 +22,27 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
+from .config_dict import MAX_CONTEXT, MAX_DEPTH, MAX_HEADS, MAX_SIDE, MAX_WIDTH, bounded, check_config
+
 
 @dataclass
 class ClipConfig:
-    embed_dim: int = 128
-    image_size: int = 64
-    patch_size: int = 8
-    vision_layers: int = 4
-    vision_width: int = 128
-    vision_head_width: int = 32
-    context_length: int = 77
-    vocab_size: int = 49408
-    text_layers: int = 4
-    text_width: int = 128
-    text_heads: int = 4
-    vision_tower: str = "vit"  # vit (open_clip's) | conv (ConvImageTower: keeps the spatial layout)
-    conv_width: int = 32  # conv tower: channels at the first resolution (doubled at each of 3 downsamplings)
-    conv_pooled: bool = False  # conv tower: also a pooled (mean, max) "what" path beside the flattened grid
+    embed_dim: int = bounded(128, 1, MAX_WIDTH)
+    image_size: int = bounded(64, 1, MAX_SIDE)
+    patch_size: int = bounded(8, 1, MAX_SIDE)
+    vision_layers: int = bounded(4, 1, MAX_DEPTH)
+    vision_width: int = bounded(128, 1, MAX_WIDTH)
+    vision_head_width: int = bounded(32, 1, MAX_WIDTH)
+    context_length: int = bounded(77, 2, MAX_CONTEXT)  # at least <start_of_text> and <end_of_text>
+    vocab_size: int = bounded(49408, 2, 2**20)
+    text_layers: int = bounded(4, 1, MAX_DEPTH)
+    text_width: int = bounded(128, 1, MAX_WIDTH)
+    text_heads: int = bounded(4, 1, MAX_HEADS)
+    # vit (open_clip's) | conv (ConvImageTower: keeps the spatial layout)
+    vision_tower: str = bounded("vit", choices=("vit", "conv"))
+    # conv tower: channels at the first resolution (doubled at each of 3 downsamplings)
+    conv_width: int = bounded(32, 1, MAX_WIDTH // 4)
+    conv_pooled: bool = bounded(False)  # conv tower: also a pooled (mean, max) "what" path beside the flattened grid
 
     def __post_init__(self):
         if self.vision_tower not in ("vit", "conv"):
@@ -56,11 +60,13 @@ class ClipConfig:
         if unsupported:
             raise ValueError(f"unsupported open_clip config: {', '.join(unsupported)}; only ViT towers are")
         d = cls()
-        return cls(embed_dim=oc["embed_dim"], image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 16),
-                   vision_layers=v.get("layers", 12), vision_width=v.get("width", 768),
-                   vision_head_width=v.get("head_width", 64), context_length=t.get("context_length", 77),
-                   vocab_size=t.get("vocab_size", d.vocab_size), text_layers=t.get("layers", 12),
-                   text_width=t.get("width", 512), text_heads=t.get("heads", 8))
+        cfg = cls(embed_dim=oc["embed_dim"], image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 16),
+                  vision_layers=v.get("layers", 12), vision_width=v.get("width", 768),
+                  vision_head_width=v.get("head_width", 64), context_length=t.get("context_length", 77),
+                  vocab_size=t.get("vocab_size", d.vocab_size), text_layers=t.get("layers", 12),
+                  text_width=t.get("width", 512), text_heads=t.get("heads", 8))
+        check_config(cfg, "open_clip config")  # a foreign file's numbers, before open_clip builds from them
+        return cfg
 
     def open_clip_cfg(self) -> dict:
         """open_clip's model-config dict. With the conv tower its vision_cfg describes the ViT that
@@ -82,6 +88,16 @@ class ClipConfig:
                 "layers": self.text_layers,
             },
         }
+
+
+# open_clip's model-config keys and the fields ``ClipConfig.from_open_clip_cfg`` sets from them: an importer that
+# takes any open_clip architecture checks a config file's numbers by these fields' bounds (``check_foreign``)
+OPEN_CLIP_KEYS = {key: (ClipConfig, name) for key, name in {
+    "embed_dim": "embed_dim", "vision_cfg.image_size": "image_size", "vision_cfg.patch_size": "patch_size",
+    "vision_cfg.layers": "vision_layers", "vision_cfg.width": "vision_width",
+    "vision_cfg.head_width": "vision_head_width", "text_cfg.context_length": "context_length",
+    "text_cfg.vocab_size": "vocab_size", "text_cfg.layers": "text_layers", "text_cfg.width": "text_width",
+    "text_cfg.heads": "text_heads"}.items()}
 
 
 class _ResBlock(nn.Module):

@@ -26,27 +26,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime.parameterization import KINDS
+from ..runtime.schedules import SCHEDULES
+from .config_dict import MAX_CONTEXT, MAX_SIDE, MAX_TIMESTEPS, MAX_WIDTH, bounded
 from .layers import TimestepMLP, keep_or_null
 from .unet import UNet, UNetConfig
 
 
 @dataclass
 class DecoderConfig:
-    image_size: int = 32
-    embed_dim: int = 128
-    text_width: int = 128
-    context_length: int = 77
-    num_image_tokens: int = 4
-    context_dim: int = 256
+    image_size: int = bounded(32, 1, MAX_SIDE)
+    embed_dim: int = bounded(128, 1, MAX_WIDTH)
+    text_width: int = bounded(128, 1, MAX_WIDTH)
+    context_length: int = bounded(77, 2, MAX_CONTEXT)
+    num_image_tokens: int = bounded(4, 1, 256)
+    context_dim: int = bounded(256, 1, MAX_WIDTH)
     unet: UNetConfig = field(default_factory=UNetConfig)
-    num_timesteps: int = 1000
-    schedule: str = "cosine"
-    parameterization: str = "eps"
-    spatial_map: int = 0  # side of the embedding's spatial map added after the U-Net's input conv; 0 = none
-    spatial_hidden: int = 0  # width of a GELU MLP beside the map's linear projection; 0 = none (needs spatial_map)
+    num_timesteps: int = bounded(1000, 2, MAX_TIMESTEPS)
+    schedule: str = bounded("cosine", choices=SCHEDULES)
+    parameterization: str = bounded("eps", choices=KINDS)
+    # side of the embedding's spatial map added after the U-Net's input conv; 0 = none
+    spatial_map: int = bounded(0, 0, 64)
+    # width of a GELU MLP beside the map's linear projection; 0 = none (needs spatial_map)
+    spatial_hidden: int = bounded(0, 0, MAX_WIDTH)
     # a guidance-distilled decoder (Meng et al. 2023, stage 1): the guidance scale w is an input, embedded and added
     # to the timestep embedding, and one pass predicts what the teacher's guided pair did
-    guidance_input: bool = False
+    guidance_input: bool = bounded(False)
 
 
 # w in [1, 4] spread over the sinusoids' periods like timesteps 100 … 400 are

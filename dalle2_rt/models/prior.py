@@ -18,20 +18,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..runtime.schedules import SCHEDULES
+from .config_dict import MAX_CONTEXT, MAX_DEPTH, MAX_HEADS, MAX_TIMESTEPS, MAX_WIDTH, bounded
 from .layers import TimestepMLP, attention, keep_or_null, merge_heads, split_heads
 
 
 @dataclass
 class PriorConfig:
-    embed_dim: int = 128  # CLIP embedding size D
-    text_width: int = 128  # CLIP text transformer width (per-token encodings)
-    context_length: int = 77
-    dim: int = 256
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    num_timesteps: int = 1000
-    schedule: str = "cosine"
+    embed_dim: int = bounded(128, 1, MAX_WIDTH)  # CLIP embedding size D
+    text_width: int = bounded(128, 1, MAX_WIDTH)  # CLIP text transformer width (per-token encodings)
+    context_length: int = bounded(77, 2, MAX_CONTEXT)
+    dim: int = bounded(256, 1, MAX_WIDTH)
+    depth: int = bounded(4, 1, MAX_DEPTH)
+    heads: int = bounded(4, 1, MAX_HEADS)
+    mlp_ratio: float = bounded(4.0, 0.125, 16.0)
+    num_timesteps: int = bounded(1000, 2, MAX_TIMESTEPS)
+    schedule: str = bounded("cosine", choices=SCHEDULES)
 
     @property
     def embed_scale(self) -> float:

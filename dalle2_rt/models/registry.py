@@ -9,7 +9,11 @@ weights goes through here: the torch reference backend (``dalle2_rt.runtime.torc
 exporter (``export/sources.py``) and training (``dalle2_rt.training.stages``).
 
 Configs are (de)serialised by ``config_dict.py`` (torch-free, so a TOML reader can use it too): an unknown key
-is refused by name, a missing one takes the dataclass default.
+is refused by name, a missing one takes the dataclass default, and every value must lie within the bounds its
+dataclass field states (``config_dict.bounded``), so a hostile or mistyped ``model.json`` is one line naming the
+file and the field before any module is built. ``model.json`` and ``defaults.json`` are read as untrusted input
+(``read_json``): a regular file of at most 1 MiB, JSON of bounded depth and number sizes; a symlink to
+``/dev/zero`` or a named pipe is refused at once instead of hanging the reader.
 
 A save is atomic through a sibling ``<folder>.old`` (``checkpoint._write_atomic_dir``); ``resolve`` is its
 read side: the folder to read when a kill landed between the two renames.
@@ -22,7 +26,6 @@ retrained run bundled into the directory keeps them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,20 +34,23 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from ..runtime.errors import EngineFolderError
 from ..runtime.settings import MAX_CANDIDATES
+from ..runtime.untrusted import parse_json, read_bounded
 from .clip import ClipConfig, ClipImageEncoder, ClipTextEncoder, build_clip
-from .config_dict import ConfigError, config_from_dict, config_to_dict
+from .config_dict import ConfigError, config_from_dict, config_to_dict, short_repr
 from .decoder import Decoder, DecoderConfig
 from .prior import DiffusionPrior, PriorConfig, PriorPrefix, PriorStep
 from .sr import SRConfig, SuperRes
 
 __all__ = ["DEFAULTS", "KINDS", "META", "WEIGHTS", "CheckpointError", "ConfigError", "Kind", "Loaded", "build",
            "check_defaults", "check_values", "check_weights", "config_from_dict", "config_to_dict", "kind", "load",
-           "load_weights", "read_config", "read_defaults", "read_defaults_file", "read_meta", "resolve"]
+           "load_weights", "read_config", "read_defaults", "read_defaults_file", "read_json", "read_meta", "resolve"]
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
 DEFAULTS = "defaults.json"
+MAX_JSON_BYTES = 2**20  # model.json, defaults.json (the bundled ones: under 1 KB)
 # What a stage's sampling defaults may say, and the check of each value.
 DEFAULT_KEYS = {
     "sampler": lambda v: isinstance(v, str) and bool(v),
@@ -58,6 +64,14 @@ DEFAULT_KEYS = {
 # model.json's top level: what save_model writes (kind, config), the training loop adds (step, trained_steps,
 # open_clip_cfg) and bundle adds (defaults). Anything else is a typo or a foreign file: refused by name.
 META_KEYS = ("kind", "config", "step", "trained_steps", "defaults", "open_clip_cfg")
+# The top-level values other than config and defaults (checked by their own rules): steps are counts.
+META_VALUES = {
+    "kind": (lambda v: isinstance(v, str), "a string"),
+    "step": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**53, "an integer in 0 … 2**53"),
+    "trained_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**53,
+                      "an integer in 0 … 2**53"),
+    "open_clip_cfg": (lambda v: isinstance(v, dict), "an object"),
+}
 
 
 class CheckpointError(ValueError):
@@ -87,7 +101,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 
 
 def kind(name: str) -> Kind:
-    if name not in KINDS:
+    if not isinstance(name, str) or name not in KINDS:
         raise CheckpointError(f"unknown checkpoint kind {name!r}; known: {', '.join(KINDS)}")
     return KINDS[name]
 
@@ -109,13 +123,25 @@ def read_defaults(ckpt_dir: str | Path) -> dict[str, dict]:
     return read_defaults_file(path) if path.exists() else {}
 
 
+def read_json(path: str | Path, limit: int = MAX_JSON_BYTES):
+    """A JSON file from a source the user named, read as untrusted input: a regular file (not a FIFO, a device or
+    a folder; checked without blocking) of at most ``limit`` bytes, nesting and number literals bounded (NaN and
+    inf are parsed: the field they sit in refuses them by name). FileNotFoundError passes through; every other
+    problem is one CheckpointError line."""
+    path = Path(path)
+    try:
+        return parse_json(read_bounded(None, path, limit), path, constants=True)
+    except EngineFolderError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def read_defaults_file(path: str | Path) -> dict[str, dict]:
     """A sampling-defaults JSON file, {stage: {sampler, steps, guidance, candidates}}, every value checked."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+        data = read_json(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected an object {{stage: {{sampler, steps, guidance, candidates}}}}")
     for stage, entry in data.items():
@@ -134,24 +160,25 @@ def check_defaults(entry, where: str, name: str | None = None) -> None:
         if check is None:
             raise CheckpointError(f"{where}.{key}: unknown key; known: {', '.join(DEFAULT_KEYS)}")
         if not check(value):
-            raise CheckpointError(f"{where}.{key} = {value!r} is not a valid value")
+            raise CheckpointError(f"{where}.{key} = {short_repr(value)} is not a valid value")
 
 
 def read_meta(folder: str | Path) -> dict:
     """``model.json`` of a checkpoint folder."""
     path = resolve(folder) / META
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = read_json(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path}: expected an object with 'kind' and 'config'")
     unknown = sorted(set(meta) - set(META_KEYS))
     if unknown:
         raise CheckpointError(f"{path}: unknown key{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
                               f"(known: {', '.join(META_KEYS)})")
+    for key, (check, what) in META_VALUES.items():
+        if key in meta and not check(meta[key]):
+            raise CheckpointError(f"{path}: {key} = {short_repr(meta[key])}: must be {what}")
     if "defaults" in meta:
         check_defaults(meta["defaults"], f"{path}: defaults")
     return meta
@@ -186,8 +213,8 @@ def check_weights(folder: str | Path, name: str, config) -> None:
     a truncated file, or tensor names or shapes that differ from the network's (built on the meta device,
     so no memory is spent on it). What an exporter calls on every source before it writes anything."""
     path = resolve(folder) / WEIGHTS
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
+    if not path.is_file():  # also a named pipe or a device, which reading would block on or never finish
+        raise CheckpointError(f"{path}: {'not a regular file' if path.exists() else 'not found'}")
     try:
         with safe_open(str(path), framework="pt") as f:
             saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

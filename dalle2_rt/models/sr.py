@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime.parameterization import KINDS
+from ..runtime.schedules import SCHEDULES
+from .config_dict import MAX_SIDE, MAX_TIMESTEPS, bounded
 from .layers import TimestepMLP
 from .unet import UNet, UNetConfig
 
@@ -24,13 +27,13 @@ def _sr_unet() -> UNetConfig:
 
 @dataclass
 class SRConfig:
-    image_size: int = 64
-    low_res_size: int = 32
+    image_size: int = bounded(64, 1, MAX_SIDE)
+    low_res_size: int = bounded(32, 1, MAX_SIDE)
     unet: UNetConfig = field(default_factory=_sr_unet)
-    num_timesteps: int = 1000
-    schedule: str = "cosine"
-    parameterization: str = "eps"
-    sample_aug_t: int = 100  # fixed augmentation level used at sampling time
+    num_timesteps: int = bounded(1000, 2, MAX_TIMESTEPS)
+    schedule: str = bounded("cosine", choices=SCHEDULES)
+    parameterization: str = bounded("eps", choices=KINDS)
+    sample_aug_t: int = bounded(100, 0, MAX_TIMESTEPS - 1)  # fixed augmentation level used at sampling time
 
 
 class SuperRes(nn.Module):

@@ -12,21 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_dict import MAX_HEADS, MAX_WIDTH, bounded
 from .layers import attention, merge_heads, split_heads
+
+MAX_LEVELS = 8  # resolutions of a U-Net: 2048 pixels halved 7 times is 16
 
 
 @dataclass
 class UNetConfig:
-    in_channels: int = 3
-    out_channels: int = 3
-    channels: int = 64
-    channel_mults: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2
-    attention_levels: tuple[int, ...] = (1, 2)  # indices into channel_mults
-    heads: int = 4
-    emb_dim: int = 256
-    context_dim: int | None = None  # width of the context tokens; None = no context
-    groups: int = 16
+    in_channels: int = bounded(3, 1, 64)
+    out_channels: int = bounded(3, 1, 64)
+    channels: int = bounded(64, 1, MAX_WIDTH // 2)  # at the first level; level i has channels · channel_mults[i]
+    channel_mults: tuple[int, ...] = bounded((1, 2, 2), 1, 16, length=(1, MAX_LEVELS))
+    num_res_blocks: int = bounded(2, 1, 16)
+    attention_levels: tuple[int, ...] = bounded((1, 2), 0, MAX_LEVELS - 1, length=(0, MAX_LEVELS))  # into channel_mults
+    heads: int = bounded(4, 1, MAX_HEADS)
+    emb_dim: int = bounded(256, 1, MAX_WIDTH)
+    context_dim: int | None = bounded(None, 1, MAX_WIDTH)  # width of the context tokens; None = no context
+    groups: int = bounded(16, 1, 1024)
 
 
 def norm(channels: int, groups: int) -> nn.GroupNorm:

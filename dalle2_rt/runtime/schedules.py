@@ -39,6 +39,7 @@ _BUILDERS = {
     "linear": linear_alphas_cumprod,
     "squaredcos_cap_v2": squaredcos_cap_v2_alphas_cumprod,
 }
+SCHEDULES = tuple(_BUILDERS)  # the names a model config or a manifest may give
 
 
 def alphas_cumprod_for(name: str, num_timesteps: int) -> np.ndarray:

@@ -6,6 +6,10 @@ read, and a named pipe or ``/dev/zero`` (whose hashing would never end) is refus
 the file is opened with O_NONBLOCK and checked with fstat before reading. JSON is parsed with bounded size,
 nesting depth and number literals, so a crafted ``manifest.json`` is one ``EngineFolderError`` line, not a
 RecursionError, a 5,000-digit integer or an ``inf``.
+
+The same reader serves the exporter's sources (a checkpoint's ``model.json``, a foreign pipeline's config files),
+without the confinement (``folder`` None: a user may link a checkpoint's files from elsewhere) and with
+``constants``: there NaN, inf and overflowing literals are parsed, for the config's field check to name them.
 """
 from __future__ import annotations
 
@@ -30,9 +34,10 @@ def inside(folder: Path, path: Path) -> Path:
     return real
 
 
-def open_regular(folder: Path, path: Path) -> int:
-    """A read-only descriptor of ``path``, a regular file inside ``folder``; never blocks on a FIFO."""
-    real = inside(folder, path)
+def open_regular(folder: Path | None, path: Path) -> int:
+    """A read-only descriptor of ``path``, a regular file inside ``folder`` (None: anywhere); never blocks on a
+    FIFO."""
+    real = inside(folder, path) if folder is not None else path
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -43,13 +48,13 @@ def open_regular(folder: Path, path: Path) -> int:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         kind = "a named pipe" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
-            stat.S_ISBLK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise EngineFolderError(f"{path}: is {kind}; an engine folder holds regular files only")
+            stat.S_ISBLK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "a socket or another special file"
+        raise EngineFolderError(f"{path}: is {kind}, not a regular file")
     return fd
 
 
-def read_bounded(folder: Path, path: Path, limit: int = MAX_JSON_BYTES) -> bytes:
-    """The bytes of a regular file inside ``folder``, refused when over ``limit``."""
+def read_bounded(folder: Path | None, path: Path, limit: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of a regular file inside ``folder`` (None: anywhere), refused when over ``limit``."""
     fd = open_regular(folder, path)
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -61,12 +66,12 @@ def read_bounded(folder: Path, path: Path, limit: int = MAX_JSON_BYTES) -> bytes
     return data
 
 
-def _number(kind):
+def _number(kind, finite: bool = True):
     def parse(text: str):
         if len(text) > MAX_NUMBER_CHARS:
             raise ValueError(f"a number of {len(text)} characters ({text[:12]}…)")
         value = kind(text)
-        if kind is float and not math.isfinite(value):
+        if kind is float and finite and not math.isfinite(value):
             raise ValueError(f"the number {text} is out of range")
         return value
     return parse
@@ -87,11 +92,12 @@ def _depth(value) -> int:
     return deepest
 
 
-def parse_json(data: bytes, path: Path):
-    """``data`` as JSON, numbers bounded (no NaN, inf or huge literals), nesting at most MAX_JSON_DEPTH."""
+def parse_json(data: bytes, path: Path, *, constants: bool = False):
+    """``data`` as JSON, number literals bounded in length, nesting at most MAX_JSON_DEPTH; NaN, inf and literals
+    that overflow a float are refused, or with ``constants`` parsed (for a field check to refuse by name)."""
     try:
-        value = json.loads(data.decode("utf-8"), parse_int=_number(int), parse_float=_number(float),
-                           parse_constant=_refuse_constant)
+        value = json.loads(data.decode("utf-8"), parse_int=_number(int), parse_float=_number(float, not constants),
+                           parse_constant=float if constants else _refuse_constant)
     except RecursionError:
         raise EngineFolderError(f"{path}: not usable JSON (nested too deeply)") from None
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
