@@ -41,13 +41,13 @@ import torch
 
 from dalle2_rt.runtime.schedules import alphas_cumprod_for
 
-from .sources import Source, Sources, sha256_file
+from .sources import Source, SourceError, Sources, sha256_file
 from .specs import GraphSpec
 
 SCHEMA = "dalle2-rt/engine-manifest"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-EXPORT_REVISION = 5  # bump when a change here alters what an export writes (forces rebuilds)
+EXPORT_REVISION = 6  # bump when a change here alters what an export writes (forces rebuilds)
 SPACING = "trailing"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,6 +147,15 @@ def stage_entries(sources: Sources, graphs: dict[str, GraphSpec]) -> dict:
         # guidance-distilled (Meng et al. 2023): the scale w is this graph input, one row per sample, no
         # unconditional half (ARCHITECTURE.md, "What a C or C++ host needs", step 6)
         stages["decoder"]["guidance_input"] = "guidance"
+        if getattr(d, "guidance_range", None):  # the scales it was trained on: the runtime refuses others
+            lo, hi = (float(v) for v in d.guidance_range)
+            stages["decoder"]["guidance_range"] = [lo, hi]
+            defaults = stages["decoder"]["defaults"]
+            if "guidance" not in sources.decoder.defaults:  # the exporter's own default, brought into the range
+                defaults["guidance"] = min(max(float(defaults["guidance"]), lo), hi)
+            elif not lo <= float(defaults["guidance"]) <= hi:
+                raise SourceError(f"{sources.decoder.path}: defaults guidance {defaults['guidance']} is outside "
+                                  f"{lo:g} … {hi:g}, the scales this guidance-distilled decoder was trained on")
     if "prior_prefix" in graphs and "prior_step" in graphs:
         stages["prior"]["prefix_cache"] = {"prefix_graph": "prior_prefix", "step_graph": "prior_step",
                                            "cache": [t.name for t in graphs["prior_prefix"].outputs]}

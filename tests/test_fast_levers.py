@@ -143,7 +143,7 @@ def distilled_engines(tmp_path_factory):
     from export.all import export_folder
     from tests.conftest import TINY_MODEL, write_tiny_checkpoints
 
-    model = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "guidance_input": True}}
+    model = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "guidance_input": True, "guidance_range": [1.0, 4.0]}}
     ckpt = write_tiny_checkpoints(tmp_path_factory.mktemp("distilled") / "ckpt", model=model, seed=3)
     out = ckpt.parent / "engines"
     export_folder(ckpt, out, name="tiny-distilled", quiet=True)
@@ -155,6 +155,28 @@ def test_a_distilled_decoder_exports_w_as_an_input_and_says_so(distilled_engines
     assert m["stages"]["decoder"]["guidance_input"] == "guidance"
     inputs = {t["name"]: t for t in m["graphs"]["decoder"]["inputs"]}
     assert inputs["guidance"]["shape"] == ["batch"] and inputs["guidance"]["dtype"] == "float32"
+    assert m["stages"]["decoder"]["guidance_range"] == [1.0, 4.0]
+
+
+def test_a_distilled_decoder_refuses_a_scale_outside_the_range_it_was_trained_on(distilled_engines, tmp_path):
+    import shutil
+
+    from dalle2_rt.runtime.errors import EngineFolderError
+
+    pipe = Pipeline.load(distilled_engines, threads=1)
+    for g in (0.5, 4.5):
+        with pytest.raises(InputError, match=f"decoder guidance {g:g} is outside 1 … 4"):
+            pipe("a red circle", seed=1, decoder_guidance=g, **FAST)
+    assert pipe.settings(decoder_guidance=4.0, **FAST)["decoder"]["guidance"] == 4.0
+    folder = tmp_path / "e"
+    shutil.copytree(distilled_engines, folder)
+    path = folder / "manifest.json"
+    m = json.loads(path.read_text())
+    for bad in ([4.0, 1.0], [1.0], ["1", 4.0], [1.0, 1e9]):
+        m["stages"]["decoder"]["guidance_range"] = bad
+        path.write_text(json.dumps(m))
+        with pytest.raises(EngineFolderError, match="guidance_range"):
+            Pipeline.load(folder, verify=False)
 
 
 def test_a_distilled_decoder_runs_one_row_per_sample_with_w_fed(distilled_engines, monkeypatch):
@@ -242,6 +264,7 @@ def test_distillation_warm_starts_from_the_teacher_and_saves_a_guidance_input_de
     folder = train_decoder_distill(cfg)
     meta = json.loads((folder / "model" / "model.json").read_text())
     assert meta["kind"] == "decoder" and meta["config"]["guidance_input"] is True and meta["step"] == 2
+    assert meta["config"]["guidance_range"] == [1.0, 3.0]  # the scales it learned, for the exporter's manifest
     # a rerun resumes at the end instead of training again
     assert train_decoder_distill(cfg) == folder
 

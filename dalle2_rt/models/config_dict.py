@@ -26,8 +26,9 @@ __all__ = ["MAX_CONTEXT", "MAX_DEPTH", "MAX_HEADS", "MAX_SIDE", "MAX_TIMESTEPS",
            "short_repr"]
 
 # Limits shared by the model configs: generous (models of DALL-E 2's size pass: karlo's 2048-wide, 20-layer prior,
-# 1024-pixel upsampling, CLIP ViT-bigG's 1664-wide, 48-layer tower) but finite, and within what an engine manifest may state
-# (dalle2_rt/runtime/manifest.py; tests/test_hostile_input.py checks that), so what loads also exports and runs.
+# 1024-pixel upsampling, CLIP ViT-bigG's 1664-wide, 48-layer tower) but finite, and within what an engine manifest
+# may state (dalle2_rt/runtime/manifest.py; tests/test_hostile_input.py checks that), so what loads also exports
+# and runs.
 MAX_WIDTH = 8192  # embedding sizes, transformer widths, hidden layers
 MAX_DEPTH = 128  # transformer layers
 MAX_HEADS = 128  # attention heads

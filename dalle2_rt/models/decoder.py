@@ -52,6 +52,8 @@ class DecoderConfig:
     # a guidance-distilled decoder (Meng et al. 2023, stage 1): the guidance scale w is an input, embedded and added
     # to the timestep embedding, and one pass predicts what the teacher's guided pair did
     guidance_input: bool = bounded(False)
+    # … and the scales [lo, hi] it was trained on (training/distill.py's guidance_range): the runtime refuses others
+    guidance_range: tuple[float, ...] | None = bounded(None, 0.0, 100.0, length=(2, 2))
 
 
 # w in [1, 4] spread over the sinusoids' periods like timesteps 100 … 400 are

@@ -420,6 +420,11 @@ class Pipeline:
         """``s`` resolved against the folder's stages; decoder candidates > 1 also need an image encoder whose
         side is a multiple of the decoder's (``InputError`` before any work)."""
         run = s.resolve(self.stages)
+        for plan in (self.prior_plan, self.decoder_plan):
+            g, trained = run[plan.name]["guidance"], plan.guidance_range
+            if trained and g is not None and not trained[0] <= g <= trained[1]:
+                raise InputError(f"{plan.name} guidance {g:g} is outside {trained[0]:g} … {trained[1]:g}, the scales "
+                                 f"this guidance-distilled {plan.name} was trained on")
         if run["decoder_candidates"] > 1:
             if "image_encoder" not in self.manifest.stages:
                 raise InputError(f"engine folder {self.manifest.folder} has no image_encoder; decoder candidates > 1 "

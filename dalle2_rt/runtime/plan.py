@@ -48,6 +48,7 @@ class StagePlan:
     # guidance-distilled: the step graph's input taking the guidance scale w (one row per sample, no
     # unconditional half); None = classic classifier-free guidance (the pair of rows)
     guidance_input: str | None = None
+    guidance_range: tuple[float, float] | None = None  # … the scales it was trained on (None: not stated)
 
     @property
     def num_timesteps(self) -> int:
@@ -104,6 +105,14 @@ def _plan(manifest: Manifest, name: str, entry: dict, prefix_cache: bool) -> Sta
                 _input(g, guidance_input) is None or _input(g, guidance_input).shape[1:] for g in graphs):
             raise EngineFolderError(f"{manifest.folder}: stages.{name}.guidance_input {guidance_input!r} is not a "
                                     f"(batch,) input of its step graph")
+    trained = entry.get("guidance_range")
+    if trained is not None:
+        if (guidance_input is None or not isinstance(trained, list) or len(trained) != 2
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 100 for v in trained)
+                or trained[0] > trained[1]):
+            raise EngineFolderError(f"{manifest.folder}: stages.{name}.guidance_range must be [lo, hi] with "
+                                    f"0 <= lo <= hi <= 100, on a stage with guidance_input; got {trained!r}")
+        trained = (float(trained[0]), float(trained[1]))
     return StagePlan(
         name=name, graph=spec.name, kind=entry["parameterization"], abar=stage_alphas_cumprod(entry),
         spacing=entry["schedule"].get("spacing", "trailing"), betas=stage_betas(entry),
@@ -112,7 +121,7 @@ def _plan(manifest: Manifest, name: str, entry: dict, prefix_cache: bool) -> Sta
         defaults=dict(entry.get("defaults") or {}), variance=entry.get("variance", "small"),
         uncond_text=entry.get("uncond_text", "null_input"), cond_input=entry.get("cond_input", "cond_keep"),
         last_graph=entry.get("last_step_graph"), noise_aug_t=None if aug is None else int(aug),
-        guidance_input=guidance_input, **cached,
+        guidance_input=guidance_input, guidance_range=trained, **cached,
     )
 
 

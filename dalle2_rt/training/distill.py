@@ -81,7 +81,7 @@ def distill_spec(cfg: TrainConfig) -> StageSpec:
     teacher, tcfg = _frozen(loaded.model.float()), loaded.config
     if tcfg.guidance_input:
         raise DistillError(f"{run.teacher}: already a guidance-distilled decoder")
-    scfg = dataclasses.replace(tcfg, guidance_input=True)
+    scfg = dataclasses.replace(tcfg, guidance_input=True, guidance_range=(lo, hi))
     clip_folder = Path(run.clip) if run.clip else cfg.stage_dir("clip") / "model"
     clip = registry.load(clip_folder, expect="clip")
     device = resolve_device(cfg.device)
