@@ -20,6 +20,7 @@ from .runtime.errors import Dalle2RTError, InputError
 from .runtime.noise import new_seed
 from .runtime.operations import (
     DEFAULT_AMOUNT,
+    DEFAULT_GUIDANCE,
     DEFAULT_REFINE,
     LATENT_MODES,
     MAX_FRAMES,
@@ -39,7 +40,8 @@ def _common(p) -> None:
     p.add_argument("--decoder-steps", type=_typed(lambda v: check("decoder_steps", v)), metavar="K",
                    help="DDIM steps of the inversion and the decoding (default: the folder's)")
     p.add_argument("--decoder-guidance", type=_typed(lambda v: check("decoder_guidance", v), float), metavar="G",
-                   help="decoder guidance (default: the folder's)")
+                   help=f"decoder guidance of the inversion and the decoding (default {DEFAULT_GUIDANCE:g}: "
+                        "unguided, where inversion is exact; the folder's generation default is not used)")
     p.add_argument("--refine", type=_typed(lambda v: check_int("refine", v, 0, 32)), default=DEFAULT_REFINE,
                    metavar="K", help=f"fixed-point iterations per inversion step (default {DEFAULT_REFINE})")
     p.add_argument("--engines", metavar="DIR", help="engine folder (with manifest.json)")

@@ -440,7 +440,8 @@ def create_app(service: Service) -> FastAPI:
                     = None,
                     seed: Annotated[int | None, Form()] = None,
                     decoder_steps: Annotated[int | None, Form()] = None,
-                    decoder_guidance: Annotated[float | None, Form()] = None,
+                    decoder_guidance: Annotated[float | None, Form(
+                        description=f"default {ops.DEFAULT_GUIDANCE:g} (unguided: exact inversion)")] = None,
                     refine: Annotated[int | None, Form(description="fixed-point iterations per inversion step")]
                     = None,
                     text: Annotated[bool, Form(description="condition the decoder on the captions' text")] = True,
@@ -480,7 +481,8 @@ def create_app(service: Service) -> FastAPI:
                                  description="slerp: the ends reconstruct the inputs; fixed: one latent")] = "slerp",
                              seed: Annotated[int | None, Form()] = None,
                              decoder_steps: Annotated[int | None, Form()] = None,
-                             decoder_guidance: Annotated[float | None, Form()] = None,
+                             decoder_guidance: Annotated[float | None, Form(
+                        description=f"default {ops.DEFAULT_GUIDANCE:g} (unguided: exact inversion)")] = None,
                              refine: Annotated[int | None, Form()] = None,
                              response_format: Annotated[Literal["b64_json"], Form()] = "b64_json"):
         try:
