@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .errors import EngineFolderError, HashMismatchError
-from .schedules import alphas_cumprod_for
+from .schedules import alphas_cumprod_for, respace
 from .stages import TEXT_MASKS, stage_problems
 from .untrusted import open_regular, parse_json, read_bounded
 
@@ -179,6 +179,15 @@ def _number(folder: Path, where: str, value, lo: float, hi: float) -> float:
     return float(value)
 
 
+def _range(folder: Path, where: str, value) -> tuple[float, float]:
+    """A value range [lo, hi]: two finite numbers, lo < hi (pixel ranges, x0 clamps)."""
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            or not value[0] < value[1]):
+        raise _fail(folder, f"{where} must be [lo, hi], two finite numbers with lo < hi, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
 def _batch_profile(folder: Path, name: str, g: dict) -> int | None:
     """profile.batch {min, opt, max}: 1 ≤ min ≤ opt ≤ max ≤ MAX_BATCH; returns max (None: no profile)."""
     profile = g.get("profile") or {}
@@ -201,6 +210,8 @@ def _graph(folder: Path, name: str, g: dict) -> GraphSpec:
         raise _fail(folder, f"graphs.{name} has no 'file'")
     opt_file = g.get("optimized_file")
     # Where the optimised graph is valid: "optimized_for" {"provider", "onnxruntime"}, or flat keys.
+    if not isinstance(g.get("optimized_for") or {}, dict | str):
+        raise _fail(folder, f"graphs.{name}.optimized_for must be an object (provider, onnxruntime) or a provider")
     opt_for = dict(g.get("optimized_for") or {})
     if isinstance(g.get("optimized_for"), str):
         opt_for = {"provider": g["optimized_for"]}
@@ -227,9 +238,13 @@ def _graph(folder: Path, name: str, g: dict) -> GraphSpec:
 def _check_stage(folder: Path, where: str, stage: dict, graphs: dict, *, diffusion: bool) -> None:
     if not isinstance(stage, dict):
         raise _fail(folder, f"{where} must be an object")
-    if stage.get("graph") not in graphs:
+    if not isinstance(stage.get("graph"), str) or stage["graph"] not in graphs:
         raise _fail(folder, f"{where}.graph {stage.get('graph')!r} is not in graphs")
     _check_sizes(folder, where, stage)
+    if "input_range" in stage:
+        _range(folder, f"{where}.input_range", stage["input_range"])
+    if stage.get("clip_x0"):  # absent, null or []: no clamp (plan.py)
+        _range(folder, f"{where}.clip_x0", stage["clip_x0"])
     if not diffusion:
         return
     if stage.get("parameterization") not in KINDS:
@@ -248,6 +263,13 @@ def _check_stage(folder: Path, where: str, stage: dict, graphs: dict, *, diffusi
         raise _fail(folder, f"{where}.schedule is unusable ({e})") from None
     if abar.ndim != 1 or len(abar) < 2 or not np.all(np.isfinite(abar)) or not np.all((abar > 0) & (abar < 1)):
         raise _fail(folder, f"{where}.schedule.alphas_cumprod must be T values in (0, 1)")
+    spacing = sched.get("spacing", "trailing")
+    try:  # the name checked by the one respacing there is
+        if not isinstance(spacing, str):
+            raise ValueError(f"a name is needed, got {type(spacing).__name__}")
+        respace(abar, 1, spacing)
+    except ValueError as e:
+        raise _fail(folder, f"{where}.schedule.spacing: {e}") from None
     betas = stage_betas(stage)
     if betas is not None and (betas.shape != abar.shape or not np.all((betas > 0) & (betas < 1))):
         raise _fail(folder, f"{where}.schedule.betas must be T values in (0, 1), as many as alphas_cumprod")
@@ -286,6 +308,11 @@ def _check_tokenizer(folder: Path, tok: dict) -> None:
     vocab = _int(folder, "tokenizer.vocab_size", tok.get("vocab_size", 2), 2, 2**24) if "vocab_size" in tok else 2**24
     if "context_length" in tok:
         _int(folder, "tokenizer.context_length", tok["context_length"], 2, MAX_CONTEXT)
+    steps = tok.get("preprocess", [])
+    if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):  # names checked by the Tokenizer
+        raise _fail(folder, "tokenizer.preprocess must be a list of step names")
+    if not isinstance(tok.get("special_tokens_match", ""), str):
+        raise _fail(folder, "tokenizer.special_tokens_match must be a string")
     for key in ("sot_id", "eot_id", "pad_id"):
         if key in tok:
             _int(folder, f"tokenizer.{key}", tok[key], 0, vocab - 1)
@@ -335,16 +362,20 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
         raise _fail(folder, "output must be an object")
     if output.get("image_size") is not None:
         _int(folder, "output.image_size", output["image_size"], 1, MAX_SIDE)
+    if "pixel_range" in output:
+        _range(folder, "output.pixel_range", output["pixel_range"])
     stages = data["stages"]
     for name in ("text_encoder", "prior", "decoder"):
         if name not in stages:
             raise _fail(folder, f"stages.{name} is missing")
+        if not isinstance(stages[name], dict):
+            raise _fail(folder, f"stages.{name} must be an object")
     _check_stage(folder, "stages.text_encoder", stages["text_encoder"], graphs, diffusion=False)
     mask = stages["text_encoder"].get("text_mask")
     if mask is not None and mask not in TEXT_MASKS:
         raise _fail(folder, f"stages.text_encoder.text_mask {mask!r} is not one of {TEXT_MASKS}")
     for name in ("prior", "decoder"):
-        graph = graphs.get(stages[name].get("graph"))
+        graph = graphs.get(stages[name].get("graph")) if isinstance(stages[name].get("graph"), str) else None
         if mask is None and graph is not None and any(t.name == "text_mask" for t in graph.inputs):
             raise _fail(folder, f"graph {graph.name!r} takes text_mask but stages.text_encoder.text_mask is not set")
     if "image_encoder" in stages:
