@@ -61,7 +61,8 @@ setup(
         # client runs on grpcio + protobuf 7 (tested with 7.36).
         # The server side (nvidia-pytriton, numpy<2) lives in .venv/triton-env: `make triton-env`.
         "triton": ["tritonclient[http]>=2.40", "grpcio>=1.60", "protobuf>=6.30"],
-        "dev": ["pytest>=7.0", "ruff>=0.4", "jsonschema>=4.18"],  # jsonschema: the manifest schema tests
+        # jsonschema: the manifest schema tests; hypothesis: the hostile-input properties (tests/test_properties.py)
+        "dev": ["pytest>=7.0", "ruff>=0.4", "jsonschema>=4.18", "hypothesis>=6.100"],
     },
     entry_points={
         "console_scripts": [
