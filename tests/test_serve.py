@@ -615,6 +615,35 @@ def test_a_request_the_http_parser_cannot_read_is_answered_in_one_line_of_json(t
         proc.wait(30)
 
 
+def test_idle_and_slow_header_connections_are_closed_and_never_shut_out_the_probes(tiny_engines):
+    """--header-timeout closes a connection without a whole request head (408 JSON); --max-requests caps requests
+    in progress, but /healthz still answers while the cap is full."""
+    proc, url = _start(tiny_engines, "--header-timeout", "1", "--max-requests", "1", "--batch-window-ms", "3000",
+                       "--drain-grace", "0")
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(20)]
+        slow = socket.create_connection((host, int(port)), timeout=10)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c, ThreadPoolExecutor(1) as pool:
+            held = pool.submit(c.post, "/v1/images", json={"prompt": "a red circle", "seed": 1, **FAST})
+            time.sleep(0.5)  # the request sits in its 3 s batch window: the one request slot is taken
+            full = c.post("/v1/images", json={"prompt": "a blue star", "seed": 1, **FAST})
+            assert full.status_code == 503 and "requests in progress" in full.json()["error"]
+            assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+            assert held.result().status_code == 200
+        for conn in idle + [slow]:
+            reply = b""
+            while chunk := conn.recv(4096):  # the server closes it after the 1 s header timeout
+                reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408") and "no request head" in json.loads(body)["error"], reply
+            conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_serve_user_errors_are_one_line(tmp_path):
     cases = [(["--port", "-3"], "must be >= 0"), (["--max-batch", "zero"], "is not an integer"),
              (["--engines", str(tmp_path / "none"), "--port", "0"], str(tmp_path / "none")),
@@ -622,7 +651,8 @@ def test_serve_user_errors_are_one_line(tmp_path):
              (["--max-images", "32", "--max-queue", "20"], "could never be queued"),
              (["--workers", "0"], "must be >= 1"), (["--workers", "2", "--ray"], "with --ray, scale with --replicas"),
              (["--threads", "100000"], "must be at most"), (["--threads", "0"], "must be at least 1"),
-             (["--drain-grace", "-1"], "must be between 0 and 1e6")]
+             (["--drain-grace", "-1"], "must be between 0 and 1e6"), (["--header-timeout", "0"], "must be > 0"),
+             (["--max-requests", "0"], "must be >= 1")]
     for argv, words in cases:
         proc = subprocess.run([sys.executable, "-c", "import sys; from dalle2_rt.cli import entry; sys.exit(entry())",
                                "serve", *argv], capture_output=True,

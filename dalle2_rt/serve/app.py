@@ -111,12 +111,15 @@ def _variations_form() -> inspect.Signature:
 
 
 class Guard:
-    """ASGI middleware: request-size limits (413; bodies buffered up to the limit, JSON bodies to the smaller
-    ``max_json_bytes``, so parsing one holds the event loop a few ms at most), a deadline for receiving the
-    body (408: a slow client holds no slot), and request metrics."""
+    """ASGI middleware: at most ``max_requests`` requests in progress (503 beyond; the probes /healthz, /readyz
+    and /metrics are never refused, so a full server still reports itself alive), request-size limits (413;
+    bodies buffered up to the limit, JSON bodies to the smaller ``max_json_bytes``, so parsing one holds the
+    event loop a few ms at most), a deadline for receiving the body (408: a slow client holds no slot), and
+    request metrics."""
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
+        self.active = 0  # requests in progress (the probes not counted)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -124,6 +127,18 @@ class Guard:
         start, status = time.perf_counter(), {"code": 500}
         endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
         limits = self.service.limits
+        probe = scope["path"] in _PROBES
+        if not probe and self.active >= limits.max_requests:  # the probes still answer when the rest is full
+            self.service.metrics.requests.labels(endpoint, "503").inc()
+            return await _error(503, f"over {limits.max_requests} requests in progress; retry shortly",
+                                {"Retry-After": "1"})(scope, receive, send)
+        self.active += not probe
+        try:
+            return await self._guarded(scope, receive, send, start, status, endpoint, limits)
+        finally:
+            self.active -= not probe
+
+    async def _guarded(self, scope, receive, send, start, status, endpoint, limits):
         headers = dict(scope["headers"])
         multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
         limit = limits.max_body_bytes if multipart else min(limits.max_body_bytes, limits.max_json_bytes)
@@ -167,6 +182,7 @@ class Guard:
             m.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
 
 
+_PROBES = {"/healthz", "/readyz", "/metrics"}
 _ENDPOINTS = {"/v1/images", "/v1/variations", "/v1/edits", "/v1/interpolations", "/healthz", "/readyz", "/metrics",
               "/"}
 

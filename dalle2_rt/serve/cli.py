@@ -106,8 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images per request, prompts × n (default {d.max_images}; at most 64)")
     p.add_argument("--timeout", type=_seconds, default=d.timeout_s, metavar="S",
                    help=f"per-request time limit, queueing included; 504 after it (default {d.timeout_s:g})")
-    p.add_argument("--max-connections", type=_int_at_least(1), default=256, metavar="N",
-                   help="open connections and requests at once; beyond it new ones get 503 (default 256)")
+    p.add_argument("--max-requests", type=_int_at_least(1), default=d.max_requests, metavar="N",
+                   help=f"requests in progress at once; beyond it 503 (default {d.max_requests}; /healthz, "
+                        "/readyz and /metrics always answer)")
+    p.add_argument("--max-connections", type=_int_at_least(1), default=1024, metavar="N",
+                   help="open connections at once, idle ones included; beyond it new ones get 503 (default 1024)")
+    p.add_argument("--header-timeout", type=_seconds, default=d.header_timeout_s, metavar="S",
+                   help=f"a connection that has not sent a whole request head within S seconds is answered 408 "
+                        f"and closed (default {d.header_timeout_s:g}: idle and slow-header clients hold nothing)")
     p.add_argument("--drain-grace", type=_seconds, default=DRAIN_GRACE_S, metavar="S",
                    help=f"after SIGTERM, how long /readyz and new requests answer 503 before the listener closes "
                         f"(default {DRAIN_GRACE_S:g}; 0 closes at once)")
@@ -143,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..runtime.errors import Dalle2RTError
     from .service import Limits
 
+    if args.header_timeout <= 0:
+        return _fail("--header-timeout must be > 0 seconds", 2)
     limits = Limits(max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000, max_queue=args.max_queue,
-                    max_images=args.max_images, timeout_s=args.timeout)
+                    max_images=args.max_images, timeout_s=args.timeout, max_requests=args.max_requests,
+                    header_timeout_s=args.header_timeout)
     if args.ray:
         from .ray_app import run_ray
 
@@ -173,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     # limit_concurrency caps connections (503 beyond); an idle keep-alive connection is closed after 5 s
     config = uvicorn.Config(create_app(service), log_level=args.log_level, limit_concurrency=args.max_connections,
                             timeout_keep_alive=5, timeout_graceful_shutdown=int(limits.timeout_s) + 5,
-                            http=json_error_protocol())
+                            http=guarded_protocol(limits.header_timeout_s))
     server = draining_server(config, service, grace_s=args.drain_grace)
     host, port = sock.getsockname()[:2]
     sock.listen(2048)  # uvicorn's backlog; once the engines are loaded, before "listening on" is printed
@@ -213,17 +222,40 @@ def draining_server(config, service, *, grace_s: float = 0.0):
     return Server(config)
 
 
-def json_error_protocol():
-    """uvicorn's HTTP protocol class (httptools or h11, as uvicorn picks), answering a request its parser
-    cannot read with the API's ``{"error": …}`` line instead of plain text."""
+def _json_reply(status: str, message: str) -> bytes:
+    body = json.dumps({"error": message}).encode()
+    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+def guarded_protocol(header_timeout_s: float):
+    """uvicorn's HTTP protocol class (httptools or h11, as uvicorn picks) with two guards: a request its parser
+    cannot read is answered with the API's ``{"error": …}`` line instead of plain text, and a connection that
+    has not sent a whole request head within ``header_timeout_s`` of opening (an idle socket, headers trickled a
+    byte at a time) is answered 408 and closed, so such clients cannot hold connections. (After a first request
+    uvicorn's keep-alive timeout closes an idle connection.)"""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    class JsonErrors(AutoHTTPProtocol):
+    class Guarded(AutoHTTPProtocol):
+        header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.header_timer = self.loop.call_later(header_timeout_s, self._no_request_head)
+
+        def _no_request_head(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.write(_json_reply("408 Request Timeout", f"no request head within "
+                                                                        f"{header_timeout_s:g} s"))
+                self.transport.close()
+
+        def connection_lost(self, exc) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
         def send_400_response(self, msg: str) -> None:
-            body = json.dumps({"error": "the request is not valid HTTP/1.1"}).encode()
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                                 b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
-                                 + body)
+            self.transport.write(_json_reply("400 Bad Request", "the request is not valid HTTP/1.1"))
             self.transport.close()
 
-    return JsonErrors
+    return Guarded

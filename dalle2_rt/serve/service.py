@@ -54,6 +54,8 @@ class Limits:
     max_json_bytes: int = 256 * 2**10  # JSON bodies: 16 prompts of 2000 characters fit, 700,000 keys do not
     max_image_pixels: int = 4096 * 4096  # decoded size of an uploaded image
     body_timeout_s: float = 30.0  # a request body not received within it: 408 (slow clients hold no slot)
+    header_timeout_s: float = 10.0  # a connection without a whole request head by then: 408 and closed
+    max_requests: int = 256  # requests in progress at once; beyond it 503 (/healthz, /readyz, /metrics exempt)
     max_decodes: int = 2  # uploads decoded at once (each up to max_image_pixels × 4 bytes while it lasts)
 
 
