@@ -710,6 +710,7 @@ def test_settings_fill_in_the_folders_defaults(pipe, engines):
         "decoder": {"steps": dec["steps"], "guidance": dec["guidance"], "sampler": dec["sampler"]},
         "sr0": {"steps": sr["steps"], "guidance": None, "sampler": sr["sampler"]},  # SR: nothing to guide
         "candidates": prior["candidates"], "decoder_candidates": dec["candidates"], "decoder_choice_step": None,
+        "negative_prompt": None,
     }
     run = pipe.settings(prior_steps=2, sr_steps=1, decoder_guidance=1.5, sampler="dpm++", candidates=3)
     assert run["prior"] == {"steps": 2, "guidance": prior["guidance"], "sampler": "dpm++"}
