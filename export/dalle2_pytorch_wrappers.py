@@ -78,6 +78,13 @@ class PriorGraph(nn.Module):
         super().__init__()
         self.net = net
         self.discrete_time = not net.continuous_embedded_time  # nn.Embedding over the training steps
+        for m in net.modules():
+            # rotary_embedding_torch's RotaryEmbedding (shared by every layer of its CausalTransformer) memoises
+            # its frequencies by writing into a buffer inside forward; from the second layer on the trace reads
+            # that mutated buffer and torch.export cannot functionalise it (prior depth >= 2 failed to export).
+            # The frequencies are recomputed instead: the same values, nothing written.
+            if hasattr(m, "cache_if_possible"):
+                m.cache_if_possible = False
 
     def forward(self, x_t, t, text_embed, cond_keep, text_encodings=None):
         keep = cond_keep > 0.5

@@ -38,7 +38,8 @@ SIDE = textwrap.dedent('''
     clip_cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
                                "head_width": 16},
                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    prior_cfg = {"prior": {"net": {"dim": 32, "depth": 1, "dim_head": 8, "heads": 2, "num_timesteps": T,
+    # depth 2: the layers share one rotary embedding, whose in-forward cache once kept deeper priors from exporting
+    prior_cfg = {"prior": {"net": {"dim": 32, "depth": 2, "dim_head": 8, "heads": 2, "num_timesteps": T,
                                    "max_text_len": 77},
                            "image_embed_dim": 32, "timesteps": T, "cond_drop_prob": 0.2,
                            "predict_x_start": cfg["prior_x0"], "condition_on_text_encodings": cfg["text"],
@@ -211,7 +212,7 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     cfg = {**CONFIGS["notext-eps-v-1unet-guided"], "T": T, "seed": SEED, "prompt": PROMPT}
     _side("make", tmp_path, cfg)
     prior = json.loads((tmp_path / "prior.json").read_text())
-    prior["prior"]["net"]["depth"] = 2
+    prior["prior"]["net"]["depth"] = 3
     (tmp_path / "prior.json").write_text(json.dumps(prior))
     out = tmp_path / "engines"
     run = _export(tmp_path, out)
