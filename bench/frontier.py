@@ -86,7 +86,7 @@ def graph_flops(pipe: Pipeline) -> dict[str, float]:
     out = {}
     for name in pipe.engines:
         spec = pipe.manifest.graphs[name]
-        out[name] = float(count_flops(pipe.manifest.folder / spec.file, 1)["flops"])
+        out[name] = float(count_flops(spec.file, 1)["flops"])  # spec.file: resolved inside the folder already
     return out
 
 

@@ -276,7 +276,9 @@ def test_the_distillation_recipe_continues_from_the_committed_student():
     student = json.loads((repo / run.init_from / "model.json").read_text())
     assert student["kind"] == "decoder" and student["config"]["guidance_input"] is True and not run.init_fresh
     teacher = json.loads((repo / run.teacher / "model.json").read_text())
-    assert {k: v for k, v in student["config"].items() if k != "guidance_input"} == teacher["config"]
+    assert {k: v for k, v in student["config"].items() if k not in ("guidance_input", "guidance_range")} == \
+        teacher["config"]
+    assert student["config"]["guidance_range"] == list(run.guidance_range)  # the scales it was trained on
 
 
 def test_clip_contrastive_with_hard_negatives():
