@@ -25,6 +25,7 @@ import sys
 
 import numpy as np
 
+from bench.operations import rate
 from dalle2_rt.runtime.pipeline import Pipeline
 from dalle2_rt.world import BACKGROUNDS, POSITIONS, caption_text, random_full_single_spec
 from dalle2_rt.world.scorer import score_spec
@@ -49,12 +50,6 @@ def cases(kind: str, n: int, seed: int) -> list[tuple[object, str, str, str]]:
 def hits(image, spec, kind: str, avoid: str) -> bool:
     """The image shows ``avoid`` for ``kind``: the caption naming that value is right on that attribute."""
     return bool(score_spec(image, dataclasses.replace(spec, **{kind: avoid}))[kind])
-
-
-def rate(flags) -> tuple[float, float]:
-    x = np.asarray(flags, float)
-    p = float(x.mean())
-    return 100 * p, 100 * float(np.sqrt(p * (1 - p) / len(x)))
 
 
 def paired_se(a, b) -> float:

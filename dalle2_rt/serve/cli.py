@@ -60,24 +60,11 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _threads(text: str) -> int:
-    from ..cli import check_threads
-    from ..runtime.errors import InputError
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    try:
-        return check_threads(value)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("threads ")) from None
-
-
 DRAIN_GRACE_S = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..cli import _typed, check_threads  # the CLI's own --threads check and argparse type
     from .service import Limits
 
     d = Limits()
@@ -90,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS),
                    help="graph backend (default onnxruntime; triton needs --url)")
     p.add_argument("--url", metavar="URL", help="the Triton server for --backend triton: http://HOST:PORT or grpc://HOST:PORT")
-    p.add_argument("--threads", type=_threads, metavar="N",
+    p.add_argument("--threads", type=_typed(check_threads), metavar="N",
                    help="CPU threads per graph, at most 4 × the cores (default: one per core, shared among the "
                         "--workers)")
     p.add_argument("--workers", type=_int_at_least(1), default=1, metavar="N",
