@@ -11,7 +11,7 @@ CHECKPOINTS := checkpoints/shapes-v2
 PACKAGED := dalle2_rt/engines/$(notdir $(ENGINES))
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup runtime engines engines-fast package-engines wheel-check demo test lint bench train train-gpu clean test-browser test-ray test-dalle2-pytorch
+.PHONY: setup runtime engines engines-fast engines-steps package-engines wheel-check demo test lint bench train train-gpu clean test-browser test-ray test-dalle2-pytorch
 
 setup: $(STAMP)
 
@@ -44,6 +44,15 @@ engines-fast: $(STAMP)
 	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior $(CHECKPOINTS)/sr checkpoints/shapes-v2-fast/decoder \
 		checkpoints/shapes-v2-fast/defaults.json $(FAST_CKPT)/
 	$(PY) -m export.all --checkpoints $(FAST_CKPT) --out engines/shapes-v2-fast --name shapes-v2-fast
+
+# The step-distilled decoder (checkpoints/shapes-v2-steps, configs/shapes-v2-steps.toml: the guidance-distilled one's
+# 4 DDIM steps taught in 2) with the bundled CLIP, prior and SR.
+STEPS_CKPT := build/ckpt-shapes-v2-steps
+engines-steps: $(STAMP)
+	rm -rf $(STEPS_CKPT) && mkdir -p $(STEPS_CKPT)
+	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior $(CHECKPOINTS)/sr checkpoints/shapes-v2-steps/decoder \
+		checkpoints/shapes-v2-steps/defaults.json $(STEPS_CKPT)/
+	$(PY) -m export.all --checkpoints $(STEPS_CKPT) --out engines/shapes-v2-steps --name shapes-v2-steps
 
 # The package's copy of the exported folder (float16-stored weights, no optimised copies): rebuild and commit it
 # whenever checkpoints/ or the export change (tests/test_packaged_engines.py fails until then).

@@ -280,6 +280,79 @@ def test_distillation_refuses_a_missing_teacher(tmp_path):
         distill_spec(cfg)
 
 
+def test_one_student_ddim_step_to_the_step_target_lands_where_two_teacher_steps_land():
+    """The step-distillation target, checked against the runtime's own DDIM on the trailing grids."""
+    torch = pytest.importorskip("torch")
+    from dalle2_rt.training.distill import step_grids, two_step_target
+
+    abar = alphas_cumprod_for("cosine", 1000)
+    ts, a_t, ts_mid, a_mid, a_end = step_grids(abar, 2)
+    teacher, student = respace(abar, 4, "trailing"), respace(abar, 2, "trailing")
+    assert ts.tolist() == student.timesteps.tolist() and ts_mid.tolist() == teacher.timesteps[1::2].tolist()
+    rng = np.random.default_rng(0)
+    x_T = rng.standard_normal((2, 3, 8, 8))
+    seen = {}
+    sample_ddim(lambda x, i: np.tanh(x * (0.5 + i)), x_T, teacher, callback=lambda i, x, x0: seen.__setitem__(i, x))
+    # student step 0 goes T-1 → the teacher's step-1 result; its target x0 makes the runtime's DDIM land there
+    target = two_step_target(torch.from_numpy(x_T), torch.from_numpy(seen[1]), torch.tensor([a_t[0]]),
+                             torch.tensor([a_end[0]])).numpy()
+    landed = {}
+    sample_ddim(lambda x, i: target if i == 0 else x, x_T, student,
+                callback=lambda i, x, x0: landed.__setitem__(i, x))
+    np.testing.assert_allclose(landed[0], seen[1], rtol=1e-9, atol=1e-9)
+    assert a_end[-1] == 1.0  # the last student step reaches the clean sample: its target is the teacher's x0
+
+
+def test_a_step_count_outside_its_bounds_is_a_config_error():
+    from dalle2_rt.training.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="student_steps must be in 1"):
+        config_from_dict({"stages": {"decoder_steps": {"student_steps": 0}}})
+
+
+def test_step_distillation_trains_a_student_that_records_its_step_count(tmp_path):
+    pytest.importorskip("torch")
+    from dalle2_rt.training.config import config_from_dict
+    from dalle2_rt.training.distill import train_decoder_steps
+    from tests.conftest import TINY_MODEL, write_tiny_checkpoints
+
+    model = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "guidance_input": True, "guidance_range": [1.0, 4.0]}}
+    ckpt = write_tiny_checkpoints(tmp_path / "ckpt", model=model, seed=3)
+    cfg = config_from_dict({
+        "run": {"out_dir": str(tmp_path / "runs"), "seed": 0, "log_every": 1, "ckpt_every": 2, "sample_every": 0,
+                "threads": 1},
+        "stages": {"decoder_steps": {
+            "steps": 2, "batch_size": 2, "lr": 1e-3, "warmup": 1, "teacher": str(ckpt / "decoder" / "model"),
+            "clip": str(ckpt / "clip" / "model"), "init_from": str(ckpt / "decoder" / "model"),
+            "student_steps": 2}},
+    })
+    folder = train_decoder_steps(cfg)
+    meta = json.loads((folder / "model" / "model.json").read_text())
+    assert meta["distilled_steps"] == 2 and meta["config"]["guidance_range"] == [1.0, 4.0]
+    assert meta["config"]["guidance_input"] is True
+    # model.json's distilled_steps is checked like its other counts
+    from dalle2_rt.models.registry import CheckpointError, read_meta
+
+    assert read_meta(folder / "model")["distilled_steps"] == 2
+    (folder / "model" / "model.json").write_text(json.dumps({**meta, "distilled_steps": 0}))
+    with pytest.raises(CheckpointError, match="distilled_steps = 0: must be an integer in 1"):
+        read_meta(folder / "model")
+
+
+def test_step_distillation_refuses_a_teacher_that_is_not_guidance_distilled(tmp_path):
+    pytest.importorskip("torch")
+    from dalle2_rt.training.config import config_from_dict
+    from dalle2_rt.training.distill import DistillError, steps_spec
+    from tests.conftest import write_tiny_checkpoints
+
+    ckpt = write_tiny_checkpoints(tmp_path / "ckpt")
+    cfg = config_from_dict({"run": {"out_dir": str(tmp_path)}, "stages": {"decoder_steps": {
+        "teacher": str(ckpt / "decoder" / "model"), "init_from": str(ckpt / "decoder" / "model"),
+        "clip": str(ckpt / "clip" / "model")}}})
+    with pytest.raises(DistillError, match="not a guidance-distilled decoder"):
+        steps_spec(cfg)
+
+
 # --------------------------------------------------------------------------------------------------------
 # the frontier's rule
 

@@ -247,7 +247,8 @@ def test_the_v2_recipe_warm_starts_from_committed_folders_of_the_right_kind():
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / "shapes-v2.toml")
-    assert set(cfg.stages) == set(STAGES) - {"decoder_distill"}  # every stage but the distillation (its own recipe)
+    # every stage but the distillations (their own recipes)
+    assert set(cfg.stages) == set(STAGES) - {"decoder_distill", "decoder_steps"}
     for stage in cfg.stages:
         folder = repo / cfg.stage(stage).init_from
         meta = json.loads((folder / "model.json").read_text())
@@ -279,6 +280,25 @@ def test_the_distillation_recipe_continues_from_the_committed_student():
     assert {k: v for k, v in student["config"].items() if k not in ("guidance_input", "guidance_range")} == \
         teacher["config"]
     assert student["config"]["guidance_range"] == list(run.guidance_range)  # the scales it was trained on
+
+
+def test_the_step_distillation_recipe_builds_on_the_committed_guidance_distilled_decoder():
+    """configs/shapes-v2-steps.toml: the teacher is the committed guidance-distilled decoder, the student starts from
+    a committed folder of the same config (a machine without runs/ can run it), and the grids nest."""
+    from pathlib import Path
+
+    from dalle2_rt.runtime.schedules import alphas_cumprod_for
+    from dalle2_rt.training.config import load_config
+    from dalle2_rt.training.distill import step_grids
+
+    repo = Path(__file__).resolve().parents[1]
+    run = load_config(repo / "configs" / "shapes-v2-steps.toml").stage("decoder_steps")
+    assert run.teacher == "checkpoints/shapes-v2-fast/decoder/model" and run.clip == "checkpoints/shapes-v2/clip/model"
+    teacher = json.loads((repo / run.teacher / "model.json").read_text())
+    student = json.loads((repo / run.init_from / "model.json").read_text())
+    assert teacher["config"]["guidance_input"] is True and student["config"] == teacher["config"]
+    ts, _, ts_mid, _, _ = step_grids(alphas_cumprod_for(teacher["config"]["schedule"], 1000), run.student_steps)
+    assert len(ts) == run.student_steps and all(ts_mid < ts)
 
 
 def test_clip_contrastive_with_hard_negatives():

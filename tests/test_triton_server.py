@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from dalle2_rt import cli
+from dalle2_rt.runtime import operations as local_ops
 from dalle2_rt.runtime.errors import EngineFolderError
 from dalle2_rt.runtime.pipeline import Pipeline
 from dalle2_rt.triton import server as triton_server
@@ -108,16 +109,21 @@ def _infer(url: str, prompts: list[str], **values):
     client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=300.0)
     dtypes = {"num_images": np.int32, "seed": np.uint64, "prior_steps": np.int32, "decoder_steps": np.int32,
               "sr_steps": np.int32, "prior_guidance": np.float64, "decoder_guidance": np.float64,
-              "candidates": np.int32, "decoder_candidates": np.int32}
-    arrays = {"prompt": np.array([p.encode() for p in prompts], dtype=object)}
+              "candidates": np.int32, "decoder_candidates": np.int32, "frames": np.int32, "refine": np.int32,
+              "amount": np.float64, "text": np.bool_}
+    arrays = {"prompt": np.array([p.encode() for p in prompts], dtype=object)} if prompts else {}
     for name, value in values.items():
+        if isinstance(value, np.ndarray):
+            arrays[name] = value
+            continue
         arrays[name] = np.array([value.encode()], dtype=object) if isinstance(value, str) else \
-            np.array([value], dtype=dtypes[name])
+            np.array(value if isinstance(value, list) else [value], dtype=dtypes[name])
     inputs = []
     for name, array in arrays.items():
         tensor = httpclient.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else
                                        {np.dtype(np.int32): "INT32", np.dtype(np.uint64): "UINT64",
-                                        np.dtype(np.float64): "FP64"}[array.dtype])
+                                        np.dtype(np.float64): "FP64", np.dtype(np.uint8): "UINT8",
+                                        np.dtype(np.bool_): "BOOL"}[array.dtype])
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     result = client.infer("unclip", inputs)
@@ -139,6 +145,22 @@ def test_orchestrator_runs_the_loop_in_the_server(served, local):
     assert np.abs(images.astype(int) - pixels(local("a green star", seed=9))).max() <= PIXEL_BOUND
 
 
+def test_orchestrator_runs_edits_and_interpolations_in_the_server(served, local):
+    picture = pixels(local("a red circle", seed=1, **FAST))[0].astype(np.uint8)
+    images, meta = _infer(served.url, [], operation="edit", image=picture, source="a red circle",
+                          target="a red star", amount=[0.0, 0.5], seed=2, decoder_steps=3, refine=1)
+    want = local.edit(Image.fromarray(picture), "a red circle", "a red star", amount=[0.0, 0.5], seed=2,
+                      decoder_steps=3, refine=1)
+    assert images.shape == pixels(want).shape and np.abs(images.astype(int) - pixels(want)).max() <= PIXEL_BOUND
+    assert [m["amount"] for m in meta] == [im.info["amount"] for im in want]
+    # an interpolation from an image to a prompt
+    images, _ = _infer(served.url, ["a blue square"], operation="interpolate", image=picture, frames=3, seed=3,
+                       decoder_steps=3, refine=1)
+    b = local_ops.from_prompt(local, "a blue square", seed=3, index=1, decoder_steps=3)
+    want = local.interpolate(Image.fromarray(picture), b, frames=3, seed=3, decoder_steps=3, refine=1)
+    assert images.shape == pixels(want).shape and np.abs(images.astype(int) - pixels(want)).max() <= PIXEL_BOUND
+
+
 def test_orchestrator_reports_a_bad_request_and_stays_up(served):
     from tritonclient.utils import InferenceServerException
 
@@ -146,6 +168,8 @@ def test_orchestrator_reports_a_bad_request_and_stays_up(served):
         _infer(served.url, ["a red circle"], sampler="nope")
     with pytest.raises(InferenceServerException, match="prompt is empty"):
         _infer(served.url, ["  "])
+    with pytest.raises(InferenceServerException, match="edit needs image, target"):
+        _infer(served.url, [], operation="edit", source="a red circle")
     images, _ = _infer(served.url, ["a red circle"], seed=0, **FAST)
     assert images.shape[0] == 1
 

@@ -62,8 +62,9 @@ DEFAULT_KEYS = {
     "choice_step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
 }
 # model.json's top level: what save_model writes (kind, config), the training loop adds (step, trained_steps,
-# open_clip_cfg) and bundle adds (defaults). Anything else is a typo or a foreign file: refused by name.
-META_KEYS = ("kind", "config", "step", "trained_steps", "defaults", "open_clip_cfg")
+# open_clip_cfg, distilled_steps) and bundle adds (defaults). Anything else is a typo or a foreign file: refused
+# by name.
+META_KEYS = ("kind", "config", "step", "trained_steps", "defaults", "open_clip_cfg", "distilled_steps")
 # The top-level values other than config and defaults (checked by their own rules): steps are counts.
 META_VALUES = {
     "kind": (lambda v: isinstance(v, str), "a string"),
@@ -71,6 +72,9 @@ META_VALUES = {
     "trained_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**53,
                       "an integer in 0 … 2**53"),
     "open_clip_cfg": (lambda v: isinstance(v, dict), "an object"),
+    # a step-distilled decoder (training/distill.py, decoder_steps): the sampling steps it was trained to take
+    "distilled_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000,
+                        "an integer in 1 … 1000"),
 }
 
 

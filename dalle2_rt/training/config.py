@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dalle2_rt.models import config_dict
 
-STAGES = ("clip", "prior", "decoder", "sr", "decoder_distill")
+STAGES = ("clip", "prior", "decoder", "sr", "decoder_distill", "decoder_steps")
 
 
 @dataclass
@@ -67,6 +67,10 @@ class StageRun:
     guidance_range: list[float] = field(default_factory=lambda: [1.0, 4.0])
     schedule_t_share: float = 0.5
     text_keep: float = 0.8  # the share of rows conditioned on text too (the rest: image only, as variations run)
+    # decoder_steps only (progressive step distillation, training/distill.py): the sampling steps the student learns
+    # to take; the teacher (a guidance-distilled decoder) takes twice as many on the same trailing grid, and w is
+    # drawn from the teacher's own guidance_range (this section's guidance_range is decoder_distill's)
+    student_steps: int = 2
 
 
 @dataclass
@@ -130,6 +134,8 @@ def config_from_dict(data: dict) -> TrainConfig:
             raise ConfigError(f"[stages.{name}]: hard_negatives must be in [0, 1], got {stages[name].hard_negatives}")
         if stages[name].hard_negatives and name != "clip":
             raise ConfigError(f"[stages.{name}]: hard_negatives applies to CLIP only")
+        if not 1 <= stages[name].student_steps <= 500:
+            raise ConfigError(f"[stages.{name}]: student_steps must be in 1 … 500, got {stages[name].student_steps}")
         if stages[name].two_object_prob is not None:
             _check_share(stages[name].two_object_prob, f"[stages.{name}]")
     model = data.pop("model", {})

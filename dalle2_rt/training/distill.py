@@ -13,6 +13,16 @@ teacher's parameterisation (v for the bundled decoder). The exported graph takes
 no unconditional half (``export/specs.py``, manifest ``stages.decoder.guidance_input: "guidance"``).
 
     dalle2-train decoder_distill --config configs/shapes-v2-fast.toml
+
+Step distillation (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", one
+halving) of such a guidance-distilled decoder, stage ``decoder_steps``: the teacher samples with 2S DDIM steps
+on the runtime's trailing grid, the student (its copy) learns to take S. For a student step from t_i to t_{i+1}
+the teacher takes its two steps from the same x_t (x0 clamped to [−1, 1] as the runtime does), and the student's
+target is the x̃ that one DDIM step from x_t would need to land where the teacher landed (Eq. 8 of the paper),
+expressed in the teacher's parameterisation. x_t is the world image noised to t_i; w (from the teacher's
+``guidance_range``) and the keeps are drawn as above and given to both.
+
+    dalle2-train decoder_steps --config configs/shapes-v2-steps.toml
 """
 from __future__ import annotations
 
@@ -33,6 +43,7 @@ from dalle2_rt.training.diffusion import Diffusion
 from dalle2_rt.training.loop import StageSpec, train_stage
 
 STAGE = "decoder_distill"
+STEPS_STAGE = "decoder_steps"
 # the sampling step counts whose timesteps the schedule share draws from (the runtime's trailing spacing)
 FEW_STEPS = (2, 3, 4, 5, 6, 8)
 
@@ -117,3 +128,126 @@ def distill_spec(cfg: TrainConfig) -> StageSpec:
 def train_decoder_distill(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
     """Distill the guided teacher decoder into one that takes w as an input (one pass per step)."""
     return train_stage(distill_spec(cfg), cfg, max_steps=max_steps)
+
+
+def _coef(abar: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    abar = abar.double().reshape(-1, *([1] * (ndim - 1)))
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def pred_to_x0(pred: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, kind: str) -> torch.Tensor:
+    """x0 from a network prediction in ``kind`` (eps / x0 / v) at ᾱ (B,), float64."""
+    a, s = _coef(abar, x_t.dim())
+    pred, x_t = pred.double(), x_t.double()
+    if kind == "eps":
+        return (x_t - s * pred) / a
+    if kind == "x0":
+        return pred
+    if kind == "v":
+        return a * x_t - s * pred
+    raise DistillError(f"unknown parameterization {kind!r}; known: eps, x0, v")
+
+
+def x0_to_pred(x0: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, kind: str) -> torch.Tensor:
+    """The prediction in ``kind`` whose x0 at (x_t, ᾱ) is ``x0`` (the inverse of ``pred_to_x0``), float64."""
+    a, s = _coef(abar, x_t.dim())
+    x0, x_t = x0.double(), x_t.double()
+    eps = (x_t - a * x0) / s
+    if kind == "eps":
+        return eps
+    if kind == "x0":
+        return x0
+    if kind == "v":
+        return a * eps - s * x0
+    raise DistillError(f"unknown parameterization {kind!r}; known: eps, x0, v")
+
+
+def ddim_step(x0: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, abar_next: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step from ᾱ to ᾱ_next given the x0 estimate (samplers.sample_ddim with η = 0)."""
+    a, s = _coef(abar, x_t.dim())
+    a2, s2 = _coef(abar_next, x_t.dim())
+    eps = (x_t.double() - a * x0.double()) / s
+    return a2 * x0.double() + s2 * eps
+
+
+def two_step_target(x_t: torch.Tensor, x_end: torch.Tensor, abar: torch.Tensor, abar_end: torch.Tensor) -> torch.Tensor:
+    """The x̃ for which one DDIM step from (x_t, ᾱ) to ᾱ_end lands on ``x_end`` (Salimans & Ho 2022, Eq. 8)."""
+    a, s = _coef(abar, x_t.dim())
+    a2, s2 = _coef(abar_end, x_t.dim())
+    ratio = s2 / s
+    return (x_end.double() - ratio * x_t.double()) / (a2 - ratio * a)
+
+
+def step_grids(abar: np.ndarray, student_steps: int) -> tuple[np.ndarray, ...]:
+    """(student timesteps, ᾱ at them, the teacher's middle timestep and ᾱ per student step, ᾱ after each student
+    step: 1.0 after the last).
+
+    The teacher's trailing grid of 2S steps must hold the student's S steps at its even positions."""
+    student = respace(abar, student_steps, "trailing")
+    teacher = respace(abar, 2 * student_steps, "trailing")
+    if not np.array_equal(teacher.timesteps[0::2], student.timesteps):
+        raise DistillError(f"the trailing grid of {2 * student_steps} steps does not contain the one of "
+                           f"{student_steps} ({teacher.timesteps.tolist()} vs {student.timesteps.tolist()}): "
+                           "choose student_steps dividing the number of timesteps by a power of two")
+    return (student.timesteps, student.alphas_cumprod, teacher.timesteps[1::2], teacher.alphas_cumprod[1::2],
+            student.alphas_cumprod_prev)
+
+
+def steps_spec(cfg: TrainConfig) -> StageSpec:
+    run = cfg.stage(STEPS_STAGE)
+    if not run.teacher or not (Path(run.teacher) / "model.json").is_file():
+        raise DistillError(f"[stages.{STEPS_STAGE}] teacher must name a decoder model folder, got {run.teacher!r}")
+    if not run.init_from:
+        raise DistillError(f"[stages.{STEPS_STAGE}] init_from must name the student's start: the teacher or an "
+                           "earlier student")
+    loaded = registry.load(Path(run.teacher), expect="decoder")
+    teacher, tcfg = _frozen(loaded.model.float()), loaded.config
+    if not tcfg.guidance_input or not tcfg.guidance_range:
+        raise DistillError(f"{run.teacher}: not a guidance-distilled decoder (run decoder_distill first); step "
+                           "distillation needs one pass per teacher step")
+    # w is drawn from the scales the teacher learned (its model.json), and the student states the same range
+    lo, hi = tcfg.guidance_range
+    scfg = tcfg
+    clip_folder = Path(run.clip) if run.clip else cfg.stage_dir("clip") / "model"
+    clip = registry.load(clip_folder, expect="clip")
+    device = resolve_device(cfg.device)
+    text = OnDevice(_frozen(ClipTextEncoder(clip.model)).to(device), device)
+    image = OnDevice(_frozen(ClipImageEncoder(clip.model)).to(device), device)
+    teacher = OnDevice(teacher.to(device), device)
+    diffusion = Diffusion(tcfg.schedule, tcfg.num_timesteps)
+    ts, abar_t, ts_mid, abar_mid, abar_end = (torch.from_numpy(np.asarray(v)) for v in
+                                              step_grids(diffusion.abar.numpy(), run.student_steps))
+    kind = tcfg.parameterization
+    import open_clip
+
+    def loss(model, images, captions, gen):
+        b = len(captions)
+        with torch.no_grad():
+            _, text_enc = text(open_clip.tokenize(list(captions)))
+            image_embed = image(to_pixels(images, clip.config.image_size))
+        x0 = to_pixels(images, tcfg.image_size) * 2 - 1
+        i = torch.randint(0, len(ts), (b,), generator=gen)
+        t, a, t_mid, a_mid, a_end = ts[i], abar_t[i], ts_mid[i], abar_mid[i], abar_end[i]
+        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen))
+        w = lo + (hi - lo) * torch.rand(b, generator=gen)
+        cond = dict(image_embed=image_embed, text_encodings=text_enc, image_keep=torch.ones(b),
+                    text_keep=(torch.rand(b, generator=gen) < run.text_keep).float(), guidance=w)
+        with torch.no_grad():
+            # the teacher's two DDIM steps: t_i → its middle timestep → t_{i+1} (or the clean sample)
+            x0_1 = pred_to_x0(teacher(x_t=x_t, t=t.float(), **cond), x_t, a, kind).clamp(-1, 1)
+            x_mid = ddim_step(x0_1, x_t, a, a_mid).float()
+            x0_2 = pred_to_x0(teacher(x_t=x_mid, t=t_mid.float(), **cond), x_mid, a_mid, kind).clamp(-1, 1)
+            x_end = ddim_step(x0_2, x_mid, a_mid, a_end)
+            end_is_clean = (a_end >= 1.0).reshape(-1, 1, 1, 1)
+            target_x0 = torch.where(end_is_clean, x_end, two_step_target(x_t, x_end, a, a_end)).clamp(-1, 1)
+            target = x0_to_pred(target_x0, x_t, a, kind).float()
+        pred = model(x_t=x_t, t=t.float(), **cond)
+        return (pred.float() - target).pow(2).mean()
+
+    return StageSpec(STEPS_STAGE, "decoder", Decoder(scfg), scfg, loss,
+                     extra_meta={"distilled_steps": run.student_steps})
+
+
+def train_decoder_steps(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
+    """Distill a guidance-distilled decoder's 2S DDIM steps into S (one progressive-distillation halving)."""
+    return train_stage(steps_spec(cfg), cfg, max_steps=max_steps)

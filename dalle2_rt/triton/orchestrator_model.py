@@ -8,7 +8,8 @@ server's Python needs only numpy, pillow, regex and ftfy) beside it. Inputs and 
 On load the manifest's sha256 must be the one recorded in the config (``dalle2_rt.manifest_sha256``) and
 the tokenizer's its own; the graph models are those the writer put next to this one. A request with a bad
 value (empty prompt, unknown sampler, steps out of range, ...) gets the runtime's one-line ``InputError``
-message as its error; the model stays up.
+message as its error; the model stays up. The ``operation`` input selects an edit or an interpolation instead
+of generation (``orchestrator_ops.py``).
 """
 import json
 import os
@@ -26,6 +27,7 @@ class TritonPythonModel:
         sys.path[:] = [folder, *(p for p in sys.path if p != folder)]
         from dalle2_rt.runtime.errors import Dalle2RTError
         from dalle2_rt.runtime.pipeline import Pipeline
+        from dalle2_rt.triton import orchestrator_ops
         from dalle2_rt.triton.orchestrator_io import INPUTS
 
         config = json.loads(args["model_config"])
@@ -36,26 +38,27 @@ class TritonPythonModel:
         if recorded and recorded != self.pipe.manifest.sha256:
             raise RuntimeError(f"{engines}/manifest.json has sha256 {self.pipe.manifest.sha256}, the config "
                                f"records {recorded}: rewrite the repository with python -m export.triton")
-        self.inputs, self.error_types = INPUTS, (Dalle2RTError,)
+        self.inputs, self.error_types, self.ops = INPUTS, (Dalle2RTError,), orchestrator_ops
 
-    def _arguments(self, request) -> tuple[list, dict]:
-        prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p)
-                   for p in pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy().reshape(-1)]
-        kwargs = {}
+    def _arguments(self, request) -> tuple[dict, dict]:
+        """(every input the request carries as a numpy array, generation's keyword arguments)"""
+        arrays, kwargs = {}, {}
         for name, _, _, _, keyword in self.inputs:
-            tensor = pb_utils.get_input_tensor_by_name(request, name) if keyword else None
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 continue
-            value = tensor.as_numpy().reshape(-1)[0]
-            kwargs[keyword] = value.decode("utf-8") if isinstance(value, bytes) else value.item()
-        return prompts, kwargs
+            arrays[name] = tensor.as_numpy()
+            if keyword:
+                value = arrays[name].reshape(-1)[0]
+                kwargs[keyword] = value.decode("utf-8") if isinstance(value, bytes) else value.item()
+        return arrays, kwargs
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                prompts, kwargs = self._arguments(request)
-                images = self.pipe(prompts, **kwargs)
+                arrays, kwargs = self._arguments(request)
+                images = self.ops.run(self.pipe, arrays, options=kwargs)
                 pixels = np.stack([np.asarray(im) for im in images])  # (N, S, S, 3) uint8
                 meta = np.array([json.dumps(im.info).encode("utf-8") for im in images], dtype=np.object_)
                 responses.append(pb_utils.InferenceResponse(
