@@ -26,6 +26,10 @@ What DALLE2-pytorch does, and where it goes in the manifest (no key names the fa
   upsampler lowres_cond               ``sr[m]``: nearest resize folded into the graph, ``noise_aug_t: null``
   unnormalize to [0, 1]               ``output.pixel_range`` [-1, 1] (the runtime maps it to uint8 itself)
   DDPM over all T steps               ``defaults``: ddpm, T steps (``sample_timesteps``: ddim with that many)
+  its DDIM loops (fewer steps than T) ``schedule.spacing``: the prior's ``linspace_floor_shifted`` (its grid from
+                                      −1, ᾱ_{t−1} in the update) with ``ddim_eta`` 1; each unet's ``linspace_floor``
+                                      (down to t = 0) with its ``ddim_sampling_eta`` (its last step adds no noise;
+                                      ours does, at σ of t = 0, when that η > 0)
 Refused with one line (``export: error: …``): self-conditioning, l2norm clamping while sampling, dynamic
 thresholding, Imagen noise augmentation of the low-res image (``use_noise_for_lowres_cond``), upsamplers
 conditioned on text, VQGAN latent unets, learned variance on an upsampler, configs whose keys its classes do not
@@ -60,7 +64,7 @@ from .specs import BATCH, BatchProfile, GraphSpec, TensorSpec
 from .tokenizer import write_tokenizer
 
 KIND = "dalle2-pytorch"
-EXPORT_REVISION = 1  # bump when this module changes what it writes
+EXPORT_REVISION = 2  # bump when this module changes what it writes
 CANDIDATES = 2  # DiffusionPrior.sample's num_samples_per_batch
 WEIGHTS = ("ema", "model")
 # The numbers of its configs that size a network, and the field of ours that bounds the same quantity.
@@ -433,7 +437,10 @@ class Dalle2PytorchFamily:
         norm = ({"kind": "scale", "scale": scale} if p.sampling_final_clamp_l2norm and p.predict_x_start
                 else {"kind": "mean_std", "mean": [0.0] * D, "std": [1.0 / scale] * D})
         prior_betas = p.noise_scheduler.betas  # the schedule's name is not kept on the module: match it
-        prior_schedule = self._schedule_of(prior_betas, Tp)
+        # its DDIM loops (S < T): the prior's on trunc(linspace(−1, T, S + 1)) with ᾱ_{t−1} in the update and η = 1
+        # (DiffusionPrior.p_sample_loop_ddim's default, which sample() keeps), the decoder's on
+        # trunc(linspace(0, T, S + 2)) down to t = 0 with its ddim_sampling_eta (schedules.respace)
+        prior_schedule = {**self._schedule_of(prior_betas, Tp), "spacing": "linspace_floor_shifted", "ddim_eta": 1.0}
 
         def defaults(sample_timesteps, T, guidance, **extra):
             steps = int(sample_timesteps or T)
@@ -452,7 +459,10 @@ class Dalle2PytorchFamily:
         for i in range(len(d.unets)):
             sched = d.noise_schedulers[i]
             kind = _kind(d.predict_v[i], d.predict_x_start[i])
-            entry = {"parameterization": kind, "schedule": self._schedule_of(sched.betas, sched.num_timesteps),
+            schedule = {**self._schedule_of(sched.betas, sched.num_timesteps), "spacing": "linspace_floor"}
+            if float(d.ddim_sampling_eta) > 0:
+                schedule["ddim_eta"] = float(d.ddim_sampling_eta)
+            entry = {"parameterization": kind, "schedule": schedule,
                      "clip_x0": [-1.0, 1.0] if d.clip_denoised else None,
                      "variance": "learned_range" if d.learned_variance[i] else "small",
                      "image_size": int(d.image_sizes[i]), "channels": int(d.channels)}

@@ -74,8 +74,15 @@ SIDE = textwrap.dedent('''
         (out / "decoder.json").write_text(json.dumps(decoder_cfg))
         sys.exit(0)
 
-    # op == "sample": DALLE2-pytorch's own loops, torch.randn fed the runtime's noise streams
+    # op == "sample": DALLE2-pytorch's own loops, torch.randn fed the runtime's noise streams; with cfg["steps"]
+    # fewer than T, its DDIM loops, and each unet's last x0 estimate (what its clamp returned) is the result
     prior, decoder = models()
+    steps = cfg.get("steps")
+    if steps:
+        decoder.sample_timesteps = (steps,) * cfg["unets"]
+        last_x0 = []
+        clamp = decoder.dynamic_threshold
+        decoder.dynamic_threshold = lambda x: last_x0.append(clamp(x)) or last_x0[-1]
     prior.load_state_dict(torch.load(out / "prior.pth"))
     decoder.load_state_dict(torch.load(out / "decoder.pth")["model"])
     clip = open_clip.create_model("tiny-clip", pretrained=str(out / "clip.pt")).eval()
@@ -96,7 +103,8 @@ SIDE = textwrap.dedent('''
         if cfg["text"]:
             text_cond["text_encodings"] = enc.repeat(k, 1, 1)
         gen["g"] = np.random.default_rng([cfg["seed"], 0, 0])
-        pred = prior.p_sample_loop((k, 32), text_cond=text_cond, cond_scale=cfg["guidance"])  # (k, D) / scale
+        pred = prior.p_sample_loop((k, 32), text_cond=text_cond, cond_scale=cfg["guidance"],
+                                   timesteps=steps)  # (k, D) / scale
         sims = (d2.l2norm(pred) * embed).sum(-1)
         image_embed = pred[sims.argmax()][None]
         result = {"prior": (pred * prior.image_embed_scale).tolist()}
@@ -105,7 +113,8 @@ SIDE = textwrap.dedent('''
             gen["g"] = np.random.default_rng([cfg["seed"], 0, n])
             img = decoder.sample(image=img, image_embed=image_embed, text_encodings=enc if cfg["text"] else None,
                                  cond_scale=cfg["guidance"], start_at_unet_number=n, stop_at_unet_number=n)
-            result[f"unet{n}"] = (img * 2 - 1).tolist()  # back to the diffusion range [-1, 1]
+            # back to the diffusion range [-1, 1]
+            result[f"unet{n}"] = last_x0[-1].tolist() if steps else (img * 2 - 1).tolist()
     (out / "reference.json").write_text(json.dumps(result))
 ''')
 
@@ -151,7 +160,7 @@ CONFIGS = {
 
 @needs_venv
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_conformance_with_dalle2_pytorch_ddpm(tmp_path, name):
+def test_conformance_with_dalle2_pytorch_ddpm_and_ddim(tmp_path, name):
     cfg = {**CONFIGS[name], "T": T, "seed": SEED, "prompt": PROMPT}
     _side("make", tmp_path, cfg)
     out = tmp_path / "engines"
@@ -186,6 +195,28 @@ def test_conformance_with_dalle2_pytorch_ddpm(tmp_path, name):
         want = np.asarray(want)
         err = float(np.abs(np.asarray(got[key], np.float64) - want).max())
         assert err < 2e-4 * max(1.0, float(np.abs(want).max())), (key, err)
+
+    # few-step DDIM: its own grids (the prior's from −1 with ᾱ_{t−1} and η = 1, the unets' down to t = 0) against
+    # the runtime on the spacings the importer wrote; S = 5 of T = 25 has no float32 rounding edge in its grids
+    assert stages["prior"]["schedule"]["spacing"] == "linspace_floor_shifted"
+    assert stages["prior"]["schedule"]["ddim_eta"] == 1.0
+    assert stages["decoder"]["schedule"]["spacing"] == "linspace_floor"
+    steps = 5
+    _side("sample", tmp_path, {**cfg, "steps": steps})
+    ref = json.loads((tmp_path / "reference.json").read_text())
+    last.clear()
+    pipe(PROMPT, seed=SEED, sampler="ddim", prior_steps=steps, decoder_steps=steps,
+         sr_steps=steps if cfg["unets"] > 1 else None, prior_guidance=cfg["guidance"],
+         decoder_guidance=cfg["guidance"], candidates=2, callback=lambda stage, step, total, x0: last.__setitem__(
+             stage, (step, total, x0)))
+    assert last["prior"][1] == steps - 1 and last["decoder"][1] == steps  # model calls: 4 and 5, as its loops make
+    got = {"prior": last["prior"][2], "unet1": last["decoder"][2]}
+    if "sr0" in last:
+        got["unet2"] = last["sr0"][2]
+    for key, want in ref.items():
+        want = np.asarray(want)
+        err = float(np.abs(np.asarray(got[key], np.float64) - want).max())
+        assert err < 2e-4 * max(1.0, float(np.abs(want).max())), ("ddim", key, err)
 
 
 def test_missing_flags_and_bad_files_are_one_line(tmp_path):

@@ -78,6 +78,8 @@ MUTATIONS = {
     "tokenizer of another format": lambda m: m["tokenizer"].update(format="sentencepiece/1"),
     "unknown preprocess step": lambda m: m["tokenizer"]["preprocess"].append("stem"),
     "no prior stage": lambda m: m["stages"].pop("prior"),
+    "ddim_eta above 1": lambda m: m["stages"]["prior"]["schedule"].update(ddim_eta=1.5),
+    "unknown spacing": lambda m: m["stages"]["decoder"]["schedule"].update(spacing="linspace_ceil"),
 }
 
 

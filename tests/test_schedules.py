@@ -111,3 +111,38 @@ def test_q_sample():
     np.testing.assert_allclose(out[0], x0[0])
     np.testing.assert_allclose(out[1], noise[1])
     np.testing.assert_allclose(out[2], math.sqrt(0.5) * (x0[2] + noise[2]), rtol=1e-6)
+
+
+def test_dalle2_pytorch_grids_at_t25():
+    """Its DDIM loops' grids (DALLE2-pytorch 1.15.6, read from its source): the decoder's trunc(linspace(0, T, S+2))
+    down to t = 0 (ᾱ_0), the prior's trunc(linspace(−1, T, S+1)) with ᾱ_{t−1} in the update; S = T: every step."""
+    abar = cosine_alphas_cumprod(25)
+    dec = respace(abar, 5, "linspace_floor")
+    assert dec.timesteps.tolist() == [20, 16, 12, 8, 4] and dec.final_abar == abar[0] and dec.update_abar is None
+    prior = respace(abar, 5, "linspace_floor_shifted")
+    assert prior.timesteps.tolist() == [19, 14, 9, 4] and prior.final_abar == 1.0
+    np.testing.assert_array_equal(prior.update_abar, abar[[18, 13, 8, 3]])
+    for spacing in ("linspace_floor", "linspace_floor_shifted"):
+        whole = respace(abar, 25, spacing)
+        assert whole.timesteps.tolist() == list(range(24, -1, -1)) and whole.update_abar is None
+        assert whole.final_abar == 1.0
+
+
+def test_a_shifted_schedule_split_takes_the_same_ddim_steps_as_the_whole():
+    from dalle2_rt.runtime.samplers import sample_ddim
+
+    schedule = respace(cosine_alphas_cumprod(50), 8, "linspace_floor_shifted")
+    x = np.random.default_rng(0).standard_normal((2, 4))
+
+    def denoise(x, i):
+        return np.tanh(x * 0.7)
+
+    whole = sample_ddim(denoise, x, schedule, rng=np.random.default_rng(1), eta=1.0)
+    head, tail = schedule.split(3)
+    rng = np.random.default_rng(1)
+    split = sample_ddim(denoise, sample_ddim(denoise, x, head, rng=rng, eta=1.0), tail, rng=rng, eta=1.0)
+    np.testing.assert_allclose(split, whole, rtol=0, atol=1e-12)
+    # and the update used ᾱ_{t−1}: the same grid without it lands elsewhere
+    plain = Schedule(schedule.timesteps, schedule.alphas_cumprod)
+    assert not np.allclose(sample_ddim(denoise, x, plain, rng=np.random.default_rng(1), eta=1.0), whole)
+

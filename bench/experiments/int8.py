@@ -142,11 +142,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7, help="timed calls per graph and precision (default 7)")
     p.add_argument("--fidelity", type=int, metavar="CAPTIONS", default=0,
                    help="also score this many captions (half single-, half two-object) in fp32 and int8")
+    p.add_argument("--graphs", nargs="+", default=["decoder", "sr0"], choices=["decoder", "sr0"],
+                   help="which U-Nets to quantise (default both)")
     args = p.parse_args(argv)
     from dalle2_rt.runtime.manifest import load_manifest
 
     folder = engine_folder(args)
-    res = {"speed": speed(load_manifest(folder), repeats=args.repeats)}
+    res = {"speed": speed(load_manifest(folder), graphs=tuple(args.graphs), repeats=args.repeats)}
     if args.fidelity:
         from dalle2_rt.runtime.pipeline import Pipeline
 
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
 
         pipe = Pipeline.load(folder, threads=args.threads)
         n = args.fidelity
-        res["fidelity"] = fidelity(pipe, eval_captions(n // 2, n - n // 2), threads=args.threads)
+        res["fidelity"] = fidelity(pipe, eval_captions(n // 2, n - n // 2), graphs=tuple(args.graphs),
+                                   threads=args.threads)
     write_json(res, args.json)
     return 0
 

@@ -270,6 +270,8 @@ def _check_stage(folder: Path, where: str, stage: dict, graphs: dict, *, diffusi
         respace(abar, 1, spacing)
     except ValueError as e:
         raise _fail(folder, f"{where}.schedule.spacing: {e}") from None
+    if "ddim_eta" in sched:
+        _number(folder, f"{where}.schedule.ddim_eta", sched["ddim_eta"], 0.0, 1.0)
     betas = stage_betas(stage)
     if betas is not None and (betas.shape != abar.shape or not np.all((betas > 0) & (betas < 1))):
         raise _fail(folder, f"{where}.schedule.betas must be T values in (0, 1), as many as alphas_cumprod")

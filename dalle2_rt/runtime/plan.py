@@ -37,6 +37,7 @@ class StagePlan:
     output: str  # that graph's prediction output
     defaults: dict  # the folder's {"steps", "guidance", "sampler", ("candidates")} for this stage
     variance: str = "small"  # small | large | learned_range (stages.py)
+    ddim_eta: float = 0.0  # η of the ddim sampler on this stage (manifest schedule.ddim_eta)
     uncond_text: str = "null_input"  # null_input | empty_prompt: the unconditional half's text
     cond_input: str = "cond_keep"  # the prior's keep input (ARCHITECTURE.md: stages.prior.cond_input)
     last_graph: str | None = None  # runs the last sampling step instead of the step graph, when set
@@ -119,6 +120,7 @@ def _plan(manifest: Manifest, name: str, entry: dict, prefix_cache: bool) -> Sta
         clip_x0=(float(clip[0]), float(clip[1])) if clip else None, x_shape=tuple(x_spec.shape[1:]),
         inputs=frozenset(t.name for t in runs.inputs), output=runs.outputs[0].name,
         defaults=dict(entry.get("defaults") or {}), variance=entry.get("variance", "small"),
+        ddim_eta=float(entry["schedule"].get("ddim_eta", 0.0)),
         uncond_text=entry.get("uncond_text", "null_input"), cond_input=entry.get("cond_input", "cond_keep"),
         last_graph=entry.get("last_step_graph"), noise_aug_t=None if aug is None else int(aug),
         guidance_input=guidance_input, guidance_range=trained, **cached,

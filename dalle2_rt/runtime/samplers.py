@@ -108,7 +108,12 @@ def sample_ddim(
     if eta > 0 and rng is None:
         raise ValueError("sample_ddim with eta > 0 needs an rng")
     abar, abar_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
-    _, posterior_variance = ddpm_variances(schedule)
+    if schedule.update_abar is None:
+        _, posterior_variance = ddpm_variances(schedule)
+    else:  # the update's own ᾱ (``Schedule.update_abar``); x0 and ε still convert at ``alphas_cumprod``
+        up = schedule.update_abar
+        abar_prev = np.append(up[1:], schedule.final_abar)
+        posterior_variance = (1.0 - abar_prev) / (1.0 - up) * (1.0 - up / abar_prev)
     sigma = eta * np.sqrt(posterior_variance)  # (S,): Eq. 16 is η √β̃
     eps_weight = np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0))
     x = np.asarray(x)

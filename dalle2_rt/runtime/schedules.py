@@ -61,8 +61,11 @@ class Schedule:
     alphas_cumprod: np.ndarray  # (S,) float64, increasing
     betas: np.ndarray | None = None  # (S,) float64 single-step β_i when recorded (see ``respace``), else derived
     # ᾱ after the last step: 1.0 (the clean image) for a whole schedule; the next step's ᾱ for a head of one
-    # (``split``), so that a sampler run on the head stops at that step's noise level
+    # (``split``), so that a sampler run on the head stops at that step's noise level; ᾱ_0 for "linspace_floor"
     final_abar: float = 1.0
+    # (S,) the ᾱ that DDIM's update uses at each step, where it is not ``alphas_cumprod`` (the "shifted" spacing:
+    # ᾱ_{t−1}); the x0 and ε conversions always use ``alphas_cumprod``. None: the same.
+    update_abar: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -78,8 +81,10 @@ class Schedule:
         if not 0 < s < len(self):
             raise ValueError(f"split step must be in 1 … {len(self) - 1}, got {s}")
         betas = (None, None) if self.betas is None else (self.betas[:s], self.betas[s:])
-        head = Schedule(self.timesteps[:s], self.alphas_cumprod[:s], betas[0], float(self.alphas_cumprod[s]))
-        return head, Schedule(self.timesteps[s:], self.alphas_cumprod[s:], betas[1], self.final_abar)
+        up = (None, None) if self.update_abar is None else (self.update_abar[:s], self.update_abar[s:])
+        head = Schedule(self.timesteps[:s], self.alphas_cumprod[:s], betas[0],
+                        float(self.alphas_cumprod[s] if up[0] is None else self.update_abar[s]), up[0])
+        return head, Schedule(self.timesteps[s:], self.alphas_cumprod[s:], betas[1], self.final_abar, up[1])
 
 
 def respace(alphas_cumprod: np.ndarray, steps: int, spacing: str = "trailing",
@@ -87,7 +92,13 @@ def respace(alphas_cumprod: np.ndarray, steps: int, spacing: str = "trailing",
     """Choose ``steps`` of the T training timesteps and return the schedule over them.
 
     spacing: ``trailing`` (always includes t = T-1; Lin et al. 2023 Table 2), ``leading``
-    (diffusers' DDIM default), ``linspace`` (round(linspace(0, T-1, S))).
+    (diffusers' DDIM default), ``linspace`` (round(linspace(0, T-1, S))), and two grids that DALLE2-pytorch's
+    DDIM loops take (for S < T; S = T is the whole chain, as its DDPM):
+    ``linspace_floor``: the S distinct values > 0 of floor(linspace(0, T, S + 2))[:-1], the last step landing
+    on t = 0 (ᾱ_0, not the clean sample: ``final_abar``);
+    ``linspace_floor_shifted``: trunc(linspace(−1, T, S + 1))[1:] (its S − 1 values ≥ 0, then the clean sample),
+    with DDIM's update taking ᾱ_{t−1} at each t (ᾱ_{−1} = 1: ``update_abar``), as its prior's loop indexes
+    ``alphas_cumprod_prev``.
     betas: the training chain's own β_t (T,), when a model records them beside ᾱ (an imported scheduler's
     values). A step whose successor is the adjacent timestep t − 1 (for t = 0: the clean sample) then
     takes β_t itself instead of 1 − ᾱ_t/ᾱ_{t−1}, as diffusers' DDPM and UnCLIP schedulers do. The two
@@ -98,7 +109,11 @@ def respace(alphas_cumprod: np.ndarray, steps: int, spacing: str = "trailing",
     num_timesteps = len(alphas_cumprod)
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
-    if spacing == "trailing":
+    if spacing in ("linspace_floor", "linspace_floor_shifted") and steps < num_timesteps:
+        return _floor_grid(alphas_cumprod, steps, spacing)
+    if spacing in ("linspace_floor", "linspace_floor_shifted"):
+        ts = np.arange(num_timesteps)[::-1].astype(np.int64)
+    elif spacing == "trailing":
         # The first S values of arange(T, 0, -T/S), bit for bit (numpy fills start + k·((start + step) - start),
         # so .5 ties round as in diffusers' "trailing"), without arange's float-length bug: arange itself can
         # yield an (S+1)-th value ≈ 0 (e.g. T=1000, S=61), which used to become a duplicate t = 0.
@@ -120,6 +135,23 @@ def respace(alphas_cumprod: np.ndarray, steps: int, spacing: str = "trailing",
         adjacent = np.append(ts[1:], -1) == ts - 1  # the next step is t − 1 (or the clean sample after t = 0)
         step_betas = np.where(adjacent, betas[ts], 1.0 - abar / np.append(abar[1:], 1.0))
     return Schedule(timesteps=ts, alphas_cumprod=abar, betas=step_betas)
+
+
+def _floor_grid(alphas_cumprod: np.ndarray, steps: int, spacing: str) -> Schedule:
+    """``respace``'s DALLE2-pytorch grids for S < T, truncated as torch's ``.int()``. The linspace is float64 here;
+    torch's float32 one (whose rounding depends on the CPU's vector width) can land just below an integer, so for
+    some (T, S) its grid has one timestep one lower (e.g. T = 64, S = 13)."""
+    num_timesteps = len(alphas_cumprod)
+    if spacing == "linspace_floor":
+        times = np.trunc(np.linspace(0.0, num_timesteps, steps + 2)[:-1]).astype(np.int64)
+        ts = np.unique(times[times > 0])[::-1].astype(np.int64)
+        return Schedule(timesteps=ts, alphas_cumprod=alphas_cumprod[ts], final_abar=float(alphas_cumprod[0]))
+    times = np.trunc(np.linspace(-1.0, num_timesteps, steps + 1)[:-1]).astype(np.int64)
+    ts = np.unique(times[times >= 0])[::-1].astype(np.int64)  # a repeated t is an identity step there
+    if len(ts) == 0:
+        ts = np.array([num_timesteps - 1], np.int64)  # S = 1: its loop runs no step; one step here
+    shifted = np.concatenate([[1.0], alphas_cumprod[:-1]])  # ᾱ_{t−1}
+    return Schedule(timesteps=ts, alphas_cumprod=alphas_cumprod[ts], update_abar=shifted[ts])
 
 
 def q_sample(x0: np.ndarray, abar: float | np.ndarray, noise: np.ndarray) -> np.ndarray:

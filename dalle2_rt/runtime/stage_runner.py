@@ -154,7 +154,7 @@ def run_stage(plan: StagePlan, engines: Mapping, opts: dict, conditioning: Condi
             learned_variance=plan.variance == "learned_range")
         return sample(opts["sampler"], denoise, x, part, rng=rng,
                       callback=lambda i, x_i, x0: step_done(i + offset, x0),
-                      **sampler_options(opts["sampler"], plan.variance))
+                      **sampler_options(opts["sampler"], plan.variance, plan.ddim_eta))
 
     parts = chunks(len(conditioning.rows) // k, _images_per_chunk(plan, (step_engine, last_engine), k, guided))
     results = []

@@ -154,8 +154,10 @@ def low_res_inputs(x: np.ndarray, noise_aug_t: int | None, abar: np.ndarray, str
     return {"low_res": q_sample(x, abar[noise_aug_t], noise), "aug_t": np.full(len(x), noise_aug_t, np.float32)}
 
 
-def sampler_options(sampler: str, variance: str) -> dict:
-    """Extra keyword arguments of ``samplers.sample`` for a stage's ``variance``."""
+def sampler_options(sampler: str, variance: str, ddim_eta: float = 0.0) -> dict:
+    """Extra keyword arguments of ``samplers.sample`` for a stage's ``variance`` and DDIM η."""
     if sampler == "ddpm" and variance in ("small", "large"):
         return {"variance": variance}
+    if sampler == "ddim" and ddim_eta > 0:
+        return {"eta": ddim_eta}
     return {}  # learned_range travels with the denoiser; DDIM / DPM++ have no variance choice
