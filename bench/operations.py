@@ -122,7 +122,7 @@ def bench_inversion(pipe, items, settings, batch: int = 16) -> tuple[dict, list]
             "pixel_error_64": mean_se(err64), "seconds_per_image": secs / len(items)}, inv
 
 
-def bench_edits(pipe, items, inv, amounts, seed: int, inv_text=None) -> dict:
+def bench_edits(pipe, items, inv, amounts, seed: int, inv_text=None, edit_guidance=None) -> dict:
     rng = np.random.default_rng(seed)
     results = {}
     t0, decodes = time.perf_counter(), 0
@@ -131,7 +131,7 @@ def bench_edits(pipe, items, inv, amounts, seed: int, inv_text=None) -> dict:
         for j, (spec, cap, _) in enumerate(items):
             target = caption_text(changed(spec, kind, rng))
             source = inv[j] if inv_text is None else inv_text[j]
-            frames = ops.edit(pipe, source, cap, target, amount=list(amounts), seed=0)
+            frames = ops.edit(pipe, source, cap, target, amount=list(amounts), seed=0, edit_guidance=edit_guidance)
             decodes += len(frames)
             for a, frame in zip(amounts, frames):
                 success[a].append(score(np.asarray(frame), target)["fully_right"])
@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--decoder-steps", type=int)
     p.add_argument("--decoder-guidance", type=float)
     p.add_argument("--refine", type=int, default=ops.DEFAULT_REFINE)
+    p.add_argument("--edit-guidance", type=float, help="the edited frames' decoder guidance (default: the folder's)")
     p.add_argument("--no-text", dest="text", action="store_false",
                    help="text diffs decode without the captions (the default conditions the decoder on them)")
     p.add_argument("--skip", nargs="*", default=[], choices=["edits", "interpolation"])
@@ -176,7 +177,9 @@ def main(argv=None) -> int:
     settings = {"decoder_steps": args.decoder_steps, "decoder_guidance": args.decoder_guidance,
                 "refine": args.refine}
     items = renders(args.n, args.seed, output_side(pipe))
-    out = {"settings": {**settings, "n": args.n, "seed": args.seed, "text": args.text}}
+    out = {"settings": {**settings, "n": args.n, "seed": args.seed, "text": args.text,
+                        "edit_guidance": ops.edit_guidance_of(pipe, args.edit_guidance, pipe.settings(
+                            decoder_steps=args.decoder_steps)["decoder"]["steps"])}}
     out["inversion"], inv = bench_inversion(pipe, items, settings)
     print("inversion", json.dumps(out["inversion"]), flush=True)
     if "interpolation" not in args.skip:
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
         inv_text = None
         if args.text:
             inv_text = ops.invert(pipe, [r for _, _, r in items], captions=[c for _, c, _ in items], **settings)
-        out["edits"] = bench_edits(pipe, items, inv, args.amounts, args.seed, inv_text)
+        out["edits"] = bench_edits(pipe, items, inv, args.amounts, args.seed, inv_text, args.edit_guidance)
         print("edits", json.dumps(out["edits"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

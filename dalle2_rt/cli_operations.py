@@ -40,8 +40,8 @@ def _common(p) -> None:
     p.add_argument("--decoder-steps", type=_typed(lambda v: check("decoder_steps", v)), metavar="K",
                    help="DDIM steps of the inversion and the decoding (default: the folder's)")
     p.add_argument("--decoder-guidance", type=_typed(lambda v: check("decoder_guidance", v), float), metavar="G",
-                   help=f"decoder guidance of the inversion and the decoding (default {DEFAULT_GUIDANCE:g}: "
-                        "unguided, where inversion is exact; the folder's generation default is not used)")
+                   help=f"decoder guidance of the inversion (and of interpolate's decoding; default "
+                        f"{DEFAULT_GUIDANCE:g}: unguided, where inversion is exact)")
     p.add_argument("--refine", type=_typed(lambda v: check_int("refine", v, 0, 32)), default=DEFAULT_REFINE,
                    metavar="K", help=f"fixed-point iterations per inversion step (default {DEFAULT_REFINE})")
     p.add_argument("--engines", metavar="DIR", help="engine folder (with manifest.json)")
@@ -57,6 +57,9 @@ def build_edit_parser() -> _Parser:
     p.add_argument("--to", dest="target", required=True, metavar="TEXT", help="the caption to move it towards")
     p.add_argument("--amount", nargs="+", type=_typed(lambda v: check_amounts(v)[0], float), metavar="θ",
                    default=[DEFAULT_AMOUNT], help=f"how far, 0 … 1 (several: a sweep; default {DEFAULT_AMOUNT})")
+    p.add_argument("--edit-guidance", type=_typed(lambda v: check("decoder_guidance", v), float), metavar="G",
+                   help="decoder guidance of the edited frames (default: the folder's generation guidance, which "
+                        "changes the image where the unguided decoder redraws it)")
     p.add_argument("--no-text", action="store_true",
                    help="decode without the captions' text (θ = 0 is then exactly the reconstruction)")
     _common(p)
@@ -91,6 +94,8 @@ def main(argv: list[str]) -> int:
     try:
         pipe = Pipeline.load(args.engines, threads=args.threads)
         pipe.settings(decoder_steps=args.decoder_steps, decoder_guidance=args.decoder_guidance)
+        if command == "edit":
+            pipe.settings(decoder_guidance=args.edit_guidance)
     except InputError as e:
         return _fail(str(e), 2)
     except Dalle2RTError as e:
@@ -100,7 +105,7 @@ def main(argv: list[str]) -> int:
     try:
         if command == "edit":
             images = ops.edit(pipe, jobs["image"], args.source, args.target, amount=args.amount, seed=seed,
-                              text=not args.no_text, **settings)
+                              text=not args.no_text, edit_guidance=args.edit_guidance, **settings)
             stems = [f"{jobs['stem']}-edit-a{a:g}-s{seed}" for a in args.amount]
             extra = {"image": Path(args.image).name}
         else:

@@ -176,13 +176,30 @@ def test_inversion_reconstructs_a_decoded_image_on_the_tiny_decoder(pipe, pictur
 def test_edit_at_zero_is_the_reconstruction(pipe, pictures):
     inv = ops.invert(pipe, pictures[0], decoder_steps=3, refine=1)
     same = ops.reconstruct(pipe, inv, seed=4)[0]
-    frames = ops.edit(pipe, inv, "a red circle", "a blue square", amount=[0.0, 0.8], seed=4, text=False)
+    frames = ops.edit(pipe, inv, "a red circle", "a blue square", amount=[0.0, 0.8], seed=4, text=False,
+                      edit_guidance=inv.guidance)
     assert np.array_equal(np.asarray(frames[0]), np.asarray(same))
     assert not np.array_equal(np.asarray(frames[1]), np.asarray(same))
     assert frames[1].info["operation"] == "edit" and frames[1].info["target"] == "a blue square"
     assert frames[1].info["amount"] == "0.8"
     with pytest.raises(InputError, match="same text embedding"):
         ops.edit(pipe, inv, "a red circle", "a red circle")
+
+
+def test_edits_decode_at_the_folders_guidance_unless_told(pipe, pictures):
+    """The inversion stays unguided (exact); the edited frames take the folder's generation guidance by default,
+    which redraws even θ = 0, and any guidance given (checked as every guidance is)."""
+    inv = ops.invert(pipe, pictures[0], decoder_steps=3, refine=1)
+    folder = pipe.settings()["decoder"]["guidance"]
+    assert folder != inv.guidance
+    default = ops.edit(pipe, inv, "a red circle", "a blue square", amount=0.0, seed=4, text=False)[0]
+    told = ops.edit(pipe, inv, "a red circle", "a blue square", amount=0.0, seed=4, text=False,
+                    edit_guidance=folder)[0]
+    assert np.array_equal(np.asarray(default), np.asarray(told))
+    assert not np.array_equal(np.asarray(default), np.asarray(ops.reconstruct(pipe, inv, seed=4)[0]))
+    assert default.info["guidance"] == f"inversion={inv.guidance},decoder={folder}"
+    with pytest.raises(InputError, match="guidance"):
+        ops.edit(pipe, inv, "a red circle", "a blue square", edit_guidance=-1.0)
 
 
 def test_edit_with_text_decodes_under_the_target_caption(pipe, pictures):
@@ -247,12 +264,13 @@ def test_cli_edit_writes_one_png_per_amount(tiny_engines, files, tmp_path, capsy
     out_dir = tmp_path / "out"
     code, paths, err = run_cli(capsys, "edit", files[0], "--from", "a red circle", "--to", "a blue square",
                                "--amount", "0", "0.5", "-o", out_dir, "--engines", tiny_engines, "--seed", 3,
-                               "--decoder-steps", 2, "--refine", 0)
+                               "--decoder-steps", 2, "--refine", 0, "--edit-guidance", 2.5)
     assert code == 0, err
     assert [p.rsplit("/", 1)[1] for p in paths] == ["pic0-edit-a0-s3.png", "pic0-edit-a0.5-s3.png"]
     info = Image.open(paths[1]).info
     assert (info["operation"], info["source"], info["target"], info["amount"]) == (
         "edit", "a red circle", "a blue square", "0.5")
+    assert info["guidance"] == "inversion=1.0,decoder=2.5"
     assert info["image"] == "pic0.png" and info["seed"] == "3"
 
 
@@ -260,6 +278,7 @@ def test_cli_edit_writes_one_png_per_amount(tiny_engines, files, tmp_path, capsy
     (["--amount", "1.5"], "amount"),
     (["--to", " "], "empty"),
     (["--decoder-steps", "0"], "decoder steps"),
+    (["--edit-guidance", "-1"], "edit-guidance"),
 ])
 def test_cli_edit_refuses_bad_input_with_one_line_and_no_file(tiny_engines, files, tmp_path, capsys, argv,
                                                                message):

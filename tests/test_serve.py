@@ -397,6 +397,16 @@ def test_edits_equal_the_pipeline_s(served, tiny_pipe):
         assert (meta["operation"], meta["source"], meta["target"], meta["image"]) == (
             "edit", "a red circle", "a red star", "c" * 200)  # one line of at most 200 characters
     assert metric(srv.service, "dalle2rt_requests_total", endpoint="/v1/edits", code="200") == 1
+    # the frames' guidance, given: the Pipeline's pixels at it; a bad one is a 400 before any work
+    reply = srv.client.post("/v1/edits", files={"image": ("c.png", _png(wide), "image/png")},
+                            data={"source": "a red circle", "target": "a red star", "amount": "0.5", "seed": "3",
+                                  "edit_guidance": "1.5", **{k: str(v) for k, v in OPERATION.items()}})
+    assert reply.status_code == 200, reply.text
+    alone = tiny_pipe.edit(source, "a red circle", "a red star", amount=0.5, seed=3, edit_guidance=1.5, **OPERATION)
+    assert np.array_equal(np.asarray(decode(reply.json()["data"][0]).convert("RGB")), np.asarray(alone[0]))
+    reply = srv.client.post("/v1/edits", files={"image": ("c.png", _png(wide), "image/png")},
+                            data={"source": "a red circle", "target": "a red star", "edit_guidance": "-2"})
+    assert reply.status_code == 400 and "guidance" in reply.json()["error"]
 
 
 def test_interpolations_from_an_image_and_a_prompt_equal_the_pipeline_s(served, tiny_pipe):

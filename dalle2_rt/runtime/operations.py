@@ -424,10 +424,16 @@ def edit_embeddings(image_embed: np.ndarray, direction: np.ndarray, amounts: Seq
 
 def edit(pipe, image, source: str, target: str, *, amount=DEFAULT_AMOUNT, seed: int = 0, text: bool = True,
          decoder_steps: int | None = None, decoder_guidance: float | None = None,
-         refine: int = DEFAULT_REFINE, callback: Callback | None = None) -> list[Image.Image]:
+         edit_guidance: float | None = None, refine: int = DEFAULT_REFINE,
+         callback: Callback | None = None) -> list[Image.Image]:
     """The text diff of one image (or a one-row ``Inversion``) from caption ``source`` towards ``target``: for
     each θ of ``amount`` (one number or several, the frames of a sweep) decode (slerp(z_i, z_d, θ), x_T) with
-    z_d = normalise(z_t − z_t0) and the image's own inverted x_T, η = 0. θ = 0 is the reconstruction.
+    z_d = normalise(z_t − z_t0) and the image's own inverted x_T, η = 0.
+
+    decoder_guidance: the inversion's (``DEFAULT_GUIDANCE``, unguided, by default: exact to the fixed point);
+    edit_guidance: the edited frames' decoding (by default the folder's generation guidance: the unguided
+    decoder keeps redrawing the old shape from x_T; python -m bench.operations). At edit_guidance equal to the
+    inversion's and θ = 0 without text, a frame is the reconstruction.
 
     text: also condition the decoder on the captions: an image given as pixels is inverted with ``source`` 's
     text, and every frame of an inversion made with captions is decoded with ``target`` 's (θ = 0 is then the
@@ -440,12 +446,21 @@ def edit(pipe, image, source: str, target: str, *, amount=DEFAULT_AMOUNT, seed: 
     z_t0, z_t = captions["text_embed"]
     z = edit_embeddings(inv.image_embed, text_direction(z_t, z_t0), amounts)  # (A, D)
     rows = np.ones(len(amounts), int)  # the target caption's row
-    x = decode(pipe, z, np.repeat(inv.latent, len(amounts), 0), steps=inv.steps, guidance=inv.guidance,
+    guidance = edit_guidance_of(pipe, edit_guidance, inv.steps)
+    x = decode(pipe, z, np.repeat(inv.latent, len(amounts), 0), steps=inv.steps, guidance=guidance,
                text=None if inv.text is None else {k: v[rows] for k, v in captions.items()}, seed=seed,
                indices=np.zeros(len(amounts), int), upsample=False, callback=callback)
     x = pipe.upsample(x, seed=seed, indices=np.zeros(len(x), int), callback=callback)
+    meta = {**_settings_meta(inv), "guidance": f"inversion={inv.guidance},decoder={guidance}"}
     return pipe.to_pil(x, _text([{"operation": "edit", "source": source, "target": target, "amount": a,
-                                "seed": seed, "index": j, **_settings_meta(inv)} for j, a in enumerate(amounts)]))
+                                "seed": seed, "index": j, **meta} for j, a in enumerate(amounts)]))
+
+
+def edit_guidance_of(pipe, edit_guidance: float | None, steps: int) -> float:
+    """The decoding guidance of an edit: ``edit_guidance``, else the folder's decoder guidance (checked as every
+    guidance is: ``Pipeline.settings``)."""
+    run = pipe.settings(decoder_steps=steps, decoder_guidance=edit_guidance, sampler="ddim")
+    return float(run["decoder"]["guidance"])
 
 
 def interpolation_rows(a: Inversion, b: Inversion, thetas: np.ndarray, latent: str,

@@ -460,6 +460,8 @@ def create_app(service: Service) -> FastAPI:
                         description=f"default {ops.DEFAULT_GUIDANCE:g} (unguided: exact inversion)")] = None,
                     refine: Annotated[int | None, Form(description="fixed-point iterations per inversion step")]
                     = None,
+                    edit_guidance: Annotated[float | None, Form(
+                        description="decoder guidance of the edited frames (default: the folder's)")] = None,
                     text: Annotated[bool, Form(description="condition the decoder on the captions' text")] = True,
                     response_format: Annotated[Literal["b64_json", "png"], Form()] = "b64_json"):
         try:
@@ -468,22 +470,24 @@ def create_app(service: Service) -> FastAPI:
             if len(amounts) > limits.max_images:
                 raise InputError(f"at most {limits.max_images} amounts per request, got {len(amounts)}")
             source, target = _captions(source, target)
+            pipe.settings(decoder_guidance=edit_guidance)
         except InputError as e:
             raise ApiError(400, str(e)) from None
         await _only_fields(request, ["image", "source", "target", "amount", "seed", "decoder_steps",
-                                     "decoder_guidance", "refine", "text", "response_format"])
+                                     "decoder_guidance", "edit_guidance", "refine", "text", "response_format"])
         _admit(len(amounts))
         picture = await _upload(image, "image")
         name = _file_name(image)
 
         def work(progress):
             images = ops.edit(pipe, picture, source, target, amount=amounts, seed=seed, text=text, callback=progress,
-                              **settings)
+                              edit_guidance=edit_guidance, **settings)
             for im in images:
                 im.info["image"] = name
             return images
 
-        job = Job("edits", {"edit": [source, target, amounts, text], **settings}, {}, seed, len(amounts), work=work)
+        job = Job("edits", {"edit": [source, target, amounts, text, edit_guidance], **settings}, {}, seed,
+                  len(amounts), work=work)
         return await _run_operation(request, job, response_format)
 
     @app.post("/v1/interpolations", summary="Frames between two images or prompts (unCLIP's interpolation)")

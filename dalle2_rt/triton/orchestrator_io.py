@@ -28,6 +28,7 @@ INPUTS = (
     ("target", "TYPE_STRING", [1], True, None),  # edit: the caption to move it towards
     ("amount", "TYPE_FP64", [-1], True, None),  # edit: θ, one or several (a sweep)
     ("text", "TYPE_BOOL", [1], True, None),  # edit: condition the decoder on the captions' text (default true)
+    ("edit_guidance", "TYPE_FP64", [1], True, None),  # edit: the frames' decoder guidance (default: the folder's)
     ("frames", "TYPE_INT32", [1], True, None),  # interpolate: frames, both ends included
     ("latent", "TYPE_STRING", [1], True, None),  # interpolate: slerp | fixed
     ("refine", "TYPE_INT32", [1], True, None),  # fixed-point iterations per inversion step

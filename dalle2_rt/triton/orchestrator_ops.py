@@ -9,7 +9,7 @@ error.
     operation  "generate" | "edit" | "interpolate"     (default "generate")
     generate:     prompt (one or more) and the sampling options, as ``Pipeline.__call__``
     edit:         image (H, W, 3) uint8, source, target, amount (one θ or several: a sweep), seed, text,
-                  decoder_steps, decoder_guidance, refine
+                  decoder_steps, decoder_guidance (the inversion's), edit_guidance (the frames'), refine
     interpolate:  end a = image or prompt[0], end b = image_b or the next prompt; frames, latent, seed,
                   decoder_steps, decoder_guidance, refine
 """
@@ -29,12 +29,14 @@ MAX_IMAGE_SIDE = 4096  # an image input's height and width (the stages read a ce
 MAX_OUTPUTS = 64  # images one operation request may return (edit amounts, interpolation frames)
 # the inputs each operation reads; anything else it is given is refused
 OPERATION_INPUTS = {
-    "edit": ("image", "source", "target", "amount", "seed", "text", "decoder_steps", "decoder_guidance", "refine"),
+    "edit": ("image", "source", "target", "amount", "seed", "text", "decoder_steps", "decoder_guidance",
+             "edit_guidance", "refine"),
     "interpolate": ("image", "image_b", "prompt", "frames", "latent", "seed", "decoder_steps", "decoder_guidance",
                     "refine"),
 }
 # the inputs only the operations read: a generation request that carries one is refused
-OPERATION_ONLY = ("image", "image_b", "source", "target", "amount", "text", "frames", "latent", "refine")
+OPERATION_ONLY = ("image", "image_b", "source", "target", "amount", "text", "edit_guidance", "frames", "latent",
+                  "refine")
 
 
 def _text(value) -> str:
@@ -118,8 +120,10 @@ def run(pipe, arrays: Mapping[str, np.ndarray], *, options: Mapping[str, object]
         text = _scalar(arrays, "text", True)
         if not isinstance(text, bool):
             raise InputError(f"text must be a boolean, got {text!r}")
+        edit_guidance = _scalar(arrays, "edit_guidance")
+        pipe.settings(decoder_guidance=edit_guidance)
         return ops.edit(pipe, _image(arrays, "image"), source, target, amount=amounts, seed=seed, text=text,
-                        callback=callback, **settings)
+                        edit_guidance=edit_guidance, callback=callback, **settings)
     frames = ops.check_frames(_scalar(arrays, "frames", 5))
     latent = _scalar(arrays, "latent", "slerp")
     if latent not in ops.LATENT_MODES:
