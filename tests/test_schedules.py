@@ -146,3 +146,14 @@ def test_a_shifted_schedule_split_takes_the_same_ddim_steps_as_the_whole():
     plain = Schedule(schedule.timesteps, schedule.alphas_cumprod)
     assert not np.allclose(sample_ddim(denoise, x, plain, rng=np.random.default_rng(1), eta=1.0), whole)
 
+
+def test_a_shifted_grid_that_reaches_t0_samples_finite_values():
+    """S > (T + 1)/2 puts t = 0 on the prior's grid, where ᾱ_{t−1} = 1: that step returns x0, with no noise."""
+    from dalle2_rt.runtime.samplers import sample_ddim
+
+    schedule = respace(cosine_alphas_cumprod(25), 20, "linspace_floor_shifted")
+    assert schedule.timesteps[-1] == 0 and schedule.update_abar[-1] == 1.0
+    x0 = np.full((1, 4), 0.25)
+    out = sample_ddim(lambda x, i: x0, np.ones((1, 4)), schedule, rng=np.random.default_rng(0), eta=1.0)
+    np.testing.assert_allclose(out, x0)
+

@@ -113,7 +113,8 @@ def sample_ddim(
     else:  # the update's own ᾱ (``Schedule.update_abar``); x0 and ε still convert at ``alphas_cumprod``
         up = schedule.update_abar
         abar_prev = np.append(up[1:], schedule.final_abar)
-        posterior_variance = (1.0 - abar_prev) / (1.0 - up) * (1.0 - up / abar_prev)
+        with np.errstate(divide="ignore", invalid="ignore"):  # ᾱ_{−1} = 1 at t = 0: that step adds no noise
+            posterior_variance = np.where(up < 1.0, (1.0 - abar_prev) / (1.0 - up) * (1.0 - up / abar_prev), 0.0)
     sigma = eta * np.sqrt(posterior_variance)  # (S,): Eq. 16 is η √β̃
     eps_weight = np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0))
     x = np.asarray(x)
