@@ -126,6 +126,9 @@ def post(path: str, body: bytes, kind: str = "application/json") -> bytes:
     return head(path, len(body), kind) + body
 
 
+KINDS = ("oversized", "chunked", "bomb", "nested", "many_keys", "surrogate", "garbage")  # hostile_cases' kinds
+
+
 def hostile_cases(steps: int) -> list[tuple[str, list[bytes]]]:
     """(kind, the bytes to send in parts) for the request-shaped abuse, each sent on its own connection."""
     mib = b"x" * 2**20
@@ -347,6 +350,8 @@ def main(argv=None) -> int:
     arg("--idle", type=int, metavar="N", help=f"idle connections (default: --max-connections + 64 = {cap + 64})")
     arg("--hostile", type=int, default=2, metavar="N", help="threads sending the request-shaped abuse (default 2)")
     arg("--max-connections", type=int, default=cap, metavar="N", help=f"the server's cap (default {cap}, serve's)")
+    arg("--skip", nargs="+", default=[], metavar="KIND", choices=KINDS,
+        help="request-shaped kinds to leave out, to see what a figure comes from (e.g. --skip bomb)")
     arg("--serve-args", default="", metavar="FLAGS", help='more dalle2-rt serve flags, e.g. "--workers 2 --threads 1"')
     arg("--server-log", type=Path, metavar="PATH", help="the server's stderr (default: a temporary file)")
     arg("--json", type=Path, metavar="PATH", help="also write the figures (and every sample) here")
@@ -372,7 +377,7 @@ def main(argv=None) -> int:
     held = [Held("slowloris", addr, args.slow, tally, trickle=header), Held("idle", addr, idle, tally),
             Held("stall", addr, args.stall, tally, opening=header + b'{"prompt":')]
     threads += [threading.Thread(target=h.run, args=(stop,)) for h in held]
-    cases = hostile_cases(args.steps)
+    cases = [c for c in hostile_cases(args.steps) if c[0] not in args.skip]
     threads += [threading.Thread(target=hostile_client, args=(addr, cases, tally, stop, k), daemon=True)
                 for k in range(args.hostile)]
     for t in threads:
