@@ -178,8 +178,7 @@ def main(argv=None) -> int:
                 "refine": args.refine}
     items = renders(args.n, args.seed, output_side(pipe))
     out = {"settings": {**settings, "n": args.n, "seed": args.seed, "text": args.text,
-                        "edit_guidance": ops.edit_guidance_of(pipe, args.edit_guidance, pipe.settings(
-                            decoder_steps=args.decoder_steps)["decoder"]["steps"])}}
+                        "edit_guidance": ops.edit_guidance_of(pipe, args.edit_guidance)}}
     out["inversion"], inv = bench_inversion(pipe, items, settings)
     print("inversion", json.dumps(out["inversion"]), flush=True)
     if "interpolation" not in args.skip:

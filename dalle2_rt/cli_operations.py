@@ -24,6 +24,7 @@ from .runtime.operations import (
     DEFAULT_REFINE,
     LATENT_MODES,
     MAX_FRAMES,
+    MAX_REFINE,
     check_amounts,
     check_frames,
 )
@@ -42,7 +43,7 @@ def _common(p) -> None:
     p.add_argument("--decoder-guidance", type=_typed(lambda v: check("decoder_guidance", v), float), metavar="G",
                    help=f"decoder guidance of the inversion (and of interpolate's decoding; default "
                         f"{DEFAULT_GUIDANCE:g}: unguided, where inversion is exact)")
-    p.add_argument("--refine", type=_typed(lambda v: check_int("refine", v, 0, 32)), default=DEFAULT_REFINE,
+    p.add_argument("--refine", type=_typed(lambda v: check_int("refine", v, 0, MAX_REFINE)), default=DEFAULT_REFINE,
                    metavar="K", help=f"fixed-point iterations per inversion step (default {DEFAULT_REFINE})")
     p.add_argument("--engines", metavar="DIR", help="engine folder (with manifest.json)")
     p.add_argument("--threads", type=_typed(check_threads), metavar="N",

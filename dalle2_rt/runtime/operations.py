@@ -257,6 +257,17 @@ def frame_thetas(frames: int) -> np.ndarray:
 # 3.0, which generation uses; text diffs 61.5 against 56.5 % at θ = 0.35)
 DEFAULT_GUIDANCE = 1.0
 DEFAULT_REFINE = 3  # fixed-point iterations per inversion step (ddim_invert), decoder calls = steps·(1 + this)
+MAX_REFINE = 32
+
+
+def operation_settings(pipe, decoder_steps=None, decoder_guidance=None, refine=None) -> dict:
+    """The settings every operation takes, checked before any work as every entry point checks them (the CLI,
+    HTTP, the Triton orchestrator): {"decoder_steps", "decoder_guidance", "refine"} (refine's default filled in)."""
+    if "image_encoder" not in pipe.manifest.stages:
+        raise InputError(f"engine folder {pipe.manifest.name} has no image_encoder; the operations need one")
+    pipe.settings(decoder_steps=decoder_steps, decoder_guidance=decoder_guidance)
+    refine = DEFAULT_REFINE if refine is None else check_int("refine", refine, 0, MAX_REFINE)
+    return {"decoder_steps": decoder_steps, "decoder_guidance": decoder_guidance, "refine": refine}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -332,7 +343,7 @@ def invert_targets(pipe, inv: Inversion, *, refine: int = DEFAULT_REFINE,
                    callback: Callback | None = None) -> np.ndarray:
     """The decoder latents (N, C, h, w) float32 of ``inv.target`` conditioned on ``inv.image_embed`` over
     ``inv.steps`` DDIM steps at ``inv.guidance`` (``inv.latent`` unused): ``ddim_invert`` on the decoder."""
-    refine = check_int("refine", refine, 0, 32)
+    refine = check_int("refine", refine, 0, MAX_REFINE)
     plan = pipe.decoder_plan
     schedule = respace(plan.abar, inv.steps, plan.spacing, betas=plan.betas)
     denoise = _decoder_denoiser(pipe, inv.image_embed, schedule, inv.guidance, inv.text)
@@ -446,7 +457,7 @@ def edit(pipe, image, source: str, target: str, *, amount=DEFAULT_AMOUNT, seed: 
     z_t0, z_t = captions["text_embed"]
     z = edit_embeddings(inv.image_embed, text_direction(z_t, z_t0), amounts)  # (A, D)
     rows = np.ones(len(amounts), int)  # the target caption's row
-    guidance = edit_guidance_of(pipe, edit_guidance, inv.steps)
+    guidance = edit_guidance_of(pipe, edit_guidance)
     x = decode(pipe, z, np.repeat(inv.latent, len(amounts), 0), steps=inv.steps, guidance=guidance,
                text=None if inv.text is None else {k: v[rows] for k, v in captions.items()}, seed=seed,
                indices=np.zeros(len(amounts), int), upsample=False, callback=callback)
@@ -456,11 +467,10 @@ def edit(pipe, image, source: str, target: str, *, amount=DEFAULT_AMOUNT, seed: 
                                 "seed": seed, "index": j, **meta} for j, a in enumerate(amounts)]))
 
 
-def edit_guidance_of(pipe, edit_guidance: float | None, steps: int) -> float:
+def edit_guidance_of(pipe, edit_guidance: float | None) -> float:
     """The decoding guidance of an edit: ``edit_guidance``, else the folder's decoder guidance (checked as every
     guidance is: ``Pipeline.settings``)."""
-    run = pipe.settings(decoder_steps=steps, decoder_guidance=edit_guidance, sampler="ddim")
-    return float(run["decoder"]["guidance"])
+    return float(pipe.settings(decoder_guidance=edit_guidance)["decoder"]["guidance"])
 
 
 def interpolation_rows(a: Inversion, b: Inversion, thetas: np.ndarray, latent: str,

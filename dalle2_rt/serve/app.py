@@ -52,7 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..runtime import operations as ops
 from ..runtime.errors import Dalle2RTError, InputError
-from ..runtime.settings import OPTIONS, VARIATION_OPTIONS, Option, check_int, check_prompts
+from ..runtime.settings import OPTIONS, VARIATION_OPTIONS, Option, check_prompts
 from .service import Cancelled, Draining, Job, QueueFull, Service
 
 log = logging.getLogger("dalle2_rt.serve")
@@ -188,6 +188,9 @@ class Guard:
 
 
 _PROBES = {"/healthz", "/readyz", "/metrics"}
+_ENDPOINTS = {"/v1/images", "/v1/variations", "/v1/edits", "/v1/interpolations", "/healthz", "/readyz", "/metrics",
+              "/"}
+
 # the most keys a JSON object of a request may have (ImagesRequest has about 20 fields): a body of thousands of
 # unknown keys would otherwise cost the event loop one validation error each (20,000: ~140 ms, bench.abuse)
 MAX_JSON_KEYS = 64
@@ -213,10 +216,8 @@ def json_shape_problem(data: bytes) -> str | None:
     except _TooManyKeys as e:
         return f"the request body has an object of {e.args[0]} keys; at most {MAX_JSON_KEYS}"
     except (ValueError, RecursionError):
-        return None
+        pass  # not JSON: the route answers it
     return None
-_ENDPOINTS = {"/v1/images", "/v1/variations", "/v1/edits", "/v1/interpolations", "/healthz", "/readyz", "/metrics",
-              "/"}
 
 
 def _checked_prompts(prompt, limits) -> list[str]:
@@ -459,12 +460,8 @@ def create_app(service: Service) -> FastAPI:
 
     def _operation_common(seed, decoder_steps, decoder_guidance, refine) -> tuple[int, dict]:
         """The seed and the settings every operation takes, checked as the CLI checks them."""
-        if "image_encoder" not in pipe.manifest.stages:
-            raise InputError(f"engine folder {pipe.manifest.name} has no image_encoder; the operations need one")
-        seed = _checked_seed(seed)
-        pipe.settings(decoder_steps=decoder_steps, decoder_guidance=decoder_guidance)
-        refine = ops.DEFAULT_REFINE if refine is None else check_int("refine", refine, 0, 32)
-        return seed, {"decoder_steps": decoder_steps, "decoder_guidance": decoder_guidance, "refine": refine}
+        settings = ops.operation_settings(pipe, decoder_steps, decoder_guidance, refine)
+        return _checked_seed(seed), settings
 
     def _captions(*texts) -> list[str]:
         for t in texts:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..runtime import operations as ops
 from ..runtime.errors import InputError
-from ..runtime.settings import check_int, check_prompts
+from ..runtime.settings import check_prompts
 
 OPERATIONS = ("generate", "edit", "interpolate")
 MAX_IMAGE_SIDE = 4096  # an image input's height and width (the stages read a centre square of at most 256)
@@ -73,14 +73,9 @@ def prompts_of(arrays: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def _common(pipe, arrays) -> tuple[int, dict]:
-    if "image_encoder" not in pipe.manifest.stages:
-        raise InputError(f"engine folder {pipe.manifest.name} has no image_encoder; the operations need one")
-    seed = _scalar(arrays, "seed", 0)
-    steps, guidance = _scalar(arrays, "decoder_steps"), _scalar(arrays, "decoder_guidance")
-    pipe.settings(decoder_steps=steps, decoder_guidance=guidance)  # checks them as every entry point does
-    refine = _scalar(arrays, "refine")
-    refine = ops.DEFAULT_REFINE if refine is None else check_int("refine", refine, 0, 32)
-    return int(seed), {"decoder_steps": steps, "decoder_guidance": guidance, "refine": refine}
+    settings = ops.operation_settings(pipe, *(_scalar(arrays, n) for n in ("decoder_steps", "decoder_guidance",
+                                                                           "refine")))
+    return int(_scalar(arrays, "seed", 0)), settings
 
 
 def operation_of(arrays: Mapping[str, np.ndarray]) -> str:
