@@ -76,39 +76,59 @@ def guided_target(teacher: Decoder, x_t, t, image_embed, text_enc, image_keep, t
     return uncond + w.reshape(-1, 1, 1, 1) * (cond - uncond)
 
 
-def distill_spec(cfg: TrainConfig) -> StageSpec:
-    run = cfg.stage(STAGE)
+def _check_sources(stage: str, run, start: str) -> None:
+    """A distillation stage's teacher folder and the student's start, before anything is loaded."""
     if not run.teacher or not (Path(run.teacher) / "model.json").is_file():
-        raise DistillError(f"[stages.{STAGE}] teacher must name a decoder model folder, got {run.teacher!r}")
+        raise DistillError(f"[stages.{stage}] teacher must name a decoder model folder, got {run.teacher!r}")
     if not run.init_from:
-        raise DistillError(f"[stages.{STAGE}] init_from must name the student's start: the teacher (with init_fresh = "
-                           "[\"guidance_embed.\"]) or an earlier student; a student from random weights is not "
-                           "what this stage is for")
-    lo, hi = (float(v) for v in run.guidance_range)
-    if not 0.0 <= lo <= hi:
-        raise DistillError(f"[stages.{STAGE}] guidance_range must be [lo, hi] with 0 <= lo <= hi, "
-                           f"got {run.guidance_range}")
+        raise DistillError(f"[stages.{stage}] init_from must name the student's start: {start}")
+
+
+def _load_teacher(run) -> tuple[Decoder, object]:
+    """The teacher decoder, frozen in float32, and its config."""
     loaded = registry.load(Path(run.teacher), expect="decoder")
-    teacher, tcfg = _frozen(loaded.model.float()), loaded.config
-    if tcfg.guidance_input:
-        raise DistillError(f"{run.teacher}: already a guidance-distilled decoder")
-    scfg = dataclasses.replace(tcfg, guidance_input=True, guidance_range=(lo, hi))
+    return _frozen(loaded.model.float()), loaded.config
+
+
+def _frozen_parts(cfg: TrainConfig, run, teacher: Decoder, tcfg):
+    """(the teacher on the training device, its diffusion, ``world(images, captions)`` → (text encodings, CLIP
+    image embeddings, x0 in [−1, 1] at the decoder's size)) with the frozen CLIP of ``run.clip`` (default
+    <out_dir>/clip/model)."""
+    import open_clip
+
     clip_folder = Path(run.clip) if run.clip else cfg.stage_dir("clip") / "model"
     clip = registry.load(clip_folder, expect="clip")
     device = resolve_device(cfg.device)
     text = OnDevice(_frozen(ClipTextEncoder(clip.model)).to(device), device)
     image = OnDevice(_frozen(ClipImageEncoder(clip.model)).to(device), device)
-    teacher = OnDevice(teacher.to(device), device)
-    diffusion = Diffusion(tcfg.schedule, tcfg.num_timesteps)
-    few = torch.from_numpy(schedule_timesteps(diffusion.abar.numpy()))
-    import open_clip
 
-    def loss(model, images, captions, gen):
-        b = len(captions)
+    def world(images, captions):
         with torch.no_grad():
             _, text_enc = text(open_clip.tokenize(list(captions)))
             image_embed = image(to_pixels(images, clip.config.image_size))
-        x0 = to_pixels(images, tcfg.image_size) * 2 - 1
+        return text_enc, image_embed, to_pixels(images, tcfg.image_size) * 2 - 1
+
+    return OnDevice(teacher.to(device), device), Diffusion(tcfg.schedule, tcfg.num_timesteps), world
+
+
+def distill_spec(cfg: TrainConfig) -> StageSpec:
+    run = cfg.stage(STAGE)
+    _check_sources(STAGE, run, "the teacher (with init_fresh = [\"guidance_embed.\"]) or an earlier student; a "
+                               "student from random weights is not what this stage is for")
+    lo, hi = (float(v) for v in run.guidance_range)
+    if not 0.0 <= lo <= hi:
+        raise DistillError(f"[stages.{STAGE}] guidance_range must be [lo, hi] with 0 <= lo <= hi, "
+                           f"got {run.guidance_range}")
+    teacher, tcfg = _load_teacher(run)
+    if tcfg.guidance_input:
+        raise DistillError(f"{run.teacher}: already a guidance-distilled decoder")
+    scfg = dataclasses.replace(tcfg, guidance_input=True, guidance_range=(lo, hi))
+    teacher, diffusion, world = _frozen_parts(cfg, run, teacher, tcfg)
+    few = torch.from_numpy(schedule_timesteps(diffusion.abar.numpy()))
+
+    def loss(model, images, captions, gen):
+        b = len(captions)
+        text_enc, image_embed, x0 = world(images, captions)
         t = diffusion.sample_t(b, gen)
         pick = torch.rand(b, generator=gen) < run.schedule_t_share
         t = torch.where(pick, few[torch.randint(0, len(few), (b,), generator=gen)], t)
@@ -195,37 +215,21 @@ def step_grids(abar: np.ndarray, student_steps: int) -> tuple[np.ndarray, ...]:
 
 def steps_spec(cfg: TrainConfig) -> StageSpec:
     run = cfg.stage(STEPS_STAGE)
-    if not run.teacher or not (Path(run.teacher) / "model.json").is_file():
-        raise DistillError(f"[stages.{STEPS_STAGE}] teacher must name a decoder model folder, got {run.teacher!r}")
-    if not run.init_from:
-        raise DistillError(f"[stages.{STEPS_STAGE}] init_from must name the student's start: the teacher or an "
-                           "earlier student")
-    loaded = registry.load(Path(run.teacher), expect="decoder")
-    teacher, tcfg = _frozen(loaded.model.float()), loaded.config
+    _check_sources(STEPS_STAGE, run, "the teacher or an earlier student")
+    teacher, tcfg = _load_teacher(run)
     if not tcfg.guidance_input or not tcfg.guidance_range:
         raise DistillError(f"{run.teacher}: not a guidance-distilled decoder (run decoder_distill first); step "
                            "distillation needs one pass per teacher step")
     # w is drawn from the scales the teacher learned (its model.json), and the student states the same range
     lo, hi = tcfg.guidance_range
-    scfg = tcfg
-    clip_folder = Path(run.clip) if run.clip else cfg.stage_dir("clip") / "model"
-    clip = registry.load(clip_folder, expect="clip")
-    device = resolve_device(cfg.device)
-    text = OnDevice(_frozen(ClipTextEncoder(clip.model)).to(device), device)
-    image = OnDevice(_frozen(ClipImageEncoder(clip.model)).to(device), device)
-    teacher = OnDevice(teacher.to(device), device)
-    diffusion = Diffusion(tcfg.schedule, tcfg.num_timesteps)
+    teacher, diffusion, world = _frozen_parts(cfg, run, teacher, tcfg)
     ts, abar_t, ts_mid, abar_mid, abar_end = (torch.from_numpy(np.asarray(v)) for v in
                                               step_grids(diffusion.abar.numpy(), run.student_steps))
     kind = tcfg.parameterization
-    import open_clip
 
     def loss(model, images, captions, gen):
         b = len(captions)
-        with torch.no_grad():
-            _, text_enc = text(open_clip.tokenize(list(captions)))
-            image_embed = image(to_pixels(images, clip.config.image_size))
-        x0 = to_pixels(images, tcfg.image_size) * 2 - 1
+        text_enc, image_embed, x0 = world(images, captions)
         i = torch.randint(0, len(ts), (b,), generator=gen)
         t, a, t_mid, a_mid, a_end = ts[i], abar_t[i], ts_mid[i], abar_mid[i], abar_end[i]
         x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen))
@@ -244,7 +248,7 @@ def steps_spec(cfg: TrainConfig) -> StageSpec:
         pred = model(x_t=x_t, t=t.float(), **cond)
         return (pred.float() - target).pow(2).mean()
 
-    return StageSpec(STEPS_STAGE, "decoder", Decoder(scfg), scfg, loss,
+    return StageSpec(STEPS_STAGE, "decoder", Decoder(tcfg), tcfg, loss,
                      extra_meta={"distilled_steps": run.student_steps})
 
 
