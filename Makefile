@@ -36,23 +36,22 @@ $(ENGINES)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINTS)/*/model/* $(CHECKPO
 		{ echo "the bundled model is not trained yet: $(CHECKPOINTS) has no decoder (see README, Training)"; exit 1; }
 	$(PY) -m export.all --checkpoints $(CHECKPOINTS) --out $(ENGINES)
 
-# The guidance-distilled decoder (checkpoints/shapes-v2-fast, configs/shapes-v2-fast.toml) with the bundled CLIP, prior
-# and SR: an engine folder to compare on the frontier (python -m bench.frontier --engines ... --engines ...).
-FAST_CKPT := build/ckpt-shapes-v2-fast
-engines-fast: $(STAMP)
-	rm -rf $(FAST_CKPT) && mkdir -p $(FAST_CKPT)
-	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior $(CHECKPOINTS)/sr checkpoints/shapes-v2-fast/decoder \
-		checkpoints/shapes-v2-fast/defaults.json $(FAST_CKPT)/
-	$(PY) -m export.all --checkpoints $(FAST_CKPT) --out engines/shapes-v2-fast --name shapes-v2-fast
+# A distilled decoder (checkpoints/shapes-v2-$(1): its decoder/ and defaults.json) with the bundled CLIP, prior and
+# SR, exported to engines/shapes-v2-$(1): a folder to compare on the frontier (python -m bench.frontier --engines ...).
+define distilled_engines
+	rm -rf build/ckpt-shapes-v2-$(1) && mkdir -p build/ckpt-shapes-v2-$(1)
+	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior $(CHECKPOINTS)/sr checkpoints/shapes-v2-$(1)/decoder \
+		checkpoints/shapes-v2-$(1)/defaults.json build/ckpt-shapes-v2-$(1)/
+	$(PY) -m export.all --checkpoints build/ckpt-shapes-v2-$(1) --out engines/shapes-v2-$(1) --name shapes-v2-$(1)
+endef
 
-# The step-distilled decoder (checkpoints/shapes-v2-steps, configs/shapes-v2-steps.toml: the guidance-distilled one's
-# 4 DDIM steps taught in 2) with the bundled CLIP, prior and SR.
-STEPS_CKPT := build/ckpt-shapes-v2-steps
+# The guidance-distilled decoder (configs/shapes-v2-fast.toml).
+engines-fast: $(STAMP)
+	$(call distilled_engines,fast)
+
+# The step-distilled decoder (configs/shapes-v2-steps.toml: the guidance-distilled one's 4 DDIM steps taught in 2).
 engines-steps: $(STAMP)
-	rm -rf $(STEPS_CKPT) && mkdir -p $(STEPS_CKPT)
-	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior $(CHECKPOINTS)/sr checkpoints/shapes-v2-steps/decoder \
-		checkpoints/shapes-v2-steps/defaults.json $(STEPS_CKPT)/
-	$(PY) -m export.all --checkpoints $(STEPS_CKPT) --out engines/shapes-v2-steps --name shapes-v2-steps
+	$(call distilled_engines,steps)
 
 # The package's copy of the exported folder (float16-stored weights, no optimised copies): rebuild and commit it
 # whenever checkpoints/ or the export change (tests/test_packaged_engines.py fails until then).
