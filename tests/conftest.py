@@ -97,3 +97,19 @@ def tiny_engines(tiny_checkpoints):
     out = tiny_checkpoints.parent / "engines" / "tiny"
     export_folder(tiny_checkpoints, out, name="tiny", quiet=True)
     return out
+
+
+@pytest.fixture
+def private_hash_cache(tmp_path, monkeypatch):
+    """Keep the verified-hash cache of a test out of the user's ~/.cache (a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("private_hash_cache")``)."""
+    monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_engines):
+    """A Pipeline on ``tiny_engines``, one thread, shared by a module's tests."""
+    from dalle2_rt.runtime.pipeline import Pipeline
+
+    return Pipeline.load(tiny_engines, threads=1)
+

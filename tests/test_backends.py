@@ -12,10 +12,7 @@ from dalle2_rt.runtime.errors import InputError
 from dalle2_rt.runtime.manifest import load_manifest
 from dalle2_rt.runtime.pipeline import Pipeline
 
-
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_hash_cache")
 
 
 @pytest.mark.parametrize("backend,options,words", [

@@ -17,9 +17,7 @@ from dalle2_rt.runtime.schedules import alphas_cumprod_for, respace
 FAST = {"prior_steps": 2, "decoder_steps": 4, "sr_steps": 1}
 
 
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_hash_cache")
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +136,31 @@ def test_early_choice_needs_a_one_step_sampler_and_a_positive_step(pipe):
 # the guidance-distilled decoder
 
 
+def guided_model() -> dict:
+    """The tiny models with a guidance-distilled decoder (w an input, trained on [1, 4])."""
+    from tests.conftest import TINY_MODEL
+
+    return {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "guidance_input": True, "guidance_range": [1.0, 4.0]}}
+
+
+def distill_config(tmp_path, ckpt, stage: str, **extra) -> dict:
+    """A two-step run of a distillation ``stage`` on the tiny checkpoints ``ckpt``: its decoder the teacher and
+    the student's start."""
+    return {
+        "run": {"out_dir": str(tmp_path / "runs"), "seed": 0, "log_every": 1, "ckpt_every": 2, "sample_every": 0,
+                "threads": 1},
+        "stages": {stage: {"steps": 2, "batch_size": 2, "lr": 1e-3, "warmup": 1,
+                           "teacher": str(ckpt / "decoder" / "model"), "clip": str(ckpt / "clip" / "model"),
+                           "init_from": str(ckpt / "decoder" / "model"), **extra}},
+    }
+
+
 @pytest.fixture(scope="module")
 def distilled_engines(tmp_path_factory):
     from export.all import export_folder
-    from tests.conftest import TINY_MODEL, write_tiny_checkpoints
+    from tests.conftest import write_tiny_checkpoints
 
-    model = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "guidance_input": True, "guidance_range": [1.0, 4.0]}}
-    ckpt = write_tiny_checkpoints(tmp_path_factory.mktemp("distilled") / "ckpt", model=model, seed=3)
+    ckpt = write_tiny_checkpoints(tmp_path_factory.mktemp("distilled") / "ckpt", model=guided_model(), seed=3)
     out = ckpt.parent / "engines"
     export_folder(ckpt, out, name="tiny-distilled", quiet=True)
     return out
@@ -253,14 +269,8 @@ def test_distillation_warm_starts_from_the_teacher_and_saves_a_guidance_input_de
     from tests.conftest import write_tiny_checkpoints
 
     ckpt = write_tiny_checkpoints(tmp_path / "ckpt")
-    cfg = config_from_dict({
-        "run": {"out_dir": str(tmp_path / "runs"), "seed": 0, "log_every": 1, "ckpt_every": 2, "sample_every": 0,
-                "threads": 1},
-        "stages": {"decoder_distill": {
-            "steps": 2, "batch_size": 2, "lr": 1e-3, "warmup": 1, "teacher": str(ckpt / "decoder" / "model"),
-            "clip": str(ckpt / "clip" / "model"), "init_from": str(ckpt / "decoder" / "model"),
-            "init_fresh": ["guidance_embed."], "guidance_range": [1.0, 3.0]}},
-    })
+    cfg = config_from_dict(distill_config(tmp_path, ckpt, "decoder_distill", init_fresh=["guidance_embed."],
+                                          guidance_range=[1.0, 3.0]))
     folder = train_decoder_distill(cfg)
     meta = json.loads((folder / "model" / "model.json").read_text())
     assert meta["kind"] == "decoder" and meta["config"]["guidance_input"] is True and meta["step"] == 2
@@ -314,18 +324,10 @@ def test_step_distillation_trains_a_student_that_records_its_step_count(tmp_path
     pytest.importorskip("torch")
     from dalle2_rt.training.config import config_from_dict
     from dalle2_rt.training.distill import train_decoder_steps
-    from tests.conftest import TINY_MODEL, write_tiny_checkpoints
+    from tests.conftest import write_tiny_checkpoints
 
-    model = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "guidance_input": True, "guidance_range": [1.0, 4.0]}}
-    ckpt = write_tiny_checkpoints(tmp_path / "ckpt", model=model, seed=3)
-    cfg = config_from_dict({
-        "run": {"out_dir": str(tmp_path / "runs"), "seed": 0, "log_every": 1, "ckpt_every": 2, "sample_every": 0,
-                "threads": 1},
-        "stages": {"decoder_steps": {
-            "steps": 2, "batch_size": 2, "lr": 1e-3, "warmup": 1, "teacher": str(ckpt / "decoder" / "model"),
-            "clip": str(ckpt / "clip" / "model"), "init_from": str(ckpt / "decoder" / "model"),
-            "student_steps": 2}},
-    })
+    ckpt = write_tiny_checkpoints(tmp_path / "ckpt", model=guided_model(), seed=3)
+    cfg = config_from_dict(distill_config(tmp_path, ckpt, "decoder_steps", student_steps=2))
     folder = train_decoder_steps(cfg)
     meta = json.loads((folder / "model" / "model.json").read_text())
     assert meta["distilled_steps"] == 2 and meta["config"]["guidance_range"] == [1.0, 4.0]
@@ -346,9 +348,7 @@ def test_step_distillation_refuses_a_teacher_that_is_not_guidance_distilled(tmp_
     from tests.conftest import write_tiny_checkpoints
 
     ckpt = write_tiny_checkpoints(tmp_path / "ckpt")
-    cfg = config_from_dict({"run": {"out_dir": str(tmp_path)}, "stages": {"decoder_steps": {
-        "teacher": str(ckpt / "decoder" / "model"), "init_from": str(ckpt / "decoder" / "model"),
-        "clip": str(ckpt / "clip" / "model")}}})
+    cfg = config_from_dict(distill_config(tmp_path, ckpt, "decoder_steps"))
     with pytest.raises(DistillError, match="not a guidance-distilled decoder"):
         steps_spec(cfg)
 

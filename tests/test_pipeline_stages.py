@@ -14,9 +14,7 @@ from dalle2_rt.runtime.pipeline import Pipeline
 FAST = {"prior_steps": 3, "decoder_steps": 3, "sr_steps": 2}
 
 
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_hash_cache")
 
 
 @pytest.fixture(scope="module")

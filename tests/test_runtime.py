@@ -36,10 +36,7 @@ from dalle2_rt.runtime.settings import Settings
 FAST = {"prior_steps": 3, "decoder_steps": 3, "sr_steps": 2}
 
 
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path, monkeypatch):
-    """Keep the verified-hash cache of these tests out of the user's ~/.cache."""
-    monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_hash_cache")
 
 
 @pytest.fixture(scope="module")

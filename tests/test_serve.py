@@ -97,11 +97,6 @@ def wait_for(condition, seconds: float = 30.0):
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe(tiny_engines):
-    return Pipeline.load(tiny_engines, threads=1)
-
-
 @pytest.fixture
 def served(tiny_pipe):
     """A fresh service (own queue and metrics) and server per test, the same loaded pipeline."""

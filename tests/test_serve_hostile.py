@@ -15,16 +15,10 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'dalle2-rt[serve]')")
 
-from dalle2_rt.runtime.pipeline import Pipeline  # noqa: E402
 from dalle2_rt.serve import service as service_mod  # noqa: E402
 from dalle2_rt.serve.service import Job, Limits, Service  # noqa: E402
 from tests.test_hostile_input import png_header  # noqa: E402
 from tests.test_serve import FAST, LocalServer, gate, wait_for  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(tiny_engines):
-    return Pipeline.load(tiny_engines, threads=1)
 
 
 @pytest.fixture

@@ -9,26 +9,18 @@ from PIL import Image
 
 from dalle2_rt.runtime import operations as ops
 from dalle2_rt.runtime.errors import InputError
-from dalle2_rt.runtime.pipeline import Pipeline
 from dalle2_rt.triton import orchestrator_io
 from dalle2_rt.triton.orchestrator_ops import OPERATION_INPUTS, OPERATION_ONLY, run
 
 FAST = {"decoder_steps": 2, "refine": 1}
 
 
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_hash_cache")
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_engines) -> Pipeline:
-    return Pipeline.load(tiny_engines, threads=1)
-
-
-@pytest.fixture(scope="module")
-def picture(pipe) -> np.ndarray:
-    return np.asarray(pipe("a red circle", seed=1, prior_steps=2, decoder_steps=2, sr_steps=1)[0])
+def picture(tiny_pipe) -> np.ndarray:
+    return np.asarray(tiny_pipe("a red circle", seed=1, prior_steps=2, decoder_steps=2, sr_steps=1)[0])
 
 
 def text(*values) -> np.ndarray:
@@ -47,28 +39,28 @@ def test_every_operation_input_is_declared_for_the_config():
     assert declared["operation"] == ("TYPE_STRING", [1]) and declared["image"] == ("TYPE_UINT8", [-1, -1, 3])
 
 
-def test_a_request_without_operation_generates_as_before(pipe):
-    got = run(pipe, {"prompt": text("a blue square")}, options={"seed": 3, "decoder_steps": 2, "sr_steps": 1})
-    want = pipe("a blue square", seed=3, decoder_steps=2, sr_steps=1)
+def test_a_request_without_operation_generates_as_before(tiny_pipe):
+    got = run(tiny_pipe, {"prompt": text("a blue square")}, options={"seed": 3, "decoder_steps": 2, "sr_steps": 1})
+    want = tiny_pipe("a blue square", seed=3, decoder_steps=2, sr_steps=1)
     assert np.array_equal(pixels(got), pixels(want))
 
 
-def test_an_edit_request_gives_the_pipelines_edit(pipe, picture):
-    got = run(pipe, {"operation": text("edit"), "image": picture, "source": text("a red circle"),
+def test_an_edit_request_gives_the_pipelines_edit(tiny_pipe, picture):
+    got = run(tiny_pipe, {"operation": text("edit"), "image": picture, "source": text("a red circle"),
                      "target": text("a red star"), "amount": np.array([0.0, 0.6]), "seed": np.array([2], np.uint64),
                      "decoder_steps": np.array([2], np.int32), "refine": np.array([1], np.int32)})
-    want = pipe.edit(Image.fromarray(picture), "a red circle", "a red star", amount=[0.0, 0.6], seed=2, **FAST)
+    want = tiny_pipe.edit(Image.fromarray(picture), "a red circle", "a red star", amount=[0.0, 0.6], seed=2, **FAST)
     assert len(got) == 2 and np.array_equal(pixels(got), pixels(want))
     assert [im.info["amount"] for im in got] == [im.info["amount"] for im in want]
 
 
-def test_an_interpolation_request_takes_each_end_as_an_image_or_a_prompt(pipe, picture):
+def test_an_interpolation_request_takes_each_end_as_an_image_or_a_prompt(tiny_pipe, picture):
     arrays = {"operation": text("interpolate"), "image_b": picture, "prompt": text("a green star"),
               "frames": np.array([3], np.int32), "seed": np.array([5], np.uint64),
               "decoder_steps": np.array([2], np.int32), "refine": np.array([1], np.int32)}
-    got = run(pipe, arrays)
-    a = ops.from_prompt(pipe, "a green star", seed=5, index=0, decoder_steps=2)
-    want = pipe.interpolate(a, Image.fromarray(picture), frames=3, seed=5, **FAST)
+    got = run(tiny_pipe, arrays)
+    a = ops.from_prompt(tiny_pipe, "a green star", seed=5, index=0, decoder_steps=2)
+    want = tiny_pipe.interpolate(a, Image.fromarray(picture), frames=3, seed=5, **FAST)
     assert len(got) == 3 and np.array_equal(pixels(got), pixels(want))
 
 
@@ -94,7 +86,7 @@ def test_an_interpolation_request_takes_each_end_as_an_image_or_a_prompt(pipe, p
      "latent must be one of slerp, fixed"),
     ({"operation": np.array([b"\xff"], dtype=object)}, "not valid UTF-8"),
 ])
-def test_a_bad_request_is_one_line(pipe, arrays, message):
+def test_a_bad_request_is_one_line(tiny_pipe, arrays, message):
     with pytest.raises(InputError, match=message) as info:
-        run(pipe, arrays)
+        run(tiny_pipe, arrays)
     assert "\n" not in str(info.value)

@@ -42,9 +42,7 @@ def _server_or_skip():
                     f"{triton_server.stub_python()} has numpy {facts['numpy']}")
 
 
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DALLE2_RT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_hash_cache")
 
 
 @pytest.fixture(scope="module")
