@@ -321,6 +321,29 @@ def test_truncated_prompt_warns_and_stream_reports_progress(served, tiny_pipe):
         assert np.array_equal(np.asarray(decode(event).convert("RGB")), np.asarray(image))
 
 
+def test_a_stream_sends_every_progress_event_even_when_the_result_came_first(served, monkeypatch):
+    """A tiny model can finish before the stream reads its first event: every event the worker queued before the
+    result must still be sent. Forced here: submit returns only once the job is done, so the stream starts with the
+    result and all events already waiting (before the fix it sent one progress event and dropped the rest)."""
+    srv = served()
+    submit = srv.service.submit
+
+    def submit_and_finish(job):
+        submitted = submit(job)
+        submitted.future.result(timeout=60)
+        return submitted
+
+    monkeypatch.setattr(srv.service, "submit", submit_and_finish)
+    with srv.client.stream("POST", "/v1/images", json={"prompt": "a red circle", "n": 1, "seed": 5, "stream": True,
+                                                       **FAST}) as reply:
+        lines = [json.loads(line) for line in reply.iter_lines() if line]
+    progress = [(e["stage"], e["step"], e["total"]) for e in lines if e["event"] == "progress"]
+    finished = [stage for stage, step, total in progress if step == total]
+    assert finished == ["text_encoder", "prior", "decoder", "sr0"], progress
+    assert len(progress) == sum(total for _, step, total in progress if step == total)  # every step, once
+    assert [e["event"] for e in lines][-2:] == ["image", "done"]
+
+
 def test_every_sampling_option_reaches_the_pipeline(served, tiny_pipe):
     """The schema is read off ``Settings``: an option added there (early candidate choice) is served as the
     pipeline draws it, and the served run records it (without it the metadata differs: the check can fail)."""

@@ -382,6 +382,10 @@ def create_app(service: Service) -> FastAPI:
                     if not done:
                         metrics.rejected.labels("timeout").inc()
                         raise ApiError(504, f"not finished within the {limits.timeout_s:g} s request timeout")
+                # The worker thread queues each event before it settles the future (both through the loop's FIFO
+                # call_soon_threadsafe), so events still waiting here were sent before the result: send them too.
+                while not events.empty():
+                    yield line(events.get_nowait())
                 for r in _outcome(fut):
                     yield line({"event": "image", **_item(r)})
                 yield line({"event": "done", "seed": seed})
