@@ -173,6 +173,8 @@ def main(argv=None) -> int:
                    help="measure this point instead of the standard grid, e.g. --point fast "
                         "decoder_steps=4,decoder_choice_step=1 (repeatable)")
     p.add_argument("--only", help="comma-separated labels of the standard grid to run (default all)")
+    p.add_argument("--fp32-too", action="store_true",
+                   help="also measure each folder that has int8 variants with its fp32 graphs only")
     p.add_argument("--png", help="write the chart here")
     p.add_argument("--json", help="write every point here")
     p.add_argument("--from-json", metavar="JSON", help="measure nothing: apply the rule (and --png) to the points "
@@ -197,9 +199,16 @@ def main(argv=None) -> int:
         grid = [(label, s) for label, s in grid if label in wanted]
     captions = eval_captions(args.single, args.two)
     results, runs = [], []
-    for folder in args.engines or [None]:
-        pipe = Pipeline.load(folder, threads=args.threads)
+    loads = [(folder, None) for folder in args.engines or [None]]
+    if args.fp32_too:  # each folder with int8 variants also without them, as one more folder
+        loads = [load for folder, _ in loads for load in ((folder, None), (folder, False))]
+    for folder, int8 in loads:
+        pipe = Pipeline.load(folder, threads=args.threads, int8=int8)
+        variants = sorted(g.name for g in pipe.manifest.graphs.values() if g.int8_file is not None)
+        if int8 is False and not variants:
+            continue
         name = pipe.manifest.name + (" (distilled)" if pipe.stages[1].guidance_input else "")
+        name += (" fp32" if int8 is False else f" int8 {'+'.join(variants)}") if variants else ""
         flops = graph_flops(pipe)
         for label, settings in grid:
             try:

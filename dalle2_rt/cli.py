@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_typed(check_threads), metavar="N",
                      help=f"CPU threads per graph, 1 … {MAX_THREADS} (default: one per core). On a machine busy "
                           "with other work, --threads 1 is often faster: threads that wait for a core stall every step")
+    run.add_argument("--fp32", action="store_true",
+                     help="run the fp32 graphs only (default: onnxruntime on the CPU runs a graph's int8 variant "
+                          "where the engine folder has one; dalle2-rt info lists them)")
     return p
 
 
@@ -236,7 +239,7 @@ def _main(argv, shared_threads: bool) -> int:
 
     try:
         pipe = Pipeline.load(args.engines, backend=args.backend, threads=args.threads,
-                             shared_threads=shared_threads, url=args.url)
+                             shared_threads=shared_threads, url=args.url, int8=False if args.fp32 else None)
         options = sampling_options(args, OPTIONS if jobs["prompts"] else VARIATION_OPTIONS)
         pipe.settings(**options)
     except InputError as e:
@@ -321,6 +324,7 @@ def info(argv: list[str]) -> int:
         "checkpoints": {name: {"step": s.get("step"), "sha256": s.get("sha256")}
                         for name, s in manifest.sources.items()},
         "defaults": {plan.name: plan.defaults for plan in plans},
+        "int8": sorted(g.name for g in manifest.graphs.values() if g.int8_file is not None),
         "cache": str(user_cache_dir()),
     }
     if args.json:
@@ -335,6 +339,8 @@ def info(argv: list[str]) -> int:
         print(f"          {name}: step {c['step']}, sha256 {str(c['sha256'])[:16]}")
     for name, d in facts["defaults"].items():
         print(f"defaults  {name}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
+    print(f"int8      {', '.join(facts['int8']) or 'none'}"
+          f"{'  (run on the CPU unless --fp32)' if facts['int8'] else ''}")
     print(f"cache     {facts['cache']}  (hashes, ONNX Runtime's optimised copies)")
     return 0
 

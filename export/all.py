@@ -42,6 +42,7 @@ from .driver import (
     build,
     run_cli,
 )
+from .int8 import quantizable
 from .onnx_export import EXPORTER, EXTERNAL_DATA_THRESHOLD
 from .sources import SourceError, Sources, find_sources
 from .specs import GraphSpec, graph_specs
@@ -91,18 +92,19 @@ class CheckpointFamily:
 def export_folder(checkpoints: str | Path = DEFAULT_CHECKPOINTS, out: str | Path | None = None, *,
                   name: str | None = None, precision: str = "fp16", trt: bool = False, opset: int = DEFAULT_OPSET,
                   max_batch: int = DEFAULT_MAX_BATCH, force: bool = False, quiet: bool = False,
-                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, log: Callable[[str], None] | None = None
-                  ) -> ExportResult:
+                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, int8: tuple[str, ...] = (),
+                  log: Callable[[str], None] | None = None) -> ExportResult:
     """Export ``checkpoints`` into the engine folder ``out`` (default ``engines/<checkpoints name>``).
 
     ``precision`` applies to TensorRT plans only (the ONNX graphs are fp32, the I/O contract).
     ``external_data_threshold``: a graph with more bytes of weights than this (default 1 GiB) keeps them in
     ``<graph>.onnx.data`` beside it; the layout is not part of the fingerprint (``force`` re-lays out an up-to-date
-    folder). Raises SourceError (bad checkpoints, before anything is exported), ValidationError (a graph
-    disagrees with PyTorch) or whatever the export raised; in every such case ``out`` is as it was before the call.
+    folder). ``int8``: graphs (decoder, sr0, …) that also get an int8 variant (``int8.py``). Raises SourceError
+    (bad checkpoints, before anything is exported), ValidationError (a graph disagrees with PyTorch, or an int8
+    variant with its fp32 graph) or whatever the export raised; in every such case ``out`` is as it was before the call.
     """
     options = Options(opset=opset, max_batch=max_batch, precision=precision, trt=trt, force=force,
-                      external_data_threshold=external_data_threshold)
+                      external_data_threshold=external_data_threshold, int8=tuple(int8))
     family = CheckpointFamily(checkpoints)
     out = Path(out) if out is not None else Path("engines") / family.folder.name
     return build(family, out, name=name or out.name, options=options, quiet=quiet, log=log)
@@ -136,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD, metavar="BYTES",
                     help="a graph with more weight bytes than this keeps them in <graph>.onnx.data beside it "
                          "(protobuf caps a file at 2 GB; default: %(default)s = 1 GiB)")
+    ap.add_argument("--int8", action="append", default=[], metavar="GRAPH",
+                    help="also write GRAPH's int8 variant (decoder, sr0, …; repeatable), calibrated by sampling the "
+                         "folder; onnxruntime on the CPU runs it unless --fp32 (export/int8.py)")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the result line and problems")
     ap.add_argument("--from-diffusers", type=Path, default=None, metavar="PATH",
                     help="convert a diffusers UnCLIPPipeline folder (e.g. karlo-v1-alpha) instead of --checkpoints "
@@ -171,9 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export: error: --external-data-threshold must be >= 0, got {args.external_data_threshold}",
               file=sys.stderr)
         return 2
+    bad = [g for g in args.int8 if not quantizable(g)]
+    if bad:
+        print(f"export: error: --int8 takes the decoder or an sr graph (sr0, sr1, …), not {', '.join(bad)}",
+              file=sys.stderr)
+        return 2
     shared = dict(out=args.out, name=args.name, precision=args.precision, trt=args.trt, opset=args.opset,
                   max_batch=args.max_batch, force=args.force, quiet=args.quiet,
-                  external_data_threshold=args.external_data_threshold)
+                  external_data_threshold=args.external_data_threshold, int8=tuple(args.int8))
     if args.from_diffusers is not None:
         # Imported here: the diffusers family needs the optional `diffusers` extra, ours does not.
         from .diffusers_unclip import export_diffusers

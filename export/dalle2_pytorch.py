@@ -502,13 +502,13 @@ def export_dalle2_pytorch(*, prior: str | Path, prior_config: str | Path, decode
                           out: str | Path | None = None, name: str | None = None, opset: int = DEFAULT_OPSET,
                           max_batch: int = DEFAULT_MAX_BATCH, force: bool = False, quiet: bool = False,
                           precision: str = "fp16", trt: bool = False,
-                          external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                          external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, int8: tuple[str, ...] = (),
                           log: Callable[[str], None] | None = None) -> ExportResult:
     """Convert DALLE2-pytorch checkpoints into the engine folder ``out`` (default ``engines/<decoder's folder>``),
     through the export driver as ``export.all.export_folder``: every source is loaded and checked before the
     first graph is exported, and ``out`` is as it was after any error."""
     options = Options(opset=opset, max_batch=max_batch, precision=precision, trt=trt, force=force,
-                      external_data_threshold=external_data_threshold)
+                      external_data_threshold=external_data_threshold, int8=tuple(int8))
     family = Dalle2PytorchFamily(prior=Path(prior), prior_config=Path(prior_config), decoder=Path(decoder),
                                  decoder_config=Path(decoder_config), clip=clip, clip_weights=Path(clip_weights),
                                  weights=weights)

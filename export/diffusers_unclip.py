@@ -481,7 +481,7 @@ def stage_entries(pipe: UnclipFolder) -> dict:
 def export_diffusers(folder: str | Path, out: str | Path | None = None, *, name: str | None = None,
                      opset: int = DEFAULT_OPSET, max_batch: int = DEFAULT_MAX_BATCH, force: bool = False,
                      quiet: bool = False, precision: str = "fp16", trt: bool = False,
-                     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, int8: tuple[str, ...] = (),
                      log: Callable[[str], None] | None = None) -> ExportResult:
     """Convert the UnCLIPPipeline ``folder`` into the engine folder ``out`` (default ``engines/<folder name>``).
 
@@ -494,7 +494,7 @@ def export_diffusers(folder: str | Path, out: str | Path | None = None, *, name:
     ``prior.onnx.data``).
     """
     options = Options(opset=opset, max_batch=max_batch, precision=precision, trt=trt, force=force,
-                      external_data_threshold=external_data_threshold)
+                      external_data_threshold=external_data_threshold, int8=tuple(int8))
     pipe = UnclipFolder(folder)
     out = Path(out) if out is not None else Path("engines") / pipe.folder.name
     return build(pipe, out, name=name or out.name, options=options, quiet=quiet, log=log)

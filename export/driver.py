@@ -12,7 +12,8 @@ folder and each graph. The driver owns the rest, the same for every family:
      before the first graph is exported, so a source problem fails the export before any work is done;
   3. the build in a hidden sibling folder: each graph exported, optimised and validated against PyTorch
      (``onnx_export.py``) or carried over from the old folder when its fingerprint and files are unchanged,
-     the tokenizer, TensorRT plans (``trt.py``), ``manifest.json`` (``manifest.py``); then one atomic swap
+     the tokenizer, TensorRT plans (``trt.py``), the int8 variants asked for (``int8.py``, calibrated by
+     sampling the folder itself), ``manifest.json`` (``manifest.py``); then one atomic swap
      (``folder.py``). An error or an interrupt removes the build folder: ``out`` is as it was;
   4. the command line's contract (``run_cli``): every failure of a source folder, a validation or the
      output folder is one line ``export: error: ...`` and exit status 1; SIGTERM unwinds like Ctrl-C.
@@ -50,6 +51,7 @@ from .folder import (
     swap_into_place,
     trt_satisfied,
 )
+from .int8 import add_int8_variants, quantizable
 from .onnx_export import (
     EXTERNAL_DATA_THRESHOLD,
     ValidationError,
@@ -117,6 +119,7 @@ class Options:
     trt: bool = False
     force: bool = False
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    int8: tuple[str, ...] = ()  # graphs that also get an int8 variant (``int8.py``); part of the fingerprint
 
     def __post_init__(self):
         if self.precision not in trt_build.PRECISIONS:
@@ -129,10 +132,15 @@ class Options:
             raise ValueError(f"max_batch must be an integer in 1 … {MAX_BATCH_BOUND}, got {self.max_batch!r}")
         if self.external_data_threshold < 0:
             raise ValueError(f"external_data_threshold must be >= 0 bytes, got {self.external_data_threshold}")
+        bad = [g for g in self.int8 if not isinstance(g, str) or not quantizable(g)]
+        if bad:
+            raise ValueError(f"int8 variants are made for the decoder and sr0, sr1, …, not {', '.join(map(repr, bad))}")
+        object.__setattr__(self, "int8", tuple(sorted(set(self.int8))))
 
     def shaping(self) -> dict:
-        """The manifest's ``options``."""
-        return {"opset": self.opset, "max_batch": self.max_batch}
+        """The manifest's ``options`` (``int8`` only when asked for: the folders built without it keep their
+        fingerprints)."""
+        return {"opset": self.opset, "max_batch": self.max_batch, **({"int8": list(self.int8)} if self.int8 else {})}
 
 
 @dataclass
@@ -169,6 +177,10 @@ def build(family: Family, out: Path, *, name: str, options: Options, quiet: bool
             raise ExportError(f"graph {spec.name}: a batch of up to {spec.batch.max} rows at --max-batch "
                               f"{options.max_batch}, over the {MANIFEST_MAX_BATCH} an engine manifest may state; "
                               f"lower --max-batch (or the candidates)")
+    missing = [g for g in options.int8 if g not in {s.name for s in specs}]
+    if missing:
+        raise ExportError(f"--int8 {', '.join(missing)}: this folder has no such graph "
+                          f"(its graphs: {', '.join(s.name for s in specs)})")
     stages = family.stage_entries(specs)
     output = family.output_entry(stages)
 
@@ -192,16 +204,27 @@ def build(family: Family, out: Path, *, name: str, options: Options, quiet: bool
             else:
                 graphs[spec.name] = {**export_graph(spec, tmp, options, say), "fingerprint": gfp}
                 result.exported.append(spec.name)
+        for entry in graphs.values():  # a carried-over graph's old int8 variant: made again below, or dropped
+            old_int8 = entry.pop("int8", None)
+            if isinstance(old_int8, dict):
+                (tmp / old_int8["file"]).unlink(missing_ok=True)
         tokenizer = family.write_tokenizer(tmp)
         trt_records = carry_trt(out, tmp, old or {}, graphs, result.reused)
         if trt_key is not None:
             result.trt_failed = trt_build.build_missing(tmp, trt_key, options.precision, specs, graphs,
                                                         trt_records, say)
-        manifest = mf.build_manifest(
-            name=name, tools=tools, options=options.shaping(), fingerprint=fingerprint, sources=family,
-            tokenizer=tokenizer, graphs=graphs, stages=stages, output=output, trt=trt_records,
-            files=mf.file_table(tmp))
-        mf.write_manifest(tmp, manifest)
+
+        def write_manifest() -> dict:
+            made = mf.build_manifest(
+                name=name, tools=tools, options=options.shaping(), fingerprint=fingerprint, sources=family,
+                tokenizer=tokenizer, graphs=graphs, stages=stages, output=output, trt=trt_records,
+                files=mf.file_table(tmp))
+            mf.write_manifest(tmp, made)
+            return made
+
+        if options.int8:  # calibrated on the folder itself: after every graph, before the final manifest
+            add_int8_variants(tmp, graphs, options.int8, write_manifest, say)
+        manifest = write_manifest()
         fsync_tree(tmp)
         swap_into_place(tmp, out)
         result.manifest = manifest

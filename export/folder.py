@@ -149,9 +149,11 @@ def recover_stale(out: Path) -> None:
 
 
 def graph_files(entry: dict) -> set[str]:
-    """Every file of a manifest graph entry: the graph, its optimised copy and their external data files."""
+    """Every file of a manifest graph entry: the graph, its optimised copy, their external data files and the
+    int8 variant."""
     return {entry["file"], *([entry["optimized_file"]] if entry.get("optimized_file") else []),
-            *entry.get("external_data", ()), *entry.get("optimized_external_data", ())}
+            *entry.get("external_data", ()), *entry.get("optimized_external_data", ()),
+            *([entry["int8"]["file"]] if isinstance(entry.get("int8"), dict) else [])}
 
 
 def carry_graph(out: Path, tmp: Path, previous: dict) -> dict:

@@ -219,6 +219,9 @@ def package(source: Path, out: Path, *, root: Path = REPO, force: bool = False, 
             for key in ("optimized_file", "optimized_for"):
                 entry.pop(key, None)
             entry.update(file=target.name, external_data=[weights], optimized_external_data=[], trt={})
+            if spec.int8_file is not None:  # already small (int8 weights): copied as exported
+                shutil.copyfile(spec.int8_file, tmp / spec.int8_file.name)
+                entry["int8"]["file"] = spec.int8_file.name
             report[name] = {"source_sha256": src.files[Path(spec.file).relative_to(source).as_posix()],
                             "float16_initializers": counts["float16"], "float32_initializers": counts["float32"],
                             "max_abs_err": err}

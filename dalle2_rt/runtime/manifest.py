@@ -70,6 +70,7 @@ class GraphSpec:
     max_batch: int | None = None  # profile.batch.max: the largest batch the graph (and its TRT engine) takes
     trt: dict = field(default_factory=dict)  # engine key -> Path of the .plan
     raw: dict = field(default_factory=dict)
+    int8_file: Path | None = None  # an int8 (QDQ) variant with the same I/O, for CPU hosts (graphs.<g>.int8)
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,10 @@ def _graph(folder: Path, name: str, g: dict) -> GraphSpec:
         raise _fail(folder, f"graphs.{name}.optimized_file must be a file name")
     if not isinstance(g.get("trt") or {}, dict) or not all(isinstance(v, str) for v in (g.get("trt") or {}).values()):
         raise _fail(folder, f"graphs.{name}.trt must map engine keys to file names")
+    int8 = g.get("int8")
+    if int8 is not None and (not isinstance(int8, dict) or not isinstance(int8.get("file"), str)
+                             or int8.get("format") != "QDQ"):
+        raise _fail(folder, f"graphs.{name}.int8 must be an object with a 'file' and format 'QDQ'")
     return GraphSpec(
         name=name,
         file=resolve_inside(folder, g["file"]),
@@ -232,6 +237,7 @@ def _graph(folder: Path, name: str, g: dict) -> GraphSpec:
         max_batch=_batch_profile(folder, name, g),
         trt={str(k): resolve_inside(folder, v) for k, v in (g.get("trt") or {}).items()},
         raw=g,
+        int8_file=resolve_inside(folder, int8["file"]) if int8 else None,
     )
 
 
@@ -400,7 +406,8 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     # Every file the runtime may read must be covered by a hash, the graphs' external data files included.
     needed = [data["tokenizer"].get("file", "")]
     for g in graphs.values():
-        needed += [g.file, *([g.optimized_file] if g.optimized_file else []), *g.trt.values()]
+        needed += [g.file, *([g.optimized_file] if g.optimized_file else []), *g.trt.values(),
+                   *([g.int8_file] if g.int8_file else [])]
         for key in ("external_data", "optimized_external_data"):
             listed = g.raw.get(key, [])
             if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):

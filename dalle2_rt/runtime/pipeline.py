@@ -80,7 +80,8 @@ class Pipeline:
     def load(cls, folder: str | os.PathLike | None = None, backend: str = "onnxruntime", *,
              providers: list[str] | None = None, threads: int | None = None, device_id: int | None = None,
              verify: bool = True, prefix_cache: bool = True, shared_threads: bool = False,
-             engines: str | os.PathLike | None = None, url: str | None = None) -> Pipeline:
+             engines: str | os.PathLike | None = None, url: str | None = None,
+             int8: bool | None = None) -> Pipeline:
         """Read the engine folder ``folder`` (None: ``default_engines()``), check every file's sha256, resolve
         the sampling stages, open ``backend`` on the graphs they run.
 
@@ -91,8 +92,10 @@ class Pipeline:
         onnxruntime refuses sessions with their own pools anywhere in the process, so only where you own
         the process: the CLI does it; see ``backends/onnxruntime.py``). engines: the former name of ``folder``, still
         accepted as a keyword (``self.engines`` is the dict of opened graphs). url: the server of the
-        ``triton`` backend (``http://HOST:8000``, ``grpc://HOST:8001``; ``backends/triton.py``). An option the backend
-        does not use (``url`` for onnxruntime, ``threads`` for triton, …) is an ``InputError``.
+        ``triton`` backend (``http://HOST:8000``, ``grpc://HOST:8001``; ``backends/triton.py``). int8: onnxruntime
+        on the CPU runs a graph's int8 variant where the folder has one (``graphs.<g>.int8``; None or True), or
+        the fp32 graphs only (False). An option the backend does not use (``url`` for onnxruntime, ``threads`` for
+        triton, …) is an ``InputError``.
         """
         if engines is not None:
             if folder is not None:
@@ -116,7 +119,7 @@ class Pipeline:
             raise EngineFolderError(f"{manifest.folder}: the decoder's default candidates "
                                     f"{stages[1].defaults['candidates']} need an image_encoder stage to rank them")
         options = BackendOptions(threads=threads, device_id=device_id, providers=providers,
-                                 shared_pool=shared_threads, url=url)
+                                 shared_pool=shared_threads, url=url, int8=int8)
         runner = open_backend(backend, manifest, options)  # refuses an option it does not use, by name
         opened = {g: runner.engine(g) for g in graphs_to_open(manifest, stages)}
         return cls(manifest, runner, opened, tokenizer, stages)

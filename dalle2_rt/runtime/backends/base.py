@@ -24,6 +24,7 @@ class BackendOptions:
     shared_pool: bool = False
     url: str | None = None  # the Triton server: http://HOST:8000, grpc://HOST:8001, or bls
     timeout: float | None = None  # seconds per request to a server
+    int8: bool | None = None  # run a graph's int8 variant on the CPU where the folder has one (default: yes)
 
     def given(self) -> list[str]:
         return [f.name for f in fields(self) if f.name != "shared_pool" and getattr(self, f.name) is not None]

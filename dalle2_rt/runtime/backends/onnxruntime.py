@@ -50,7 +50,7 @@ def make_shared_thread_pool(ort, threads: int | None) -> int:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-    takes = frozenset({"threads", "device_id", "providers"})
+    takes = frozenset({"threads", "device_id", "providers", "int8"})
 
     def __init__(self, manifest: Manifest, options: BackendOptions = NO_OPTIONS):
         super().__init__(manifest, options)
@@ -60,6 +60,7 @@ class OnnxRuntimeBackend(Backend):
         except ImportError:
             raise BackendUnavailableError("the onnxruntime backend needs the onnxruntime package") from None
         self.ort, self.manifest, self.threads, self.device_id = ort, manifest, threads, device_id
+        self.int8 = options.int8 is not False  # the folder's int8 variants on the CPU unless refused
         available = ort.get_available_providers()
         if providers is None:
             self.providers = [p for p in ORT_PROVIDER_ORDER if p in available]
@@ -73,6 +74,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailableError(f"onnxruntime offers none of {ORT_PROVIDER_ORDER} (has {available})")
         self.version = ort.__version__
         self._used: set[str] = set()  # providers that actually run a graph (for metadata)
+        self._int8: set[str] = set()  # graphs running their int8 variant (for metadata: their pixels differ)
         self.shared_pool = False  # True: sessions use the process-wide pool (asked for, or forced by ORT)
         if options.shared_pool or "threads" in _SHARED_POOL:
             make_shared_thread_pool(ort, threads)
@@ -106,7 +108,10 @@ class OnnxRuntimeBackend(Backend):
         return provider
 
     def _file_for(self, spec: GraphSpec, provider: str) -> Path:
-        """The optimised graph when it was made for ``provider`` (and this ORT, where recorded)."""
+        """The int8 variant on the CPU where the folder has one (and it was not refused); else the optimised
+        graph when it was made for ``provider`` (and this ORT, where recorded); else the plain graph."""
+        if self.int8 and spec.int8_file is not None and provider == "CPUExecutionProvider":
+            return spec.int8_file
         made_for = spec.optimized_for
         if spec.optimized_file is None or made_for.get("provider") != provider:
             return spec.file
@@ -136,6 +141,8 @@ class OnnxRuntimeBackend(Backend):
                 errors.append(f"{chain[0]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 continue
             self._used.add(session.get_providers()[0])
+            if file == spec.int8_file:
+                self._int8.add(spec.name)
             return OrtEngine(spec, session, file)
         raise BackendUnavailableError(f"onnxruntime cannot load {spec.file.name}: {'; '.join(errors)}")
 
@@ -203,7 +210,8 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         pool = ", shared thread pool" if self.shared_pool else ""
-        return f"onnxruntime {self.version} [{', '.join(sorted(self._used) or self.providers)}{pool}]"
+        int8 = f", int8 {' '.join(sorted(self._int8))}" if self._int8 else ""
+        return f"onnxruntime {self.version} [{', '.join(sorted(self._used) or self.providers)}{pool}{int8}]"
 
 
 def _prune(folder: Path, before: float) -> None:

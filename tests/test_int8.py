@@ -1,0 +1,173 @@
+"""int8 variants (export/int8.py): written beside the fp32 graph, recorded in the manifest, run on the CPU by
+default, refused where the folder or the option is bad, and the fp32 path unchanged."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import export.int8 as int8_module
+from dalle2_rt.runtime.errors import EngineFolderError, InputError
+from dalle2_rt.runtime.manifest import load_manifest, verify_files
+from dalle2_rt.runtime.pipeline import Pipeline
+from export.all import export_folder
+from export.all import main as export_main
+from export.onnx_export import ValidationError
+from tests.test_manifest_schema import check_manifest_schema
+
+pytestmark = pytest.mark.usefixtures("private_hash_cache")
+
+FAST = {"prior_steps": 2, "decoder_steps": 2, "sr_steps": 2}
+# Tiny random-weight U-Nets quantise worse than trained ones (trained shapes-v2: decoder 0.023, sr0 0.012 of
+# the output's RMS): the tests that need a variant accept up to this.
+TINY_TOLERANCE = 0.3
+
+
+@pytest.fixture(scope="module")
+def int8_engines(tiny_checkpoints, tiny_engines, tmp_path_factory):
+    """``tiny_engines`` rebuilt with an int8 sr0 (the fp32 graphs carried over unchanged)."""
+    out = tmp_path_factory.mktemp("int8") / "engines"
+    shutil.copytree(tiny_engines, out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int8_module, "RMS_TOLERANCE", TINY_TOLERANCE)
+        result = export_folder(tiny_checkpoints, out, int8=("sr0",), quiet=True)
+    assert result.status == "built" and result.exported == [] and "sr0" in result.reused
+    return out
+
+
+def test_the_manifest_records_the_variant_beside_the_fp32_graph(int8_engines, tiny_engines):
+    data = check_manifest_schema(int8_engines)
+    assert data["options"]["int8"] == ["sr0"]
+    entry = data["graphs"]["sr0"]
+    before = json.loads((tiny_engines / "manifest.json").read_text())["graphs"]["sr0"]
+    assert entry["file"] == before["file"] and data["files"][entry["file"]] == \
+        json.loads((tiny_engines / "manifest.json").read_text())["files"][before["file"]]  # fp32 graph unchanged
+    q = entry["int8"]
+    assert q["file"] == "sr0.int8.onnx" and q["format"] == "QDQ" and q["file"] in data["files"]
+    assert 0 < q["validation"]["rms_rel_err"] <= q["validation"]["tolerance"] == TINY_TOLERANCE
+    assert q["calibration"]["batches"] > 0 and q["validation"]["inputs"] > 0
+    assert all("int8" not in g for name, g in data["graphs"].items() if name != "sr0")
+    import onnx
+    ops = {n.op_type for n in onnx.load(int8_engines / q["file"]).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantised, not a copy
+
+
+def test_the_cpu_runs_the_variant_unless_refused_and_the_fp32_path_is_unchanged(int8_engines, tiny_engines):
+    q = Pipeline.load(int8_engines, threads=1)
+    f = Pipeline.load(int8_engines, threads=1, int8=False)
+    plain = Pipeline.load(tiny_engines, threads=1)
+    assert q.engines["sr0"].description.endswith("sr0.int8.onnx")
+    assert not f.engines["sr0"].description.endswith("sr0.int8.onnx")
+    assert "int8 sr0" in q.backend.describe() and "int8" not in f.backend.describe()
+    args = (["a red circle", "a blue star above a green square"],)
+    got_q, got_f, got_plain = (np.stack([np.asarray(im, dtype=np.float32) for im in p(*args, seed=3, **FAST)])
+                               for p in (q, f, plain))
+    assert np.array_equal(got_f, got_plain)  # int8=False: exactly the folder without variants
+    diff = np.abs(got_q - got_f).mean() / 255
+    assert 0 < diff < 0.1, diff  # the variant ran (pixels differ) and stays near fp32
+    meta = q("a red circle", seed=3, **FAST)[0].info
+    assert "int8 sr0" in meta["backend"]
+
+
+def test_rebuilding_is_up_to_date_and_dropping_int8_removes_the_variant(int8_engines, tiny_checkpoints, tmp_path):
+    out = tmp_path / int8_engines.name  # the folder's name is part of its fingerprint
+    shutil.copytree(int8_engines, out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int8_module, "RMS_TOLERANCE", TINY_TOLERANCE)
+        assert export_folder(tiny_checkpoints, out, int8=("sr0",), quiet=True).status == "up to date"
+    result = export_folder(tiny_checkpoints, out, quiet=True)
+    assert result.status == "built" and result.exported == []
+    data = json.loads((out / "manifest.json").read_text())
+    assert "int8" not in data["options"] and "int8" not in data["graphs"]["sr0"]
+    assert not (out / "sr0.int8.onnx").exists()
+
+
+def test_a_variant_over_the_tolerance_fails_the_export_and_leaves_out_alone(tiny_checkpoints, int8_engines,
+                                                                          tmp_path, monkeypatch):
+    out = tmp_path / "e"
+    shutil.copytree(int8_engines, out)
+    before = (out / "manifest.json").read_bytes()
+    monkeypatch.setattr(int8_module, "RMS_TOLERANCE", 1e-9)
+    with pytest.raises(ValidationError, match="(decoder|sr0): the int8 variant.s RMS error .* over the tolerance"):
+        export_folder(tiny_checkpoints, out, int8=("sr0", "decoder"), quiet=True)
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["e"]  # no build folder left behind
+
+
+def test_the_command_line_refuses_a_bad_int8_graph_in_one_line(tiny_checkpoints, tmp_path, capsys):
+    assert export_main(["--checkpoints", str(tiny_checkpoints), "--out", str(tmp_path / "x"), "--int8", "prior"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--int8 takes the decoder or an sr graph" in err and "prior" in err
+    assert export_main(["--checkpoints", str(tiny_checkpoints), "--out", str(tmp_path / "x"), "--int8", "sr3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("export: error: --int8 sr3: this folder has no such graph") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("bad", [{"file": "../sr0.int8.onnx", "format": "QDQ"}, {"file": 3, "format": "QDQ"},
+                                 {"file": "sr0.int8.onnx", "format": "QOperator"}, "sr0.int8.onnx"])
+def test_a_hostile_int8_entry_is_refused(int8_engines, tmp_path, bad):
+    folder = tmp_path / "e"
+    shutil.copytree(int8_engines, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["graphs"]["sr0"]["int8"] = bad
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineFolderError):
+        verify_files(load_manifest(folder))
+
+
+def test_the_variant_is_covered_by_the_files_hashes(int8_engines, tmp_path):
+    folder = tmp_path / "e"
+    shutil.copytree(int8_engines, folder)
+    with open(folder / "sr0.int8.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(EngineFolderError, match="sr0.int8.onnx"):
+        Pipeline.load(folder, threads=1)
+
+
+def test_a_backend_without_int8_refuses_the_option(int8_engines):
+    with pytest.raises(InputError, match="takes no int8 option"):
+        Pipeline.load(int8_engines, backend="triton", url="http://127.0.0.1:9", int8=False)
+
+
+def test_info_and_the_fp32_flag(int8_engines, tmp_path, capsys):
+    from dalle2_rt.cli import main as cli_main
+
+    assert cli_main(["info", "--engines", str(int8_engines), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["int8"] == ["sr0"]
+    from PIL import Image
+
+    for flag, has in (([], True), (["--fp32"], False)):
+        out = tmp_path / ("q" if has else "f")
+        assert cli_main(["a red circle", "--engines", str(int8_engines), "--seed", "1", "-o", str(out), "-q",
+                         "--prior-steps", "2", "--decoder-steps", "2", "--sr-steps", "2", "--threads", "1"]
+                        + flag) == 0
+        (png,) = out.glob("*.png")
+        assert ("int8 sr0" in Image.open(png).info["backend"]) is has
+
+
+def test_the_package_copy_carries_the_variant(int8_engines, tmp_path):
+    from export.package import package
+
+    out = tmp_path / "pkg"
+    assert package(int8_engines, out, log=lambda *_: None) is not None
+    copy = load_manifest(out)
+    verify_files(copy, use_cache=False)
+    assert copy.graphs["sr0"].int8_file == out / "sr0.int8.onnx"
+    want = Pipeline.load(int8_engines, threads=1)("a red circle", seed=2, **FAST)[0]
+    got = Pipeline.load(out, threads=1)("a red circle", seed=2, **FAST)[0]
+    assert np.array_equal(np.asarray(got), np.asarray(want)) and "int8 sr0" in got.info["backend"]
+
+
+def test_the_frontier_measures_a_folder_with_and_without_its_variants(int8_engines, tmp_path):
+    from bench.frontier import main as frontier_main
+
+    out = tmp_path / "f.json"
+    assert frontier_main(["--engines", str(int8_engines), "--fp32-too", "--single", "2", "--two", "2", "--reps", "1",
+                          "--threads", "1", "--point", "fast", "prior_steps=2,decoder_steps=2,sr_steps=1",
+                          "--json", str(out)]) == 0
+    points = json.loads(out.read_text())["points"]
+    assert [p["name"] for p in points] == ["engines int8 sr0", "engines fp32"]
+    assert all(p["n_single"] == 2 and p["n_two"] == 2 and p["ms"] > 0 for p in points)
