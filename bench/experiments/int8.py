@@ -1,4 +1,6 @@
-"""int8 U-Nets. Decided: not adopted; the U-Nets stay fp32 (bench/RESULTS.md §A and §D, 2026-11-28).
+"""int8 U-Nets, the experiment. The exporter now writes int8 variants itself (``export.all --int8 GRAPH``,
+``export/int8.py``; measured in bench/RESULTS.md, "int8 variants from the exporter"): the bundled folder stays
+fp32, the variants are an export option. What this experiment found first (2026-11-28, §A and §D):
 
 Static QDQ quantisation of the decoder and SR graphs (per-channel int8 weights, uint8 activations, MinMax
 ranges): at one image's guided batch the decoder ran 0.92× and SR 1.23× the fp32 speed at ~5 % error of

@@ -91,8 +91,9 @@ class RayBatchedService(Service):
 class Dalle2RT:
     """One replica: the engine folder loaded, the HTTP API served over a ``RayBatchedService``."""
 
-    def __init__(self, engines: str | None = None, threads: int | None = None, limits: dict | None = None):
-        pipe = Pipeline.load(engines, threads=threads)
+    def __init__(self, engines: str | None = None, threads: int | None = None, limits: dict | None = None,
+                 int8: bool | None = None):
+        pipe = Pipeline.load(engines, threads=threads, int8=int8)
         self.service = RayBatchedService(pipe, Limits(**(limits or {})))
 
     def __serve_build_asgi_app__(self):
@@ -100,8 +101,9 @@ class Dalle2RT:
 
 
 def build(args: dict):
-    """``serve run dalle2_rt.serve.ray_app:build engines=DIR replicas=N threads=N max_batch=N …``"""
-    known = {"engines", "replicas", "threads", "max_batch", "batch_window_ms", "max_queue", "max_images", "timeout"}
+    """``serve run dalle2_rt.serve.ray_app:build engines=DIR replicas=N threads=N max_batch=N fp32=1 …``"""
+    known = {"engines", "replicas", "threads", "max_batch", "batch_window_ms", "max_queue", "max_images", "timeout",
+             "fp32"}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown arguments {sorted(unknown)}; known: {sorted(known)}")
@@ -113,13 +115,17 @@ def build(args: dict):
     if "batch_window_ms" in args:
         limits["batch_window_s"] = float(args["batch_window_ms"]) / 1000
     threads = int(args["threads"]) if "threads" in args else None
-    return Dalle2RT.options(num_replicas=int(args.get("replicas", 1))).bind(args.get("engines"), threads, limits)
+    if str(args.get("fp32", "0")) not in ("0", "1"):
+        raise ValueError(f"fp32 must be 0 or 1, got {args['fp32']!r}")
+    int8 = False if str(args.get("fp32", "0")) == "1" else None
+    return Dalle2RT.options(num_replicas=int(args.get("replicas", 1))).bind(args.get("engines"), threads, limits, int8)
 
 
 app = Dalle2RT.bind()  # serve run dalle2_rt.serve.ray_app:app
 
 
-def start(engines, *, replicas: int, threads: int | None, limits: Limits, host: str, port: int):
+def start(engines, *, replicas: int, threads: int | None, limits: Limits, host: str, port: int,
+          int8: bool | None = None):
     """A local Ray instance on loopback (unless $RAY_ADDRESS names a cluster) with the app deployed on it."""
     import ray
 
@@ -130,7 +136,8 @@ def start(engines, *, replicas: int, threads: int | None, limits: Limits, host: 
     serve.start(http_options={"host": host, "port": port})
     limits_dict = {f: getattr(limits, f) for f in ("max_batch", "batch_window_s", "max_queue", "max_images",
                                                     "timeout_s")}
-    deployment = Dalle2RT.options(num_replicas=replicas).bind(str(engines) if engines else None, threads, limits_dict)
+    deployment = Dalle2RT.options(num_replicas=replicas).bind(str(engines) if engines else None, threads, limits_dict,
+                                                              int8)
     serve.run(deployment, name="dalle2-rt", route_prefix="/", blocking=False)
 
 
@@ -140,7 +147,7 @@ def run_ray(args, limits: Limits) -> int:
 
     try:
         start(args.engines, replicas=args.replicas, threads=args.threads, limits=limits, host=args.host,
-              port=args.port or 8000)
+              port=args.port or 8000, int8=False if args.fp32 else None)
     except Exception as e:  # noqa: BLE001 - Ray's errors (a replica that cannot load the engines, a port in use)
         sys.stderr.write(f"dalle2-rt serve: error: Ray Serve did not start: {' '.join(str(e).split())[:400]}\n")
         if ray.is_initialized():
