@@ -282,9 +282,11 @@ def test_the_distillation_recipe_continues_from_the_committed_student():
     assert student["config"]["guidance_range"] == list(run.guidance_range)  # the scales it was trained on
 
 
-def test_the_step_distillation_recipe_builds_on_the_committed_guidance_distilled_decoder():
-    """configs/shapes-v2-steps.toml: the teacher is the committed guidance-distilled decoder, the student starts from
-    a committed folder of the same config (a machine without runs/ can run it), and the grids nest."""
+@pytest.mark.parametrize("config, steps", [("shapes-v2-steps.toml", 2), ("shapes-v2-steps3.toml", 3)])
+def test_the_step_distillation_recipe_builds_on_the_committed_guidance_distilled_decoder(config, steps):
+    """configs/shapes-v2-steps*.toml: the teacher is the committed guidance-distilled decoder, the student starts
+    from a committed student of the same config and step count (a machine without runs/ can run it), the grids
+    nest, and the folder recipe (make engines-steps*) finds the student and its defaults."""
     from pathlib import Path
 
     from dalle2_rt.runtime.schedules import alphas_cumprod_for
@@ -292,11 +294,17 @@ def test_the_step_distillation_recipe_builds_on_the_committed_guidance_distilled
     from dalle2_rt.training.distill import step_grids
 
     repo = Path(__file__).resolve().parents[1]
-    run = load_config(repo / "configs" / "shapes-v2-steps.toml").stage("decoder_steps")
+    run = load_config(repo / "configs" / config).stage("decoder_steps")
     assert run.teacher == "checkpoints/shapes-v2-fast/decoder/model" and run.clip == "checkpoints/shapes-v2/clip/model"
+    assert run.student_steps == steps
     teacher = json.loads((repo / run.teacher / "model.json").read_text())
     student = json.loads((repo / run.init_from / "model.json").read_text())
     assert teacher["config"]["guidance_input"] is True and student["config"] == teacher["config"]
+    assert student["distilled_steps"] == steps
+    folder = repo / "checkpoints" / config.removesuffix(".toml")
+    assert (repo / run.init_from).parent == folder / "decoder"
+    assert json.loads((folder / "defaults.json").read_text())["decoder"]["steps"] == steps
+    assert f"$(call distilled_engines,{folder.name.removeprefix('shapes-v2-')})" in (repo / "Makefile").read_text()
     ts, _, ts_mid, _, _ = step_grids(alphas_cumprod_for(teacher["config"]["schedule"], 1000), run.student_steps)
     assert len(ts) == run.student_steps and all(ts_mid < ts)
 
