@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         loads = [load for folder, _ in loads for load in ((folder, None), (folder, False))]
     for folder, int8 in loads:
         pipe = Pipeline.load(folder, threads=args.threads, int8=int8)
-        variants = sorted(g.name for g in pipe.manifest.graphs.values() if g.int8_file is not None)
+        variants = pipe.manifest.int8_graphs
         if int8 is False and not variants:
             continue
         name = pipe.manifest.name + (" (distilled)" if pipe.stages[1].guidance_input else "")

@@ -324,7 +324,7 @@ def info(argv: list[str]) -> int:
         "checkpoints": {name: {"step": s.get("step"), "sha256": s.get("sha256")}
                         for name, s in manifest.sources.items()},
         "defaults": {plan.name: plan.defaults for plan in plans},
-        "int8": sorted(g.name for g in manifest.graphs.values() if g.int8_file is not None),
+        "int8": manifest.int8_graphs,
         "cache": str(user_cache_dir()),
     }
     if args.json:

@@ -59,16 +59,16 @@ def world_prompts(n: int, seed: int) -> list[str]:
     return out
 
 
-class _Recorder:
-    """An engine that keeps every ``KEEP_EVERY``-th call's inputs and answers as the engine it wraps."""
+class Recorder:
+    """An engine that keeps every ``every``-th call's inputs and answers as the engine it wraps."""
 
-    def __init__(self, engine):
-        self._engine, self.calls, self.kept = engine, 0, []
+    def __init__(self, engine, every: int = 1):
+        self._engine, self.every, self.calls, self.kept = engine, every, 0, []
         self.spec, self.name, self.max_batch, self.description = (engine.spec, engine.name, engine.max_batch,
                                                                   engine.description)
 
     def __call__(self, **arrays):
-        if self.calls % KEEP_EVERY == 0:
+        if self.calls % self.every == 0:
             self.kept.append({t.name: np.array(arrays[t.name], dtype=t.dtype) for t in self.spec.inputs})
         self.calls += 1
         return self._engine(**arrays)
@@ -79,7 +79,7 @@ def record_inputs(folder: Path, graphs: list[str], prompts: list[str], seed: int
     from dalle2_rt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(folder, verify=False, int8=False)
-    recorders = {g: _Recorder(pipe.engines[g]) for g in graphs}
+    recorders = {g: Recorder(pipe.engines[g], KEEP_EVERY) for g in graphs}
     pipe.engines.update(recorders)
     for start in range(0, len(prompts), 4):
         pipe(prompts[start:start + 4], seed=seed + start)
@@ -96,8 +96,8 @@ class _Reader:
         return next(self._items, None)
 
 
-def quantize(plain: Path, feeds: list[dict], out: Path) -> None:
-    """Static QDQ int8 of the ONNX graph ``plain`` calibrated on ``feeds``, written to ``out``."""
+def quantize(plain: Path, feeds: list[dict], out: Path) -> Path:
+    """Static QDQ int8 of the ONNX graph ``plain`` calibrated on ``feeds``, written to ``out`` (returned)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -109,6 +109,7 @@ def quantize(plain: Path, feeds: list[dict], out: Path) -> None:
                         op_types_to_quantize=list(OP_TYPES), calibrate_method=CalibrationMethod.MinMax)
     finally:
         pre.unlink(missing_ok=True)
+    return out
 
 
 def compare(plain: Path, int8: Path, feeds: list[dict]) -> dict:

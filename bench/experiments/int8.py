@@ -22,34 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from export.int8 import Recorder, quantize
+
 from ..feeds import graph_inputs
 from ..profile_ort import graph_files, guided_batch, interleaved, session
 from . import engine_folder, parser, write_json
-
-
-class _Calib:
-    """Calibration reader for onnxruntime.quantization: the given input batches, in turn."""
-
-    def __init__(self, batches: list[dict]):
-        self.items = iter(batches)
-
-    def get_next(self):
-        return next(self.items, None)
-
-
-def quantize(plain: Path, calibration: list[dict], out: Path) -> Path:
-    """Static QDQ int8 of ``plain`` (Conv/MatMul/Gemm; per-channel int8 weights, uint8 activations, MinMax
-    ranges over ``calibration``) written to ``out``."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(plain), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out), _Calib(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["Conv", "MatMul", "Gemm"])
-    pre.unlink()
-    return out
 
 
 def speed(manifest, graphs=("decoder", "sr0"), repeats: int = 5, log=print) -> dict:
@@ -87,21 +64,6 @@ class _SessionEngine:
         return dict(zip(self._outputs, self._sess.run(self._outputs, feeds)))
 
 
-class _Recorder:
-    """Wraps an engine and keeps every ``every``-th call's inputs (calibration data from real trajectories)."""
-
-    def __init__(self, engine, every: int = 3):
-        self._engine, self.every, self.calls, self.kept = engine, every, 0, []
-        self.spec, self.name, self.max_batch = engine.spec, engine.name, engine.max_batch
-        self.description = engine.description
-
-    def __call__(self, **arrays):
-        if self.calls % self.every == 0:
-            self.kept.append({t.name: np.array(arrays[t.name], dtype=t.dtype) for t in self.spec.inputs})
-        self.calls += 1
-        return self._engine(**arrays)
-
-
 def fidelity(pipe, captions: list[str], seeds=(0,), graphs=("decoder", "sr0"), calib_captions: int = 6,
                   threads: int = 2, baseline: dict | None = None, log=print) -> dict:
     """Fidelity with the decoder/SR swapped for int8 graphs calibrated on sampled trajectories (captions
@@ -110,7 +72,7 @@ def fidelity(pipe, captions: list[str], seeds=(0,), graphs=("decoder", "sr0"), c
     from ..fidelity import eval_captions, generate_and_score
 
     original = dict(pipe.engines)
-    recorders = {g: _Recorder(original[g]) for g in graphs}
+    recorders = {g: Recorder(original[g], every=3) for g in graphs}
     pipe.engines.update(recorders)
     calib = eval_captions(calib_captions // 2, calib_captions - calib_captions // 2, seed=99)
     pipe(calib, seed=123)

@@ -86,6 +86,11 @@ class Manifest:
         return str(self.data.get("name", self.folder.name))
 
     @property
+    def int8_graphs(self) -> list[str]:
+        """The graphs that have an int8 variant (``graphs.<g>.int8``), sorted."""
+        return sorted(name for name, g in self.graphs.items() if g.int8_file is not None)
+
+    @property
     def stages(self) -> dict:
         return self.data["stages"]
 
