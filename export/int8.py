@@ -74,15 +74,17 @@ class Recorder:
         return self._engine(**arrays)
 
 
-def record_inputs(folder: Path, graphs: list[str], prompts: list[str], seed: int) -> dict[str, list[dict]]:
-    """The inputs each of ``graphs`` receives while the folder's Pipeline samples ``prompts`` (one image each)."""
-    from dalle2_rt.runtime.pipeline import Pipeline
-
-    pipe = Pipeline.load(folder, verify=False, int8=False)
-    recorders = {g: Recorder(pipe.engines[g], KEEP_EVERY) for g in graphs}
+def record_inputs(pipe, graphs: list[str], prompts: list[str], seed: int) -> dict[str, list[dict]]:
+    """The inputs each of ``graphs`` receives while ``pipe`` samples ``prompts`` (one image each); ``pipe``'s
+    engines are left as they were."""
+    original = dict(pipe.engines)
+    recorders = {g: Recorder(original[g], KEEP_EVERY) for g in graphs}
     pipe.engines.update(recorders)
-    for start in range(0, len(prompts), 4):
-        pipe(prompts[start:start + 4], seed=seed + start)
+    try:
+        for start in range(0, len(prompts), 4):
+            pipe(prompts[start:start + 4], seed=seed + start)
+    finally:
+        pipe.engines.update(original)
     return {g: r.kept for g, r in recorders.items()}
 
 
@@ -138,15 +140,19 @@ def add_int8_variants(folder: Path, graphs: dict[str, dict], names: tuple[str, .
     """Calibrate, write and validate ``<name>.int8.onnx`` for each of ``names`` in the build folder ``folder``
     (whose manifest ``write_manifest`` writes from ``graphs``), adding each entry's ``int8`` record.
     Raises ValidationError for a variant over the tolerance."""
+    from dalle2_rt.runtime.pipeline import Pipeline
+
+    for name in names:  # before any sampling
+        if graphs[name].get("external_data"):
+            raise ValidationError(f"{name}: an int8 variant of a graph with external weight data is not supported")
     write_manifest()  # the fp32 folder, for the calibration Pipeline
+    pipe = Pipeline.load(folder, verify=False, int8=False)
     prompts = world_prompts(CALIBRATION_PROMPTS + VALIDATION_PROMPTS, CALIBRATION_SEED)
-    calib = record_inputs(folder, list(names), prompts[:CALIBRATION_PROMPTS], CALIBRATION_SEED)
-    held_out = record_inputs(folder, list(names), prompts[CALIBRATION_PROMPTS:], CALIBRATION_SEED + 1000)
+    calib = record_inputs(pipe, list(names), prompts[:CALIBRATION_PROMPTS], CALIBRATION_SEED)
+    held_out = record_inputs(pipe, list(names), prompts[CALIBRATION_PROMPTS:], CALIBRATION_SEED + 1000)
     for name in names:
         entry = graphs[name]
         file = f"{name}.int8.onnx"
-        if entry.get("external_data"):
-            raise ValidationError(f"{name}: an int8 variant of a graph with external weight data is not supported")
         quantize(folder / entry["file"], calib[name], folder / file)
         check = compare(folder / entry["file"], folder / file, held_out[name])
         say(f"  {name}: int8 variant, RMS error {check['rms_rel_err']:.3f} of the fp32 output's RMS over "
