@@ -15,17 +15,19 @@ SOT, EOT = 49406, 49407  # CLIP BPE start/end of text, the ids every tokenizer o
 TIMESTEPS = 1000  # t and aug_t are model timesteps 0 … T-1 (ARCHITECTURE.md, Graph I/O)
 
 
-def random_inputs(inputs: Iterable[tuple[str, str, Sequence]], batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+def random_inputs(inputs: Iterable[tuple[str, str, Sequence]], batch: int = 1, seed: int = 0,
+                  timesteps: int = TIMESTEPS) -> dict[str, np.ndarray]:
     """``inputs``: (name, dtype, shape) triples; a dim that is not an int (``"batch"``, None) is ``batch``.
 
-    tokens (any integer input): SOT, five word ids, EOT, then padding 0; ``t``/``aug_t``: whole timesteps;
+    tokens (any integer input): SOT, five word ids, EOT, then padding 0; ``t``/``aug_t``: whole timesteps
+    0 … ``timesteps`` − 1 (a graph with a learned timestep table of T rows needs ``timesteps`` ≤ T);
     ``*_keep``/``text_mask``: 1.0 (the conditional branch); ``pixels``: U[0, 1); any other float: N(0, 1)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, dtype, dims in inputs:
         shape = tuple(d if isinstance(d, int) else batch for d in dims)
         if name in ("t", "aug_t"):
-            value = rng.integers(0, TIMESTEPS, shape)
+            value = rng.integers(0, timesteps, shape)
         elif name.endswith("_keep") or name == "text_mask":
             value = np.ones(shape)
         elif np.issubdtype(np.dtype(dtype), np.integer):

@@ -92,13 +92,15 @@ def _static_shapes(model) -> dict[str, tuple[int, ...]]:
 
 
 def _probe_feeds(model, batch: int) -> dict[str, np.ndarray]:
-    """``feeds.random_inputs`` for the graph inputs of ``model`` that are not initializers."""
+    """``feeds.random_inputs`` for the graph inputs of ``model`` that are not initializers, timesteps 0: the
+    graph alone does not say its T (an imported DALLE2-pytorch chain of 50 steps indexes a 50-row table), and
+    shapes do not depend on the value."""
     import onnx
 
     init = {i.name for i in model.graph.initializer}
     return random_inputs([(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type),
                            [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim])
-                          for v in model.graph.input if v.name not in init], batch)
+                          for v in model.graph.input if v.name not in init], batch, timesteps=1)
 
 
 def _probe_shapes(model, names: list[str], batch: int) -> dict[str, tuple[int, ...]]:

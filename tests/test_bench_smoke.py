@@ -73,6 +73,18 @@ def test_random_inputs_are_valid_graph_inputs():
     assert not np.array_equal(random_inputs(inputs, batch=3, seed=2)["x_t"], x["x_t"])
 
 
+def test_the_shape_probe_feeds_timesteps_any_chain_has():
+    """A learned timestep table of 50 rows (an imported 50-step chain): the probe's ORT run must index it."""
+    from onnx import numpy_helper
+
+    table = numpy_helper.from_array(np.zeros((50, 4), np.float32), "table")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "t"], ["emb"])], "g",
+                              [helper.make_tensor_value_info("t", TensorProto.INT64, ["batch"])],
+                              [helper.make_tensor_value_info("emb", TensorProto.FLOAT, None)], [table])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert flops._probe_shapes(model, ["emb"], 3) == {"emb": (3, 4)}
+
+
 def test_flop_counter_matches_torch(tiny_engines):
     """Our ONNX count equals torch.utils.flop_counter on the same modules (the torch backend's)."""
     torch = pytest.importorskip("torch")

@@ -127,9 +127,12 @@ def test_the_variant_is_covered_by_the_files_hashes(int8_engines, tmp_path):
         Pipeline.load(folder, threads=1)
 
 
-def test_a_backend_without_int8_refuses_the_option(int8_engines):
+def test_a_backend_without_int8_refuses_asking_for_it_but_takes_fp32_only(int8_engines):
     with pytest.raises(InputError, match="takes no int8 option"):
-        Pipeline.load(int8_engines, backend="triton", url="http://127.0.0.1:9", int8=False)
+        Pipeline.load(int8_engines, backend="triton", url="http://127.0.0.1:9", int8=True)
+    # int8=False (--fp32) asks for what the backend does anyway: accepted, and the graphs are the fp32 ones
+    pipe = Pipeline.load(int8_engines, backend="torch", threads=1, int8=False)
+    assert pipe.backend.describe().startswith("torch ") and "int8" not in pipe.backend.describe()
 
 
 def test_info_and_the_fp32_flag(int8_engines, tmp_path, capsys):

@@ -24,7 +24,9 @@ class BackendOptions:
     shared_pool: bool = False
     url: str | None = None  # the Triton server: http://HOST:8000, grpc://HOST:8001, or bls
     timeout: float | None = None  # seconds per request to a server
-    int8: bool | None = None  # run a graph's int8 variant on the CPU where the folder has one (default: yes)
+    # run a graph's int8 variant on the CPU where the folder has one (default: yes). False (fp32 only) is what a
+    # backend without int8 does anyway, so only True counts as given to it
+    int8: bool | None = None
 
     def given(self) -> list[str]:
         return [f.name for f in fields(self) if f.name != "shared_pool" and getattr(self, f.name) is not None]
@@ -40,7 +42,8 @@ class Backend:
     takes: frozenset[str] = frozenset()  # the BackendOptions fields this backend uses
 
     def __init__(self, manifest: Manifest, options: BackendOptions):
-        unused = [name for name in options.given() if name not in self.takes]
+        unused = [name for name in options.given() if name not in self.takes
+                  and not (name == "int8" and options.int8 is False)]  # fp32 only: every other backend's way
         if unused:
             raise InputError(f"the {self.name} backend takes no {', '.join(unused)} option "
                              f"(it takes: {', '.join(sorted(self.takes)) or 'none'})")
