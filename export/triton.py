@@ -3,6 +3,7 @@
     python -m export.triton engines/shapes-v2 --out out/triton-repo                  # onnxruntime_onnx models
     python -m export.triton engines/shapes-v2 --out REPO --platform tensorrt --trt-key 10.7.0-sm90
     python -m export.triton engines/shapes-v2 --out REPO --platform python           # Python-backend stand-ins
+    python -m export.triton engines/shapes-v2 --out REPO --kind cpu --int8          # the folder's int8 variants
 
 What it writes (Triton's layout: ``<model>/config.pbtxt`` + ``<model>/1/<file>``):
 
@@ -98,15 +99,17 @@ def _is_repository(out: Path) -> bool:
     return all(e.is_dir() and not e.is_symlink() and (e / "config.pbtxt").is_file() for e in out.iterdir())
 
 
-def _check_graph(spec: GraphSpec, ort) -> None:
-    """The graph file's own inputs and outputs (names, dtypes, fixed sizes) against what the config will declare."""
+def _check_graph(spec: GraphSpec, ort, file: Path | None = None) -> None:
+    """The graph file's (``file``: the one that will be served, default ``spec.file``) own inputs and outputs
+    (names, dtypes, fixed sizes) against what the config will declare."""
+    file = spec.file if file is None else file
     try:
-        session = ort.InferenceSession(str(spec.file), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own classes for a file it cannot load
-        raise RepositoryError(f"{spec.file}: onnxruntime cannot load it ({' '.join(str(e).split())[:200]})") from None
+        raise RepositoryError(f"{file}: onnxruntime cannot load it ({' '.join(str(e).split())[:200]})") from None
     problems = graph_io_problems(spec, session.get_inputs(), session.get_outputs())
     if problems:
-        raise RepositoryError(f"{spec.file}: {'; '.join(problems)} (graphs.{spec.name} of the manifest)")
+        raise RepositoryError(f"{file}: {'; '.join(problems)} (graphs.{spec.name} of the manifest)")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -142,6 +145,9 @@ def render(message: dict, indent: str = "") -> str:
         else:
             lines.append(f"{indent}{key}: {_scalar(value)}")
     return "\n".join(line for line in lines if line)
+
+
+INT8_PARAMETER = "dalle2_rt.int8_variant"  # a graph model serving the folder's int8 variant names its file
 
 
 def _parameters(values: dict) -> list[dict]:
@@ -299,13 +305,30 @@ def _vendor_runtime(dst: Path) -> None:
             shutil.copy2(src, target)
 
 
+def _int8_files(manifest: Manifest, platform: str, kind: str) -> dict[str, Path]:
+    """{graph: its int8 variant} to serve in place of the fp32 graph; ``RepositoryError`` where that cannot be:
+    a folder without variants, TensorRT plans, or GPU instances (QDQ graphs are for the CPU's int8 kernels)."""
+    if platform == "tensorrt":
+        raise RepositoryError("--int8 serves ONNX graphs on CPU instances; TensorRT plans are built from the fp32 "
+                              "graphs")
+    if kind == "gpu" or (kind == "auto" and platform != "python"):
+        raise RepositoryError("--int8 variants run on CPU instances: add --kind cpu")
+    files = {g: spec.int8_file for g, spec in manifest.graphs.items() if spec.int8_file is not None}
+    if not files:
+        raise RepositoryError(f"{manifest.folder} has no int8 variants (python -m export.all --int8 GRAPH writes "
+                              "them)")
+    return files
+
+
 def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, platform: str = "auto",
                      trt_key: str | None = None, instances: int = 1, kind: str = "auto",
                      gpus: list[int] | None = None, queue_delay_us: int | None = 100, threads: int = 1,
                      orchestrator: str | None = ORCHESTRATOR, orchestrator_instances: int = 1, force: bool = False,
-                     verify: bool = True, link: bool = False) -> dict:
+                     verify: bool = True, link: bool = False, int8: bool = False) -> dict:
     """Write the model repository of ``engines`` to ``out``; returns {model: platform} of what was written.
-    link: hard-link the graph and plan files instead of copying them (see ``_place``)."""
+    link: hard-link the graph and plan files instead of copying them (see ``_place``). int8: serve each graph's
+    int8 variant (``graphs.<g>.int8``) where the folder has one, on CPU instances (the runtime's own choice on
+    the CPU); a graph without one is served as usual."""
     if platform not in PLATFORMS:
         raise RepositoryError(f"unknown platform {platform!r}; choose from {', '.join(PLATFORMS)}")
     if kind not in KINDS:
@@ -321,6 +344,7 @@ def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, plat
     manifest = load_manifest(engines)
     if verify:
         verify_files(manifest)
+    served = _int8_files(manifest, platform, kind) if int8 else {}  # graph -> the file its model serves instead
     out = Path(out)
     if out.exists() or out.is_symlink():
         if not force:
@@ -337,7 +361,7 @@ def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, plat
     import onnxruntime as ort
 
     for spec in manifest.graphs.values():
-        _check_graph(spec, ort)
+        _check_graph(spec, ort, served.get(spec.name))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     written = {}
@@ -352,15 +376,18 @@ def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, plat
             if plat == "tensorrt":
                 _place(spec.trt[key], version / "model.plan", link)
             else:
-                _place(spec.file, version / "model.onnx", link)
+                _place(served.get(name, spec.file), version / "model.onnx", link)
                 for data in spec.raw.get("external_data", []):
                     _place(manifest.path(data), version / Path(data).name, link)
                 if plat == "python":
                     shutil.copy2(GRAPH_MODEL, version / "model.py")
             config = graph_config(spec, platform=plat, manifest_sha256=manifest.sha256, instances=instances,
                                   kind=kind, gpus=gpus, queue_delay_us=queue_delay_us, threads=threads)
+            if name in served:
+                config["parameters"] += _parameters({INT8_PARAMETER: served[name].name})  # what 1/model.onnx is
             (tmp / name / "config.pbtxt").write_text(render(config) + "\n", encoding="utf-8")
-            written[name] = config.get("platform") or f"backend {config['backend']}"
+            written[name] = (config.get("platform") or f"backend {config['backend']}") + \
+                (" (int8 variant)" if name in served else "")
         if orchestrator:
             version = _model_dir(tmp, orchestrator) / "1"
             version.mkdir(parents=True)
@@ -405,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orchestrator-instances", type=int, default=1,
                    help="instances of the orchestrator (each runs one request's loop at a time; default 1)")
     p.add_argument("--no-orchestrator", action="store_true", help="graph models only")
+    p.add_argument("--int8", action="store_true",
+                   help="serve each graph's int8 variant where the folder has one (export.all --int8); CPU instances "
+                        "only (--kind cpu, or --platform python)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--link", action="store_true",
                    help="hard-link the graph files instead of copying them (same filesystem; never edit them in place)")
@@ -415,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             args.engines, args.out, platform=args.platform, trt_key=args.trt_key, instances=args.instances,
             kind=args.kind, gpus=gpus, queue_delay_us=None if args.no_dynamic_batching else args.queue_delay_us,
             threads=args.threads, orchestrator=None if args.no_orchestrator else args.orchestrator,
-            orchestrator_instances=args.orchestrator_instances, force=args.force, link=args.link)
+            orchestrator_instances=args.orchestrator_instances, force=args.force, link=args.link, int8=args.int8)
     except (Dalle2RTError, ValueError) as e:
         print(f"export.triton: error: {e}", file=sys.stderr)
         return 1

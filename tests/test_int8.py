@@ -174,3 +174,64 @@ def test_the_frontier_measures_a_folder_with_and_without_its_variants(int8_engin
     points = json.loads(out.read_text())["points"]
     assert [p["name"] for p in points] == ["engines int8 sr0", "engines fp32"]
     assert all(p["n_single"] == 2 and p["n_two"] == 2 and p["ms"] > 0 for p in points)
+
+
+def test_a_triton_repository_serves_the_variant_on_cpu_instances(int8_engines, tmp_path):
+    from export import triton as writer
+
+    m = load_manifest(int8_engines)
+    out = tmp_path / "repo"
+    written = writer.write_repository(int8_engines, out, kind="cpu", int8=True, orchestrator=None)
+    assert written["sr0"] == "onnxruntime_onnx (int8 variant)" and written["decoder"] == "onnxruntime_onnx"
+    served = out / "sr0" / "1" / "model.onnx"
+    assert served.read_bytes() == m.graphs["sr0"].int8_file.read_bytes()  # the variant, byte for byte
+    assert (out / "decoder" / "1" / "model.onnx").read_bytes() == m.graphs["decoder"].file.read_bytes()
+    text = (out / "sr0" / "config.pbtxt").read_text(encoding="utf-8")
+    assert "KIND_CPU" in text and "sr0.int8.onnx" in text
+    pytest.importorskip("tritonclient.grpc")
+    assert writer.check_config(text, m.graphs["sr0"], m.sha256) == []  # same I/O as the fp32 graph
+    # without --int8 the same folder serves the fp32 graph
+    writer.write_repository(int8_engines, out, kind="cpu", orchestrator=None, force=True)
+    assert served.read_bytes() == m.graphs["sr0"].file.read_bytes()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, "--kind cpu"),  # auto: GPU instances for onnxruntime models
+    ({"kind": "gpu"}, "--kind cpu"),
+    ({"platform": "tensorrt", "kind": "gpu"}, "TensorRT plans are built from the fp32"),
+])
+def test_a_triton_repository_refuses_int8_where_it_cannot_run(int8_engines, tmp_path, options, message):
+    from export import triton as writer
+
+    with pytest.raises(writer.RepositoryError, match=message):
+        writer.write_repository(int8_engines, tmp_path / "repo", int8=True, orchestrator=None, **options)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_triton_int8_on_a_folder_without_variants_is_one_line(tiny_engines, tmp_path, capsys):
+    from export import triton as writer
+
+    assert writer.main([str(tiny_engines), "--out", str(tmp_path / "repo"), "--kind", "cpu", "--int8"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("export.triton: error:") and "no int8 variants" in err and "\n" not in err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_a_real_triton_server_runs_the_variant_as_the_local_runtime_does(int8_engines, tmp_path):
+    """The Python-backend stand-in serves sr0's int8 file: its SR output is the local int8 run's, not fp32's."""
+    pytest.importorskip("tritonclient.http", reason="the triton extra (tritonclient) is not installed")
+    from export import triton as writer
+    from dalle2_rt.triton import server as triton_server
+    from tests.test_triton_server import _server_or_skip
+
+    _server_or_skip()
+    repo = tmp_path / "repo"
+    writer.write_repository(int8_engines, repo, platform="python", int8=True, orchestrator=None)
+    low_res = next(t for t in load_manifest(int8_engines).graphs["sr0"].inputs if t.name == "low_res")
+    x = np.random.default_rng(0).uniform(-1, 1, (2, *low_res.shape[1:])).astype(np.float32)
+    local_int8, local_fp32 = (Pipeline.load(int8_engines, threads=1, int8=v).upsample(x, seed=3, sr_steps=2)
+                              for v in (None, False))
+    with triton_server.LocalServer(repo, startup_timeout=240) as server:
+        remote = Pipeline.load(int8_engines, backend="triton", url=server.url).upsample(x, seed=3, sr_steps=2)
+    np.testing.assert_allclose(remote, local_int8, atol=1e-4)
+    assert np.abs(remote - local_fp32).max() > 1e-3  # the variant really ran there
