@@ -220,8 +220,8 @@ def test_triton_int8_on_a_folder_without_variants_is_one_line(tiny_engines, tmp_
 def test_a_real_triton_server_runs_the_variant_as_the_local_runtime_does(int8_engines, tmp_path):
     """The Python-backend stand-in serves sr0's int8 file: its SR output is the local int8 run's, not fp32's."""
     pytest.importorskip("tritonclient.http", reason="the triton extra (tritonclient) is not installed")
-    from export import triton as writer
     from dalle2_rt.triton import server as triton_server
+    from export import triton as writer
     from tests.test_triton_server import _server_or_skip
 
     _server_or_skip()
