@@ -189,8 +189,8 @@ def test_decoder_ranking_experiment_ranks_what_the_runtime_keeps(tiny_engines):
     from dalle2_rt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(tiny_engines, threads=1)
-    images, scores = decoder_ranking.samples_of(pipe, "a red circle", 3, 2, 2.0)
-    assert images.shape[0] == 3 and scores.shape == (3,)
+    images, scores, by_image = decoder_ranking.samples_of(pipe, "a red circle", 3, 2, 2.0)
+    assert images.shape[0] == 3 and scores.shape == by_image.shape == (3,)
     kept = pipe("a red circle", seed=0, decoder_steps=2, decoder_guidance=2.0, decoder_candidates=3)[0]
     assert np.array_equal(np.asarray(kept), images[int(np.argmax(scores))])
     res = decoder_ranking.measure(pipe, [(2, 2.0)], single=1, two=1, k=2, log=None)
@@ -198,3 +198,4 @@ def test_decoder_ranking_experiment_ranks_what_the_runtime_keeps(tiny_engines):
     for kind in ("single", "two"):
         r = row[kind]
         assert r["n"] == 1 and r["first"] <= r["oracle@2"] and r["ranked@2"] <= r["oracle@2"]
+        assert r["ranked_by_image@2"] <= r["oracle@2"]
