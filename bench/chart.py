@@ -13,6 +13,12 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _legend_room(names, font, right: int, pad: int) -> int:
+    """The right margin that fits the longest legend entry (``pad``: the marker before the text, the gap after),
+    at least ``right``."""
+    return max(right, int(max((font.getlength(n) for n in names), default=0)) + pad)
+
+
 def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
     span = max(hi - lo, 1e-9)
     raw = span / n
@@ -63,11 +69,11 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, title: str
                marked: dict[str, float] | None = None, size=(900, 560), y_range=None) -> None:
     """Write a PNG: one polyline with dot markers per series (points (x, y)); ``marked[name] = x`` draws a
     ring around that series' point at x (e.g. the chosen default)."""
-    w, h = size
-    right, top = 200, 50
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
     f_mid = _font(15)
+    top, right = 50, _legend_room([*series, "chosen default"], f_mid, 200, 70)
+    w, h = size[0] - 200 + right, size[1]  # the plot keeps its width; a long legend widens the image
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]
     if y_range is None:
@@ -100,11 +106,11 @@ def scatter_chart(groups: dict[str, list[tuple[float, float, float, str]]], path
                   ylabel: str, chosen: tuple[str, str] | None = None, size=(1000, 620)) -> None:
     """Write a PNG: one colour per group, each point (x, y, y standard error, label) drawn as a dot with a
     vertical ±1 SE bar and its label; ``chosen`` = (group, label) rings that point (e.g. the default)."""
-    w, h = size
-    right, top = 230, 50
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
     f_small, f_mid = _font(12), _font(15)
+    top, right = 50, _legend_room([*groups, "chosen default"], f_mid, 230, 60)
+    w, h = size[0] - 230 + right, size[1]  # the plot keeps its width; a long legend widens the image
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
     pts = [p for g in groups.values() for p in g]
     y_range = (max(0.0, min(p[1] - p[2] for p in pts) - 3.0), min(100.0, max(p[1] + p[2] for p in pts) + 3.0))
     px = _frame(img, d, (f_small, f_mid, _font(18)), right=right, x_range=(0.0, max(p[0] for p in pts) * 1.08),

@@ -199,3 +199,19 @@ def test_decoder_ranking_experiment_ranks_what_the_runtime_keeps(tiny_engines):
         r = row[kind]
         assert r["n"] == 1 and r["first"] <= r["oracle@2"] and r["ranked@2"] <= r["oracle@2"]
         assert r["ranked_by_image@2"] <= r["oracle@2"]
+
+
+def test_a_long_legend_widens_the_chart_instead_of_being_cut(tmp_path):
+    """The frontier's legend names engine folders: the longest must fit inside the image, with white beyond it."""
+    from PIL import Image
+
+    from bench.chart import scatter_chart
+
+    name = "shapes-v2-steps3 (distilled) int8 decoder+sr0 two-object"
+    for names, path in ((["a"], tmp_path / "short.png"), ([name, "b"], tmp_path / "long.png")):
+        scatter_chart({n: [(100.0 + i, 70.0, 2.0, "defaults")] for i, n in enumerate(names)}, path, title="t",
+                      xlabel="x", ylabel="y", chosen=(names[0], "defaults"))
+    short, long = (np.asarray(Image.open(p).convert("L")) for p in (tmp_path / "short.png", tmp_path / "long.png"))
+    assert short.shape == (620, 1000) and long.shape[0] == 620 and long.shape[1] > 1000
+    inked = np.nonzero((long < 128).any(axis=0))[0]  # columns with dark (text) pixels
+    assert inked.max() < long.shape[1] - 10  # the legend text ends inside, with a margin
