@@ -3,7 +3,7 @@
     python -m export.triton engines/shapes-v2 --out out/triton-repo                  # onnxruntime_onnx models
     python -m export.triton engines/shapes-v2 --out REPO --platform tensorrt --trt-key 10.7.0-sm90
     python -m export.triton engines/shapes-v2 --out REPO --platform python           # Python-backend stand-ins
-    python -m export.triton engines/shapes-v2 --out REPO --kind cpu --int8          # the folder's int8 variants
+    python -m export.triton engines/my-int8 --out REPO --kind cpu --int8   # a folder exported with export.all --int8
 
 What it writes (Triton's layout: ``<model>/config.pbtxt`` + ``<model>/1/<file>``):
 
@@ -14,6 +14,8 @@ What it writes (Triton's layout: ``<model>/config.pbtxt`` + ``<model>/1/<file>``
                             (1/model.onnx + 1/model.py, ``dalle2_rt/triton/graph_model.py``: onnxruntime in
                             the Python backend, for servers without the onnxruntime backend);
                             inputs and outputs with the manifest's names, dtypes and dims;
+                            with --int8 (CPU instances), 1/model.onnx is the graph's int8 variant where
+                            the folder has one, named in the parameter dalle2_rt.int8_variant;
                             max_batch_size = the graph's profile.batch.max and dynamic_batching with
                             preferred sizes {opt, max} (rows are independent in every graph, so requests
                             may be merged); instance_group from --instances / --kind / --gpus
@@ -46,7 +48,13 @@ import tempfile
 from pathlib import Path
 
 import dalle2_rt
-from dalle2_rt.runtime.backends.triton import MANIFEST_SHA_PARAMETER, TRITON_DTYPES, config_dims, is_batched
+from dalle2_rt.runtime.backends.triton import (
+    INT8_PARAMETER,
+    MANIFEST_SHA_PARAMETER,
+    TRITON_DTYPES,
+    config_dims,
+    is_batched,
+)
 from dalle2_rt.runtime.errors import Dalle2RTError
 from dalle2_rt.runtime.manifest import (
     MANIFEST,
@@ -145,9 +153,6 @@ def render(message: dict, indent: str = "") -> str:
         else:
             lines.append(f"{indent}{key}: {_scalar(value)}")
     return "\n".join(line for line in lines if line)
-
-
-INT8_PARAMETER = "dalle2_rt.int8_variant"  # a graph model serving the folder's int8 variant names its file
 
 
 def _parameters(values: dict) -> list[dict]:
@@ -305,7 +310,7 @@ def _vendor_runtime(dst: Path) -> None:
             shutil.copy2(src, target)
 
 
-def _int8_files(manifest: Manifest, platform: str, kind: str) -> dict[str, Path]:
+def _int8_files(manifest: Manifest, platform: str, kind: str, trt_key: str | None) -> dict[str, Path]:
     """{graph: its int8 variant} to serve in place of the fp32 graph; ``RepositoryError`` where that cannot be:
     a folder without variants, TensorRT plans, or GPU instances (QDQ graphs are for the CPU's int8 kernels)."""
     if platform == "tensorrt":
@@ -313,6 +318,8 @@ def _int8_files(manifest: Manifest, platform: str, kind: str) -> dict[str, Path]
                               "graphs")
     if kind == "gpu" or (kind == "auto" and platform != "python"):
         raise RepositoryError("--int8 variants run on CPU instances: add --kind cpu")
+    if trt_key:
+        raise RepositoryError("--int8 serves ONNX graphs; --trt-key selects TensorRT plans")
     files = {g: spec.int8_file for g, spec in manifest.graphs.items() if spec.int8_file is not None}
     if not files:
         raise RepositoryError(f"{manifest.folder} has no int8 variants (python -m export.all --int8 GRAPH writes "
@@ -344,7 +351,7 @@ def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, plat
     manifest = load_manifest(engines)
     if verify:
         verify_files(manifest)
-    served = _int8_files(manifest, platform, kind) if int8 else {}  # graph -> the file its model serves instead
+    served = _int8_files(manifest, platform, kind, trt_key) if int8 else {}  # graph -> the variant served instead
     out = Path(out)
     if out.exists() or out.is_symlink():
         if not force:
@@ -357,7 +364,7 @@ def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, plat
         _model_dir(out, name)
     if orchestrator in manifest.graphs:
         raise RepositoryError(f"the orchestrator's name {orchestrator!r} is also a graph's; choose another")
-    key = _plan_key(manifest, trt_key, platform)
+    key = None if served else _plan_key(manifest, trt_key, platform)  # --int8: ONNX models, never plans
     import onnxruntime as ort
 
     for spec in manifest.graphs.values():
@@ -377,7 +384,7 @@ def write_repository(engines: str | os.PathLike, out: str | os.PathLike, *, plat
                 _place(spec.trt[key], version / "model.plan", link)
             else:
                 _place(served.get(name, spec.file), version / "model.onnx", link)
-                for data in spec.raw.get("external_data", []):
+                for data in [] if name in served else spec.raw.get("external_data", []):  # a variant has none
                     _place(manifest.path(data), version / Path(data).name, link)
                 if plat == "python":
                     shutil.copy2(GRAPH_MODEL, version / "model.py")

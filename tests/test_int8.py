@@ -128,11 +128,10 @@ def test_the_variant_is_covered_by_the_files_hashes(int8_engines, tmp_path):
 
 
 def test_a_backend_without_int8_refuses_asking_for_it_but_takes_fp32_only(int8_engines):
-    with pytest.raises(InputError, match="takes no int8 option"):
-        Pipeline.load(int8_engines, backend="triton", url="http://127.0.0.1:9", int8=True)
-    # int8=False (--fp32) asks for what the backend does anyway: accepted, and the graphs are the fp32 ones
-    pipe = Pipeline.load(int8_engines, backend="torch", threads=1, int8=False)
-    assert pipe.backend.describe().startswith("torch ") and "int8" not in pipe.backend.describe()
+    with pytest.raises(InputError, match="the torch backend takes no int8 option"):
+        Pipeline.load(int8_engines, backend="torch", threads=1, int8=True)
+    # int8=False (--fp32) asks for what the backend does anyway (it runs the fp32 graphs): accepted
+    assert Pipeline.load(int8_engines, backend="torch", threads=1, int8=False).backend.name == "torch"
 
 
 def test_info_and_the_fp32_flag(int8_engines, tmp_path, capsys):
@@ -188,17 +187,21 @@ def test_a_triton_repository_serves_the_variant_on_cpu_instances(int8_engines, t
     assert (out / "decoder" / "1" / "model.onnx").read_bytes() == m.graphs["decoder"].file.read_bytes()
     text = (out / "sr0" / "config.pbtxt").read_text(encoding="utf-8")
     assert "KIND_CPU" in text and "sr0.int8.onnx" in text
-    pytest.importorskip("tritonclient.grpc")
-    assert writer.check_config(text, m.graphs["sr0"], m.sha256) == []  # same I/O as the fp32 graph
-    # without --int8 the same folder serves the fp32 graph
+    # --platform python (CPU instances by default) takes it too; without --int8 the fp32 graph is served
+    assert writer.write_repository(int8_engines, out, platform="python", int8=True, orchestrator=None,
+                                   force=True)["sr0"] == "backend python (int8 variant)"
+    assert served.read_bytes() == m.graphs["sr0"].int8_file.read_bytes()
     writer.write_repository(int8_engines, out, kind="cpu", orchestrator=None, force=True)
     assert served.read_bytes() == m.graphs["sr0"].file.read_bytes()
+    pytest.importorskip("tritonclient.grpc")
+    assert writer.check_config(text, m.graphs["sr0"], m.sha256) == []  # same I/O as the fp32 graph
 
 
 @pytest.mark.parametrize("options, message", [
     ({}, "--kind cpu"),  # auto: GPU instances for onnxruntime models
     ({"kind": "gpu"}, "--kind cpu"),
     ({"platform": "tensorrt", "kind": "gpu"}, "TensorRT plans are built from the fp32"),
+    ({"kind": "cpu", "trt_key": "10.7.0-sm90"}, "--trt-key selects TensorRT plans"),
 ])
 def test_a_triton_repository_refuses_int8_where_it_cannot_run(int8_engines, tmp_path, options, message):
     from export import triton as writer
@@ -232,6 +235,10 @@ def test_a_real_triton_server_runs_the_variant_as_the_local_runtime_does(int8_en
     local_int8, local_fp32 = (Pipeline.load(int8_engines, threads=1, int8=v).upsample(x, seed=3, sr_steps=2)
                               for v in (None, False))
     with triton_server.LocalServer(repo, startup_timeout=240) as server:
-        remote = Pipeline.load(int8_engines, backend="triton", url=server.url).upsample(x, seed=3, sr_steps=2)
+        pipe = Pipeline.load(int8_engines, backend="triton", url=server.url)
+        remote = pipe.upsample(x, seed=3, sr_steps=2)
+        with pytest.raises(InputError, match="serves the int8 variant sr0.int8.onnx"):  # --fp32 cannot be honoured
+            Pipeline.load(int8_engines, backend="triton", url=server.url, int8=False)
+    assert pipe.backend.describe().endswith(" int8 sr0")  # PNG metadata names it, as the local runtime's does
     np.testing.assert_allclose(remote, local_int8, atol=1e-4)
     assert np.abs(remote - local_fp32).max() > 1e-3  # the variant really ran there

@@ -11,8 +11,9 @@ the image encoder on each 32×32 sample, cosine with the text embedding), taken 
 m ≤ k; ``ranked_by_image@m`` ranks by the cosine with the prior's image embedding (the decoder's conditioning)
 instead. Settings are DECODER_STEPS,DECODER_GUIDANCE.
 
-Ranking by the image embedding, measured 2026-12-07 on the 3-step student (``make engines-steps3`` at 3,000 steps;
-``… 3,3 --k 4 --single 200 --two 300 --caption-seed 7 --threads 1``): two-object ranked by the text 69.0 / 76.3 /
+Ranking by the image embedding, measured 2026-12-07 on the 3-step student at 3,000 steps (a folder exported from
+that checkpoint, the one ``make engines-steps3`` built then; ``… 3,3 --k 4 --single 200 --two 300 --caption-seed 7
+--threads 1``): two-object ranked by the text 69.0 / 76.3 /
 78.3 % at k = 2 / 3 / 4, by the image embedding 70.3 / 74.7 / 78.7 %, oracle 74.3 / 82.3 / 87.3 %; single-object
 99.5 % either way at k = 4. No consistent gain: not adopted. The 9 points between the oracle and either ranking
 are what a better ranker could still buy.

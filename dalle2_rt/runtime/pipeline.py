@@ -94,8 +94,9 @@ class Pipeline:
         accepted as a keyword (``self.engines`` is the dict of opened graphs). url: the server of the
         ``triton`` backend (``http://HOST:8000``, ``grpc://HOST:8001``; ``backends/triton.py``). int8: onnxruntime
         on the CPU runs a graph's int8 variant where the folder has one (``graphs.<g>.int8``; None or True), or
-        the fp32 graphs only (False). An option the backend does not use (``url`` for onnxruntime, ``threads`` for
-        triton, …) is an ``InputError``.
+        the fp32 graphs only (False: accepted by every backend; triton refuses a repository written with
+        ``--int8``). An option the backend does not use (``url`` for onnxruntime, ``threads`` for triton,
+        ``int8=True`` for torch, …) is an ``InputError``.
         """
         if engines is not None:
             if folder is not None:

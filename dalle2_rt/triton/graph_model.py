@@ -1,7 +1,8 @@
 """Triton Python-backend model that runs one ONNX graph with onnxruntime: the stand-in for ``onnxruntime_onnx``.
 
 ``python -m export.triton ENGINES --out REPO --platform python`` copies this file to ``<graph>/1/model.py``
-beside ``model.onnx`` (the folder's plain graph, the one Triton's onnxruntime backend would load); the model
+beside ``model.onnx`` (the folder's plain graph, the one Triton's onnxruntime backend would load; with
+``--int8`` the graph's int8 variant where the folder has one); the model
 config is the one the ``onnxruntime_onnx`` model gets, with ``backend: "python"`` instead of the platform.
 It exists so that a server with only the Python backend (pytriton's bundled tritonserver, the tests on a CPU
 machine) serves the same graphs under the same names, dtypes and dims as a full Triton would.

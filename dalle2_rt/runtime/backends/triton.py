@@ -41,6 +41,7 @@ from .base import NO_OPTIONS, Backend, BackendOptions, Engine
 
 BATCH_AXIS = "batch"
 MANIFEST_SHA_PARAMETER = "dalle2_rt.manifest_sha256"  # config parameter written by export/triton.py
+INT8_PARAMETER = "dalle2_rt.int8_variant"  # set by export.triton --int8: the model serves this int8 variant
 TRITON_DTYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
                  "uint8": "UINT8", "uint64": "UINT64", "bool": "BOOL"}  # numpy dtype name -> Triton datatype
 TRITONCLIENT_NEEDS = "the triton backend needs tritonclient (pip install 'dalle2-rt[triton]')"
@@ -202,10 +203,12 @@ def config_problems(config: dict, spec: GraphSpec, manifest_sha256: str | None) 
 
 class TritonBackend(Backend):
     name = "triton"
-    takes = frozenset({"url", "timeout"})
+    takes = frozenset({"url", "timeout", "int8"})
 
     def __init__(self, manifest: Manifest, options: BackendOptions = NO_OPTIONS):
         super().__init__(manifest, options)
+        self.int8 = options.int8 is not False  # False: refuse models that serve an int8 variant
+        self._int8: set[str] = set()  # graphs whose Triton model serves its int8 variant (for metadata)
         url, timeout = options.url, 300.0 if options.timeout is None else options.timeout
         if not url:
             raise InputError("the triton backend needs the server's address: url='http://HOST:8000' or "
@@ -217,11 +220,19 @@ class TritonBackend(Backend):
     def engine(self, graph: str) -> TritonEngine:
         spec = self.manifest.graphs[graph]
         if isinstance(self.transport, ClientTransport):
-            problems = config_problems(self.transport.model_config(graph), spec, self.manifest.sha256)
+            config = self.transport.model_config(graph)
+            problems = config_problems(config, spec, self.manifest.sha256)
             if problems:
                 raise EngineFolderError(f"Triton model {graph!r} at {self.transport.where} does not match "
                                         f"{self.manifest.folder}: {'; '.join(problems)}")
+            variant = (config.get("parameters", {}).get(INT8_PARAMETER) or {}).get("string_value")
+            if variant and not self.int8:
+                raise InputError(f"Triton model {graph!r} at {self.transport.where} serves the int8 variant "
+                                 f"{variant}; fp32 only (--fp32) needs a repository written without --int8")
+            if variant:
+                self._int8.add(graph)
         return TritonEngine(spec, self.transport, graph)
 
     def describe(self) -> str:
-        return f"triton {self.version} {self.transport.where}"
+        int8 = f" int8 {' '.join(sorted(self._int8))}" if self._int8 else ""
+        return f"triton {self.version} {self.transport.where}{int8}"
