@@ -70,8 +70,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, title: str
     """Write a PNG: one polyline with dot markers per series (points (x, y)); ``marked[name] = x`` draws a
     ring around that series' point at x (e.g. the chosen default)."""
     f_mid = _font(15)
-    top, right = 50, _legend_room([*series, "chosen default"], f_mid, 200, 70)
-    w, h = size[0] - 200 + right, size[1]  # the plot keeps its width; a long legend widens the image
+    top, base = 50, 200  # base: the right margin ``size`` allows for the legend
+    right = _legend_room([*series, "chosen default"], f_mid, base, 70)
+    w, h = size[0] - base + right, size[1]  # the plot keeps its width; a long legend widens the image
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     xs = [x for pts in series.values() for x, _ in pts]
@@ -107,8 +108,9 @@ def scatter_chart(groups: dict[str, list[tuple[float, float, float, str]]], path
     """Write a PNG: one colour per group, each point (x, y, y standard error, label) drawn as a dot with a
     vertical ±1 SE bar and its label; ``chosen`` = (group, label) rings that point (e.g. the default)."""
     f_small, f_mid = _font(12), _font(15)
-    top, right = 50, _legend_room([*groups, "chosen default"], f_mid, 230, 60)
-    w, h = size[0] - 230 + right, size[1]  # the plot keeps its width; a long legend widens the image
+    top, base = 50, 230  # base: the right margin ``size`` allows for the legend
+    right = _legend_room([*groups, "chosen default"], f_mid, base, 60)
+    w, h = size[0] - base + right, size[1]  # the plot keeps its width; a long legend widens the image
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     pts = [p for g in groups.values() for p in g]

@@ -53,6 +53,7 @@ from dalle2_rt.runtime.backends.triton import (
     MANIFEST_SHA_PARAMETER,
     TRITON_DTYPES,
     config_dims,
+    config_parameter,
     is_batched,
 )
 from dalle2_rt.runtime.errors import Dalle2RTError
@@ -174,6 +175,13 @@ def _instances(count: int, kind: str, gpus: list[int] | None) -> list[dict]:
     return [group]
 
 
+def instance_kind(kind: str, platform: str) -> str:
+    """``kind`` with auto resolved: CPU instances for the Python stand-in, GPU ones for every other platform."""
+    if kind == "auto":
+        return "cpu" if platform == "python" else "gpu"
+    return kind
+
+
 def graph_config(spec: GraphSpec, *, platform: str, manifest_sha256: str, instances: int = 1,
                  kind: str = "auto", gpus: list[int] | None = None, queue_delay_us: int | None = 100,
                  threads: int = 1) -> dict:
@@ -193,8 +201,7 @@ def graph_config(spec: GraphSpec, *, platform: str, manifest_sha256: str, instan
         preferred = sorted({int(batch.get("opt", spec.max_batch)), int(spec.max_batch)})
         config["dynamic_batching"] = {"preferred_batch_size": preferred,
                                       "max_queue_delay_microseconds": int(queue_delay_us)}
-    if kind == "auto":
-        kind = "cpu" if platform == "python" else "gpu"
+    kind = instance_kind(kind, platform)
     if platform == "tensorrt" and kind != "gpu":
         raise RepositoryError(f"{spec.name}: a tensorrt_plan model runs on a GPU (--kind gpu)")
     config["instance_group"] = _instances(instances, kind, gpus)
@@ -256,7 +263,7 @@ def check_config(text: str, spec: GraphSpec, manifest_sha256: str) -> list[str]:
         want = [(t.name, f"TYPE_{TRITON_DTYPES[t.dtype.name]}", *config_dims(t.shape, batched)) for t in tensors]
         if got != want:
             problems.append(f"{key}: {got} != manifest {want}")
-    recorded = config.get("parameters", {}).get(MANIFEST_SHA_PARAMETER, {}).get("string_value")
+    recorded = config_parameter(config, MANIFEST_SHA_PARAMETER)
     if recorded != manifest_sha256:
         problems.append(f"parameter {MANIFEST_SHA_PARAMETER} is {recorded!r}")
     if batched and "dynamic_batching" in config:
@@ -316,7 +323,7 @@ def _int8_files(manifest: Manifest, platform: str, kind: str, trt_key: str | Non
     if platform == "tensorrt":
         raise RepositoryError("--int8 serves ONNX graphs on CPU instances; TensorRT plans are built from the fp32 "
                               "graphs")
-    if kind == "gpu" or (kind == "auto" and platform != "python"):
+    if instance_kind(kind, platform) == "gpu":
         raise RepositoryError("--int8 variants run on CPU instances: add --kind cpu")
     if trt_key:
         raise RepositoryError("--int8 serves ONNX graphs; --trt-key selects TensorRT plans")

@@ -24,12 +24,13 @@ class BackendOptions:
     shared_pool: bool = False
     url: str | None = None  # the Triton server: http://HOST:8000, grpc://HOST:8001, or bls
     timeout: float | None = None  # seconds per request to a server
-    # run a graph's int8 variant on the CPU where the folder has one (default: yes). False (fp32 only) is what a
-    # backend without int8 does anyway, so only True counts as given to it
-    int8: bool | None = None
+    int8: bool | None = None  # run a graph's int8 variant on the CPU where the folder has one (default: yes)
 
     def given(self) -> list[str]:
-        return [f.name for f in fields(self) if f.name != "shared_pool" and getattr(self, f.name) is not None]
+        """The options a backend must use to honour them. Not ``shared_pool`` (a permission) nor ``int8=False``
+        (fp32 only: what a backend without int8 does anyway)."""
+        return [f.name for f in fields(self) if f.name != "shared_pool" and getattr(self, f.name) is not None
+                and not (f.name == "int8" and self.int8 is False)]
 
 
 NO_OPTIONS = BackendOptions()
@@ -42,8 +43,7 @@ class Backend:
     takes: frozenset[str] = frozenset()  # the BackendOptions fields this backend uses
 
     def __init__(self, manifest: Manifest, options: BackendOptions):
-        unused = [name for name in options.given() if name not in self.takes
-                  and not (name == "int8" and options.int8 is False)]  # fp32 only: every other backend's way
+        unused = [name for name in options.given() if name not in self.takes]
         if unused:
             raise InputError(f"the {self.name} backend takes no {', '.join(unused)} option "
                              f"(it takes: {', '.join(sorted(self.takes)) or 'none'})")

@@ -185,6 +185,11 @@ class BlsTransport:
         return {n: pb.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
 
 
+def config_parameter(config: dict, key: str) -> str | None:
+    """The string value of a model config's parameter ``key`` (the config as Triton's JSON gives it), or None."""
+    return (config.get("parameters", {}).get(key) or {}).get("string_value")
+
+
 def config_problems(config: dict, spec: GraphSpec, manifest_sha256: str | None) -> list[str]:
     """What keeps a served model's config (JSON, model_config.proto names) from running ``spec``."""
     problems = []
@@ -194,7 +199,7 @@ def config_problems(config: dict, spec: GraphSpec, manifest_sha256: str | None) 
         want = {t.name: TRITON_DTYPES.get(t.dtype.name, "?") for t in tensors}
         if got != want:
             problems.append(f"{key}s {sorted(got.items())} differ from the manifest's {sorted(want.items())}")
-    recorded = (config.get("parameters", {}).get(MANIFEST_SHA_PARAMETER) or {}).get("string_value")
+    recorded = config_parameter(config, MANIFEST_SHA_PARAMETER)
     if recorded and manifest_sha256 and recorded != manifest_sha256:
         problems.append(f"it was written from another manifest (sha256 {recorded[:12]}…, this folder's is "
                         f"{manifest_sha256[:12]}…)")
@@ -225,7 +230,7 @@ class TritonBackend(Backend):
             if problems:
                 raise EngineFolderError(f"Triton model {graph!r} at {self.transport.where} does not match "
                                         f"{self.manifest.folder}: {'; '.join(problems)}")
-            variant = (config.get("parameters", {}).get(INT8_PARAMETER) or {}).get("string_value")
+            variant = config_parameter(config, INT8_PARAMETER)
             if variant and not self.int8:
                 raise InputError(f"Triton model {graph!r} at {self.transport.where} serves the int8 variant "
                                  f"{variant}; fp32 only (--fp32) needs a repository written without --int8")
