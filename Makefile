@@ -11,7 +11,7 @@ CHECKPOINTS := checkpoints/shapes-v2
 PACKAGED := dalle2_rt/engines/$(notdir $(ENGINES))
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup runtime engines engines-fast engines-steps engines-steps3 package-engines wheel-check demo test lint bench train train-gpu clean test-browser test-ray test-dalle2-pytorch
+.PHONY: setup runtime engines engines-fast engines-steps engines-steps3 engines-compact package-engines wheel-check demo test lint bench train train-gpu clean test-browser test-ray test-dalle2-pytorch
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ engines-steps: $(STAMP)
 # The 3-step student (configs/shapes-v2-steps3.toml: the guidance-distilled decoder's 6 DDIM steps taught in 3).
 engines-steps3: $(STAMP)
 	$(call distilled_engines,steps3)
+
+# The 3-step student with one U-Net block per level down and two up (configs/shapes-v2-compact.toml: block removal).
+engines-compact: $(STAMP)
+	$(call distilled_engines,compact)
 
 # The package's copy of the exported folder (float16-stored weights, no optimised copies): rebuild and commit it
 # whenever checkpoints/ or the export change (tests/test_packaged_engines.py fails until then).

@@ -14,8 +14,9 @@ image counts the dense algebra of every graph call the point's settings make (``
 FLOPs).
 
 The rule that picks the defaults (``choose_default``, applied again whenever the model changes): among all points,
-take the best single-object and the best two-object rate; a point qualifies when each of its two rates is at least
-that best rate minus the best point's standard error; the default is the fastest qualifying point. The run prints
+take the best single-object and the best two-object rate; a point qualifies when each of its two rates is below
+that best rate by at most one standard error of the difference (√(se_best² + se_point²): both rates are
+measured); the default is the fastest qualifying point. The run prints
 it; the chosen settings then go into the checkpoints' ``defaults.json`` (README, "Speed"; bench/RESULTS.md).
 """
 from __future__ import annotations
@@ -150,13 +151,18 @@ def time_points(points: list[tuple[Pipeline, dict]], reps: int) -> list[list[flo
     return out
 
 
+def within_one_se(point: dict, best: dict, kind: str) -> bool:
+    """``point``'s rate of ``kind`` is at most one standard error of the difference below ``best``'s: both
+    rates are measured, so the error of their difference is √(se_best² + se_point²)."""
+    return best[kind] - point[kind] <= float(np.hypot(best[f"{kind}_se"], point[f"{kind}_se"]))
+
+
 def choose_default(points: list[dict]) -> dict:
     """The fastest point whose single- and two-object rates are each within one standard error of the best
-    (the best rate minus that best point's standard error)."""
+    (of the difference between the two measured rates: ``within_one_se``)."""
     best_s = max(points, key=lambda p: p["single"])
     best_t = max(points, key=lambda p: p["two"])
-    floor_s, floor_t = best_s["single"] - best_s["single_se"], best_t["two"] - best_t["two_se"]
-    ok = [p for p in points if p["single"] >= floor_s and p["two"] >= floor_t]
+    ok = [p for p in points if within_one_se(p, best_s, "single") and within_one_se(p, best_t, "two")]
     return min(ok, key=lambda p: p["ms"])
 
 

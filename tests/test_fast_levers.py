@@ -2,6 +2,7 @@
 training step, export, manifest and runtime), and the frontier's default rule."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -353,6 +354,109 @@ def test_step_distillation_refuses_a_teacher_that_is_not_guidance_distilled(tmp_
         steps_spec(cfg)
 
 
+def _deep_teacher(tmp_path, steps: int | None = 2):
+    """Tiny checkpoints whose decoder is a guidance-distilled U-Net with 2 blocks per level over 3 levels,
+    recorded as step-distilled to ``steps`` (None: not step-distilled)."""
+    from tests.conftest import TINY_MODEL, write_tiny_checkpoints
+
+    unet = {**TINY_MODEL["decoder"]["unet"], "channel_mults": [1, 2, 2], "num_res_blocks": 2,
+            "attention_levels": [1, 2]}
+    model = guided_model()
+    model = {**model, "decoder": {**model["decoder"], "unet": unet}}
+    ckpt = write_tiny_checkpoints(tmp_path / "ckpt", model=model, seed=5)
+    if steps is not None:
+        path = ckpt / "decoder" / "model" / "model.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "distilled_steps": steps}))
+    return ckpt
+
+
+def _teacher_and_student(tmp_path):
+    """The tiny deep teacher and its one-block-per-level student started from the blocks it keeps."""
+    from dalle2_rt.models import registry
+    from dalle2_rt.models.decoder import Decoder
+    from dalle2_rt.training.distill import compact_weights
+
+    teacher = registry.load(_deep_teacher(tmp_path) / "decoder" / "model").model
+    cfg = teacher.cfg
+    student = Decoder(dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, num_res_blocks=1)))
+    student.load_state_dict(compact_weights(teacher.state_dict(), 3, 2, 1), strict=True)
+    return teacher, student
+
+
+def test_block_removal_keeps_each_levels_first_blocks_down_and_first_and_last_up(tmp_path):
+    torch = pytest.importorskip("torch")
+    from dalle2_rt.training.distill import DistillError, compact_weights
+
+    teacher, student = _teacher_and_student(tmp_path)
+    t, s = teacher.unet, student.unet
+    # down: teacher [L0 b0, L0 b1, down0, L1 b0, L1 b1, down1, L2 b0, L2 b1];
+    #       student [L0 b0, down0, L1 b0, down1, L2 b0]
+    # up: teacher per level [b0, b1, b2 (+ upsample, conv)]; student [b0, b1 = the teacher's b2 (+ upsample, conv)]
+    pairs = [(s.down[0], t.down[0]), (s.down[1], t.down[2]), (s.down[2], t.down[3]), (s.down[3], t.down[5]),
+             (s.down[4], t.down[6]), (s.up[0], t.up[0]), (s.up[1], t.up[2]), (s.up[3], t.up[4]),
+             (s.up[4], t.up[5]), (s.up[5], t.up[7]), (s.up[9], t.up[12]), (s.mid, t.mid)]
+    for mine, theirs in pairs:
+        for (name, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
+    assert torch.equal(student.image_to_emb.weight, teacher.image_to_emb.weight)
+    # as many blocks as the teacher: the same state; more, or none: refused
+    assert compact_weights(teacher.state_dict(), 3, 2, 2).keys() == teacher.state_dict().keys()
+    for blocks in (0, 3):
+        with pytest.raises(DistillError, match="num_res_blocks must be 1 … 2"):
+            compact_weights(teacher.state_dict(), 3, 2, blocks)
+
+
+def test_block_removal_trains_a_smaller_student_of_the_same_sampler(tmp_path):
+    pytest.importorskip("torch")
+    from dalle2_rt.models.registry import read_meta
+    from dalle2_rt.training.config import config_from_dict
+    from dalle2_rt.training.distill import train_decoder_compact
+
+    ckpt = _deep_teacher(tmp_path)
+    run = distill_config(tmp_path, ckpt, "decoder_compact", num_res_blocks=1, feature_weight=1.0)
+    del run["stages"]["decoder_compact"]["init_from"]  # the student starts from the teacher's kept blocks
+    folder = train_decoder_compact(config_from_dict(run))
+    meta = read_meta(folder / "model")
+    assert meta["config"]["unet"]["num_res_blocks"] == 1 and meta["distilled_steps"] == 2
+    assert meta["config"]["guidance_input"] is True and meta["step"] == 2
+    teacher_size = (ckpt / "decoder" / "model" / "model.safetensors").stat().st_size
+    assert (folder / "model" / "model.safetensors").stat().st_size < 0.9 * teacher_size
+
+
+def test_block_removal_pairs_each_levels_output_of_teacher_and_student(tmp_path):
+    torch = pytest.importorskip("torch")
+    from dalle2_rt.training.distill import _level_features
+
+    teacher, student = _teacher_and_student(tmp_path)
+    feats = _level_features(teacher, student, 3, 2, 1)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(x_t=torch.randn(2, 3, 16, 16, generator=g), t=torch.tensor([10.0, 900.0]),
+                  image_embed=torch.randn(2, 16, generator=g), text_encodings=torch.randn(2, 77, 32, generator=g),
+                  image_keep=torch.ones(2), text_keep=torch.ones(2), guidance=torch.tensor([1.0, 3.0]))
+    with torch.no_grad():
+        teacher(**inputs)
+        student(**inputs)
+    # three levels down, the middle, three levels up: 16, 8, 4, 4, 4, 8, 16 pixels a side
+    sides = [16, 8, 4, 4, 4, 8, 16]
+    assert [f.shape[-1] for f in feats["teacher"]] == [f.shape[-1] for f in feats["student"]] == sides
+    assert all(a.shape == b.shape for a, b in zip(feats["teacher"], feats["student"], strict=True))
+    # every call replaces what the hooks kept
+    before = [f.clone() for f in feats["student"]]
+    with torch.no_grad():
+        student(**{**inputs, "x_t": -inputs["x_t"]})
+    assert all(not torch.equal(a, b) for a, b in zip(before, feats["student"], strict=True))
+
+
+def test_block_removal_needs_a_step_distilled_teacher(tmp_path):
+    pytest.importorskip("torch")
+    from dalle2_rt.training.config import config_from_dict
+    from dalle2_rt.training.distill import DistillError, compact_spec
+
+    ckpt = _deep_teacher(tmp_path, steps=None)
+    with pytest.raises(DistillError, match="not a step-distilled decoder"):
+        compact_spec(config_from_dict(distill_config(tmp_path, ckpt, "decoder_compact")))
+
+
 # --------------------------------------------------------------------------------------------------------
 # the frontier's rule
 
@@ -366,6 +470,10 @@ def test_the_default_is_the_fastest_point_within_one_standard_error_of_the_best(
     points = [pt("slow best", 99.0, 80.0, 400), pt("fast close", 98.0, 78.5, 100), pt("faster worse", 99.0, 70.0, 50)]
     assert choose_default(points)["label"] == "fast close"
     assert choose_default([pt("a", 99.0, 80.0, 400), pt("b", 96.0, 80.0, 10)])["label"] == "a"
+    # the error of a difference of two measured rates counts both: 99.8 ± 0.4 vs 99.2 ± 0.5 differ by 0.6 < 0.64
+    near = [pt("best", 99.8, 75.2, 390, se=0.4), {**pt("student", 99.2, 77.2, 201, se=0.5), "two_se": 2.1}]
+    assert choose_default(near)["label"] == "student"
+    assert choose_default([near[0], {**near[1], "single": 99.1}])["label"] == "best"  # 0.7 > 0.64
 
 
 def test_a_rate_with_every_image_right_still_has_an_error():

@@ -248,7 +248,7 @@ def test_the_v2_recipe_warm_starts_from_committed_folders_of_the_right_kind():
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / "shapes-v2.toml")
     # every stage but the distillations (their own recipes)
-    assert set(cfg.stages) == set(STAGES) - {"decoder_distill", "decoder_steps"}
+    assert set(cfg.stages) == set(STAGES) - {"decoder_distill", "decoder_steps", "decoder_compact"}
     for stage in cfg.stages:
         folder = repo / cfg.stage(stage).init_from
         meta = json.loads((folder / "model.json").read_text())
@@ -307,6 +307,33 @@ def test_the_step_distillation_recipe_builds_on_the_committed_guidance_distilled
     assert f"$(call distilled_engines,{folder.name.removeprefix('shapes-v2-')})" in (repo / "Makefile").read_text()
     ts, _, ts_mid, _, _ = step_grids(alphas_cumprod_for(teacher["config"]["schedule"], 1000), run.student_steps)
     assert len(ts) == run.student_steps and all(ts_mid < ts)
+
+
+def test_the_block_removal_recipe_builds_on_the_committed_3_step_student():
+    """configs/shapes-v2-compact.toml: the teacher is the committed 3-step student, the student warm-starts from a
+    committed compact decoder (the teacher's config with fewer blocks per level, the same sampler), and the folder
+    recipe (make engines-compact) finds it and its defaults."""
+    from pathlib import Path
+
+    from dalle2_rt.training.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    run = load_config(repo / "configs" / "shapes-v2-compact.toml").stage("decoder_compact")
+    assert run.teacher == "checkpoints/shapes-v2-steps3/decoder/model"
+    assert run.clip == "checkpoints/shapes-v2/clip/model"
+    teacher = json.loads((repo / run.teacher / "model.json").read_text())
+    student = json.loads((repo / run.init_from / "model.json").read_text())
+    blocks = student["config"]["unet"]["num_res_blocks"]
+    assert blocks == run.num_res_blocks < teacher["config"]["unet"]["num_res_blocks"]
+    unet = {k: v for k, v in student["config"]["unet"].items() if k != "num_res_blocks"}
+    assert unet == {k: v for k, v in teacher["config"]["unet"].items() if k != "num_res_blocks"}
+    assert {k: v for k, v in student["config"].items() if k != "unet"} == \
+        {k: v for k, v in teacher["config"].items() if k != "unet"}
+    assert student["distilled_steps"] == teacher["distilled_steps"] == 3
+    folder = repo / "checkpoints" / "shapes-v2-compact"
+    assert (repo / run.init_from).parent == folder / "decoder"
+    assert json.loads((folder / "defaults.json").read_text())["decoder"]["steps"] == 3
+    assert "$(call distilled_engines,compact)" in (repo / "Makefile").read_text()
 
 
 def test_clip_contrastive_with_hard_negatives():

@@ -18,9 +18,11 @@ rerunning the same command resumes from the last checkpoint."""
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dalle2-train", description="Train the unCLIP stages of dalle2-rt.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["clip", "prior", "decoder", "sr", "all", "decoder_distill", "decoder_steps"],
+    p.add_argument("stage", choices=["clip", "prior", "decoder", "sr", "all", "decoder_distill", "decoder_steps",
+                                      "decoder_compact"],
                    help="which stage to train (decoder_distill: guidance distillation of a trained decoder; "
-                        "decoder_steps: step distillation of a guidance-distilled one)")
+                        "decoder_steps: step distillation of a guidance-distilled one; decoder_compact: fewer "
+                        "U-Net blocks for a step-distilled one)")
     p.add_argument("--config", required=True, help="TOML training config (see configs/)")
     p.add_argument("--out-dir", help="override [run] out_dir")
     p.add_argument("--max-steps", type=int, help="stop after this many steps of this run (checkpointed)")
@@ -52,13 +54,12 @@ def main(argv=None) -> int:
     if args.max_steps is not None and args.max_steps <= 0:
         print("dalle2-train: --max-steps must be positive", file=sys.stderr)
         return 2
-    from dalle2_rt.training import stages
-    from dalle2_rt.training.distill import DistillError, train_decoder_distill, train_decoder_steps
+    from dalle2_rt.training import distill, stages
     from dalle2_rt.training.loop import WarmStartError
 
     fn = {"clip": stages.train_clip, "prior": stages.train_prior, "decoder": stages.train_decoder,
-          "sr": stages.train_sr, "all": stages.train_all, "decoder_distill": train_decoder_distill,
-          "decoder_steps": train_decoder_steps}[args.stage]
+          "sr": stages.train_sr, "all": stages.train_all, "decoder_distill": distill.train_decoder_distill,
+          "decoder_steps": distill.train_decoder_steps, "decoder_compact": distill.train_decoder_compact}[args.stage]
     if args.stage in ("prior", "decoder") and not (cfg.stage_dir("clip") / "model").exists():
         print(f"dalle2-train: {args.stage} needs a trained CLIP in {cfg.stage_dir('clip')}/model; "
               "run `dalle2-train clip` first", file=sys.stderr)
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         return 2
     try:
         folder = fn(cfg, max_steps=args.max_steps)
-    except (WarmStartError, DistillError) as e:
+    except (WarmStartError, distill.DistillError) as e:
         print(f"dalle2-train: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dalle2_rt.models import config_dict
 
-STAGES = ("clip", "prior", "decoder", "sr", "decoder_distill", "decoder_steps")
+STAGES = ("clip", "prior", "decoder", "sr", "decoder_distill", "decoder_steps", "decoder_compact")
 
 
 @dataclass
@@ -71,6 +71,11 @@ class StageRun:
     # to take; the teacher (a guidance-distilled decoder) takes twice as many on the same trailing grid, and w is
     # drawn from the teacher's own guidance_range (this section's guidance_range is decoder_distill's)
     student_steps: int = 2
+    # decoder_compact only (block removal, training/distill.py): residual blocks per U-Net level of the student,
+    # fewer than the teacher's (a step-distilled decoder, sampled at its own steps)
+    num_res_blocks: int = 1
+    # … and the weight of the level-output loss beside the output's (0: the output alone)
+    feature_weight: float = 0.0
 
 
 @dataclass
