@@ -11,7 +11,8 @@ CHECKPOINTS := checkpoints/shapes-v2
 PACKAGED := dalle2_rt/engines/$(notdir $(ENGINES))
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup runtime engines engines-fast engines-steps engines-steps3 engines-compact package-engines wheel-check demo test lint bench train train-gpu clean test-browser test-ray test-dalle2-pytorch
+.PHONY: setup runtime engines engines-fast engines-steps engines-steps3 engines-compact package-engines wheel-check \
+	demo test lint bench train train-gpu clean test-browser test-ray test-dalle2-pytorch
 
 setup: $(STAMP)
 

@@ -201,6 +201,30 @@ def test_decoder_ranking_experiment_ranks_what_the_runtime_keeps(tiny_engines):
         assert r["ranked_by_image@2"] <= r["oracle@2"]
 
 
+def test_learned_ranker_experiment_trains_and_reports_each_epoch(tiny_engines, tmp_path, monkeypatch):
+    """bench/experiments/learned_ranker.py on the tiny folder: samples drawn for training and evaluation captions
+    (disjoint), CLIP's kept rates never above the oracle's, one row per epoch in --json."""
+    pytest.importorskip("torch")
+    from bench.experiments import learned_ranker
+
+    drawn = []
+
+    def first_is_right(image, caption):  # a random tiny decoder draws nothing right: the first of each 2 is
+        drawn.append(caption)
+        return {"fully_right": len(drawn) % 2 == 1}
+
+    monkeypatch.setattr(learned_ranker, "score", first_is_right)
+    out = tmp_path / "r.json"
+    assert learned_ranker.main(["--engines", str(tiny_engines), "--threads", "1", "--train", "3,3,101",
+                                "--eval", "2,2,7", "--k", "2", "--epochs", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["captions"]["eval"] == 4 and res["captions"]["train"] == 6 == len(drawn) // 2 - 4
+    assert [row["epoch"] for row in res["epochs"]] == [0, 1]
+    for part in ("val", "eval"):
+        r = res["clip"][part]["2"]
+        assert 0.0 <= r["two"] <= r["oracle_two"] == 1.0  # every caption has one right candidate of its 2
+
+
 def test_a_long_legend_widens_the_chart_instead_of_being_cut(tmp_path):
     """The frontier's legend names engine folders: the longest must fit inside the image, with white beyond it."""
     from PIL import Image

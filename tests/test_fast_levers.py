@@ -400,7 +400,9 @@ def test_block_removal_keeps_each_levels_first_blocks_down_and_first_and_last_up
             assert torch.equal(a, b), name
     assert torch.equal(student.image_to_emb.weight, teacher.image_to_emb.weight)
     # as many blocks as the teacher: the same state; more, or none: refused
-    assert compact_weights(teacher.state_dict(), 3, 2, 2).keys() == teacher.state_dict().keys()
+    same = compact_weights(teacher.state_dict(), 3, 2, 2)
+    assert same.keys() == teacher.state_dict().keys()
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in same.items())
     for blocks in (0, 3):
         with pytest.raises(DistillError, match="num_res_blocks must be 1 … 2"):
             compact_weights(teacher.state_dict(), 3, 2, blocks)
@@ -436,6 +438,21 @@ def test_block_removal_pairs_each_levels_output_of_teacher_and_student(tmp_path)
     with torch.no_grad():
         teacher(**inputs)
         student(**inputs)
+    # what each level's last block stage outputs, caught independently: teacher down [1, 4, 7], up [2, 7, 12];
+    # student down [0, 2, 4], up [1, 5, 9] (the layouts in the test above), the middle's last module in both
+    ref = {"teacher": [teacher.unet.down[1], teacher.unet.down[4], teacher.unet.down[7], teacher.unet.mid,
+                       teacher.unet.up[2], teacher.unet.up[7], teacher.unet.up[12]],
+           "student": [student.unet.down[0], student.unet.down[2], student.unet.down[4], student.unet.mid,
+                       student.unet.up[1], student.unet.up[5], student.unet.up[9]]}
+    seen = {who: [None] * 7 for who in ref}
+    for who, stages in ref.items():
+        for i, stage in enumerate(stages):
+            stage[-1].register_forward_hook(lambda m, a, out, who=who, i=i: seen[who].__setitem__(i, out))
+    with torch.no_grad():
+        teacher(**inputs)
+        student(**inputs)
+    for who in ref:
+        assert all(torch.equal(a, b) for a, b in zip(feats[who], seen[who], strict=True)), who
     # three levels down, the middle, three levels up: 16, 8, 4, 4, 4, 8, 16 pixels a side
     sides = [16, 8, 4, 4, 4, 8, 16]
     assert [f.shape[-1] for f in feats["teacher"]] == [f.shape[-1] for f in feats["student"]] == sides
@@ -445,6 +462,19 @@ def test_block_removal_pairs_each_levels_output_of_teacher_and_student(tmp_path)
     with torch.no_grad():
         student(**{**inputs, "x_t": -inputs["x_t"]})
     assert all(not torch.equal(a, b) for a, b in zip(before, feats["student"], strict=True))
+
+
+def test_block_removal_refuses_a_start_that_is_not_a_compact_student(tmp_path):
+    pytest.importorskip("torch")
+    from dalle2_rt.training.config import ConfigError, config_from_dict
+    from dalle2_rt.training.distill import DistillError, compact_spec
+
+    ckpt = _deep_teacher(tmp_path)
+    run = distill_config(tmp_path, ckpt, "decoder_compact")  # init_from: the teacher itself
+    with pytest.raises(DistillError, match="has 2 blocks per level, not num_res_blocks = 1"):
+        compact_spec(config_from_dict(run))
+    with pytest.raises(ConfigError, match="feature_weight at least 0"):
+        config_from_dict(distill_config(tmp_path, ckpt, "decoder_compact", feature_weight=-1.0))
 
 
 def test_block_removal_needs_a_step_distilled_teacher(tmp_path):

@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=captions_arg, default=(400, 2600, 101), help="N_SINGLE,N_TWO,SEED")
     p.add_argument("--eval", type=captions_arg, default=(200, 300, 7), help="N_SINGLE,N_TWO,SEED")
     p.add_argument("--k", type=int, default=4, help="candidates per caption (default 4)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=8, help="passes over the training captions (default 8)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the image tower (default 1e-4)")
     args = p.parse_args(argv)
     import torch
     import torch.nn.functional as F
@@ -84,18 +84,23 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
     folder = engine_folder(args)
     pipe = Pipeline.load(folder, threads=args.threads)
     eval_caps = eval_captions(*args.eval[:2], seed=args.eval[2])
-    train_caps = [c for c in eval_captions(*args.train[:2], seed=args.train[2]) if c not in set(eval_caps)]
+    held_out = set(eval_caps)
+    train_caps = [c for c in eval_captions(*args.train[:2], seed=args.train[2]) if c not in held_out]
     print(f"drawing {len(train_caps)} training and {len(eval_caps)} evaluation captions × {args.k}", flush=True)
     train, ev = draw(pipe, train_caps, args.k), draw(pipe, eval_caps, args.k)
-    val_mask = np.random.default_rng(0).random(len(train_caps)) < 0.15
+    val_mask = rng.random(len(train_caps)) < 0.15
     val = {key: v[val_mask] for key, v in train.items()}
     fit = {key: v[~val_mask] for key, v in train.items()}
     counts = fit["right"].sum(1)
     mixed = (counts > 0) & (counts < args.k)
     fit = {key: v[mixed] for key, v in fit.items()}
+    if not mixed.any():
+        print("no training caption has both right and wrong candidates: nothing to learn from", file=sys.stderr)
+        return 1
 
     clip_folder = clip_folder_of(pipe)
     clip = registry.load(clip_folder, expect="clip").model.float()
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
     text = torch.from_numpy(fit["text"]).float()
     for epoch in range(args.epochs):
         tower.train()
-        order, total = np.random.permutation(len(share)), 0.0
+        order, total = rng.permutation(len(share)), 0.0
         for i in range(0, len(order), 32):
             idx = order[i:i + 32]
             emb = tower(pixels(fit["x"][idx])).reshape(len(idx), args.k, -1)

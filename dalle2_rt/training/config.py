@@ -141,6 +141,9 @@ def config_from_dict(data: dict) -> TrainConfig:
             raise ConfigError(f"[stages.{name}]: hard_negatives applies to CLIP only")
         if not 1 <= stages[name].student_steps <= 500:
             raise ConfigError(f"[stages.{name}]: student_steps must be in 1 … 500, got {stages[name].student_steps}")
+        if stages[name].num_res_blocks < 1 or stages[name].feature_weight < 0:
+            raise ConfigError(f"[stages.{name}]: num_res_blocks must be at least 1 and feature_weight at least 0, "
+                              f"got {stages[name].num_res_blocks} and {stages[name].feature_weight}")
         if stages[name].two_object_prob is not None:
             _check_share(stages[name].two_object_prob, f"[stages.{name}]")
     model = data.pop("model", {})

@@ -290,7 +290,8 @@ def compact_weights(teacher_state: dict, levels: int, teacher_blocks: int, block
     """The teacher decoder's state dict renamed onto a student U-Net with ``blocks`` (≤ the teacher's) block
     stages per level: down, the first ``blocks`` of each level; up, the first ``blocks`` and the last one."""
     if not 1 <= blocks <= teacher_blocks:
-        raise DistillError(f"num_res_blocks must be 1 … {teacher_blocks} (the teacher's), got {blocks}")
+        raise DistillError(f"[stages.{COMPACT_STAGE}] num_res_blocks must be 1 … {teacher_blocks} (the teacher's), "
+                           f"got {blocks}")
     t_down, t_up = _unet_layout(levels, teacher_blocks)
     s_down, s_up = _unet_layout(levels, blocks)
 
@@ -314,25 +315,31 @@ def compact_weights(teacher_state: dict, levels: int, teacher_blocks: int, block
     return out
 
 
+def level_modules(net: Decoder, levels: int, blocks: int) -> list:
+    """The last module of each U-Net level's last block stage, down then the middle then up (7 for 3 levels)."""
+    down, up = _unet_layout(levels, blocks)
+    stages = [net.unet.down[down.index(("res", lv, blocks - 1))][-1] for lv in range(levels)]
+    stages.append(net.unet.mid[-1])
+    return stages + [net.unet.up[up.index(("res", lv, blocks))][-1] for lv in reversed(range(levels))]
+
+
 def _level_features(teacher: Decoder, student: Decoder, levels: int, teacher_blocks: int, blocks: int) -> dict:
-    """Forward hooks that keep, on every call, the output of each U-Net level (its last block stage) on the way
-    down and up and of the middle, for the teacher and the student in the same order: {"teacher": [...],
-    "student": [...]}."""
+    """Forward hooks that keep, on every call, the output of each U-Net level (``level_modules``) for the teacher
+    and the student in the same order: {"teacher": [...], "student": [...]}. Only these modules write: a copy of
+    the student (the EMA's) carries the hooks but leaves the lists alone."""
     kept: dict[str, list] = {"teacher": [], "student": []}
     for who, net, n in (("teacher", teacher, teacher_blocks), ("student", student, blocks)):
-        down, up = _unet_layout(levels, n)
-        stages = [net.unet.down[down.index(("res", lv, n - 1))][-1] for lv in range(levels)]
-        stages.append(net.unet.mid[-1])
-        stages += [net.unet.up[up.index(("res", lv, n))][-1] for lv in reversed(range(levels))]
-        outputs = kept[who] = [None] * len(stages)
+        modules = level_modules(net, levels, n)
+        outputs = kept[who] = [None] * len(modules)
 
-        def keep(i, outputs=outputs):
-            def hook(module, args, output):
-                outputs[i] = output
+        def keep(i, owner, outputs=outputs):
+            def hook(called, args, output):
+                if called is owner:
+                    outputs[i] = output
             return hook
 
-        for i, module in enumerate(stages):
-            module.register_forward_hook(keep(i))
+        for i, module in enumerate(modules):
+            module.register_forward_hook(keep(i, module))
     return kept
 
 
@@ -347,12 +354,20 @@ def compact_spec(cfg: TrainConfig) -> StageSpec:
         raise DistillError(f"{run.teacher}: not a step-distilled decoder (decoder_steps); block removal learns "
                            "the few steps such a decoder samples with")
     unet = tcfg.unet
+    if run.init_from and (Path(run.init_from) / "model.json").is_file():
+        start = registry.read_meta(Path(run.init_from)).get("config", {}).get("unet", {})
+        if start.get("num_res_blocks") != run.num_res_blocks:
+            raise DistillError(f"[stages.{COMPACT_STAGE}] init_from {run.init_from} has "
+                               f"{start.get('num_res_blocks')} blocks per level, not num_res_blocks = "
+                               f"{run.num_res_blocks}: name an earlier decoder_compact student, or leave init_from "
+                               "out to start from the teacher's kept blocks")
     scfg = dataclasses.replace(tcfg, unet=dataclasses.replace(unet, num_res_blocks=run.num_res_blocks))
     student = Decoder(scfg)
     student.load_state_dict(compact_weights(teacher.state_dict(), len(unet.channel_mults), unet.num_res_blocks,
                                             run.num_res_blocks), strict=True)
     lo, hi = tcfg.guidance_range
-    feats = _level_features(teacher, student, len(unet.channel_mults), unet.num_res_blocks, run.num_res_blocks)
+    feats = (_level_features(teacher, student, len(unet.channel_mults), unet.num_res_blocks, run.num_res_blocks)
+             if run.feature_weight else None)
     teacher, diffusion, world = _frozen_parts(cfg, run, teacher, tcfg)
     ts = torch.from_numpy(np.asarray(respace(diffusion.abar.numpy(), steps, "trailing").timesteps))
 
