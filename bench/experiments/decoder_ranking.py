@@ -37,18 +37,25 @@ def setting_arg(text: str) -> tuple[int, float]:
     return int(steps), float(guidance)
 
 
-def samples_of(pipe: Pipeline, caption: str, k: int, steps: int, guidance: float, seed: int = 0):
-    """(k SR'd uint8 images (k, S, S, 3), their ranking scores (k,), the scores against the prior's image
-    embedding (k,)) for image 0 of ``caption`` at ``seed``."""
-    options = {"decoder_steps": steps, "decoder_guidance": guidance, "decoder_candidates": k}
+def draw_candidates(pipe: Pipeline, caption: str, k: int, seed: int = 0, **options):
+    """(the text encoding, the prior's image embedding (1, D), the k decoder samples (k, C, h, w), each through SR
+    as uint8 (k, S, S, 3)) for image 0 of ``caption`` at ``seed``; ``options``: sampling settings."""
+    options = {**options, "decoder_candidates": k}
     text = pipe.encode_text([caption])
     embed = pipe.prior(text, seed=seed, indices=[0], **options)  # (1, D)
     x = pipe.decode(embed, text, seed=seed, indices=[0], keep_candidates=True, **options)  # (k, C, h, w)
-    scores = pipe.clip_scores(x, np.repeat(text["text_embed"], k, 0))  # (k,): the runtime's ranking
-    by_image = pipe.clip_scores(x, np.repeat(embed, k, 0))  # (k,): against the decoder's own conditioning
     # each sample through SR as the runtime would take it on: with image 0's SR stream
     high = pipe.upsample(x, seed=seed, indices=np.zeros(k, np.int64), **options)
-    return to_uint8(np.clip(high, *pipe.pixel_range), pipe.pixel_range), scores, by_image
+    return text, embed, x, to_uint8(np.clip(high, *pipe.pixel_range), pipe.pixel_range)
+
+
+def samples_of(pipe: Pipeline, caption: str, k: int, steps: int, guidance: float, seed: int = 0):
+    """(k SR'd uint8 images (k, S, S, 3), their ranking scores (k,), the scores against the prior's image
+    embedding (k,)) for image 0 of ``caption`` at ``seed``."""
+    text, embed, x, images = draw_candidates(pipe, caption, k, seed, decoder_steps=steps, decoder_guidance=guidance)
+    scores = pipe.clip_scores(x, np.repeat(text["text_embed"], k, 0))  # (k,): the runtime's ranking
+    by_image = pipe.clip_scores(x, np.repeat(embed, k, 0))  # (k,): against the decoder's own conditioning
+    return images, scores, by_image
 
 
 def measure(pipe: Pipeline, settings, single: int = 50, two: int = 100, k: int = 4, log=print,

@@ -24,12 +24,13 @@ import sys
 
 import numpy as np
 
-from dalle2_rt.runtime.images import to_uint8
 from dalle2_rt.runtime.pipeline import Pipeline
+from dalle2_rt.runtime.stages import rank_pixels
 from dalle2_rt.world import parse_caption, score
 
 from ..fidelity import eval_captions
 from . import engine_folder, parser, write_json
+from .decoder_ranking import draw_candidates
 
 
 def captions_arg(text: str) -> tuple[int, int, int]:
@@ -41,13 +42,8 @@ def draw(pipe: Pipeline, captions: list[str], k: int, log=print) -> dict:
     """k candidates per caption (32×32, the pixel range; image 0 of seed i for the i-th caption, drawn as
     ``decoder_ranking`` draws them), the caption's text embedding, and which are fully right after SR."""
     xs, texts, right = [], [], []
-    options = {"decoder_candidates": k}
     for i, caption in enumerate(captions):
-        text = pipe.encode_text([caption])
-        embed = pipe.prior(text, seed=i, indices=[0], **options)
-        x = pipe.decode(embed, text, seed=i, indices=[0], keep_candidates=True, **options)  # (k, C, h, w)
-        high = pipe.upsample(x, seed=i, indices=np.zeros(k, np.int64), **options)
-        images = to_uint8(np.clip(high, *pipe.pixel_range), pipe.pixel_range)
+        text, _, x, images = draw_candidates(pipe, caption, k, seed=i)
         xs.append(x.astype(np.float32))
         texts.append(text["text_embed"][0])
         right.append([bool(score(im, caption)["fully_right"]) for im in images])
@@ -107,13 +103,12 @@ def main(argv=None) -> int:
     for name, prm in clip.named_parameters():
         prm.requires_grad_(name.startswith("visual."))
     tower = ClipImageEncoder(clip)
-    lo, hi = pipe.pixel_range
-    side = int(pipe.manifest.stages["image_encoder"]["image_size"])
+    stage = pipe.manifest.stages["image_encoder"]
 
-    def pixels(x):  # as the runtime's stages.rank_pixels: [0, 1], nearest enlargement
-        unit = ((np.clip(x, lo, hi) - lo) / (hi - lo)).reshape(-1, *x.shape[-3:])
-        f = side // unit.shape[-1]
-        return torch.from_numpy(np.ascontiguousarray(unit.repeat(f, -2).repeat(f, -1), dtype=np.float32))
+    def pixels(x):  # the image encoder's input, as the runtime ranks: (M, C, side, side)
+        flat = x.reshape(-1, *x.shape[-3:])
+        return torch.from_numpy(rank_pixels(flat, pipe.pixel_range, int(stage["image_size"]),
+                                            stage.get("input_range", (0.0, 1.0))))
 
     def scores(d):
         with torch.no_grad():

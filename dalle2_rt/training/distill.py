@@ -89,18 +89,19 @@ def guided_target(teacher: Decoder, x_t, t, image_embed, text_enc, image_keep, t
     return uncond + w.reshape(-1, 1, 1, 1) * (cond - uncond)
 
 
-def _check_sources(stage: str, run, start: str) -> None:
-    """A distillation stage's teacher folder and the student's start, before anything is loaded."""
+def _check_sources(stage: str, run, start: str | None) -> None:
+    """A distillation stage's teacher folder and the student's start, before anything is loaded (``start``: what
+    init_from must name; None where the stage builds its own start and init_from is optional)."""
     if not run.teacher or not (Path(run.teacher) / "model.json").is_file():
         raise DistillError(f"[stages.{stage}] teacher must name a decoder model folder, got {run.teacher!r}")
-    if not run.init_from:
+    if start is not None and not run.init_from:
         raise DistillError(f"[stages.{stage}] init_from must name the student's start: {start}")
 
 
-def _load_teacher(run) -> tuple[Decoder, object]:
-    """The teacher decoder, frozen in float32, and its config."""
+def _load_teacher(run) -> tuple[Decoder, object, dict]:
+    """The teacher decoder, frozen in float32, its config and its model.json."""
     loaded = registry.load(Path(run.teacher), expect="decoder")
-    return _frozen(loaded.model.float()), loaded.config
+    return _frozen(loaded.model.float()), loaded.config, loaded.meta
 
 
 def _frozen_parts(cfg: TrainConfig, run, teacher: Decoder, tcfg):
@@ -132,7 +133,7 @@ def distill_spec(cfg: TrainConfig) -> StageSpec:
     if not 0.0 <= lo <= hi:
         raise DistillError(f"[stages.{STAGE}] guidance_range must be [lo, hi] with 0 <= lo <= hi, "
                            f"got {run.guidance_range}")
-    teacher, tcfg = _load_teacher(run)
+    teacher, tcfg, _ = _load_teacher(run)
     if tcfg.guidance_input:
         raise DistillError(f"{run.teacher}: already a guidance-distilled decoder")
     scfg = dataclasses.replace(tcfg, guidance_input=True, guidance_range=(lo, hi))
@@ -229,7 +230,7 @@ def step_grids(abar: np.ndarray, student_steps: int) -> tuple[np.ndarray, ...]:
 def steps_spec(cfg: TrainConfig) -> StageSpec:
     run = cfg.stage(STEPS_STAGE)
     _check_sources(STEPS_STAGE, run, "the teacher or an earlier student")
-    teacher, tcfg = _load_teacher(run)
+    teacher, tcfg, _ = _load_teacher(run)
     if not tcfg.guidance_input or not tcfg.guidance_range:
         raise DistillError(f"{run.teacher}: not a guidance-distilled decoder (run decoder_distill first); step "
                            "distillation needs one pass per teacher step")
@@ -345,11 +346,9 @@ def _level_features(teacher: Decoder, student: Decoder, levels: int, teacher_blo
 
 def compact_spec(cfg: TrainConfig) -> StageSpec:
     run = cfg.stage(COMPACT_STAGE)
-    if not run.teacher or not (Path(run.teacher) / "model.json").is_file():
-        raise DistillError(f"[stages.{COMPACT_STAGE}] teacher must name a decoder model folder, got {run.teacher!r}")
-    loaded = registry.load(Path(run.teacher), expect="decoder")
-    teacher, tcfg = _frozen(loaded.model.float()), loaded.config
-    steps = loaded.meta.get("distilled_steps")
+    _check_sources(COMPACT_STAGE, run, None)
+    teacher, tcfg, meta = _load_teacher(run)
+    steps = meta.get("distilled_steps")
     if not tcfg.guidance_input or not tcfg.guidance_range or not steps:
         raise DistillError(f"{run.teacher}: not a step-distilled decoder (decoder_steps); block removal learns "
                            "the few steps such a decoder samples with")
@@ -385,8 +384,8 @@ def compact_spec(cfg: TrainConfig) -> StageSpec:
         if not run.feature_weight:
             return out
         # each level's output, as a share of the teacher's (BK-SDM's feature distillation, scale-free)
-        pairs = [(feats["student"][i], feats["teacher"][i].detach()) for i in range(len(feats["teacher"]))]
-        feature = sum(((s_ - t_).pow(2).mean() / t_.pow(2).mean().clamp_min(1e-6)) for s_, t_ in pairs) / len(pairs)
+        pairs = list(zip(feats["student"], feats["teacher"], strict=True))
+        feature = sum((s_ - t_).pow(2).mean() / t_.pow(2).mean().clamp_min(1e-6) for s_, t_ in pairs) / len(pairs)
         return out + run.feature_weight * feature
 
     return StageSpec(COMPACT_STAGE, "decoder", student, scfg, loss, extra_meta={"distilled_steps": steps})
