@@ -11,7 +11,7 @@ CHECKPOINTS := checkpoints/shapes-v2
 PACKAGED := dalle2_rt/engines/$(notdir $(ENGINES))
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup runtime engines engines-fast engines-steps engines-steps3 engines-compact package-engines wheel-check \
+.PHONY: setup runtime engines engines-guided engines-fast engines-steps engines-compact package-engines wheel-check \
 	demo test lint bench train train-gpu clean test-browser test-ray test-dalle2-pytorch
 
 setup: $(STAMP)
@@ -37,9 +37,9 @@ $(ENGINES)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINTS)/*/model/* $(CHECKPO
 		{ echo "the bundled model is not trained yet: $(CHECKPOINTS) has no decoder (see README, Training)"; exit 1; }
 	$(PY) -m export.all --checkpoints $(CHECKPOINTS) --out $(ENGINES)
 
-# A distilled decoder (checkpoints/shapes-v2-$(1): its decoder/ and defaults.json) with the bundled CLIP, prior and
-# SR, exported to engines/shapes-v2-$(1): a folder to compare on the frontier (python -m bench.frontier --engines ...).
-define distilled_engines
+# Another decoder (checkpoints/shapes-v2-$(1): its decoder/ and defaults.json) with the bundled CLIP, prior and SR,
+# exported to engines/shapes-v2-$(1): a folder to compare on the frontier (python -m bench.frontier --engines ...).
+define decoder_engines
 	rm -rf build/ckpt-shapes-v2-$(1) && mkdir -p build/ckpt-shapes-v2-$(1)
 	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior $(CHECKPOINTS)/sr checkpoints/shapes-v2-$(1)/decoder \
 		checkpoints/shapes-v2-$(1)/defaults.json build/ckpt-shapes-v2-$(1)/
@@ -48,19 +48,19 @@ endef
 
 # The guidance-distilled decoder (configs/shapes-v2-fast.toml).
 engines-fast: $(STAMP)
-	$(call distilled_engines,fast)
+	$(call decoder_engines,fast)
 
 # The step-distilled decoder (configs/shapes-v2-steps.toml: the guidance-distilled one's 4 DDIM steps taught in 2).
 engines-steps: $(STAMP)
-	$(call distilled_engines,steps)
+	$(call decoder_engines,steps)
 
-# The 3-step student (configs/shapes-v2-steps3.toml: the guidance-distilled decoder's 6 DDIM steps taught in 3).
-engines-steps3: $(STAMP)
-	$(call distilled_engines,steps3)
+# The guided decoder the bundled one is distilled from (configs/shapes-v2.toml; 5 steps x 3 candidates, guided pair).
+engines-guided: $(STAMP)
+	$(call decoder_engines,guided)
 
-# The 3-step student with one U-Net block per level down and two up (configs/shapes-v2-compact.toml: block removal).
+# The bundled 3-step decoder with one U-Net block per level down and two up (configs/shapes-v2-compact.toml).
 engines-compact: $(STAMP)
-	$(call distilled_engines,compact)
+	$(call decoder_engines,compact)
 
 # The package's copy of the exported folder (float16-stored weights, no optimised copies): rebuild and commit it
 # whenever checkpoints/ or the export change (tests/test_packaged_engines.py fails until then).

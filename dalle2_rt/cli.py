@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .runtime.backends import BACKENDS
+from .runtime.cpu import int8_dot_product
 from .runtime.errors import Dalle2RTError, InputError, PromptTruncatedWarning
 from .runtime.noise import new_seed
 from .runtime.settings import MAX_IMAGES, OPTIONS, VARIATION_OPTIONS, check, check_int, check_prompts
@@ -140,10 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_typed(check_threads), metavar="N",
                      help=f"CPU threads per graph, 1 … {MAX_THREADS} (default: one per core). On a machine busy "
                           "with other work, --threads 1 is often faster: threads that wait for a core stall every step")
-    run.add_argument("--fp32", action="store_true",
-                     help="run the fp32 graphs only (default: onnxruntime on the CPU runs a graph's int8 variant "
-                          "where the engine folder has one; dalle2-rt info lists them)")
+    precision = run.add_mutually_exclusive_group()
+    precision.add_argument("--fp32", action="store_true",
+                           help="run the fp32 graphs only (default: onnxruntime on the CPU runs a graph's int8 "
+                                "variant where the engine folder has one and the CPU has int8 dot products, AMX or "
+                                "VNNI; dalle2-rt info says which)")
+    precision.add_argument("--int8", action="store_true",
+                           help="run the folder's int8 variants even on a CPU without int8 dot products (where their "
+                                "sums may saturate)")
     return p
+
+
+def int8_option(args) -> bool | None:
+    """``Pipeline.load``'s int8 from --fp32 / --int8 (None: the CPU decides)."""
+    return False if getattr(args, "fp32", False) else True if getattr(args, "int8", False) else None
+
+
+def _int8_note(facts: dict) -> str:
+    if not facts["int8"]:
+        return ""
+    if facts["int8_dot_product"]:
+        return f"  (run on this CPU, which has {facts['int8_dot_product']}, unless --fp32)"
+    return "  (not run by default: this CPU has no int8 dot-product instructions; --int8 runs them)"
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -239,7 +258,7 @@ def _main(argv, shared_threads: bool) -> int:
 
     try:
         pipe = Pipeline.load(args.engines, backend=args.backend, threads=args.threads,
-                             shared_threads=shared_threads, url=args.url, int8=False if args.fp32 else None)
+                             shared_threads=shared_threads, url=args.url, int8=int8_option(args))
         options = sampling_options(args, OPTIONS if jobs["prompts"] else VARIATION_OPTIONS)
         pipe.settings(**options)
     except InputError as e:
@@ -325,6 +344,7 @@ def info(argv: list[str]) -> int:
                         for name, s in manifest.sources.items()},
         "defaults": {plan.name: plan.defaults for plan in plans},
         "int8": manifest.int8_graphs,
+        "int8_dot_product": int8_dot_product(),
         "cache": str(user_cache_dir()),
     }
     if args.json:
@@ -339,8 +359,7 @@ def info(argv: list[str]) -> int:
         print(f"          {name}: step {c['step']}, sha256 {str(c['sha256'])[:16]}")
     for name, d in facts["defaults"].items():
         print(f"defaults  {name}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
-    print(f"int8      {', '.join(facts['int8']) or 'none'}"
-          f"{'  (run on the CPU unless --fp32)' if facts['int8'] else ''}")
+    print(f"int8      {', '.join(facts['int8']) or 'none'}{_int8_note(facts)}")
     print(f"cache     {facts['cache']}  (hashes, ONNX Runtime's optimised copies)")
     return 0
 

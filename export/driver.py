@@ -51,7 +51,7 @@ from .folder import (
     swap_into_place,
     trt_satisfied,
 )
-from .int8 import add_int8_variants, quantizable
+from .int8 import INT8_REVISION, add_int8_variants, quantizable
 from .onnx_export import (
     EXTERNAL_DATA_THRESHOLD,
     ValidationError,
@@ -160,7 +160,9 @@ def build(family: Family, out: Path, *, name: str, options: Options, quiet: bool
     ValidationError, ExportError or whatever an export step raised; in every such case ``out`` is as it was."""
     say = (lambda _msg: None) if quiet else (log or print)
     tools = family.tools(options.opset)
-    fingerprint = family.fingerprint(name, tools, options.shaping())
+    # A change in how variants are quantized (INT8_REVISION) rebuilds the folders that carry one, no other.
+    fingerprint = family.fingerprint(name, tools, {**options.shaping(),
+                                                   **({"int8_revision": INT8_REVISION} if options.int8 else {})})
     trt_key, trt_message = trt_build.key_or_reason(options.trt, options.precision, log or print)
     old = previous_manifest(out)
     intact = intact_files(out, old) if old else set()

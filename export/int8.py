@@ -9,8 +9,12 @@ optimised copy are made from), and the graph entry gains
           validation {inputs, rms_rel_err, max_abs_err, output_scale, rel_err, tolerance}}
 
 A host that runs ONNX on a CPU may run ``int8.file`` instead of ``file``: same inputs and outputs, static QDQ
-(QuantizeLinear/DequantizeLinear pairs around Conv, MatMul and Gemm; per-channel symmetric int8 weights,
-asymmetric uint8 activations with MinMax ranges), standard ONNX any runtime can load.
+(QuantizeLinear/DequantizeLinear pairs around Conv, Gemm and the MatMuls with a weight; per-channel symmetric int8
+weights, asymmetric uint8 activations with MinMax ranges), standard ONNX any runtime can load. The products of two
+activations (attention's scores and their weighted values) stay fp32: quantized, ONNX Runtime fuses the softmax
+between them into a QLinearSoftmax that costs more than the whole fp32 attention (profiled on the 3-step decoder
+at 4 rows, one thread, a Xeon with AMX: 17 of 67 ms, against 3 ms for the fp32 softmax), and their error is the
+larger part of the graph's.
 
 Calibration runs the folder being built: the runtime ``Pipeline`` at the folder's defaults over a fixed set of
 the shapes world's captions, keeping the target graph's inputs as sampling feeds them (trajectories, not random
@@ -34,11 +38,12 @@ from .onnx_export import ValidationError
 # shapes-v2 graphs measure (sr0 0.043-0.048 with MinMax, percentile or entropy ranges alike, most of it at the
 # last, low-noise steps, whose prediction enters the image scaled by sqrt(1 - abar); decoder 0.02-0.06).
 RMS_TOLERANCE = 0.1
+INT8_REVISION = 2  # bump when what a variant holds changes: folders with variants rebuild (2: attention in fp32)
 CALIBRATION_SEED = 99
 CALIBRATION_PROMPTS = 16  # captions sampled once each (alternately single- and two-object)
 VALIDATION_PROMPTS = 8
 KEEP_EVERY = 1  # every call's inputs
-OP_TYPES = ("Conv", "MatMul", "Gemm")
+OP_TYPES = ("Conv", "MatMul", "Gemm")  # a MatMul only where one operand is a weight (``activation_matmuls``)
 
 
 def quantizable(name: str) -> bool:
@@ -98,17 +103,41 @@ class _Reader:
         return next(self._items, None)
 
 
+def activation_matmuls(model) -> list[str]:
+    """The names of ``model``'s MatMul nodes none of whose inputs is a weight (an initializer or a Constant
+    node's output): attention's query·key and weights·value products, left in fp32. Unnamed nodes get a name
+    (``model`` is changed) so that the quantizer can exclude them."""
+    weights = {i.name for i in model.graph.initializer}
+    weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    names = {n.name for n in model.graph.node}
+    out = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "MatMul" and not any(x in weights for x in node.input):
+            if not node.name:
+                node.name = f"activation_matmul_{i}"
+                while node.name in names:
+                    node.name += "_"
+                names.add(node.name)
+            out.append(node.name)
+    return out
+
+
 def quantize(plain: Path, feeds: list[dict], out: Path) -> Path:
     """Static QDQ int8 of the ONNX graph ``plain`` calibrated on ``feeds``, written to ``out`` (returned)."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_name(out.name + ".pre")
     try:
         quant_pre_process(str(plain), str(pre), skip_symbolic_shape=True)
+        model = onnx.load(str(pre))
+        keep_fp32 = activation_matmuls(model)
+        onnx.save(model, str(pre))
         quantize_static(str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=list(OP_TYPES), calibrate_method=CalibrationMethod.MinMax)
+                        op_types_to_quantize=list(OP_TYPES), nodes_to_exclude=keep_fp32,
+                        calibrate_method=CalibrationMethod.MinMax)
     finally:
         pre.unlink(missing_ok=True)
     return out
@@ -164,6 +193,7 @@ def add_int8_variants(folder: Path, graphs: dict[str, dict], names: tuple[str, .
         entry["int8"] = {
             "file": file, "format": "QDQ", "weights": "int8, per output channel, symmetric",
             "activations": "uint8, per tensor, MinMax ranges", "op_types": list(OP_TYPES),
+            "fp32": "MatMul of two activations (no weight operand)",
             "calibration": {"prompts": CALIBRATION_PROMPTS, "seed": CALIBRATION_SEED,
                             "calls_kept": f"every {KEEP_EVERY}", "batches": len(calib[name])},
             "validation": check,

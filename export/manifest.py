@@ -108,7 +108,7 @@ def source_entry(src: Source) -> dict:
 
 
 # keys a checkpoint's defaults may add beyond DEFAULTS' (absent: the runtime's own default)
-OPTIONAL_DEFAULTS = {"decoder": ("choice_step",)}
+OPTIONAL_DEFAULTS = {"decoder": ("choice_step", "operation_steps")}
 
 
 def stage_defaults(kind: str, src: Source) -> dict:

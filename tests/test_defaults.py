@@ -23,7 +23,7 @@ BUNDLED = REPO / "checkpoints" / "shapes-v2"
 # Chosen so that no value equals the exporter's built-in default or a trained run's model.json.
 CHOSEN = {
     "prior": {"sampler": "ddpm", "steps": 3, "guidance": 1.5, "candidates": 1},
-    "decoder": {"steps": 2, "guidance": 2.5, "candidates": 2},
+    "decoder": {"steps": 2, "guidance": 2.5, "candidates": 2, "operation_steps": 5},
     "sr": {"steps": 2},
 }
 
@@ -74,6 +74,8 @@ def test_bundle_defaults_option_replaces_the_committed_file(run, tmp_path):
 @pytest.mark.parametrize("bad, says", [
     ({"decoder": {"step": 4}}, "decoder.step: unknown key"),
     ({"decoder": {"steps": 0}}, "decoder.steps = 0"),
+    ({"decoder": {"operation_steps": 0}}, "decoder.operation_steps = 0"),
+    ({"decoder": {"operation_steps": 6.0}}, "decoder.operation_steps = 6.0"),
     ({"prior": {"guidance": "high"}}, "prior.guidance = 'high'"),
     ({"decoder": 5}, "'decoder' must be an object"),
 ])

@@ -29,14 +29,17 @@ def _table(text: str) -> list[list[str]]:
 
 
 def readme_defaults() -> dict[str, dict]:
-    """README "Sampling defaults" as {stage: {sampler, steps, guidance?, candidates?}}; "—" means not set."""
+    """README "Sampling defaults" as {stage: {sampler, steps, guidance?, candidates?, operation_steps?}}; "—" means
+    not set."""
     out = {}
-    for stage, sampler, steps, guidance, candidates in _table(_section("### Sampling defaults")):
+    for stage, sampler, steps, guidance, candidates, operation_steps in _table(_section("### Sampling defaults")):
         entry = {"sampler": sampler, "steps": int(steps)}
         if guidance != "—":
             entry["guidance"] = float(guidance)
         if candidates != "—":
             entry["candidates"] = int(candidates)
+        if operation_steps != "—":
+            entry["operation_steps"] = int(operation_steps)
         out[stage] = entry
     return out
 

@@ -28,7 +28,7 @@ KNOWN = {
     "prior": {"graph", "parameterization", "schedule", "embed_dim", "embed_scale", "clip_x0", "guidance_on",
               "cond_input", "defaults", "prefix_cache"},
     "decoder": {"graph", "parameterization", "image_size", "channels", "schedule", "clip_x0", "guidance_on",
-                "cond_inputs", "defaults", "guidance_input", "guidance"},
+                "cond_inputs", "defaults", "guidance_input", "guidance", "guidance_range"},
     "sr": {"graph", "parameterization", "image_size", "low_res_size", "channels", "schedule", "clip_x0",
            "noise_aug_t", "defaults"},
 }
@@ -145,6 +145,9 @@ class Host:
     def guided(self, stage: dict, graph: str, cond: dict, uncond: dict, g: float, rows: int):
         """A denoiser (x, t, ᾱ) -> x0 for a stage whose conditioning is ``cond`` / ``uncond`` per row."""
         distilled = stage.get("guidance_input") or ("guidance" if stage.get("guidance") == "input" else None)
+        if distilled and "guidance_range" in stage:  # the scales it was trained on: refuse any other
+            lo, hi = stage["guidance_range"]
+            assert lo <= g <= hi, f"guidance {g} outside the trained range {stage['guidance_range']}"
 
         def model(x, t, a):
             if distilled:  # one pass per row, the scale as an input: no unconditional half

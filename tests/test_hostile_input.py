@@ -121,6 +121,8 @@ def _rename_graph(data):
     (_set("stages.sr.0.noise_aug_t", -1), "stages.sr[0].noise_aug_t must be an integer in 0 … 999"),
     (_set("stages.prior.embed_scale", 0), "stages.prior.embed_scale must be a number"),
     (_set("stages.decoder.defaults.steps", 10**9), "stages.decoder.defaults.steps must be an integer in 1 … 1000"),
+    (_set("stages.decoder.defaults.operation_steps", 0),
+     "stages.decoder.defaults.operation_steps must be an integer in 1 … 1000"),
     (_rename_graph, "graph name '../sr0' is not a name"),
     (_set("graphs.decoder.inputs.0.shape", ["batch", True, 16, 16]), "axis True is neither a size"),
     (_set("graphs.decoder.inputs.0.shape", ["batch", 3, -16, 16]), "axis -16 is neither a size"),

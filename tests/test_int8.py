@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import export.int8 as int8_module
+from dalle2_rt.runtime import cpu
 from dalle2_rt.runtime.errors import EngineFolderError, InputError
 from dalle2_rt.runtime.manifest import load_manifest, verify_files
 from dalle2_rt.runtime.pipeline import Pipeline
@@ -18,6 +19,12 @@ from export.onnx_export import ValidationError
 from tests.test_manifest_schema import check_manifest_schema
 
 pytestmark = pytest.mark.usefixtures("private_hash_cache")
+
+
+@pytest.fixture(autouse=True)
+def int8_cpu(monkeypatch):
+    """These tests run as on a CPU with int8 dot products, whatever this one has (runtime/cpu.py)."""
+    monkeypatch.setenv(cpu.ENV, "AVX-512 VNNI")
 
 FAST = {"prior_steps": 2, "decoder_steps": 2, "sr_steps": 2}
 # Tiny random-weight U-Nets may quantise worse than trained ones (RMS_TOLERANCE): the tests that need a variant
@@ -54,6 +61,54 @@ def test_the_manifest_records_the_variant_beside_the_fp32_graph(int8_engines, ti
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantised, not a copy
 
 
+def test_matmuls_of_two_activations_are_found_and_named():
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [0.1] * 16)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="proj"),
+             helper.make_node("Constant", [], ["c"], value=helper.make_tensor("cv", TensorProto.FLOAT, [4, 4],
+                                                                              [0.2] * 16)),
+             helper.make_node("MatMul", ["a", "c"], ["b"], name="const_proj"),
+             helper.make_node("Transpose", ["b"], ["bt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["b", "bt"], ["s"]),  # unnamed: scores
+             helper.make_node("MatMul", ["s", "b"], ["y"], name="values")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [w])
+    model = helper.make_model(graph)
+    found = int8_module.activation_matmuls(model)
+    assert len(found) == 2 and found[1] == "values" and found[0] == model.graph.node[4].name != ""
+    onnx.checker.check_model(model)
+
+
+def test_attention_stays_fp32_in_a_variant(tiny_checkpoints, tiny_engines, tmp_path):
+    """The decoder's variant: every Conv and weight MatMul gets int8 inputs, no MatMul of two activations and
+    no Softmax does (ONNX Runtime would otherwise fuse the softmax into a slow QLinearSoftmax)."""
+    import onnx
+
+    out = tmp_path / "engines"
+    shutil.copytree(tiny_engines, out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int8_module, "RMS_TOLERANCE", TINY_TOLERANCE)
+        export_folder(tiny_checkpoints, out, int8=("decoder",), quiet=True)
+    entry = check_manifest_schema(out)["graphs"]["decoder"]["int8"]
+    assert entry["fp32"].startswith("MatMul of two activations")
+    graph = onnx.load(out / entry["file"]).graph
+    weights = {i.name for i in graph.initializer}
+    dequantized = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+
+    def int8_input(name):  # the tensor comes out of a DequantizeLinear of an activation (not of a weight)
+        return name in dequantized and dequantized[name].input[0] not in weights
+
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    pairs = [n for n in graph.node if n.op_type == "MatMul"
+             and not any(x in weights or x in dequantized and dequantized[x].input[0] in weights for x in n.input)]
+    softmax = [n for n in graph.node if n.op_type == "Softmax"]
+    assert convs and all(int8_input(n.input[0]) for n in convs)
+    assert pairs and softmax  # the tiny decoder has attention
+    assert not any(int8_input(x) for n in pairs + softmax for x in n.input)
+
+
 def test_the_cpu_runs_the_variant_unless_refused_and_the_fp32_path_is_unchanged(int8_engines, tiny_engines):
     q = Pipeline.load(int8_engines, threads=1)
     f = Pipeline.load(int8_engines, threads=1, int8=False)
@@ -82,6 +137,20 @@ def test_rebuilding_is_up_to_date_and_dropping_int8_removes_the_variant(int8_eng
     data = json.loads((out / "manifest.json").read_text())
     assert "int8" not in data["options"] and "int8" not in data["graphs"]["sr0"]
     assert not (out / "sr0.int8.onnx").exists()
+
+
+def test_a_new_int8_revision_remakes_the_variants_and_nothing_else(int8_engines, tiny_checkpoints, tiny_engines,
+                                                                   tmp_path, monkeypatch):
+    import export.driver as driver
+
+    out = tmp_path / "engines"
+    shutil.copytree(int8_engines, out)
+    monkeypatch.setattr(int8_module, "RMS_TOLERANCE", TINY_TOLERANCE)
+    assert export_folder(tiny_checkpoints, out, int8=("sr0",), quiet=True).status == "up to date"
+    monkeypatch.setattr(driver, "INT8_REVISION", driver.INT8_REVISION + 1)
+    again = export_folder(tiny_checkpoints, out, int8=("sr0",), quiet=True)
+    assert again.status == "built" and again.exported == [] and "sr0.int8.onnx" in load_manifest(out).files
+    assert export_folder(tiny_checkpoints, tiny_engines, quiet=True).status == "up to date"  # no variant: same
 
 
 def test_a_variant_over_the_tolerance_fails_the_export_and_leaves_out_alone(tiny_checkpoints, int8_engines,
@@ -134,20 +203,58 @@ def test_a_backend_without_int8_refuses_asking_for_it_but_takes_fp32_only(int8_e
     assert Pipeline.load(int8_engines, backend="torch", threads=1, int8=False).backend.name == "torch"
 
 
+def _cli_runs_the_variant(engines, out, flags) -> bool:
+    """One CLI image into ``out`` with ``flags``: whether its PNG says the int8 SR ran."""
+    from PIL import Image
+
+    from dalle2_rt.cli import main as cli_main
+
+    assert cli_main(["a red circle", "--engines", str(engines), "--seed", "1", "-o", str(out), "-q",
+                     "--prior-steps", "2", "--decoder-steps", "2", "--sr-steps", "2", "--threads", "1"] + flags) == 0
+    (png,) = out.glob("*.png")
+    return "int8 sr0" in Image.open(png).info["backend"]
+
+
 def test_info_and_the_fp32_flag(int8_engines, tmp_path, capsys):
     from dalle2_rt.cli import main as cli_main
 
     assert cli_main(["info", "--engines", str(int8_engines), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["int8"] == ["sr0"]
-    from PIL import Image
+    assert _cli_runs_the_variant(int8_engines, tmp_path / "q", []) is True
+    assert _cli_runs_the_variant(int8_engines, tmp_path / "f", ["--fp32"]) is False
 
-    for flag, has in (([], True), (["--fp32"], False)):
-        out = tmp_path / ("q" if has else "f")
-        assert cli_main(["a red circle", "--engines", str(int8_engines), "--seed", "1", "-o", str(out), "-q",
-                         "--prior-steps", "2", "--decoder-steps", "2", "--sr-steps", "2", "--threads", "1"]
-                        + flag) == 0
-        (png,) = out.glob("*.png")
-        assert ("int8 sr0" in Image.open(png).info["backend"]) is has
+
+def test_a_cpu_without_int8_dot_products_runs_fp32_unless_told(int8_engines, tmp_path, monkeypatch, capsys):
+    from dalle2_rt.cli import main as cli_main
+
+    monkeypatch.setenv(cpu.ENV, "")
+    assert "int8" not in Pipeline.load(int8_engines, threads=1).backend.describe()
+    assert "int8 sr0" in Pipeline.load(int8_engines, threads=1, int8=True).backend.describe()
+    assert cli_main(["info", "--engines", str(int8_engines)]) == 0
+    assert "not run by default: this CPU has no int8 dot-product instructions; --int8 runs them" in \
+        capsys.readouterr().out
+    assert _cli_runs_the_variant(int8_engines, tmp_path / "f", []) is False
+    assert _cli_runs_the_variant(int8_engines, tmp_path / "q", ["--int8"]) is True
+    with pytest.raises(SystemExit):
+        cli_main(["a red circle", "--engines", str(int8_engines), "--fp32", "--int8"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, name", [
+    ("processor: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16\n", "AMX"),
+    ("flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n", "AVX-512 VNNI"),
+    ("flags\t\t: fpu avx2 avx_vnni\n", "AVX-VNNI"),
+    ("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n", None),  # AVX-512 without VNNI: saturating sums
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm aes asimddp sve\n", "Arm dot product"),
+    ("Features\t: fp asimd\n", None),
+    ("", None),
+])
+def test_the_cpu_reading(text, name, monkeypatch):
+    assert cpu._from_cpuinfo(text) == name
+    monkeypatch.setenv(cpu.ENV, "AMX")
+    assert cpu.int8_dot_product() == "AMX"
+    monkeypatch.delenv(cpu.ENV)
+    assert cpu.int8_dot_product() == cpu._detected()
 
 
 def test_the_package_copy_carries_the_variant(int8_engines, tmp_path):

@@ -173,6 +173,22 @@ def test_inversion_reconstructs_a_decoded_image_on_the_tiny_decoder(pipe, pictur
     assert np.abs(back - drawn).mean() < 0.05
 
 
+def test_operations_take_the_folders_operation_steps_unless_told(pipe, pictures, monkeypatch):
+    """A folder whose decoder defaults name operation_steps (a step-distilled decoder samples in few steps but
+    inverts poorly in them) inverts and decodes in that many; the caller's decoder_steps still wins; without it,
+    the folder's sampling steps."""
+    plain = ops.invert(pipe, pictures[:1], refine=0)
+    assert plain.steps == pipe.decoder_plan.defaults["steps"]
+    monkeypatch.setitem(pipe.decoder_plan.defaults, "operation_steps", plain.steps + 2)
+    assert ops.invert(pipe, pictures[:1], refine=0).steps == plain.steps + 2
+    assert ops.from_prompt(pipe, "a red circle", seed=1).steps == plain.steps + 2
+    assert ops.invert(pipe, pictures[:1], refine=0, decoder_steps=2).steps == 2
+    calls = []
+    monkeypatch.setattr(ops, "ddim_invert", lambda denoise, x0, schedule, **kw: calls.append(len(schedule)) or x0)
+    ops.reconstruct(pipe, pictures[0])
+    assert calls == [plain.steps + 2]
+
+
 def test_edit_at_zero_is_the_reconstruction(pipe, pictures):
     inv = ops.invert(pipe, pictures[0], decoder_steps=3, refine=1)
     same = ops.reconstruct(pipe, inv, seed=4)[0]

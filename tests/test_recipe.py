@@ -273,7 +273,8 @@ def test_the_distillation_recipe_continues_from_the_committed_student():
 
     repo = Path(__file__).resolve().parents[1]
     run = load_config(repo / "configs" / "shapes-v2-fast.toml").stage("decoder_distill")
-    assert run.teacher == "checkpoints/shapes-v2/decoder/model" and run.clip == "checkpoints/shapes-v2/clip/model"
+    assert run.teacher == "checkpoints/shapes-v2-guided/decoder/model"
+    assert run.clip == "checkpoints/shapes-v2/clip/model"
     student = json.loads((repo / run.init_from / "model.json").read_text())
     assert student["kind"] == "decoder" and student["config"]["guidance_input"] is True and not run.init_fresh
     teacher = json.loads((repo / run.teacher / "model.json").read_text())
@@ -282,11 +283,13 @@ def test_the_distillation_recipe_continues_from_the_committed_student():
     assert student["config"]["guidance_range"] == list(run.guidance_range)  # the scales it was trained on
 
 
-@pytest.mark.parametrize("config, steps", [("shapes-v2-steps.toml", 2), ("shapes-v2-steps3.toml", 3)])
-def test_the_step_distillation_recipe_builds_on_the_committed_guidance_distilled_decoder(config, steps):
+@pytest.mark.parametrize("config, steps, name", [("shapes-v2-steps.toml", 2, "shapes-v2-steps"),
+                                                 ("shapes-v2-steps3.toml", 3, "shapes-v2")])
+def test_the_step_distillation_recipe_builds_on_the_committed_guidance_distilled_decoder(config, steps, name):
     """configs/shapes-v2-steps*.toml: the teacher is the committed guidance-distilled decoder, the student starts
     from a committed student of the same config and step count (a machine without runs/ can run it), the grids
-    nest, and the folder recipe (make engines-steps*) finds the student and its defaults."""
+    nest, and the folder recipe (make engines-steps; the 3-step student is the bundled decoder: make engines)
+    finds the student and its defaults."""
     from pathlib import Path
 
     from dalle2_rt.runtime.schedules import alphas_cumprod_for
@@ -301,10 +304,12 @@ def test_the_step_distillation_recipe_builds_on_the_committed_guidance_distilled
     student = json.loads((repo / run.init_from / "model.json").read_text())
     assert teacher["config"]["guidance_input"] is True and student["config"] == teacher["config"]
     assert student["distilled_steps"] == steps
-    folder = repo / "checkpoints" / config.removesuffix(".toml")
+    folder = repo / "checkpoints" / name
     assert (repo / run.init_from).parent == folder / "decoder"
     assert json.loads((folder / "defaults.json").read_text())["decoder"]["steps"] == steps
-    assert f"$(call distilled_engines,{folder.name.removeprefix('shapes-v2-')})" in (repo / "Makefile").read_text()
+    makefile = (repo / "Makefile").read_text()
+    assert (f"$(call decoder_engines,{name.removeprefix('shapes-v2-')})" in makefile if name != "shapes-v2"
+            else "\nCHECKPOINTS := checkpoints/shapes-v2\n" in makefile)
     ts, _, ts_mid, _, _ = step_grids(alphas_cumprod_for(teacher["config"]["schedule"], 1000), run.student_steps)
     assert len(ts) == run.student_steps and all(ts_mid < ts)
 
@@ -319,7 +324,7 @@ def test_the_block_removal_recipe_builds_on_the_committed_3_step_student():
 
     repo = Path(__file__).resolve().parents[1]
     run = load_config(repo / "configs" / "shapes-v2-compact.toml").stage("decoder_compact")
-    assert run.teacher == "checkpoints/shapes-v2-steps3/decoder/model"
+    assert run.teacher == "checkpoints/shapes-v2/decoder/model"
     assert run.clip == "checkpoints/shapes-v2/clip/model"
     teacher = json.loads((repo / run.teacher / "model.json").read_text())
     student = json.loads((repo / run.init_from / "model.json").read_text())
@@ -333,7 +338,7 @@ def test_the_block_removal_recipe_builds_on_the_committed_3_step_student():
     folder = repo / "checkpoints" / "shapes-v2-compact"
     assert (repo / run.init_from).parent == folder / "decoder"
     assert json.loads((folder / "defaults.json").read_text())["decoder"]["steps"] == 3
-    assert "$(call distilled_engines,compact)" in (repo / "Makefile").read_text()
+    assert "$(call decoder_engines,compact)" in (repo / "Makefile").read_text()
 
 
 def test_clip_contrastive_with_hard_negatives():

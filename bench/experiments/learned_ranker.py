@@ -1,7 +1,7 @@
 """A learned ranker for the decoder's candidates: CLIP's image tower fine-tuned on the decoder's own samples,
 labelled by the world's scorer, against CLIP's ranking. Decided: not adopted (no gain beyond the standard error).
 
-    python -m bench.experiments.learned_ranker --engines engines/shapes-v2-steps3 --threads 1 \\
+    python -m bench.experiments.learned_ranker --engines engines/shapes-v2 --threads 1 \\
         --train 400,2600,101 --eval 200,300,7 --epochs 8 --lr 1e-4
 
 Samples (k candidates per caption as ``decoder_ranking`` draws them, each through SR and the scorer):

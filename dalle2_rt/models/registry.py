@@ -60,6 +60,8 @@ DEFAULT_KEYS = {
     "candidates": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_CANDIDATES,
     # decoder: rank the candidates after this many steps and finish only the best (early candidate choice)
     "choice_step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    # decoder: the DDIM steps of unCLIP's operations (inversion, decoding a latent); absent: "steps"
+    "operation_steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
 }
 # model.json's top level: what save_model writes (kind, config), the training loop adds (step, trained_steps,
 # open_clip_cfg, distilled_steps) and bundle adds (defaults). Anything else is a typo or a foreign file: refused
@@ -154,9 +156,9 @@ def read_defaults_file(path: str | Path) -> dict[str, dict]:
 
 
 def check_defaults(entry, where: str, name: str | None = None) -> None:
-    """One stage's sampling defaults ({sampler, steps, guidance, candidates, choice_step}): an object whose keys
-    are all known and whose values pass their check; ``where`` prefixes each key in an error (``name``: the
-    entry itself, when it is not an object)."""
+    """One stage's sampling defaults ({sampler, steps, guidance, candidates, choice_step, operation_steps}): an
+    object whose keys are all known and whose values pass their check; ``where`` prefixes each key in an error
+    (``name``: the entry itself, when it is not an object)."""
     if not isinstance(entry, dict):
         raise CheckpointError(f"{name or where} must be an object")
     for key, value in entry.items():

@@ -302,6 +302,8 @@ def _check_stage(folder: Path, where: str, stage: dict, graphs: dict, *, diffusi
         _int(folder, f"{where}.defaults.candidates", defaults["candidates"], 1, 64)
     if "choice_step" in defaults:
         _int(folder, f"{where}.defaults.choice_step", defaults["choice_step"], 1, len(abar))
+    if "operation_steps" in defaults:
+        _int(folder, f"{where}.defaults.operation_steps", defaults["operation_steps"], 1, len(abar))
     if "guidance" in defaults:
         _number(folder, f"{where}.defaults.guidance", defaults["guidance"], 0, 1e4)
 

@@ -93,8 +93,9 @@ class Pipeline:
         the process: the CLI does it; see ``backends/onnxruntime.py``). engines: the former name of ``folder``, still
         accepted as a keyword (``self.engines`` is the dict of opened graphs). url: the server of the
         ``triton`` backend (``http://HOST:8000``, ``grpc://HOST:8001``; ``backends/triton.py``). int8: onnxruntime
-        on the CPU runs a graph's int8 variant where the folder has one (``graphs.<g>.int8``; None or True), or
-        the fp32 graphs only (False: accepted by every backend; triton refuses a repository written with
+        on the CPU runs a graph's int8 variant where the folder has one (``graphs.<g>.int8``): True always, None
+        (the default) where the CPU has int8 dot products (AMX, VNNI; ``runtime/cpu.py``), False never: the fp32
+        graphs only (False: accepted by every backend; triton refuses a repository written with
         ``--int8``). An option the backend does not use (``url`` for onnxruntime, ``threads`` for triton,
         ``int8=True`` for torch, …) is an ``InputError``.
         """

@@ -80,9 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_typed(check_threads), metavar="N",
                    help="CPU threads per graph, at most 4 × the cores (default: one per core, shared among the "
                         "--workers)")
-    p.add_argument("--fp32", action="store_true",
-                   help="run the fp32 graphs only (default: a graph's int8 variant on the CPU where the folder "
-                        "has one)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp32", action="store_true",
+                           help="run the fp32 graphs only (default: a graph's int8 variant on the CPU where the "
+                                "folder has one and the CPU has int8 dot products, AMX or VNNI)")
+    precision.add_argument("--int8", action="store_true",
+                           help="run the folder's int8 variants even on a CPU without int8 dot products")
     p.add_argument("--workers", type=_int_at_least(1), default=1, metavar="N",
                    help="passes through the stages that run at once, each on cores/N threads (default 1: the "
                         "lowest latency; 2 on a 2-core CPU: 1.1-1.3x the images/s under load, bench/RESULTS.md F1)")
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return _fail(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
     from .. import Pipeline
+    from ..cli import int8_option
     from .app import create_app
     from .service import Service
 
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the process is ours: one shared onnxruntime thread pool, as the CLI does
         pipe = Pipeline.load(args.engines, backend=args.backend, threads=threads,
                              shared_threads=args.backend == "onnxruntime", url=args.url,
-                             int8=False if args.fp32 else None)
+                             int8=int8_option(args))
     except Dalle2RTError as e:
         sock.close()
         return _fail(str(e))

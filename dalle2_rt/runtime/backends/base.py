@@ -24,7 +24,9 @@ class BackendOptions:
     shared_pool: bool = False
     url: str | None = None  # the Triton server: http://HOST:8000, grpc://HOST:8001, or bls
     timeout: float | None = None  # seconds per request to a server
-    int8: bool | None = None  # run a graph's int8 variant on the CPU where the folder has one (default: yes)
+    # run a graph's int8 variant on the CPU where the folder has one (None: where the CPU has int8 dot products,
+    # runtime/cpu.py)
+    int8: bool | None = None
 
     def given(self) -> list[str]:
         """The options a backend must use to honour them. Not ``shared_pool`` (a permission) nor ``int8=False``

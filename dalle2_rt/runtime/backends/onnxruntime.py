@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..cpu import int8_dot_product
 from ..errors import BackendUnavailableError, EngineFolderError
 from ..manifest import GraphSpec, Manifest, graph_io_problems, user_cache_dir
 from .base import NO_OPTIONS, Backend, BackendOptions, Engine
@@ -60,7 +61,8 @@ class OnnxRuntimeBackend(Backend):
         except ImportError:
             raise BackendUnavailableError("the onnxruntime backend needs the onnxruntime package") from None
         self.ort, self.manifest, self.threads, self.device_id = ort, manifest, threads, device_id
-        self.int8 = options.int8 is not False  # the folder's int8 variants on the CPU unless refused
+        # the folder's int8 variants on the CPU: asked for, or by default where the CPU has int8 dot products
+        self.int8 = options.int8 is True or (options.int8 is None and int8_dot_product() is not None)
         available = ort.get_available_providers()
         if providers is None:
             self.providers = [p for p in ORT_PROVIDER_ORDER if p in available]
