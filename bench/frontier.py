@@ -205,9 +205,11 @@ def main(argv=None) -> int:
         grid = [(label, s) for label, s in grid if label in wanted]
     captions = eval_captions(args.single, args.two)
     results, runs = [], []
-    loads = [(folder, None) for folder in args.engines or [None]]
+    # a folder's int8 variants run whatever this CPU is (the runtime's default runs them only where it has int8
+    # dot products), so that the label says what ran
+    loads = [(folder, True) for folder in args.engines or [None]]
     if args.fp32_too:  # each folder with int8 variants also without them, as one more folder
-        loads = [load for folder, _ in loads for load in ((folder, None), (folder, False))]
+        loads = [load for folder, _ in loads for load in ((folder, True), (folder, False))]
     for folder, int8 in loads:
         pipe = Pipeline.load(folder, threads=args.threads, int8=int8)
         variants = pipe.manifest.int8_graphs

@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     precision = run.add_mutually_exclusive_group()
     precision.add_argument("--fp32", action="store_true",
                            help="run the fp32 graphs only (default: onnxruntime on the CPU runs a graph's int8 "
-                                "variant where the engine folder has one and the CPU has int8 dot products, AMX or "
-                                "VNNI; dalle2-rt info says which)")
+                                "variant where the engine folder has one and the CPU has int8 dot products: AMX, "
+                                "VNNI or Arm dot product; dalle2-rt info says which)")
     precision.add_argument("--int8", action="store_true",
                            help="run the folder's int8 variants even on a CPU without int8 dot products (where their "
                                 "sums may saturate)")

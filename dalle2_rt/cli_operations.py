@@ -39,7 +39,8 @@ def _common(p) -> None:
     p.add_argument("--seed", type=_typed(lambda v: check_int("seed", v, 0, MAX_SEED)), metavar="S",
                    help="the SR stage's noise (and the fixed latent of interpolate --latent fixed)")
     p.add_argument("--decoder-steps", type=_typed(lambda v: check("decoder_steps", v)), metavar="K",
-                   help="DDIM steps of the inversion and the decoding (default: the folder's)")
+                   help="DDIM steps of the inversion and the decoding (default: the folder's operation_steps, else its "
+                        "steps)")
     p.add_argument("--decoder-guidance", type=_typed(lambda v: check("decoder_guidance", v), float), metavar="G",
                    help=f"decoder guidance of the inversion (and of interpolate's decoding; default "
                         f"{DEFAULT_GUIDANCE:g}: unguided, where inversion is exact)")

@@ -71,6 +71,26 @@ def test_bundle_defaults_option_replaces_the_committed_file(run, tmp_path):
     assert "defaults" not in registry.read_meta(ckpt / "prior" / "model")
 
 
+def test_bundle_keeps_a_distilled_decoder_from_the_recipes_guided_one(run, tmp_path, capsys):
+    """The bundled decoder is step-distilled; the recipe retrains a guided one. Bundling the run over it is
+    refused before anything is written; --stages bundles the other stages and leaves the decoder alone."""
+    ckpt = tmp_path / "ckpt"
+    assert bundle_mod.main([str(run), str(ckpt)]) == 0
+    meta_path = ckpt / "decoder" / "model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["distilled_steps"] = 3
+    meta_path.write_text(json.dumps(meta))
+    before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    assert bundle_mod.main([str(run), str(ckpt)]) == 1
+    assert "holds a decoder distilled otherwise" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before  # nothing written
+    assert bundle_mod.main([str(run), str(ckpt), "--stages", "clip,prior,sr"]) == 0
+    assert "bundled clip, prior, sr" in capsys.readouterr().out
+    assert meta_path.read_bytes() == before[meta_path]
+    assert bundle_mod.main([str(run), str(ckpt), "--stages", "clip,decodr"]) == 2
+    assert "--stages takes" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad, says", [
     ({"decoder": {"step": 4}}, "decoder.step: unknown key"),
     ({"decoder": {"steps": 0}}, "decoder.steps = 0"),

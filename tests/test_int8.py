@@ -104,7 +104,9 @@ def test_attention_stays_fp32_in_a_variant(tiny_checkpoints, tiny_engines, tmp_p
     pairs = [n for n in graph.node if n.op_type == "MatMul"
              and not any(x in weights or x in dequantized and dequantized[x].input[0] in weights for x in n.input)]
     softmax = [n for n in graph.node if n.op_type == "Softmax"]
+    projections = [n for n in graph.node if n.op_type == "MatMul" and n not in pairs]
     assert convs and all(int8_input(n.input[0]) for n in convs)
+    assert projections and all(int8_input(n.input[0]) and n.input[1] in dequantized for n in projections)
     assert pairs and softmax  # the tiny decoder has attention
     assert not any(int8_input(x) for n in pairs + softmax for x in n.input)
 
@@ -249,12 +251,35 @@ def test_a_cpu_without_int8_dot_products_runs_fp32_unless_told(int8_engines, tmp
     ("Features\t: fp asimd\n", None),
     ("", None),
 ])
-def test_the_cpu_reading(text, name, monkeypatch):
+def test_the_cpu_reading(text, name):
     assert cpu._from_cpuinfo(text) == name
-    monkeypatch.setenv(cpu.ENV, "AMX")
-    assert cpu.int8_dot_product() == "AMX"
+
+
+def test_the_cpu_reading_per_platform_and_the_override(monkeypatch, tmp_path):
+    import builtins
+
+    real_open = builtins.open
     monkeypatch.delenv(cpu.ENV)
-    assert cpu.int8_dot_product() == cpu._detected()
+
+    def reading(platform, machine, cpuinfo):
+        cpu._detected.cache_clear()
+        monkeypatch.setattr(cpu.sys, "platform", platform)
+        monkeypatch.setattr(cpu.platform, "machine", lambda: machine)
+        monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo"
+                                                                              else path, *a, **k))
+        try:
+            return cpu.int8_dot_product()
+        finally:
+            cpu._detected.cache_clear()
+
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("flags\t\t: fpu avx2 avx512_vnni\n")
+    assert reading("linux", "x86_64", flags) == "AVX-512 VNNI"
+    assert reading("darwin", "arm64", tmp_path / "absent") == "Arm dot product"  # every Apple silicon CPU
+    assert reading("win32", "AMD64", tmp_path / "absent") is None  # no /proc/cpuinfo: none assumed
+    for value, want in (("AMX", "AMX"), ("0", None), ("none", None), ("", None), (" False ", None)):
+        monkeypatch.setenv(cpu.ENV, value)
+        assert cpu.int8_dot_product() == want
 
 
 def test_the_package_copy_carries_the_variant(int8_engines, tmp_path):

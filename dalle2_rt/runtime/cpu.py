@@ -6,8 +6,8 @@ where the CPU has them, summing in 32 bits. Without them, on x86 with AVX2 or AV
 export validated. So a folder's int8 variants run by default only on a CPU that names one of the instruction
 sets below; ``Pipeline.load(int8=True)`` (``dalle2-rt --int8``) runs them anyway, ``int8=False`` never.
 
-``DALLE2_RT_INT8_DOT`` overrides the reading (a name, or "" for none): for tests, and for a platform that
-reports its flags elsewhere.
+``DALLE2_RT_INT8_DOT`` overrides the reading (a name such as "AVX-512 VNNI"; "", "0", "no", "none" or "false"
+for none): for tests, and for a platform whose flags this does not read (Windows, Intel macOS: none is assumed).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ ENV = "DALLE2_RT_INT8_DOT"
 # /proc/cpuinfo flag -> name, best first
 X86_FLAGS = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"))
 ARM_FEATURE = ("asimddp", "Arm dot product")
+NONE_WORDS = ("", "0", "no", "none", "false")
 
 
 def _from_cpuinfo(text: str) -> str | None:
@@ -49,5 +50,6 @@ def _detected() -> str | None:
 def int8_dot_product() -> str | None:
     """The name of this CPU's int8 dot-product instruction set ("AMX", "AVX-512 VNNI", …), or None."""
     if ENV in os.environ:
-        return os.environ[ENV].strip() or None
+        value = os.environ[ENV].strip()
+        return None if value.lower() in NONE_WORDS else value
     return _detected()

@@ -253,7 +253,7 @@ def frame_thetas(frames: int) -> np.ndarray:
 
 
 # the operations' decoder guidance when none is given: unguided, where DDIM inversion is exact to the fixed point
-# (python -m bench.operations on the bundled decoder: reconstruction 100 % fully right at 1.0, 70 % at the folder's
+# (python -m bench.operations on the guided decoder: reconstruction 100 % fully right at 1.0, 70 % at the folder's
 # 3.0, which generation uses; text diffs 61.5 against 56.5 % at θ = 0.35)
 DEFAULT_GUIDANCE = 1.0
 DEFAULT_REFINE = 3  # fixed-point iterations per inversion step (ddim_invert), decoder calls = steps·(1 + this)

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp32", action="store_true",
                            help="run the fp32 graphs only (default: a graph's int8 variant on the CPU where the "
-                                "folder has one and the CPU has int8 dot products, AMX or VNNI)")
+                                "folder has one and the CPU has int8 dot products: AMX, VNNI or Arm dot product)")
     precision.add_argument("--int8", action="store_true",
                            help="run the folder's int8 variants even on a CPU without int8 dot products")
     p.add_argument("--workers", type=_int_at_least(1), default=1, metavar="N",

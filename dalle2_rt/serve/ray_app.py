@@ -101,9 +101,11 @@ class Dalle2RT:
 
 
 def build(args: dict):
-    """``serve run dalle2_rt.serve.ray_app:build engines=DIR replicas=N threads=N max_batch=N fp32=1 …``"""
+    """``serve run dalle2_rt.serve.ray_app:build engines=DIR replicas=N threads=N max_batch=N fp32=1 …``
+    (``fp32=1``: the fp32 graphs only; ``int8=1``: the folder's int8 variants even on a CPU without int8 dot
+    products; neither: the CPU decides)"""
     known = {"engines", "replicas", "threads", "max_batch", "batch_window_ms", "max_queue", "max_images", "timeout",
-             "fp32"}
+             "fp32", "int8"}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown arguments {sorted(unknown)}; known: {sorted(known)}")
@@ -115,9 +117,13 @@ def build(args: dict):
     if "batch_window_ms" in args:
         limits["batch_window_s"] = float(args["batch_window_ms"]) / 1000
     threads = int(args["threads"]) if "threads" in args else None
-    if str(args.get("fp32", "0")) not in ("0", "1"):
-        raise ValueError(f"fp32 must be 0 or 1, got {args['fp32']!r}")
-    int8 = False if str(args.get("fp32", "0")) == "1" else None
+    for flag in ("fp32", "int8"):
+        if str(args.get(flag, "0")) not in ("0", "1"):
+            raise ValueError(f"{flag} must be 0 or 1, got {args[flag]!r}")
+    fp32, forced = str(args.get("fp32", "0")) == "1", str(args.get("int8", "0")) == "1"
+    if fp32 and forced:
+        raise ValueError("fp32=1 and int8=1 contradict each other; give one")
+    int8 = False if fp32 else True if forced else None
     return Dalle2RT.options(num_replicas=int(args.get("replicas", 1))).bind(args.get("engines"), threads, limits, int8)
 
 
@@ -145,9 +151,11 @@ def run_ray(args, limits: Limits) -> int:
     """``dalle2-rt serve --ray``: deploy, print the address, wait for SIGTERM / Ctrl-C, shut Serve and Ray down."""
     import ray
 
+    from ..cli import int8_option
+
     try:
         start(args.engines, replicas=args.replicas, threads=args.threads, limits=limits, host=args.host,
-              port=args.port or 8000, int8=False if args.fp32 else None)
+              port=args.port or 8000, int8=int8_option(args))
     except Exception as e:  # noqa: BLE001 - Ray's errors (a replica that cannot load the engines, a port in use)
         sys.stderr.write(f"dalle2-rt serve: error: Ray Serve did not start: {' '.join(str(e).split())[:400]}\n")
         if ray.is_initialized():

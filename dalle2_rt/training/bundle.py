@@ -1,6 +1,7 @@
 """Copy a training run's EMA weights into a small, committed checkpoint directory (the bundled model).
 
-    python -m dalle2_rt.training.bundle runs/shapes-v2 checkpoints/shapes-v2 [--defaults FILE]
+    python -m dalle2_rt.training.bundle runs/shapes-v2 checkpoints/shapes-v2 --stages clip,prior,sr [--defaults FILE]
+    python -m dalle2_rt.training.bundle runs/shapes-v2 checkpoints/shapes-v2-guided --stages decoder
 
 For every stage of the run, ``<run>/<stage>/model`` becomes ``<out>/<stage>/model`` with the weights stored
 in fp16 (half the bytes; they are upcast to fp32 on load, and the exporter validates the graphs against
@@ -26,18 +27,34 @@ from dalle2_rt.training.checkpoint import _write_atomic_dir, read_model_meta, re
 from dalle2_rt.training.config import STAGES
 
 
-def bundle(run: Path, out: Path, defaults: dict | None = None) -> list[str]:
-    """Bundle every stage of ``run`` into ``out``; returns the stages written. ``defaults`` (None: read
-    ``out/defaults.json``) is applied key by key over what the run's ``model.json`` says."""
+def _distillation(meta: dict) -> tuple:
+    """What a model.json says of distillation: (distilled steps, guidance as an input)."""
+    return meta.get("distilled_steps"), bool(meta.get("config", {}).get("guidance_input"))
+
+
+def bundle(run: Path, out: Path, defaults: dict | None = None, stages: tuple[str, ...] = STAGES) -> list[str]:
+    """Bundle the ``stages`` of ``run`` (those it has) into ``out``; returns the stages written. ``defaults`` (None:
+    read ``out/defaults.json``) is applied key by key over what the run's ``model.json`` says. Refuses
+    (CheckpointError, nothing written) to replace a stage by one distilled differently: the bundled decoder is
+    guidance- and step-distilled, the recipe's own decoder is not, and the defaults in ``out`` are the former's."""
     out = Path(out)
     if defaults is None:
         defaults = read_defaults(out)
-    done = []
-    for stage in STAGES:
+    sources = {}
+    for stage in stages:
         src = resolve(Path(run) / stage / "model")
         if not (src / "model.safetensors").exists():
             continue
         meta = read_model_meta(src)
+        old = out / stage / "model" / "model.json"
+        if old.is_file() and _distillation(read_model_meta(old.parent)) != _distillation(meta):
+            raise CheckpointError(
+                f"{out / stage} holds a {stage} distilled otherwise (distilled steps, guidance as an input: "
+                f"{_distillation(read_model_meta(old.parent))}) than {src} {_distillation(meta)}; bundle that stage "
+                f"elsewhere (the recipe's guided decoder: checkpoints/shapes-v2-guided) or leave it out (--stages)")
+        sources[stage] = (src, meta)
+    done = []
+    for stage, (src, meta) in sources.items():
         if stage in defaults:
             meta["defaults"] = {**meta.get("defaults", {}), **defaults[stage]}
         state = load_file(str(src / "model.safetensors"))
@@ -57,14 +74,21 @@ def main(argv=None) -> int:
     p.add_argument("run", help="training run folder (<out_dir> of the config)")
     p.add_argument("out", help="checkpoint directory to write, e.g. checkpoints/shapes-v2")
     p.add_argument("--defaults", metavar="FILE", help=f"JSON of per-stage sampling defaults; becomes <out>/{DEFAULTS}")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated stages to bundle (default all: {','.join(STAGES)})")
     args = p.parse_args(argv)
     out = Path(args.out)
+    stages = tuple(s for s in args.stages.split(",") if s)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        print(f"bundle: error: --stages takes {', '.join(STAGES)}; got {args.stages!r}", file=sys.stderr)
+        return 2
     try:
         if args.defaults:
             given = read_defaults_file(args.defaults)
             out.mkdir(parents=True, exist_ok=True)
             (out / DEFAULTS).write_text(json.dumps(given, indent=2) + "\n")
-        done = bundle(Path(args.run), out)
+        done = bundle(Path(args.run), out, stages=stages)
     except CheckpointError as e:
         print(f"bundle: error: {e}", file=sys.stderr)
         return 1
