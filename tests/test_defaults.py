@@ -81,9 +81,12 @@ def test_bundle_keeps_a_distilled_decoder_from_the_recipes_guided_one(run, tmp_p
     meta["distilled_steps"] = 3
     meta_path.write_text(json.dumps(meta))
     before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
-    assert bundle_mod.main([str(run), str(ckpt)]) == 1
-    assert "holds a decoder distilled otherwise" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before  # nothing written
+    given = tmp_path / "mine.json"
+    given.write_text(json.dumps({"decoder": {"steps": 4}}))
+    for extra in ([], ["--defaults", str(given)]):
+        assert bundle_mod.main([str(run), str(ckpt)] + extra) == 1
+        assert "holds a decoder distilled otherwise" in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before  # nothing written
     assert bundle_mod.main([str(run), str(ckpt), "--stages", "clip,prior,sr"]) == 0
     assert "bundled clip, prior, sr" in capsys.readouterr().out
     assert meta_path.read_bytes() == before[meta_path]

@@ -32,14 +32,10 @@ def _distillation(meta: dict) -> tuple:
     return meta.get("distilled_steps"), bool(meta.get("config", {}).get("guidance_input"))
 
 
-def bundle(run: Path, out: Path, defaults: dict | None = None, stages: tuple[str, ...] = STAGES) -> list[str]:
-    """Bundle the ``stages`` of ``run`` (those it has) into ``out``; returns the stages written. ``defaults`` (None:
-    read ``out/defaults.json``) is applied key by key over what the run's ``model.json`` says. Refuses
-    (CheckpointError, nothing written) to replace a stage by one distilled differently: the bundled decoder is
-    guidance- and step-distilled, the recipe's own decoder is not, and the defaults in ``out`` are the former's."""
-    out = Path(out)
-    if defaults is None:
-        defaults = read_defaults(out)
+def sources_to_bundle(run: Path, out: Path, stages: tuple[str, ...] = STAGES) -> dict:
+    """{stage: (the run's model folder, its model.json)} for the ``stages`` ``run`` has. CheckpointError where
+    ``out`` holds that stage distilled otherwise: the bundled decoder is guidance- and step-distilled, the
+    recipe's own decoder is not, and the defaults in ``out`` are the former's."""
     sources = {}
     for stage in stages:
         src = resolve(Path(run) / stage / "model")
@@ -53,8 +49,18 @@ def bundle(run: Path, out: Path, defaults: dict | None = None, stages: tuple[str
                 f"{_distillation(read_model_meta(old.parent))}) than {src} {_distillation(meta)}; bundle that stage "
                 f"elsewhere (the recipe's guided decoder: checkpoints/shapes-v2-guided) or leave it out (--stages)")
         sources[stage] = (src, meta)
+    return sources
+
+
+def bundle(run: Path, out: Path, defaults: dict | None = None, stages: tuple[str, ...] = STAGES) -> list[str]:
+    """Bundle the ``stages`` of ``run`` (those it has) into ``out``; returns the stages written. ``defaults`` (None:
+    read ``out/defaults.json``) is applied key by key over what the run's ``model.json`` says. Refuses as
+    ``sources_to_bundle`` does, before anything is written."""
+    out = Path(out)
+    if defaults is None:
+        defaults = read_defaults(out)
     done = []
-    for stage, (src, meta) in sources.items():
+    for stage, (src, meta) in sources_to_bundle(Path(run), out, stages).items():
         if stage in defaults:
             meta["defaults"] = {**meta.get("defaults", {}), **defaults[stage]}
         state = load_file(str(src / "model.safetensors"))
@@ -86,6 +92,7 @@ def main(argv=None) -> int:
     try:
         if args.defaults:
             given = read_defaults_file(args.defaults)
+            sources_to_bundle(Path(args.run), out, stages)  # refused before the defaults file is replaced
             out.mkdir(parents=True, exist_ok=True)
             (out / DEFAULTS).write_text(json.dumps(given, indent=2) + "\n")
         done = bundle(Path(args.run), out, stages=stages)
