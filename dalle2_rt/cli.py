@@ -9,6 +9,7 @@ SIGINT (exit 130) and SIGTERM (exit 143) stop it with one line and no partial fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import signal
@@ -60,6 +61,21 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum, frame):
     raise Terminated
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM held (POSIX, main thread) while a PNG is published and its path printed, then delivered:
+    a file on disk is always one that was reported, never linked and left unsaid by an interrupt in between."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 def check_threads(value) -> int:
@@ -290,14 +306,15 @@ def _main(argv, shared_threads: bool) -> int:
                     slug = slugify(prompt)
                 bar.close()
                 for j, image in enumerate(images):
-                    path = save_png(image, jobs["folder"], f"{slug}-s{seed}-{j}", image.info)
-                    print(path, flush=True)
+                    with signals_held():
+                        print(save_png(image, jobs["folder"], f"{slug}-s{seed}-{j}", image.info), flush=True)
                 all_images += images
         if args.grid and all_images:
             meta = {**all_images[0].info, "prompt": "\n".join(jobs["prompts"] or [""]), "index": "grid"}
             name = f"grid-{slugify(jobs['prompts'][0]) if jobs['prompts'] else slugify(Path(args.variations).stem)}"
-            path = save_png(make_grid(all_images, args.num_images), jobs["folder"], f"{name}-s{seed}", meta)
-            print(path, flush=True)
+            grid = make_grid(all_images, args.num_images)
+            with signals_held():
+                print(save_png(grid, jobs["folder"], f"{name}-s{seed}", meta), flush=True)
     except Dalle2RTError as e:
         bar.close()
         return _fail(str(e))

@@ -160,11 +160,13 @@ def _plan(command: str, args) -> dict:
 
 
 def _write(images, stems, extra: dict, jobs: dict) -> int:
+    from .cli import signals_held
     from .runtime.images import save_png
 
     jobs["folder"].mkdir(parents=True, exist_ok=True)
     for image, stem in zip(images, stems):
-        print(save_png(image, jobs["folder"], stem, {**image.info, **extra}), flush=True)
+        with signals_held():
+            print(save_png(image, jobs["folder"], stem, {**image.info, **extra}), flush=True)
     if jobs.get("gif") is not None:
         print(_save_gif(images, jobs["gif"]), flush=True)
     return 0

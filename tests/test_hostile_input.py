@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -697,3 +698,22 @@ def test_diffusers_folder_with_a_config_out_of_bounds_is_one_line_before_diffuse
     assert rc == 1 and err.count("\n") == 1, err
     assert "text_encoder/config.json: config.hidden_size = 1000000000: must be an integer in 1 … 8192" in err
     assert not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_a_signal_waits_until_the_png_is_published_and_reported():
+    """The race the SIGTERM test above can hit: a PNG linked, then the interrupt before its path is printed.
+    ``signals_held`` delivers the signal only after the block, so the print always happens."""
+    from dalle2_rt.cli import Terminated, _raise_terminated, signals_held
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    reached = []
+    try:
+        with pytest.raises(Terminated):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                reached.append("after the signal, inside the block")
+        assert reached == ["after the signal, inside the block"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
