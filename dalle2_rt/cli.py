@@ -59,23 +59,30 @@ class Terminated(KeyboardInterrupt):
     (``save_png`` removes its ``.png.tmp``) instead of the process dying mid-write."""
 
 
+_HELD = {"depth": 0, "pending": None}  # signals_held: how deep, and the signal that came meanwhile
+
+
 def _raise_terminated(signum, frame):
-    raise Terminated
+    """The CLI's SIGTERM and SIGINT handler: Terminated / KeyboardInterrupt, or, inside ``signals_held``, later."""
+    if _HELD["depth"]:
+        _HELD["pending"] = signum
+        return
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def signals_held():
-    """SIGINT and SIGTERM held (POSIX, main thread) while a PNG is published and its path printed, then delivered:
-    a file on disk is always one that was reported, never linked and left unsaid by an interrupt in between."""
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """SIGINT and SIGTERM (under the CLI's handler) held while a PNG is published and its path printed, then
+    raised: a file on disk is always one that was reported, never linked and left unsaid by an interrupt in
+    between. A handler, not a signal mask: onnxruntime's threads would take a signal the main thread masks."""
+    _HELD["depth"] += 1
     try:
         yield
     finally:
-        mask(signal.SIG_SETMASK, old)
+        _HELD["depth"] -= 1
+        if not _HELD["depth"] and _HELD["pending"] is not None:
+            signum, _HELD["pending"] = _HELD["pending"], None
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def check_threads(value) -> int:
@@ -237,8 +244,10 @@ def main(argv: list[str] | None = None, *, shared_threads: bool = False) -> int:
         from .serve.cli import main as serve_main
 
         return serve_main(args[1:])
-    # SIGTERM takes SIGINT's path (only the main thread may set a handler; the caller's is put back after).
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _in_main_thread() else None
+    # SIGTERM takes SIGINT's path; both go through _raise_terminated, which signals_held can hold (only the main
+    # thread may set a handler; the caller's are put back after).
+    previous = ({s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGINT)}
+                if _in_main_thread() else None)
     try:
         if args[:1] in (["edit"], ["interpolate"]):  # unCLIP's operations on images (cli_operations.py)
             from .cli_operations import main as operations_main
@@ -254,8 +263,8 @@ def main(argv: list[str] | None = None, *, shared_threads: bool = False) -> int:
     except BrokenPipeError:  # stdout closed early (| head): nothing more to say
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in (previous or {}).items():
+            signal.signal(signum, handler)
 
 
 def _in_main_thread() -> bool:

@@ -700,20 +700,26 @@ def test_diffusers_folder_with_a_config_out_of_bounds_is_one_line_before_diffuse
     assert not out.exists()
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
-def test_a_signal_waits_until_the_png_is_published_and_reported():
+@pytest.mark.parametrize("signum, raised", [("SIGTERM", "Terminated"), ("SIGINT", "KeyboardInterrupt")])
+def test_a_signal_waits_until_the_png_is_published_and_reported(signum, raised):
     """The race the SIGTERM test above can hit: a PNG linked, then the interrupt before its path is printed.
     ``signals_held`` delivers the signal only after the block, so the print always happens."""
-    from dalle2_rt.cli import Terminated, _raise_terminated, signals_held
+    import threading
 
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    from dalle2_rt import cli
+
+    number = getattr(signal, signum)
+    previous = signal.signal(number, cli._raise_terminated)
     reached = []
+    busy = threading.Thread(target=time.sleep, args=(0.5,))  # another thread the signal may land on
+    busy.start()
     try:
-        with pytest.raises(Terminated):
-            with signals_held():
-                os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt) as caught:
+            with cli.signals_held():
+                os.kill(os.getpid(), number)
                 time.sleep(0.05)
                 reached.append("after the signal, inside the block")
-        assert reached == ["after the signal, inside the block"]
+        assert reached == ["after the signal, inside the block"] and type(caught.value).__name__ == raised
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(number, previous)
+        busy.join()
