@@ -67,6 +67,11 @@ def _raise_terminated(signum, frame):
     if _HELD["depth"]:
         _HELD["pending"] = signum
         return
+    _interrupt(signum)
+
+
+def _interrupt(signum: int):
+    """Raise what ``signum`` means to the CLI: Terminated for SIGTERM, KeyboardInterrupt for SIGINT."""
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
@@ -82,7 +87,7 @@ def signals_held():
         _HELD["depth"] -= 1
         if not _HELD["depth"] and _HELD["pending"] is not None:
             signum, _HELD["pending"] = _HELD["pending"], None
-            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            _interrupt(signum)
 
 
 def check_threads(value) -> int:
