@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from dalle2_rt.runtime.errors import BackendUnavailableError, InputError
 from dalle2_rt.runtime.manifest import load_manifest
 from dalle2_rt.runtime.pipeline import Pipeline
 from dalle2_rt.triton import orchestrator_io
-from dalle2_rt.triton.server import free_port
+from dalle2_rt.triton.server import free_port, free_ports
 from export import triton as writer
 
 pytest.importorskip("tritonclient.grpc", reason="the triton extra (tritonclient[grpc]) is not installed")
@@ -206,6 +207,16 @@ def test_writer_imports_no_torch(tiny_engines, tmp_path):
             f"write_repository({str(tiny_engines)!r}, {str(tmp_path / 'repo')!r}); "
             "bad = [m for m in ('torch', 'onnx', 'open_clip') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_free_ports_are_distinct_and_bindable():
+    # tritonserver takes three ports at once (HTTP, GRPC, metrics): the same one twice makes it refuse to start
+    for _ in range(50):
+        ports = free_ports(3)
+        assert len(set(ports)) == 3
+    for port in ports:  # released: each can be bound again
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
 
 
 def test_unreachable_server_is_one_clear_error(tiny_engines):

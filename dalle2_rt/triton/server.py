@@ -90,10 +90,21 @@ def python_facts(python: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free now: all ``n`` are bound at once before any is released (one socket
+    at a time, the system may hand out the same port twice)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class LocalServer:
@@ -151,7 +162,7 @@ class LocalServer:
         self._work = Path(tempfile.mkdtemp(prefix="dalle2-rt-triton-"))
         try:
             binary, backends, env = self._prepare()
-            http, grpc, metrics = free_port(), free_port(), free_port()
+            http, grpc, metrics = free_ports(3)
             cmd = [str(binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
                    "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={http}",
                    f"--grpc-port={grpc}", f"--metrics-port={metrics}", "--allow-metrics=false",
