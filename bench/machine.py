@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from dalle2_rt.runtime.cpu import cpuinfo_flags
+
 from .feeds import random_inputs
 
 SGEMM_N = 2048
@@ -34,15 +36,9 @@ def cpu_model() -> str:
 
 def cpu_flags() -> list[str]:
     """The SIMD flags that matter for MLAS kernels (avx2, avx512f, avx512_vnni, avx512_bf16, amx)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                                    "amx_tile") if f in have]
-    except OSError:
-        pass
-    return []
+    have = cpuinfo_flags()
+    return [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile")
+            if f in have]
 
 
 def describe() -> dict:

@@ -23,28 +23,43 @@ ARM_FEATURE = ("asimddp", "Arm dot product")
 NONE_WORDS = ("", "0", "no", "none", "false")
 
 
-def _from_cpuinfo(text: str) -> str | None:
-    """The best int8 dot-product instruction set a /proc/cpuinfo text names, or None."""
+def flag_words(text: str) -> set[str]:
+    """The CPU feature flags a /proc/cpuinfo text lists (x86 ``flags``, Arm ``Features``), every core's."""
     words: set[str] = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             words.update(value.split())
+    return words
+
+
+def cpuinfo_flags() -> set[str]:
+    """This machine's flags from /proc/cpuinfo; empty where there is none (Windows, macOS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return flag_words(f.read(1 << 20))
+    except OSError:
+        return set()
+
+
+def _best(words: set[str]) -> str | None:
+    """The best int8 dot-product instruction set among these flags, or None."""
     for flag, name in X86_FLAGS:
         if flag in words:
             return name
     return ARM_FEATURE[1] if ARM_FEATURE[0] in words else None
 
 
+def _from_cpuinfo(text: str) -> str | None:
+    """The best int8 dot-product instruction set a /proc/cpuinfo text names, or None."""
+    return _best(flag_words(text))
+
+
 @lru_cache(maxsize=1)
 def _detected() -> str | None:
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return ARM_FEATURE[1]  # every Apple silicon CPU has it
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return _from_cpuinfo(f.read(1 << 20))
-    except OSError:
-        return None
+    return _best(cpuinfo_flags())
 
 
 def int8_dot_product() -> str | None:
