@@ -65,6 +65,11 @@ def backends(engines, rounds: int = 5, threads: int = 2, images: int = 1, steps=
         out["steps"] = list(steps)
         out["sizes_torch_counter"] = b.info.get("networks")
         out["sizes_onnx_counter"] = a.info.get("networks")
+        # a folder's int8 variants run on onnxruntime (where the CPU has int8 dot products), never on torch
+        out["onnxruntime_backend"] = a.info.get("backend")
+        out["int8"] = ", int8 " in (a.info.get("backend") or "")
+    if out["int8"]:
+        log(f"  onnxruntime ran int8 variants ({out['onnxruntime_backend']}); torch runs the fp32 graphs' model")
     log(f"  → onnxruntime {out['median']['onnxruntime']:.3f} s, torch {out['median']['torch']:.3f} s: "
         f"{out['ratio']:.2f}× (torch with the full prior {out['median'][FULL_PRIOR]:.3f} s: "
         f"{out['ratio_full_prior']:.2f}×)")

@@ -54,6 +54,7 @@ def build_ours(engines: str, backend: str = "onnxruntime", threads: int | None =
                 info["networks"][g]["flops"] = count_flops(spec.file, 1)["flops"]
     if warm:
         pipe(PROMPT, seed=0, num_images=1)
+        info["backend"] = pipe.backend.describe()  # after a run: which graphs (int8 variants included) ran
 
     def run(req: dict) -> dict:
         prior, decoder, sr = req.get("steps") or (None, None, None)

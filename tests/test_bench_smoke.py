@@ -239,3 +239,17 @@ def test_a_long_legend_widens_the_chart_instead_of_being_cut(tmp_path):
     assert short.shape == (620, 1000) and long.shape[0] == 620 and long.shape[1] > 1000
     inked = np.nonzero((long < 128).any(axis=0))[0]  # columns with dark (text) pixels
     assert inked.max() < long.shape[1] - 10  # the legend text ends inside, with a margin
+
+
+def test_the_backends_report_says_when_onnxruntime_ran_int8_variants():
+    """torch runs the fp32 model: a ratio against onnxruntime's int8 variants must not read as the same graphs."""
+    from bench.report import _backends
+
+    base = {"steps": [5, 3, 2], "ratio": 2.1, "median": {"onnxruntime": 0.09, "torch": 0.19},
+            "seconds": {"onnxruntime": [0.09], "torch": [0.19]}}
+    fp32 = "\n".join(_backends({**base, "onnxruntime_backend": "onnxruntime 1.32.0 [CPUExecutionProvider]",
+                                "int8": False}, {}))
+    assert "both running the same graphs" in fp32 and "int8" not in fp32
+    backend = "onnxruntime 1.32.0 [CPUExecutionProvider, int8 decoder sr0]"
+    int8 = "\n".join(_backends({**base, "onnxruntime_backend": backend, "int8": True}, {}))
+    assert "same graphs (" not in int8 and "int8 decoder sr0" in int8 and "not the same arithmetic" in int8
