@@ -19,6 +19,8 @@ Their recorded results are in ``bench/RESULTS.md``. One line each, what it decid
 - ``int8.py``: the U-Nets stay fp32: static int8 is 0.92× (decoder) / 1.23× (SR) at one image's batch with
   ~5 % error of scale; 0.21 → 0.14 s per image in batches of 16 at equal fidelity is left for batch
   throughput work.
+- ``sr_noise.py``: the defaults keep 2 SR steps: at 1 the scorer grades the images as well but they carry 2.1×
+  the speckle (5.6 vs 2.7 levels of 255 against a 3×3 median; the world's renders 0.2).
 
 Not kept: the allocator probe (arena and memory pattern on vs off; peak RSS of 8 images 603 → 295 MB, no
 slower): the runtime now turns both off, so the probe had become three identical configurations.
