@@ -52,7 +52,9 @@ FULL_PRIOR = "torch, full prior"
 
 def backends(engines, rounds: int = 5, threads: int = 2, images: int = 1, steps=None, log=print) -> dict:
     """onnxruntime vs torch running the same graphs (the prior split at its text prefix on both), and torch
-    running the prior's own ``forward`` at every step (what a plain PyTorch loop does) for reference.
+    running the prior's own ``forward`` at every step (what a plain PyTorch loop does) for reference. Where the
+    folder has int8 variants and the CPU runs them, onnxruntime runs those (``int8`` in the result; set
+    ``DALLE2_RT_INT8_DOT=none`` for the fp32 graphs) while torch runs the fp32 model.
     ``steps``: (prior, decoder, SR) sampling steps (None: the folder's defaults)."""
     steps = tuple(steps or default_steps(engines))
     log(f"  onnxruntime vs torch backend, {images} image(s), steps {steps}, {rounds} rounds")
@@ -67,7 +69,7 @@ def backends(engines, rounds: int = 5, threads: int = 2, images: int = 1, steps=
         out["sizes_onnx_counter"] = a.info.get("networks")
         # a folder's int8 variants run on onnxruntime (where the CPU has int8 dot products), never on torch
         out["onnxruntime_backend"] = a.info.get("backend")
-        out["int8"] = ", int8 " in (a.info.get("backend") or "")
+        out["int8"] = bool(a.info.get("int8"))
     if out["int8"]:
         log(f"  onnxruntime ran int8 variants ({out['onnxruntime_backend']}); torch runs the fp32 graphs' model")
     log(f"  → onnxruntime {out['median']['onnxruntime']:.3f} s, torch {out['median']['torch']:.3f} s: "

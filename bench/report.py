@@ -129,7 +129,7 @@ def _backends(b: dict, parts: dict) -> list[str]:
             "", (f"Ratio torch / onnxruntime, onnxruntime running the folder's int8 variants "
                  f"({b['onnxruntime_backend']}) and torch the fp32 model, so not the same arithmetic: "
                  f"**{b['ratio']:.2f}×** (the ≥ 2× goal compares the same graphs: a folder without int8 "
-                 "variants, or a CPU that does not run them)." if b.get("int8") else
+                 "variants, or `DALLE2_RT_INT8_DOT=none`)." if b.get("int8") else
                  f"Ratio torch / onnxruntime, both running the same graphs (the prior split at its text "
                  f"prefix): **{b['ratio']:.2f}×** (goal ≥ 2×).")
             + (f" Torch running the prior's full `forward` at every step (a plain PyTorch loop): "

@@ -55,6 +55,7 @@ def build_ours(engines: str, backend: str = "onnxruntime", threads: int | None =
     if warm:
         pipe(PROMPT, seed=0, num_images=1)
         info["backend"] = pipe.backend.describe()  # after a run: which graphs (int8 variants included) ran
+        info["int8"] = pipe.backend.int8_running
 
     def run(req: dict) -> dict:
         prior, decoder, sr = req.get("steps") or (None, None, None)

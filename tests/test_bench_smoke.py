@@ -255,7 +255,7 @@ def test_the_backends_report_says_when_onnxruntime_ran_int8_variants():
     assert "same graphs (" not in int8 and "int8 decoder sr0" in int8 and "not the same arithmetic" in int8
 
 
-def test_sr_noise_experiment_measures_speckle(tiny_engines):
+def test_sr_noise_experiment_measures_speckle(tiny_engines, monkeypatch):
     """The speckle measure: zero on a flat image, higher on grain; the experiment reports each SR setting."""
     from PIL import Image
 
@@ -265,7 +265,17 @@ def test_sr_noise_experiment_measures_speckle(tiny_engines):
     flat = Image.new("RGB", (16, 16), (200, 30, 30))
     grain = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     assert sr_noise.speckle(flat) == 0.0 and sr_noise.speckle(Image.fromarray(grain)) > 20
-    out = sr_noise.measure(Pipeline.load(tiny_engines, threads=1), [1, 2], 1, 1, log=lambda *_: None)
+    pipe = Pipeline.load(tiny_engines, threads=1)
+    asked = []
+    real_call = Pipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs.get("sr_steps"))
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", spy)
+    out = sr_noise.measure(pipe, [1, 2], 1, 1, log=lambda *_: None)
+    assert asked == [1, 1, 2, 2]  # each setting over both captions, SR steps as asked
     assert out["captions"] == 2 and set(out["sr_steps"]) == {1, 2}
     assert all(v[0] >= 0 and v[1] >= 0 for v in out["sr_steps"].values())
     assert 0 <= out["renders"][0] < 5  # the world's flat renders: edges only

@@ -118,6 +118,7 @@ def test_the_cpu_runs_the_variant_unless_refused_and_the_fp32_path_is_unchanged(
     assert q.engines["sr0"].description.endswith("sr0.int8.onnx")
     assert not f.engines["sr0"].description.endswith("sr0.int8.onnx")
     assert "int8 sr0" in q.backend.describe() and "int8" not in f.backend.describe()
+    assert q.backend.int8_running == ["sr0"] and f.backend.int8_running == []
     args = (["a red circle", "a blue star above a green square"],)
     got_q, got_f, got_plain = (np.stack([np.asarray(im, dtype=np.float32) for im in p(*args, seed=3, **FAST)])
                                for p in (q, f, plain))
@@ -253,6 +254,13 @@ def test_a_cpu_without_int8_dot_products_runs_fp32_unless_told(int8_engines, tmp
 ])
 def test_the_cpu_reading(text, name):
     assert cpu._from_cpuinfo(text) == name
+
+
+def test_the_flag_reading_takes_the_flags_lines_only():
+    text = ("processor\t: 0\nflags\t\t: fpu avx2\nvmx flags\t: ept vpid\nbugs\t\t: spectre_v1\n"
+            "processor\t: 1\nflags\t\t: fpu avx2 avx512_vnni\n")
+    assert cpu.flag_words(text) == {"fpu", "avx2", "avx512_vnni"}  # every core's, not "vmx flags" nor "bugs"
+    assert cpu.flag_words("Features\t: fp asimd asimddp\n") == {"fp", "asimd", "asimddp"}
 
 
 def test_the_cpu_reading_per_platform_and_the_override(monkeypatch, tmp_path):

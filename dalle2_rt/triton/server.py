@@ -93,10 +93,11 @@ def python_facts(python: Path) -> dict:
 def free_ports(n: int) -> list[int]:
     """``n`` distinct loopback ports free now: all ``n`` are bound at once before any is released (one socket
     at a time, the system may hand out the same port twice)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    sockets: list[socket.socket] = []
     try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
+        for _ in range(n):
+            sockets.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sockets[-1].bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:

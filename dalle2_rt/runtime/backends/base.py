@@ -57,6 +57,11 @@ class Backend:
     def describe(self) -> str:
         raise NotImplementedError
 
+    @property
+    def int8_running(self) -> list[str]:
+        """The graphs whose int8 variant this backend runs (their pixels differ from the fp32 graphs')."""
+        return sorted(getattr(self, "_int8", ()))
+
 
 class Engine:
     """A graph ready to run: ``engine(**arrays) -> {output name: array}``."""
