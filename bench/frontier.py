@@ -181,7 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated labels of the standard grid to run (default all)")
     p.add_argument("--fp32-too", action="store_true",
                    help="also measure each folder that has int8 variants with its fp32 graphs only")
-    p.add_argument("--png", help="write the chart here")
+    p.add_argument("--png", help="write the two-object chart here, and the single-object one beside it "
+                   "(NAME-single.png)")
     p.add_argument("--json", help="write every point here")
     p.add_argument("--from-json", metavar="JSON", help="measure nothing: apply the rule (and --png) to the points "
                    "of an earlier run's --json (standard errors recomputed from its counts)")
@@ -256,15 +257,28 @@ def report(results: list[dict], cpu: str, png: str | None) -> dict:
           f"{base['label']} ({base['ms']:.1f} ms); single {chosen['single']:.1f} ± {chosen['single_se']:.1f}, two "
           f"{chosen['two']:.1f} ± {chosen['two_se']:.1f}; CPU {cpu}")
     if png:
-        from bench.chart import scatter_chart
-
-        groups: dict[str, list] = {}
-        for r in results:
-            groups.setdefault(f"{r['name']} two-object", []).append((r["ms"], r["two"], r["two_se"], r["label"]))
-        scatter_chart(groups, png, title=f"Two-object prompts fully right vs warm latency ({cpu})",
-                      xlabel="ms per image (one image, warm)", ylabel="% fully right (±1 SE)",
-                      chosen=(f"{chosen['name']} two-object", chosen["label"]))
+        for kind, path in (("two", Path(png)), ("single", single_png(png))):
+            chart(results, chosen, kind, path, cpu)
     return chosen
+
+
+def single_png(png: str | Path) -> Path:
+    """Where the single-object chart goes beside ``png`` (the two-object one): NAME-single.png."""
+    png = Path(png)
+    return png.with_name(f"{png.stem}-single{png.suffix or '.png'}")
+
+
+def chart(results: list[dict], chosen: dict, kind: str, path: Path, cpu: str) -> None:
+    """One rate (``kind``: "single" or "two") against ms per image, every folder a colour, the chosen point ringed."""
+    from bench.chart import scatter_chart
+
+    words = {"single": "single-object", "two": "two-object"}[kind]
+    groups: dict[str, list] = {}
+    for r in results:
+        groups.setdefault(f"{r['name']} {words}", []).append((r["ms"], r[kind], r[f"{kind}_se"], r["label"]))
+    scatter_chart(groups, path, title=f"{words.capitalize()} prompts fully right vs warm latency ({cpu})",
+                  xlabel="ms per image (one image, warm)", ylabel="% fully right (±1 SE)",
+                  chosen=(f"{chosen['name']} {words}", chosen["label"]))
 
 
 if __name__ == "__main__":

@@ -506,6 +506,29 @@ def test_the_default_is_the_fastest_point_within_one_standard_error_of_the_best(
     assert choose_default([near[0], {**near[1], "single": 99.1}])["label"] == "best"  # 0.7 > 0.64
 
 
+def test_the_frontier_draws_both_rates_from_a_saved_run(tmp_path, capsys):
+    """--from-json --png: the two-object chart where asked and the single-object one beside it, and the rule's
+    choice printed, from the counts alone."""
+    from PIL import Image
+
+    from bench.frontier import main, single_png
+
+    def pt(name, single, two, ms):
+        return {"name": name, "label": "defaults", "settings": {}, "single": single, "n_single": 400, "two": two,
+                "n_two": 400, "ms": ms, "gflop": 1.0}
+
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"cpu": "test CPU", "points": [pt("slow", 99.75, 75.25, 400),
+                                                               pt("fast", 99.25, 77.25, 200)]}))
+    png = tmp_path / "chart.png"
+    assert main(["--from-json", str(saved), "--png", str(png)]) == 0
+    assert single_png(png) == tmp_path / "chart-single.png"
+    for path in (png, single_png(png)):
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width > 500
+    assert "chosen by the rule: fast defaults" in capsys.readouterr().out
+
+
 def test_a_rate_with_every_image_right_still_has_an_error():
     from bench.frontier import rate
 
