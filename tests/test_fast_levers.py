@@ -477,6 +477,29 @@ def test_block_removal_refuses_a_start_that_is_not_a_compact_student(tmp_path):
         config_from_dict(distill_config(tmp_path, ckpt, "decoder_compact", feature_weight=-1.0))
 
 
+def test_block_removal_can_also_learn_the_operation_grid(tmp_path, monkeypatch):
+    """operation_steps: the student also learns the teacher where the operations query the decoder (a 6-step
+    trailing grid holds the 3-step one's timesteps and adds three); 0 keeps the sampling grid alone."""
+    pytest.importorskip("torch")
+    from dalle2_rt.runtime.schedules import alphas_cumprod_for
+    from dalle2_rt.training import distill
+    from dalle2_rt.training.config import ConfigError, config_from_dict
+
+    abar = alphas_cumprod_for("cosine", 1000)
+    assert distill.compact_timesteps(abar, 3).tolist() == [332, 666, 999]
+    assert distill.compact_timesteps(abar, 3, 6).tolist() == [166, 332, 499, 666, 832, 999]
+    ckpt = _deep_teacher(tmp_path)
+    seen = []
+    real = distill.compact_timesteps
+    monkeypatch.setattr(distill, "compact_timesteps", lambda *a: seen.append(a[1:]) or real(*a))
+    run = distill_config(tmp_path, ckpt, "decoder_compact", operation_steps=6)
+    del run["stages"]["decoder_compact"]["init_from"]
+    distill.compact_spec(config_from_dict(run))
+    assert seen == [(2, 6)]  # the tiny teacher's distilled steps, and the operation grid asked for
+    with pytest.raises(ConfigError, match="operation_steps must be in 0"):
+        config_from_dict(distill_config(tmp_path, ckpt, "decoder_compact", operation_steps=-1))
+
+
 def test_block_removal_needs_a_step_distilled_teacher(tmp_path):
     pytest.importorskip("torch")
     from dalle2_rt.training.config import config_from_dict

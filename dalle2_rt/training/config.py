@@ -76,6 +76,9 @@ class StageRun:
     num_res_blocks: int = 1
     # … and the weight of the level-output loss beside the output's (0: the output alone)
     feature_weight: float = 0.0
+    # … and a second trailing grid whose timesteps it also learns the teacher at (0: the sampling grid alone): the
+    # decoder's operation_steps, where unCLIP's operations (inversion, decoding a latent) query the decoder
+    operation_steps: int = 0
 
 
 @dataclass
@@ -141,6 +144,9 @@ def config_from_dict(data: dict) -> TrainConfig:
             raise ConfigError(f"[stages.{name}]: hard_negatives applies to CLIP only")
         if not 1 <= stages[name].student_steps <= 500:
             raise ConfigError(f"[stages.{name}]: student_steps must be in 1 … 500, got {stages[name].student_steps}")
+        if not 0 <= stages[name].operation_steps <= 500:
+            raise ConfigError(f"[stages.{name}]: operation_steps must be in 0 … 500 (0: none), got "
+                              f"{stages[name].operation_steps}")
         if stages[name].num_res_blocks < 1 or stages[name].feature_weight < 0:
             raise ConfigError(f"[stages.{name}]: num_res_blocks must be at least 1 and feature_weight at least 0, "
                               f"got {stages[name].num_res_blocks} and {stages[name].feature_weight}")

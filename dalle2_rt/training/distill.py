@@ -32,7 +32,9 @@ level above, so every kept block sees inputs of the shapes it was trained on). I
 prediction at the timesteps the teacher samples at (its ``distilled_steps`` on the trailing grid), on world
 images noised there, with w and the keeps drawn as above: the same sampler, about 30 % fewer FLOPs per step at
 one block per level. With ``feature_weight`` > 0 the loss also compares each level's output (down, middle, up)
-with the teacher's, as a share of the teacher's (BK-SDM's feature distillation).
+with the teacher's, as a share of the teacher's (BK-SDM's feature distillation). With ``operation_steps`` > 0 it
+also learns the teacher at that trailing grid's timesteps (``compact_timesteps``), where unCLIP's operations run
+the decoder at the defaults' ``operation_steps``.
 
     dalle2-train decoder_compact --config configs/shapes-v2-compact.toml
 """
@@ -344,6 +346,16 @@ def _level_features(teacher: Decoder, student: Decoder, levels: int, teacher_blo
     return kept
 
 
+def compact_timesteps(abar: np.ndarray, steps: int, operation_steps: int = 0) -> np.ndarray:
+    """The timesteps block removal learns the teacher at, each drawn alike: those of the teacher's ``steps``-step
+    trailing grid (where it samples), and with ``operation_steps`` those of that grid too (where the operations
+    run the decoder; a 6-step grid holds the 3-step one's and adds three)."""
+    grid = respace(abar, steps, "trailing").timesteps
+    if operation_steps:
+        grid = np.union1d(grid, respace(abar, operation_steps, "trailing").timesteps)
+    return np.unique(np.asarray(grid, dtype=np.int64))
+
+
 def compact_spec(cfg: TrainConfig) -> StageSpec:
     run = cfg.stage(COMPACT_STAGE)
     _check_sources(COMPACT_STAGE, run, None)
@@ -368,7 +380,7 @@ def compact_spec(cfg: TrainConfig) -> StageSpec:
     feats = (_level_features(teacher, student, len(unet.channel_mults), unet.num_res_blocks, run.num_res_blocks)
              if run.feature_weight else None)
     teacher, diffusion, world = _frozen_parts(cfg, run, teacher, tcfg)
-    ts = torch.from_numpy(np.asarray(respace(diffusion.abar.numpy(), steps, "trailing").timesteps))
+    ts = torch.from_numpy(compact_timesteps(diffusion.abar.numpy(), steps, run.operation_steps))
 
     def loss(model, images, captions, gen):
         b = len(captions)
