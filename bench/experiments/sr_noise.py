@@ -23,6 +23,7 @@ from dalle2_rt.runtime.pipeline import Pipeline
 from dalle2_rt.world import parse_caption, render_pil, sample_scene
 
 from ..fidelity import eval_captions
+from ..operations import mean_se
 from . import engine_folder, parser, write_json
 
 
@@ -33,11 +34,6 @@ def speckle(image: Image.Image) -> float:
     return float(np.mean(np.abs(a - m)))
 
 
-def _mean_se(values: list[float]) -> list[float]:
-    v = np.asarray(values, dtype=np.float64)
-    return [float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")]
-
-
 def measure(pipe: Pipeline, steps: list[int], n_single: int, n_two: int, log=print) -> dict:
     captions = eval_captions(n_single, n_two)
     out: dict = {"captions": len(captions), "sr_steps": {}}
@@ -45,10 +41,10 @@ def measure(pipe: Pipeline, steps: list[int], n_single: int, n_two: int, log=pri
     for s in steps:
         images = [pipe(c, seed=0, num_images=1, sr_steps=s)[0] for c in captions]
         size = images[0].size[0]
-        out["sr_steps"][s] = _mean_se([speckle(im) for im in images])
+        out["sr_steps"][s] = mean_se([speckle(im) for im in images])
         log(f"sr_steps {s:<5d} {out['sr_steps'][s][0]:.2f} ± {out['sr_steps'][s][1]:.2f}")
     rng = np.random.default_rng(0)
-    out["renders"] = _mean_se([speckle(render_pil(sample_scene(parse_caption(c), rng), size)) for c in captions])
+    out["renders"] = mean_se([speckle(render_pil(sample_scene(parse_caption(c), rng), size)) for c in captions])
     log(f"renders        {out['renders'][0]:.2f} ± {out['renders'][1]:.2f}")
     return out
 
