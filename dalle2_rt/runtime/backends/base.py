@@ -43,6 +43,7 @@ class Backend:
 
     name = ""
     takes: frozenset[str] = frozenset()  # the BackendOptions fields this backend uses
+    _int8: set[str] | frozenset[str] = frozenset()  # graphs running their int8 variant (a backend that has them)
 
     def __init__(self, manifest: Manifest, options: BackendOptions):
         unused = [name for name in options.given() if name not in self.takes]
@@ -60,7 +61,7 @@ class Backend:
     @property
     def int8_running(self) -> list[str]:
         """The graphs whose int8 variant this backend runs (their pixels differ from the fp32 graphs')."""
-        return sorted(getattr(self, "_int8", ()))
+        return sorted(self._int8)
 
 
 class Engine:

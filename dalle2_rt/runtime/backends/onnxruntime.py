@@ -212,7 +212,7 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         pool = ", shared thread pool" if self.shared_pool else ""
-        int8 = f", int8 {' '.join(sorted(self._int8))}" if self._int8 else ""
+        int8 = f", int8 {' '.join(self.int8_running)}" if self._int8 else ""
         return f"onnxruntime {self.version} [{', '.join(sorted(self._used) or self.providers)}{pool}{int8}]"
 
 

@@ -239,5 +239,5 @@ class TritonBackend(Backend):
         return TritonEngine(spec, self.transport, graph)
 
     def describe(self) -> str:
-        int8 = f" int8 {' '.join(sorted(self._int8))}" if self._int8 else ""
+        int8 = f" int8 {' '.join(self.int8_running)}" if self._int8 else ""
         return f"triton {self.version} {self.transport.where}{int8}"
