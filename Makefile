@@ -11,7 +11,7 @@ CHECKPOINTS := checkpoints/shapes-v2
 PACKAGED := dalle2_rt/engines/$(notdir $(ENGINES))
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup runtime engines engines-guided engines-fast engines-steps engines-compact package-engines wheel-check \
+.PHONY: setup runtime engines engines-guided engines-fast engines-steps engines-compact engines-sr1 package-engines wheel-check \
 	demo test lint bench train train-gpu clean test-browser test-ray test-dalle2-pytorch
 
 setup: $(STAMP)
@@ -37,30 +37,37 @@ $(ENGINES)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINTS)/*/model/* $(CHECKPO
 		{ echo "the bundled model is not trained yet: $(CHECKPOINTS) has no decoder (see README, Training)"; exit 1; }
 	$(PY) -m export.all --checkpoints $(CHECKPOINTS) --out $(ENGINES)
 
-# Another decoder (checkpoints/shapes-v2-$(1): its decoder/ and defaults.json) with the bundled CLIP, prior and SR,
-# exported to engines/shapes-v2-$(1): a folder to compare on the frontier (python -m bench.frontier --engines ...).
-define decoder_engines
+# A variant of the bundled model (checkpoints/shapes-v2-$(1): its defaults.json and a decoder/, an sr/ or both)
+# with the bundled CLIP, prior and whatever stage it does not have, exported to engines/shapes-v2-$(1): a folder to
+# compare on the frontier (python -m bench.frontier --engines ...).
+define variant_engines
 	rm -rf build/ckpt-shapes-v2-$(1) && mkdir -p build/ckpt-shapes-v2-$(1)
-	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior $(CHECKPOINTS)/sr checkpoints/shapes-v2-$(1)/decoder \
-		checkpoints/shapes-v2-$(1)/defaults.json build/ckpt-shapes-v2-$(1)/
+	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior checkpoints/shapes-v2-$(1)/defaults.json build/ckpt-shapes-v2-$(1)/
+	for s in decoder sr; do \
+		if [ -d checkpoints/shapes-v2-$(1)/$$s ]; then cp -r checkpoints/shapes-v2-$(1)/$$s build/ckpt-shapes-v2-$(1)/; \
+		else cp -r $(CHECKPOINTS)/$$s build/ckpt-shapes-v2-$(1)/; fi; done
 	$(PY) -m export.all --checkpoints build/ckpt-shapes-v2-$(1) --out engines/shapes-v2-$(1) --name shapes-v2-$(1)
 endef
 
 # The guidance-distilled decoder (configs/shapes-v2-fast.toml).
 engines-fast: $(STAMP)
-	$(call decoder_engines,fast)
+	$(call variant_engines,fast)
 
 # The step-distilled decoder (configs/shapes-v2-steps.toml: the guidance-distilled one's 4 DDIM steps taught in 2).
 engines-steps: $(STAMP)
-	$(call decoder_engines,steps)
+	$(call variant_engines,steps)
 
 # The guided decoder the bundled one is distilled from (configs/shapes-v2.toml; 5 steps x 3 candidates, guided pair).
 engines-guided: $(STAMP)
-	$(call decoder_engines,guided)
+	$(call variant_engines,guided)
 
 # The bundled 3-step decoder with one U-Net block per level down and two up (configs/shapes-v2-compact.toml).
 engines-compact: $(STAMP)
-	$(call decoder_engines,compact)
+	$(call variant_engines,compact)
+
+# The bundled model with its SR step-distilled to one step (configs/shapes-v2-sr1.toml).
+engines-sr1: $(STAMP)
+	$(call variant_engines,sr1)
 
 # The package's copy of the exported folder (float16-stored weights, no optimised copies): rebuild and commit it
 # whenever checkpoints/ or the export change (tests/test_packaged_engines.py fails until then).

@@ -94,6 +94,36 @@ def test_bundle_keeps_a_distilled_decoder_from_the_recipes_guided_one(run, tmp_p
     assert "--stages takes" in capsys.readouterr().err
 
 
+def test_bundle_writes_a_distillation_stage_as_the_stage_its_model_is(run, tmp_path, capsys):
+    """sr_steps (a step-distilled SR) is bundled as sr; over an undistilled sr only with --replace; two run stages
+    that are both an sr are refused until --stages names one."""
+    import shutil
+
+    student = tmp_path / "run2"
+    shutil.copytree(run / "sr" / "model", student / "sr_steps" / "model")
+    meta_path = student / "sr_steps" / "model" / "model.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "distilled_steps": 1}))
+    fresh = tmp_path / "fresh"
+    assert bundle_mod.main([str(student), str(fresh), "--stages", "sr_steps"]) == 0
+    assert "bundled sr into" in capsys.readouterr().out
+    assert registry.read_meta(fresh / "sr" / "model")["distilled_steps"] == 1
+    assert not (fresh / "sr_steps").exists()
+
+    ckpt = tmp_path / "ckpt"
+    assert bundle_mod.main([str(run), str(ckpt)]) == 0
+    before = (ckpt / "sr" / "model" / "model.json").read_bytes()
+    assert bundle_mod.main([str(student), str(ckpt), "--stages", "sr_steps"]) == 1
+    assert "holds a sr distilled otherwise" in capsys.readouterr().err
+    assert (ckpt / "sr" / "model" / "model.json").read_bytes() == before
+    assert bundle_mod.main([str(student), str(ckpt), "--stages", "sr_steps", "--replace"]) == 0
+    assert registry.read_meta(ckpt / "sr" / "model")["distilled_steps"] == 1
+
+    shutil.copytree(run / "sr" / "model", student / "sr" / "model")
+    assert bundle_mod.main([str(student), str(tmp_path / "both")]) == 1
+    assert "both a sr: name one with --stages" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()
+
+
 @pytest.mark.parametrize("bad, says", [
     ({"decoder": {"step": 4}}, "decoder.step: unknown key"),
     ({"decoder": {"steps": 0}}, "decoder.steps = 0"),

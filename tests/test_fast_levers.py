@@ -514,6 +514,67 @@ def test_block_removal_needs_a_step_distilled_teacher(tmp_path):
 # the frontier's rule
 
 
+def sr_steps_config(tmp_path, ckpt, **extra) -> dict:
+    """A two-step sr_steps run on the tiny checkpoints ``ckpt``: its SR the teacher and the student's start."""
+    sr = str(ckpt / "sr" / "model")
+    return {"run": {"out_dir": str(tmp_path / "runs"), "seed": 0, "log_every": 1, "ckpt_every": 2,
+                    "sample_every": 0, "threads": 1},
+            "stages": {"sr_steps": {"steps": 2, "batch_size": 2, "lr": 1e-3, "warmup": 1, "teacher": sr,
+                                    "init_from": sr, "student_steps": 1, **extra}}}
+
+
+def test_sr_step_distillation_target_is_the_runtimes_two_step_sample_of_the_teacher(tmp_path):
+    """sr_steps at S = 1: a student whose one prediction is what the runtime's DDIM draws from the same noise and
+    conditioning with the teacher in 2 steps (x0 clamped, as the runtime's stage does) has zero loss."""
+    torch = pytest.importorskip("torch")
+    from dalle2_rt.models import registry
+    from dalle2_rt.runtime.parameterization import to_x0
+    from dalle2_rt.training.config import config_from_dict
+    from dalle2_rt.training.distill import sr_steps_spec, x0_to_pred
+    from tests.conftest import write_tiny_checkpoints
+
+    ckpt = write_tiny_checkpoints(tmp_path / "ckpt", seed=7)
+    spec = sr_steps_spec(config_from_dict(sr_steps_config(tmp_path, ckpt)))
+    teacher = registry.load(ckpt / "sr" / "model").model.float()
+    abar = alphas_cumprod_for(teacher.cfg.schedule, teacher.cfg.num_timesteps)
+    grid, kind = respace(abar, 2, "trailing"), teacher.cfg.parameterization
+    calls = []
+
+    def runtime_two_steps(x_t, t, low_res, aug_t):
+        calls.append(t.tolist())
+
+        def denoise(x, i):
+            with torch.no_grad():
+                pred = teacher(x_t=torch.from_numpy(x), t=torch.full((len(x),), float(grid.timesteps[i])),
+                               low_res=low_res, aug_t=aug_t).numpy()
+            return np.clip(to_x0(pred, x, grid.alphas_cumprod[i], kind), -1, 1)
+
+        x_out = sample_ddim(denoise, x_t.numpy().astype(np.float32), grid)
+        return x0_to_pred(torch.from_numpy(x_out).double(), x_t, torch.full((len(x_t),), abar[999]), kind).float()
+
+    images = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    loss = spec.loss(runtime_two_steps, images, ["a"] * 3, torch.Generator().manual_seed(0))
+    assert calls == [[999.0] * 3]  # one student step, from the top of the trailing grid
+    assert loss.item() < 1e-9
+    # the teacher's own single step is not that sample: the target is not the input's own prediction
+    assert spec.loss(teacher, images, ["a"] * 3, torch.Generator().manual_seed(0)).item() > 1e-6
+
+
+def test_sr_step_distillation_trains_a_one_step_sr_student_and_refuses_a_decoder_teacher(tmp_path):
+    pytest.importorskip("torch")
+    from dalle2_rt.training.config import config_from_dict
+    from dalle2_rt.training.distill import DistillError, sr_steps_spec, train_sr_steps
+    from tests.conftest import write_tiny_checkpoints
+
+    ckpt = write_tiny_checkpoints(tmp_path / "ckpt", seed=9)
+    folder = train_sr_steps(config_from_dict(sr_steps_config(tmp_path, ckpt)))
+    meta = json.loads((folder / "model" / "model.json").read_text())
+    assert meta["kind"] == "sr" and meta["distilled_steps"] == 1 and meta["step"] == 2
+    decoder = str(ckpt / "decoder" / "model")
+    with pytest.raises(DistillError, match="teacher: .*'decoder'"):
+        sr_steps_spec(config_from_dict(sr_steps_config(tmp_path, ckpt, teacher=decoder)))
+
+
 def test_the_default_is_the_fastest_point_within_one_standard_error_of_the_best():
     from bench.frontier import choose_default
 

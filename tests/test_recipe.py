@@ -248,7 +248,7 @@ def test_the_v2_recipe_warm_starts_from_committed_folders_of_the_right_kind():
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / "shapes-v2.toml")
     # every stage but the distillations (their own recipes)
-    assert set(cfg.stages) == set(STAGES) - {"decoder_distill", "decoder_steps", "decoder_compact"}
+    assert set(cfg.stages) == set(STAGES) - {"decoder_distill", "decoder_steps", "decoder_compact", "sr_steps"}
     for stage in cfg.stages:
         folder = repo / cfg.stage(stage).init_from
         meta = json.loads((folder / "model.json").read_text())
@@ -308,7 +308,7 @@ def test_the_step_distillation_recipe_builds_on_the_committed_guidance_distilled
     assert (repo / run.init_from).parent == folder / "decoder"
     assert json.loads((folder / "defaults.json").read_text())["decoder"]["steps"] == steps
     makefile = (repo / "Makefile").read_text()
-    assert (f"$(call decoder_engines,{name.removeprefix('shapes-v2-')})" in makefile if name != "shapes-v2"
+    assert (f"$(call variant_engines,{name.removeprefix('shapes-v2-')})" in makefile if name != "shapes-v2"
             else "\nCHECKPOINTS := checkpoints/shapes-v2\n" in makefile)
     ts, _, ts_mid, _, _ = step_grids(alphas_cumprod_for(teacher["config"]["schedule"], 1000), run.student_steps)
     assert len(ts) == run.student_steps and all(ts_mid < ts)
@@ -338,7 +338,27 @@ def test_the_block_removal_recipe_builds_on_the_committed_3_step_student():
     folder = repo / "checkpoints" / "shapes-v2-compact"
     assert (repo / run.init_from).parent == folder / "decoder"
     assert json.loads((folder / "defaults.json").read_text())["decoder"]["steps"] == 3
-    assert "$(call decoder_engines,compact)" in (repo / "Makefile").read_text()
+    assert "$(call variant_engines,compact)" in (repo / "Makefile").read_text()
+
+
+def test_the_sr_step_distillation_recipe_builds_on_the_committed_sr():
+    """configs/shapes-v2-sr1.toml: the teacher is the bundled SR, the student warm-starts from the committed
+    one-step student (the teacher's config), and the folder recipe (make engines-sr1) finds it and its defaults."""
+    from pathlib import Path
+
+    from dalle2_rt.training.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    run = load_config(repo / "configs" / "shapes-v2-sr1.toml").stage("sr_steps")
+    assert run.teacher == "checkpoints/shapes-v2/sr/model" and run.student_steps == 1
+    teacher = json.loads((repo / run.teacher / "model.json").read_text())
+    student = json.loads((repo / run.init_from / "model.json").read_text())
+    assert student["kind"] == teacher["kind"] == "sr" and student["config"] == teacher["config"]
+    assert student["distilled_steps"] == 1 and "distilled_steps" not in teacher
+    folder = repo / "checkpoints" / "shapes-v2-sr1"
+    assert (repo / run.init_from).parent == folder / "sr"
+    assert json.loads((folder / "defaults.json").read_text())["sr"]["steps"] == 1
+    assert "$(call variant_engines,sr1)" in (repo / "Makefile").read_text()
 
 
 def test_clip_contrastive_with_hard_negatives():

@@ -5,7 +5,13 @@
 
 For every stage of the run, ``<run>/<stage>/model`` becomes ``<out>/<stage>/model`` with the weights stored
 in fp16 (half the bytes; they are upcast to fp32 on load, and the exporter validates the graphs against
-the upcast weights) and the config unchanged.
+the upcast weights) and the config unchanged. A distillation stage is written as the stage its model is
+(``decoder_distill``, ``decoder_steps``, ``decoder_compact`` → ``decoder``; ``sr_steps`` → ``sr``):
+
+    python -m dalle2_rt.training.bundle runs/shapes-v2-sr1 checkpoints/shapes-v2-sr1 --stages sr_steps
+
+Over a stage distilled otherwise (the bundled step-distilled decoder, a guided one in the run) bundling is
+refused unless ``--replace`` says that is meant; the defaults in ``<out>`` should then be the new stage's.
 
 Sampling defaults: the model's chosen defaults live in ``<out>/defaults.json`` ({"prior": {...}, "decoder":
 {...}, "sr": {...}}, see ``dalle2_rt.models.registry.read_defaults``), committed beside the checkpoints. Each
@@ -32,27 +38,40 @@ def _distillation(meta: dict) -> tuple:
     return meta.get("distilled_steps"), bool(meta.get("config", {}).get("guidance_input"))
 
 
-def sources_to_bundle(run: Path, out: Path, stages: tuple[str, ...] = STAGES) -> dict:
-    """{stage: (the run's model folder, its model.json)} for the ``stages`` ``run`` has. CheckpointError where
-    ``out`` holds that stage distilled otherwise: the bundled decoder is guidance- and step-distilled, the
-    recipe's own decoder is not, and the defaults in ``out`` are the former's."""
-    sources = {}
+# The stages a model folder is exported as; a run's other stages (distillations) are written as their model's kind.
+EXPORTED = ("clip", "prior", "decoder", "sr")
+
+
+def sources_to_bundle(run: Path, out: Path, stages: tuple[str, ...] = STAGES, replace: bool = False) -> dict:
+    """{stage written in ``out``: (the run's model folder, its model.json)} for the ``stages`` ``run`` has, a
+    distillation stage under its model's kind. CheckpointError where two of them would be written as one stage,
+    and (unless ``replace``) where ``out`` holds that stage distilled otherwise: the bundled decoder is guidance-
+    and step-distilled, the recipe's own decoder is not, and the defaults in ``out`` are the former's."""
+    sources, named = {}, {}
     for stage in stages:
         src = resolve(Path(run) / stage / "model")
         if not (src / "model.safetensors").exists():
             continue
         meta = read_model_meta(src)
-        old = out / stage / "model" / "model.json"
-        if old.is_file() and _distillation(read_model_meta(old.parent)) != _distillation(meta):
+        target = stage if stage in EXPORTED else meta.get("kind")
+        if target not in EXPORTED:
+            raise CheckpointError(f"{src}: a {meta.get('kind')!r} model; bundled stages are {', '.join(EXPORTED)}")
+        if target in named:
+            raise CheckpointError(f"{run} has {named[target]} and {stage}, both a {target}: name one with --stages")
+        old = out / target / "model" / "model.json"
+        if not replace and old.is_file() and _distillation(read_model_meta(old.parent)) != _distillation(meta):
             raise CheckpointError(
-                f"{out / stage} holds a {stage} distilled otherwise (distilled steps, guidance as an input: "
+                f"{out / target} holds a {target} distilled otherwise (distilled steps, guidance as an input: "
                 f"{_distillation(read_model_meta(old.parent))}) than {src} {_distillation(meta)}; bundle that stage "
-                f"elsewhere (the recipe's guided decoder: checkpoints/shapes-v2-guided) or leave it out (--stages)")
-        sources[stage] = (src, meta)
+                f"elsewhere (the recipe's guided decoder: checkpoints/shapes-v2-guided), leave it out (--stages), "
+                f"or --replace it (and give its defaults)")
+        named[target] = stage
+        sources[target] = (src, meta)
     return sources
 
 
-def bundle(run: Path, out: Path, defaults: dict | None = None, stages: tuple[str, ...] = STAGES) -> list[str]:
+def bundle(run: Path, out: Path, defaults: dict | None = None, stages: tuple[str, ...] = STAGES,
+           replace: bool = False) -> list[str]:
     """Bundle the ``stages`` of ``run`` (those it has) into ``out``; returns the stages written. ``defaults`` (None:
     read ``out/defaults.json``) is applied key by key over what the run's ``model.json`` says. Refuses as
     ``sources_to_bundle`` does, before anything is written."""
@@ -60,7 +79,7 @@ def bundle(run: Path, out: Path, defaults: dict | None = None, stages: tuple[str
     if defaults is None:
         defaults = read_defaults(out)
     done = []
-    for stage, (src, meta) in sources_to_bundle(Path(run), out, stages).items():
+    for stage, (src, meta) in sources_to_bundle(Path(run), out, stages, replace).items():
         if stage in defaults:
             meta["defaults"] = {**meta.get("defaults", {}), **defaults[stage]}
         state = load_file(str(src / "model.safetensors"))
@@ -81,7 +100,10 @@ def main(argv=None) -> int:
     p.add_argument("out", help="checkpoint directory to write, e.g. checkpoints/shapes-v2")
     p.add_argument("--defaults", metavar="FILE", help=f"JSON of per-stage sampling defaults; becomes <out>/{DEFAULTS}")
     p.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated stages to bundle (default all: {','.join(STAGES)})")
+                   help=f"comma-separated stages to bundle (default all: {','.join(STAGES)}); a distillation "
+                        "stage is written as the stage its model is (sr_steps as sr)")
+    p.add_argument("--replace", action="store_true",
+                   help="write over a stage of OUT that is distilled otherwise (refused without it)")
     args = p.parse_args(argv)
     out = Path(args.out)
     stages = tuple(s for s in args.stages.split(",") if s)
@@ -92,10 +114,10 @@ def main(argv=None) -> int:
     try:
         if args.defaults:
             given = read_defaults_file(args.defaults)
-            sources_to_bundle(Path(args.run), out, stages)  # refused before the defaults file is replaced
+            sources_to_bundle(Path(args.run), out, stages, args.replace)  # refused before defaults are replaced
             out.mkdir(parents=True, exist_ok=True)
             (out / DEFAULTS).write_text(json.dumps(given, indent=2) + "\n")
-        done = bundle(Path(args.run), out, stages=stages)
+        done = bundle(Path(args.run), out, stages=stages, replace=args.replace)
     except CheckpointError as e:
         print(f"bundle: error: {e}", file=sys.stderr)
         return 1

@@ -19,10 +19,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dalle2-train", description="Train the unCLIP stages of dalle2-rt.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["clip", "prior", "decoder", "sr", "all", "decoder_distill", "decoder_steps",
-                                      "decoder_compact"],
+                                      "decoder_compact", "sr_steps"],
                    help="which stage to train (decoder_distill: guidance distillation of a trained decoder; "
                         "decoder_steps: step distillation of a guidance-distilled one; decoder_compact: fewer "
-                        "U-Net blocks for a step-distilled one)")
+                        "U-Net blocks for a step-distilled one; sr_steps: step distillation of the SR stage)")
     p.add_argument("--config", required=True, help="TOML training config (see configs/)")
     p.add_argument("--out-dir", help="override [run] out_dir")
     p.add_argument("--max-steps", type=int, help="stop after this many steps of this run (checkpointed)")
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
 
     fn = {"clip": stages.train_clip, "prior": stages.train_prior, "decoder": stages.train_decoder,
           "sr": stages.train_sr, "all": stages.train_all, "decoder_distill": distill.train_decoder_distill,
-          "decoder_steps": distill.train_decoder_steps, "decoder_compact": distill.train_decoder_compact}[args.stage]
+          "decoder_steps": distill.train_decoder_steps, "decoder_compact": distill.train_decoder_compact,
+          "sr_steps": distill.train_sr_steps}[args.stage]
     if args.stage in ("prior", "decoder") and not (cfg.stage_dir("clip") / "model").exists():
         print(f"dalle2-train: {args.stage} needs a trained CLIP in {cfg.stage_dir('clip')}/model; "
               "run `dalle2-train clip` first", file=sys.stderr)

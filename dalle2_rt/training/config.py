@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dalle2_rt.models import config_dict
 
-STAGES = ("clip", "prior", "decoder", "sr", "decoder_distill", "decoder_steps", "decoder_compact")
+STAGES = ("clip", "prior", "decoder", "sr", "decoder_distill", "decoder_steps", "decoder_compact", "sr_steps")
 
 
 @dataclass
@@ -69,7 +69,8 @@ class StageRun:
     text_keep: float = 0.8  # the share of rows conditioned on text too (the rest: image only, as variations run)
     # decoder_steps only (progressive step distillation, training/distill.py): the sampling steps the student learns
     # to take; the teacher (a guidance-distilled decoder) takes twice as many on the same trailing grid, and w is
-    # drawn from the teacher's own guidance_range (this section's guidance_range is decoder_distill's)
+    # drawn from the teacher's own guidance_range (this section's guidance_range is decoder_distill's); sr_steps
+    # likewise for an SR teacher (no guidance)
     student_steps: int = 2
     # decoder_compact only (block removal, training/distill.py): residual blocks per U-Net level of the student,
     # fewer than the teacher's (a step-distilled decoder, sampled at its own steps)

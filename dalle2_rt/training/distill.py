@@ -37,10 +37,19 @@ also learns the teacher at that trailing grid's timesteps (``compact_timesteps``
 the decoder at the defaults' ``operation_steps``.
 
     dalle2-train decoder_compact --config configs/shapes-v2-compact.toml
+
+Step distillation of the super-resolution stage, ``sr_steps``: the same halving as ``decoder_steps`` for an SR
+U-Net (no guidance, no text): the teacher takes 2S DDIM steps on the trailing grid from the world image at 64
+noised to the student's timestep, conditioned on that image at 32 noise-augmented as in SR training (a level
+drawn from 0 … T/4, the same for both), and the student, its copy, learns to land where the teacher landed in S.
+At S = 1 the student learns the teacher's two-step sample in one pass from noise (999 → clean): half the SR cost.
+
+    dalle2-train sr_steps --config configs/shapes-v2-sr1.toml
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +58,7 @@ import torch
 from dalle2_rt.models import registry
 from dalle2_rt.models.clip import ClipImageEncoder, ClipTextEncoder
 from dalle2_rt.models.decoder import Decoder
+from dalle2_rt.models.sr import SuperRes
 from dalle2_rt.runtime.schedules import respace
 from dalle2_rt.training.config import TrainConfig
 from dalle2_rt.training.data import to_pixels
@@ -59,6 +69,7 @@ from dalle2_rt.training.loop import StageSpec, train_stage
 STAGE = "decoder_distill"
 STEPS_STAGE = "decoder_steps"
 COMPACT_STAGE = "decoder_compact"
+SR_STEPS_STAGE = "sr_steps"
 # the sampling step counts whose timesteps the schedule share draws from (the runtime's trailing spacing)
 FEW_STEPS = (2, 3, 4, 5, 6, 8)
 
@@ -91,18 +102,22 @@ def guided_target(teacher: Decoder, x_t, t, image_embed, text_enc, image_keep, t
     return uncond + w.reshape(-1, 1, 1, 1) * (cond - uncond)
 
 
-def _check_sources(stage: str, run, start: str | None) -> None:
+def _check_sources(stage: str, run, start: str | None, kind: str = "decoder") -> None:
     """A distillation stage's teacher folder and the student's start, before anything is loaded (``start``: what
     init_from must name; None where the stage builds its own start and init_from is optional)."""
     if not run.teacher or not (Path(run.teacher) / "model.json").is_file():
-        raise DistillError(f"[stages.{stage}] teacher must name a decoder model folder, got {run.teacher!r}")
+        raise DistillError(f"[stages.{stage}] teacher must name a {kind} model folder, got {run.teacher!r}")
     if start is not None and not run.init_from:
         raise DistillError(f"[stages.{stage}] init_from must name the student's start: {start}")
 
 
-def _load_teacher(run) -> tuple[Decoder, object, dict]:
-    """The teacher decoder, frozen in float32, its config and its model.json."""
-    loaded = registry.load(Path(run.teacher), expect="decoder")
+def _load_teacher(run, kind: str = "decoder") -> tuple[torch.nn.Module, object, dict]:
+    """The teacher (a decoder, or the ``kind`` named), frozen in float32, its config and its model.json; a folder
+    that is not one is a ``DistillError`` naming it."""
+    try:
+        loaded = registry.load(Path(run.teacher), expect=kind)
+    except registry.CheckpointError as e:
+        raise DistillError(f"teacher: {e}") from None
     return _frozen(loaded.model.float()), loaded.config, loaded.meta
 
 
@@ -229,6 +244,30 @@ def step_grids(abar: np.ndarray, student_steps: int) -> tuple[np.ndarray, ...]:
             student.alphas_cumprod_prev)
 
 
+def halving_loss(model, teacher, diffusion: Diffusion, grids: tuple, kind: str, x0: torch.Tensor,
+                 conditioning: Callable[[], dict], gen: torch.Generator) -> torch.Tensor:
+    """One step-distillation loss: each row's student step (drawn from ``grids``, ``step_grids`` as tensors) from
+    x0 noised to its timestep; the target is what makes one DDIM step land where the teacher's two land (the
+    teacher's x0 clamped to [−1, 1] as the runtime does), in the parameterisation ``kind``. ``conditioning()``:
+    the other inputs both networks get, called after the step and the noise are drawn from ``gen``."""
+    ts, abar_t, ts_mid, abar_mid, abar_end = grids
+    i = torch.randint(0, len(ts), (x0.shape[0],), generator=gen)
+    t, a, t_mid, a_mid, a_end = ts[i], abar_t[i], ts_mid[i], abar_mid[i], abar_end[i]
+    x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen))
+    cond = conditioning()
+    with torch.no_grad():
+        # the teacher's two DDIM steps: t_i → its middle timestep → t_{i+1} (or the clean sample)
+        x0_1 = pred_to_x0(teacher(x_t=x_t, t=t.float(), **cond), x_t, a, kind).clamp(-1, 1)
+        x_mid = ddim_step(x0_1, x_t, a, a_mid).float()
+        x0_2 = pred_to_x0(teacher(x_t=x_mid, t=t_mid.float(), **cond), x_mid, a_mid, kind).clamp(-1, 1)
+        x_end = ddim_step(x0_2, x_mid, a_mid, a_end)
+        end_is_clean = (a_end >= 1.0).reshape(-1, 1, 1, 1)
+        target_x0 = torch.where(end_is_clean, x_end, two_step_target(x_t, x_end, a, a_end)).clamp(-1, 1)
+        target = x0_to_pred(target_x0, x_t, a, kind).float()
+    pred = model(x_t=x_t, t=t.float(), **cond)
+    return (pred.float() - target).pow(2).mean()
+
+
 def steps_spec(cfg: TrainConfig) -> StageSpec:
     run = cfg.stage(STEPS_STAGE)
     _check_sources(STEPS_STAGE, run, "the teacher or an earlier student")
@@ -239,30 +278,18 @@ def steps_spec(cfg: TrainConfig) -> StageSpec:
     # w is drawn from the scales the teacher learned (its model.json), and the student states the same range
     lo, hi = tcfg.guidance_range
     teacher, diffusion, world = _frozen_parts(cfg, run, teacher, tcfg)
-    ts, abar_t, ts_mid, abar_mid, abar_end = (torch.from_numpy(np.asarray(v)) for v in
-                                              step_grids(diffusion.abar.numpy(), run.student_steps))
+    grids = tuple(torch.from_numpy(np.asarray(v)) for v in step_grids(diffusion.abar.numpy(), run.student_steps))
     kind = tcfg.parameterization
 
     def loss(model, images, captions, gen):
         b = len(captions)
         text_enc, image_embed, x0 = world(images, captions)
-        i = torch.randint(0, len(ts), (b,), generator=gen)
-        t, a, t_mid, a_mid, a_end = ts[i], abar_t[i], ts_mid[i], abar_mid[i], abar_end[i]
-        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen))
-        w = lo + (hi - lo) * torch.rand(b, generator=gen)
-        cond = dict(image_embed=image_embed, text_encodings=text_enc, image_keep=torch.ones(b),
-                    text_keep=(torch.rand(b, generator=gen) < run.text_keep).float(), guidance=w)
-        with torch.no_grad():
-            # the teacher's two DDIM steps: t_i → its middle timestep → t_{i+1} (or the clean sample)
-            x0_1 = pred_to_x0(teacher(x_t=x_t, t=t.float(), **cond), x_t, a, kind).clamp(-1, 1)
-            x_mid = ddim_step(x0_1, x_t, a, a_mid).float()
-            x0_2 = pred_to_x0(teacher(x_t=x_mid, t=t_mid.float(), **cond), x_mid, a_mid, kind).clamp(-1, 1)
-            x_end = ddim_step(x0_2, x_mid, a_mid, a_end)
-            end_is_clean = (a_end >= 1.0).reshape(-1, 1, 1, 1)
-            target_x0 = torch.where(end_is_clean, x_end, two_step_target(x_t, x_end, a, a_end)).clamp(-1, 1)
-            target = x0_to_pred(target_x0, x_t, a, kind).float()
-        pred = model(x_t=x_t, t=t.float(), **cond)
-        return (pred.float() - target).pow(2).mean()
+        def conditioning() -> dict:
+            w = lo + (hi - lo) * torch.rand(b, generator=gen)
+            return dict(image_embed=image_embed, text_encodings=text_enc, image_keep=torch.ones(b),
+                        text_keep=(torch.rand(b, generator=gen) < run.text_keep).float(), guidance=w)
+
+        return halving_loss(model, teacher, diffusion, grids, kind, x0, conditioning, gen)
 
     return StageSpec(STEPS_STAGE, "decoder", Decoder(tcfg), tcfg, loss,
                      extra_meta={"distilled_steps": run.student_steps})
@@ -406,3 +433,31 @@ def compact_spec(cfg: TrainConfig) -> StageSpec:
 def train_decoder_compact(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
     """Distill a few-step decoder into one with fewer blocks per U-Net level (same sampler, fewer FLOPs)."""
     return train_stage(compact_spec(cfg), cfg, max_steps=max_steps)
+
+
+def sr_steps_spec(cfg: TrainConfig) -> StageSpec:
+    run = cfg.stage(SR_STEPS_STAGE)
+    _check_sources(SR_STEPS_STAGE, run, "the teacher or an earlier student", kind="sr")
+    teacher, tcfg, _ = _load_teacher(run, kind="sr")
+    device = resolve_device(cfg.device)
+    teacher = OnDevice(teacher.to(device), device)
+    diffusion = Diffusion(tcfg.schedule, tcfg.num_timesteps)
+    grids = tuple(torch.from_numpy(np.asarray(v)) for v in step_grids(diffusion.abar.numpy(), run.student_steps))
+    kind = tcfg.parameterization
+
+    def loss(model, images, captions, gen):
+        b = len(captions)
+        x0 = to_pixels(images, tcfg.image_size) * 2 - 1
+        low = to_pixels(images, tcfg.low_res_size) * 2 - 1
+        aug_t = torch.randint(0, tcfg.num_timesteps // 4, (b,), generator=gen)
+        low = diffusion.q_sample(low, aug_t, torch.randn(low.shape, generator=gen))
+        cond = dict(low_res=low, aug_t=aug_t.float())
+        return halving_loss(model, teacher, diffusion, grids, kind, x0, lambda: cond, gen)
+
+    return StageSpec(SR_STEPS_STAGE, "sr", SuperRes(tcfg), tcfg, loss,
+                     extra_meta={"distilled_steps": run.student_steps})
+
+
+def train_sr_steps(cfg: TrainConfig, *, max_steps: int | None = None) -> Path:
+    """Distill the SR stage's 2S DDIM steps into S (one progressive-distillation halving)."""
+    return train_stage(sr_steps_spec(cfg), cfg, max_steps=max_steps)
