@@ -11,7 +11,8 @@ CHECKPOINTS := checkpoints/shapes-v2
 PACKAGED := dalle2_rt/engines/$(notdir $(ENGINES))
 PROMPT ?= a large red circle on the left, black background
 
-.PHONY: setup runtime engines engines-guided engines-fast engines-steps engines-compact engines-sr1 package-engines wheel-check \
+.PHONY: setup runtime engines engines-guided engines-fast engines-steps engines-compact engines-sr1 engines-sr1-int8 engines-compact-sr1 \
+	engines-compact-sr1-int8 package-engines wheel-check \
 	demo test lint bench train train-gpu clean test-browser test-ray test-dalle2-pytorch
 
 setup: $(STAMP)
@@ -37,16 +38,17 @@ $(ENGINES)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINTS)/*/model/* $(CHECKPO
 		{ echo "the bundled model is not trained yet: $(CHECKPOINTS) has no decoder (see README, Training)"; exit 1; }
 	$(PY) -m export.all --checkpoints $(CHECKPOINTS) --out $(ENGINES)
 
-# A variant of the bundled model (checkpoints/shapes-v2-$(1): its defaults.json and a decoder/, an sr/ or both)
-# with the bundled CLIP, prior and whatever stage it does not have, exported to engines/shapes-v2-$(1): a folder to
-# compare on the frontier (python -m bench.frontier --engines ...).
+# A variant of the bundled model exported to engines/shapes-v2-$(1): the bundled checkpoints with the decoder/ and
+# sr/ of checkpoints/shapes-v2-V laid over them, for each V of $(2) in order (default: $(1) alone), and the last
+# V's defaults.json. A folder to compare on the frontier (python -m bench.frontier --engines ...).
 define variant_engines
 	rm -rf build/ckpt-shapes-v2-$(1) && mkdir -p build/ckpt-shapes-v2-$(1)
-	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior checkpoints/shapes-v2-$(1)/defaults.json build/ckpt-shapes-v2-$(1)/
-	for s in decoder sr; do \
-		if [ -d checkpoints/shapes-v2-$(1)/$$s ]; then cp -r checkpoints/shapes-v2-$(1)/$$s build/ckpt-shapes-v2-$(1)/; \
-		else cp -r $(CHECKPOINTS)/$$s build/ckpt-shapes-v2-$(1)/; fi; done
-	$(PY) -m export.all --checkpoints build/ckpt-shapes-v2-$(1) --out engines/shapes-v2-$(1) --name shapes-v2-$(1)
+	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior $(CHECKPOINTS)/decoder $(CHECKPOINTS)/sr build/ckpt-shapes-v2-$(1)/
+	for v in $(or $(2),$(1)); do \
+		for s in decoder sr; do if [ -d checkpoints/shapes-v2-$$v/$$s ]; then \
+			rm -rf build/ckpt-shapes-v2-$(1)/$$s && cp -r checkpoints/shapes-v2-$$v/$$s build/ckpt-shapes-v2-$(1)/; fi; done; \
+		cp checkpoints/shapes-v2-$$v/defaults.json build/ckpt-shapes-v2-$(1)/; done
+	$(PY) -m export.all --checkpoints build/ckpt-shapes-v2-$(1) --out engines/shapes-v2-$(1) --name shapes-v2-$(1) $(3)
 endef
 
 # The guidance-distilled decoder (configs/shapes-v2-fast.toml).
@@ -68,6 +70,16 @@ engines-compact: $(STAMP)
 # The bundled model with its SR step-distilled to one step (configs/shapes-v2-sr1.toml).
 engines-sr1: $(STAMP)
 	$(call variant_engines,sr1)
+
+engines-sr1-int8: $(STAMP)
+	$(call variant_engines,sr1-int8,sr1,--int8 sr0 --int8 decoder)
+
+# The compact decoder with the one-step SR (its defaults: the SR student's), and both with int8 variants.
+engines-compact-sr1: $(STAMP)
+	$(call variant_engines,compact-sr1,compact sr1)
+
+engines-compact-sr1-int8: $(STAMP)
+	$(call variant_engines,compact-sr1-int8,compact sr1,--int8 sr0 --int8 decoder)
 
 # The package's copy of the exported folder (float16-stored weights, no optimised copies): rebuild and commit it
 # whenever checkpoints/ or the export change (tests/test_packaged_engines.py fails until then).
