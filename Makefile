@@ -40,11 +40,12 @@ $(ENGINES)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINTS)/*/model/* $(CHECKPO
 
 # A variant of the bundled model exported to engines/shapes-v2-$(1): the bundled checkpoints with the decoder/ and
 # sr/ of checkpoints/shapes-v2-V laid over them, for each V of $(2) in order (default: $(1) alone), and the last
-# V's defaults.json. A folder to compare on the frontier (python -m bench.frontier --engines ...).
+# V's defaults.json, whole (so a combination's last variant states every stage's defaults: shapes-v2-sr1's are the
+# bundled decoder's, which the compact one shares). A folder to compare on the frontier (python -m bench.frontier).
 define variant_engines
 	rm -rf build/ckpt-shapes-v2-$(1) && mkdir -p build/ckpt-shapes-v2-$(1)
 	cp -r $(CHECKPOINTS)/clip $(CHECKPOINTS)/prior $(CHECKPOINTS)/decoder $(CHECKPOINTS)/sr build/ckpt-shapes-v2-$(1)/
-	for v in $(or $(2),$(1)); do \
+	set -e; for v in $(or $(2),$(1)); do \
 		for s in decoder sr; do if [ -d checkpoints/shapes-v2-$$v/$$s ]; then \
 			rm -rf build/ckpt-shapes-v2-$(1)/$$s && cp -r checkpoints/shapes-v2-$$v/$$s build/ckpt-shapes-v2-$(1)/; fi; done; \
 		cp checkpoints/shapes-v2-$$v/defaults.json build/ckpt-shapes-v2-$(1)/; done

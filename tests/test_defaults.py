@@ -103,24 +103,39 @@ def test_bundle_writes_a_distillation_stage_as_the_stage_its_model_is(run, tmp_p
     shutil.copytree(run / "sr" / "model", student / "sr_steps" / "model")
     meta_path = student / "sr_steps" / "model" / "model.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "distilled_steps": 1}))
+    one_step = tmp_path / "one-step.json"
+    one_step.write_text(json.dumps({"sr": {"steps": 1}}))
     fresh = tmp_path / "fresh"
-    assert bundle_mod.main([str(student), str(fresh), "--stages", "sr_steps"]) == 0
+    assert bundle_mod.main([str(student), str(fresh), "--stages", "sr_steps"]) == 1  # no defaults: steps unknown
+    assert "distilled to sample in 1 steps, but the defaults it would get say None" in capsys.readouterr().err
+    assert not (fresh / "sr").exists()
+    assert bundle_mod.main([str(student), str(fresh), "--stages", "sr_steps", "--defaults", str(one_step)]) == 0
     assert "bundled sr into" in capsys.readouterr().out
-    assert registry.read_meta(fresh / "sr" / "model")["distilled_steps"] == 1
+    meta = registry.read_meta(fresh / "sr" / "model")
+    assert meta["distilled_steps"] == 1 and meta["defaults"] == {"steps": 1}
     assert not (fresh / "sr_steps").exists()
 
     ckpt = tmp_path / "ckpt"
+    (ckpt).mkdir()
+    (ckpt / registry.DEFAULTS).write_text(json.dumps(CHOSEN))  # sr steps 2, the undistilled SR's
     assert bundle_mod.main([str(run), str(ckpt)]) == 0
-    before = (ckpt / "sr" / "model" / "model.json").read_bytes()
+    before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
     assert bundle_mod.main([str(student), str(ckpt), "--stages", "sr_steps"]) == 1
-    assert "holds a sr distilled otherwise" in capsys.readouterr().err
-    assert (ckpt / "sr" / "model" / "model.json").read_bytes() == before
-    assert bundle_mod.main([str(student), str(ckpt), "--stages", "sr_steps", "--replace"]) == 0
+    assert "holds an sr distilled otherwise" in capsys.readouterr().err
+    # --replace alone would give the one-step student the two-step defaults: refused before anything is written
+    assert bundle_mod.main([str(student), str(ckpt), "--stages", "sr_steps", "--replace"]) == 1
+    assert "say 2: give sr steps = 1" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
+    given = tmp_path / "with-one-step.json"
+    given.write_text(json.dumps({**CHOSEN, "sr": {"steps": 1}}))
+    assert bundle_mod.main([str(student), str(ckpt), "--stages", "sr_steps", "--replace", "--defaults",
+                            str(given)]) == 0
     assert registry.read_meta(ckpt / "sr" / "model")["distilled_steps"] == 1
+    assert registry.read_meta(ckpt / "sr" / "model")["defaults"]["steps"] == 1
 
     shutil.copytree(run / "sr" / "model", student / "sr" / "model")
     assert bundle_mod.main([str(student), str(tmp_path / "both")]) == 1
-    assert "both a sr: name one with --stages" in capsys.readouterr().err
+    assert "both an sr: name one with --stages" in capsys.readouterr().err
     assert not (tmp_path / "both").exists()
 
 

@@ -560,6 +560,30 @@ def test_sr_step_distillation_target_is_the_runtimes_two_step_sample_of_the_teac
     assert spec.loss(teacher, images, ["a"] * 3, torch.Generator().manual_seed(0)).item() > 1e-6
 
 
+def test_the_halving_loss_draws_the_step_and_the_noise_before_the_conditioning():
+    """decoder_steps draws (step, noise, then w and text_keep) in that order, as before the loss was shared with
+    sr_steps: a run resumed across the change draws the same batches."""
+    torch = pytest.importorskip("torch")
+    from dalle2_rt.training.diffusion import Diffusion
+    from dalle2_rt.training.distill import halving_loss, step_grid_tensors
+
+    diffusion = Diffusion("cosine", 1000)
+    grids = step_grid_tensors(diffusion, 2)
+    x0 = torch.zeros(3, 3, 4, 4)
+    seen = {}
+    gen = torch.Generator().manual_seed(5)
+
+    def conditioning():
+        seen["state"] = gen.get_state()
+        return {}
+
+    halving_loss(lambda x_t, t: x_t, lambda x_t, t: x_t, diffusion, grids, "v", x0, conditioning, gen)
+    expected = torch.Generator().manual_seed(5)
+    torch.randint(0, len(grids[0]), (3,), generator=expected)
+    torch.randn(x0.shape, generator=expected)
+    assert torch.equal(seen["state"], expected.get_state())
+
+
 def test_sr_step_distillation_trains_a_one_step_sr_student_and_refuses_a_decoder_teacher(tmp_path):
     pytest.importorskip("torch")
     from dalle2_rt.training.config import config_from_dict

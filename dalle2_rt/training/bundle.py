@@ -11,7 +11,8 @@ the upcast weights) and the config unchanged. A distillation stage is written as
     python -m dalle2_rt.training.bundle runs/shapes-v2-sr1 checkpoints/shapes-v2-sr1 --stages sr_steps
 
 Over a stage distilled otherwise (the bundled step-distilled decoder, a guided one in the run) bundling is
-refused unless ``--replace`` says that is meant; the defaults in ``<out>`` should then be the new stage's.
+refused unless ``--replace`` says that is meant. A step-distilled stage (``distilled_steps`` in its model.json)
+must get defaults that sample it in those steps: bundling refuses other defaults before writing anything.
 
 Sampling defaults: the model's chosen defaults live in ``<out>/defaults.json`` ({"prior": {...}, "decoder":
 {...}, "sr": {...}}, see ``dalle2_rt.models.registry.read_defaults``), committed beside the checkpoints. Each
@@ -42,6 +43,10 @@ def _distillation(meta: dict) -> tuple:
 EXPORTED = ("clip", "prior", "decoder", "sr")
 
 
+def _a(stage: str) -> str:
+    return f"an {stage}" if stage == "sr" else f"a {stage}"
+
+
 def sources_to_bundle(run: Path, out: Path, stages: tuple[str, ...] = STAGES, replace: bool = False) -> dict:
     """{stage written in ``out``: (the run's model folder, its model.json)} for the ``stages`` ``run`` has, a
     distillation stage under its model's kind. CheckpointError where two of them would be written as one stage,
@@ -57,11 +62,11 @@ def sources_to_bundle(run: Path, out: Path, stages: tuple[str, ...] = STAGES, re
         if target not in EXPORTED:
             raise CheckpointError(f"{src}: a {meta.get('kind')!r} model; bundled stages are {', '.join(EXPORTED)}")
         if target in named:
-            raise CheckpointError(f"{run} has {named[target]} and {stage}, both a {target}: name one with --stages")
+            raise CheckpointError(f"{run} has {named[target]} and {stage}, both {_a(target)}: name one with --stages")
         old = out / target / "model" / "model.json"
         if not replace and old.is_file() and _distillation(read_model_meta(old.parent)) != _distillation(meta):
             raise CheckpointError(
-                f"{out / target} holds a {target} distilled otherwise (distilled steps, guidance as an input: "
+                f"{out / target} holds {_a(target)} distilled otherwise (distilled steps, guidance as an input: "
                 f"{_distillation(read_model_meta(old.parent))}) than {src} {_distillation(meta)}; bundle that stage "
                 f"elsewhere (the recipe's guided decoder: checkpoints/shapes-v2-guided), leave it out (--stages), "
                 f"or --replace it (and give its defaults)")
@@ -70,18 +75,31 @@ def sources_to_bundle(run: Path, out: Path, stages: tuple[str, ...] = STAGES, re
     return sources
 
 
+def with_defaults(run: Path, out: Path, defaults: dict, stages: tuple[str, ...] = STAGES,
+                  replace: bool = False) -> dict:
+    """``sources_to_bundle`` with each model.json's defaults updated from ``defaults``. CheckpointError (as there)
+    where a step-distilled stage would get defaults that sample it in other steps than it was distilled to."""
+    sources = sources_to_bundle(run, out, stages, replace)
+    for stage, (src, meta) in sources.items():
+        if stage in defaults:
+            meta["defaults"] = {**meta.get("defaults", {}), **defaults[stage]}
+        distilled, steps = meta.get("distilled_steps"), meta.get("defaults", {}).get("steps")
+        if distilled is not None and steps != distilled:
+            raise CheckpointError(f"{src} was distilled to sample in {distilled} steps, but the defaults it would get "
+                                  f"say {steps}: give {stage} steps = {distilled} in {out / DEFAULTS} or --defaults")
+    return sources
+
+
 def bundle(run: Path, out: Path, defaults: dict | None = None, stages: tuple[str, ...] = STAGES,
            replace: bool = False) -> list[str]:
     """Bundle the ``stages`` of ``run`` (those it has) into ``out``; returns the stages written. ``defaults`` (None:
     read ``out/defaults.json``) is applied key by key over what the run's ``model.json`` says. Refuses as
-    ``sources_to_bundle`` does, before anything is written."""
+    ``with_defaults`` does, before anything is written."""
     out = Path(out)
     if defaults is None:
         defaults = read_defaults(out)
     done = []
-    for stage, (src, meta) in sources_to_bundle(Path(run), out, stages, replace).items():
-        if stage in defaults:
-            meta["defaults"] = {**meta.get("defaults", {}), **defaults[stage]}
+    for stage, (src, meta) in with_defaults(Path(run), out, defaults, stages, replace).items():
         state = load_file(str(src / "model.safetensors"))
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
@@ -114,7 +132,7 @@ def main(argv=None) -> int:
     try:
         if args.defaults:
             given = read_defaults_file(args.defaults)
-            sources_to_bundle(Path(args.run), out, stages, args.replace)  # refused before defaults are replaced
+            with_defaults(Path(args.run), out, given, stages, args.replace)  # refused before defaults are replaced
             out.mkdir(parents=True, exist_ok=True)
             (out / DEFAULTS).write_text(json.dumps(given, indent=2) + "\n")
         done = bundle(Path(args.run), out, stages=stages, replace=args.replace)

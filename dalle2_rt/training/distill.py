@@ -65,6 +65,7 @@ from dalle2_rt.training.data import to_pixels
 from dalle2_rt.training.device import OnDevice, resolve_device
 from dalle2_rt.training.diffusion import Diffusion
 from dalle2_rt.training.loop import StageSpec, train_stage
+from dalle2_rt.training.stages import sr_inputs
 
 STAGE = "decoder_distill"
 STEPS_STAGE = "decoder_steps"
@@ -106,7 +107,8 @@ def _check_sources(stage: str, run, start: str | None, kind: str = "decoder") ->
     """A distillation stage's teacher folder and the student's start, before anything is loaded (``start``: what
     init_from must name; None where the stage builds its own start and init_from is optional)."""
     if not run.teacher or not (Path(run.teacher) / "model.json").is_file():
-        raise DistillError(f"[stages.{stage}] teacher must name a {kind} model folder, got {run.teacher!r}")
+        article = "an" if kind[0] in "aeiosx" else "a"  # an sr, a decoder
+        raise DistillError(f"[stages.{stage}] teacher must name {article} {kind} model folder, got {run.teacher!r}")
     if start is not None and not run.init_from:
         raise DistillError(f"[stages.{stage}] init_from must name the student's start: {start}")
 
@@ -244,6 +246,11 @@ def step_grids(abar: np.ndarray, student_steps: int) -> tuple[np.ndarray, ...]:
             student.alphas_cumprod_prev)
 
 
+def step_grid_tensors(diffusion: Diffusion, student_steps: int) -> tuple[torch.Tensor, ...]:
+    """``step_grids`` of the diffusion's schedule, as tensors (what ``halving_loss`` draws from)."""
+    return tuple(torch.from_numpy(np.asarray(v)) for v in step_grids(diffusion.abar.numpy(), student_steps))
+
+
 def halving_loss(model, teacher, diffusion: Diffusion, grids: tuple, kind: str, x0: torch.Tensor,
                  conditioning: Callable[[], dict], gen: torch.Generator) -> torch.Tensor:
     """One step-distillation loss: each row's student step (drawn from ``grids``, ``step_grids`` as tensors) from
@@ -278,12 +285,13 @@ def steps_spec(cfg: TrainConfig) -> StageSpec:
     # w is drawn from the scales the teacher learned (its model.json), and the student states the same range
     lo, hi = tcfg.guidance_range
     teacher, diffusion, world = _frozen_parts(cfg, run, teacher, tcfg)
-    grids = tuple(torch.from_numpy(np.asarray(v)) for v in step_grids(diffusion.abar.numpy(), run.student_steps))
+    grids = step_grid_tensors(diffusion, run.student_steps)
     kind = tcfg.parameterization
 
     def loss(model, images, captions, gen):
         b = len(captions)
         text_enc, image_embed, x0 = world(images, captions)
+
         def conditioning() -> dict:
             w = lo + (hi - lo) * torch.rand(b, generator=gen)
             return dict(image_embed=image_embed, text_encodings=text_enc, image_keep=torch.ones(b),
@@ -442,16 +450,11 @@ def sr_steps_spec(cfg: TrainConfig) -> StageSpec:
     device = resolve_device(cfg.device)
     teacher = OnDevice(teacher.to(device), device)
     diffusion = Diffusion(tcfg.schedule, tcfg.num_timesteps)
-    grids = tuple(torch.from_numpy(np.asarray(v)) for v in step_grids(diffusion.abar.numpy(), run.student_steps))
+    grids = step_grid_tensors(diffusion, run.student_steps)
     kind = tcfg.parameterization
 
     def loss(model, images, captions, gen):
-        b = len(captions)
-        x0 = to_pixels(images, tcfg.image_size) * 2 - 1
-        low = to_pixels(images, tcfg.low_res_size) * 2 - 1
-        aug_t = torch.randint(0, tcfg.num_timesteps // 4, (b,), generator=gen)
-        low = diffusion.q_sample(low, aug_t, torch.randn(low.shape, generator=gen))
-        cond = dict(low_res=low, aug_t=aug_t.float())
+        x0, cond = sr_inputs(images, tcfg, diffusion, gen)  # the conditioning as SR training draws it
         return halving_loss(model, teacher, diffusion, grids, kind, x0, lambda: cond, gen)
 
     return StageSpec(SR_STEPS_STAGE, "sr", SuperRes(tcfg), tcfg, loss,

@@ -176,18 +176,24 @@ def decoder_spec(cfg: TrainConfig) -> StageSpec:
                      sample_grid=lambda model, path: samples.decoder_grid(model, frozen, path))
 
 
+def sr_inputs(images, scfg, diffusion: Diffusion, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """(x0 at the SR's size in [−1, 1], its conditioning {low_res, aug_t}) for world images: the image at the low
+    resolution, noise-augmented (Ho et al. 2022, CDM) at a random level in [0, T/4) given to the network, so that
+    sampling can condition on a lightly noised base-model output."""
+    x0 = to_pixels(images, scfg.image_size) * 2 - 1
+    low = to_pixels(images, scfg.low_res_size) * 2 - 1
+    aug_t = torch.randint(0, scfg.num_timesteps // 4, (x0.shape[0],), generator=gen)
+    low = diffusion.q_sample(low, aug_t, torch.randn(low.shape, generator=gen))
+    return x0, {"low_res": low, "aug_t": aug_t.float()}
+
+
 def sr_spec(cfg: TrainConfig) -> StageSpec:
     scfg = model_config(cfg, "sr")
     diffusion = Diffusion(scfg.schedule, scfg.num_timesteps)
 
     def loss(model, images, captions, gen):
-        x0 = to_pixels(images, scfg.image_size) * 2 - 1
-        low = to_pixels(images, scfg.low_res_size) * 2 - 1
-        # Noise augmentation of the conditioning image (Ho et al. 2022, CDM): a random level in [0, T/4)
-        # given to the network, so that sampling can condition on a lightly noised base-model output.
-        aug_t = torch.randint(0, scfg.num_timesteps // 4, (x0.shape[0],), generator=gen)
-        low = diffusion.q_sample(low, aug_t, torch.randn(low.shape, generator=gen))
-        return diffusion.loss(model, x0, scfg.parameterization, gen, low_res=low, aug_t=aug_t.float())
+        x0, cond = sr_inputs(images, scfg, diffusion, gen)
+        return diffusion.loss(model, x0, scfg.parameterization, gen, **cond)
 
     return StageSpec("sr", "sr", SuperRes(scfg), scfg, loss, sample_grid=samples.sr_grid)
 
