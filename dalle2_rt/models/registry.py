@@ -43,9 +43,10 @@ from .decoder import Decoder, DecoderConfig
 from .prior import DiffusionPrior, PriorConfig, PriorPrefix, PriorStep
 from .sr import SRConfig, SuperRes
 
-__all__ = ["DEFAULTS", "KINDS", "META", "WEIGHTS", "CheckpointError", "ConfigError", "Kind", "Loaded", "build",
-           "check_defaults", "check_values", "check_weights", "config_from_dict", "config_to_dict", "kind", "load",
-           "load_weights", "read_config", "read_defaults", "read_defaults_file", "read_json", "read_meta", "resolve"]
+__all__ = ["DEFAULTS", "KINDS", "META", "WEIGHTS", "CheckpointError", "ConfigError", "Kind", "Loaded", "a_kind",
+           "build", "check_defaults", "check_values", "check_weights", "config_from_dict", "config_to_dict", "kind",
+           "load", "load_weights", "read_config", "read_defaults", "read_defaults_file", "read_json", "read_meta",
+           "resolve"]
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -78,6 +79,11 @@ META_VALUES = {
     "distilled_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000,
                         "an integer in 1 … 1000"),
 }
+
+
+def a_kind(kind: str) -> str:
+    """A model kind with its article, for messages: "an sr", "a decoder"."""
+    return f"an {kind}" if kind == "sr" else f"a {kind}"
 
 
 class CheckpointError(ValueError):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from dalle2_rt.models.registry import DEFAULTS, CheckpointError, read_defaults, read_defaults_file
+from dalle2_rt.models.registry import DEFAULTS, CheckpointError, a_kind, read_defaults, read_defaults_file
 from dalle2_rt.training.checkpoint import _write_atomic_dir, read_model_meta, resolve
 from dalle2_rt.training.config import STAGES
 
@@ -41,10 +41,6 @@ def _distillation(meta: dict) -> tuple:
 
 # The stages a model folder is exported as; a run's other stages (distillations) are written as their model's kind.
 EXPORTED = ("clip", "prior", "decoder", "sr")
-
-
-def _a(stage: str) -> str:
-    return f"an {stage}" if stage == "sr" else f"a {stage}"
 
 
 def sources_to_bundle(run: Path, out: Path, stages: tuple[str, ...] = STAGES, replace: bool = False) -> dict:
@@ -62,11 +58,12 @@ def sources_to_bundle(run: Path, out: Path, stages: tuple[str, ...] = STAGES, re
         if target not in EXPORTED:
             raise CheckpointError(f"{src}: a {meta.get('kind')!r} model; bundled stages are {', '.join(EXPORTED)}")
         if target in named:
-            raise CheckpointError(f"{run} has {named[target]} and {stage}, both {_a(target)}: name one with --stages")
+            raise CheckpointError(f"{run} has {named[target]} and {stage}, both {a_kind(target)}: name one with "
+                                  "--stages")
         old = out / target / "model" / "model.json"
         if not replace and old.is_file() and _distillation(read_model_meta(old.parent)) != _distillation(meta):
             raise CheckpointError(
-                f"{out / target} holds {_a(target)} distilled otherwise (distilled steps, guidance as an input: "
+                f"{out / target} holds {a_kind(target)} distilled otherwise (distilled steps, guidance as an input: "
                 f"{_distillation(read_model_meta(old.parent))}) than {src} {_distillation(meta)}; bundle that stage "
                 f"elsewhere (the recipe's guided decoder: checkpoints/shapes-v2-guided), leave it out (--stages), "
                 f"or --replace it (and give its defaults)")

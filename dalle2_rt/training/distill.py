@@ -107,8 +107,8 @@ def _check_sources(stage: str, run, start: str | None, kind: str = "decoder") ->
     """A distillation stage's teacher folder and the student's start, before anything is loaded (``start``: what
     init_from must name; None where the stage builds its own start and init_from is optional)."""
     if not run.teacher or not (Path(run.teacher) / "model.json").is_file():
-        article = "an" if kind[0] in "aeiosx" else "a"  # an sr, a decoder
-        raise DistillError(f"[stages.{stage}] teacher must name {article} {kind} model folder, got {run.teacher!r}")
+        raise DistillError(f"[stages.{stage}] teacher must name {registry.a_kind(kind)} model folder, got "
+                           f"{run.teacher!r}")
     if start is not None and not run.init_from:
         raise DistillError(f"[stages.{stage}] init_from must name the student's start: {start}")
 
